@@ -1,0 +1,165 @@
+"""Configuration: frozen dataclasses, loaded from TOML plus typed ``--set section.key=value``
+overrides, passed down explicitly. The resolved config is written next to every run's results."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NasoptError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist1d"
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    label_column: str = "label"
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    epochs: int = 60
+    warmup_epochs: int = 15  # largest subnet only, then channels are sorted by L1 importance
+    batch_size: int = 128
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    n_random: int = 2  # random subnets per sandwich step, besides largest and smallest
+    kd_temperature: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    calib_samples: int = 1024  # training samples used to recalibrate BatchNorm per subnet
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    space: str = "conv1d"
+    strategy: str = "random"
+    trials: int = 50  # total finished trials the study should hold
+    timeout: float | None = None  # seconds for this invocation
+    seed: int = 0
+    study: str | None = None  # default: "<space>-<dataset>"
+    storage: str | None = None  # default: sqlite file in run_dir
+    objectives: tuple[str, ...] = ("accuracy", "size")
+    restrict: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    run_dir: str = "runs"
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, updated by a TOML file, updated by ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise NasoptError(f"config file {p} does not exist; check the path")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise NasoptError(f"config file {p} is not valid TOML: {exc}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise NasoptError(f"bad override {item!r}; write it as section.key=value")
+        node = raw
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise NasoptError(f"override {item!r}: {part!r} is not a section")
+        node[last] = _parse_value(value.strip())
+    return _build(Config, raw, "")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise NasoptError(f"config section {where or 'top level'} must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise NasoptError(f"unknown config key(s) {[where + k for k in unknown]}; "
+                          f"known in {where or 'top level'}: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            values[name] = _coerce(hint, value, where + name)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except NasoptError as exc:
+                errors.append(str(exc))
+        raise NasoptError(errors[0] if errors else f"bad value for {key}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise NasoptError(f"config key {key} takes a list, got {value!r}")
+        return tuple(value)
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise NasoptError(f"config key {key} takes a table, got {value!r}")
+        return {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise NasoptError(f"config key {key} takes true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise NasoptError(f"config key {key} takes an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise NasoptError(f"config key {key} takes a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise NasoptError(f"config key {key} takes a string, got {value!r}")
+    return value

@@ -1,0 +1,217 @@
+"""Datasets with fixed, seeded train / validation / test splits.
+
+Built in: ``digits`` (scikit-learn), ``mnist1d`` (generated locally by the ``mnist1d`` package and
+cached in the user cache directory; never downloaded), ``fashion-mnist`` (the Debian package
+``dataset-fashion-mnist``). User data: a ``.npz`` file (arrays ``x``, ``y``, optional ``x_test``,
+``y_test``) or a ``.csv`` file (one label column, the other columns are the features of a 1-D
+signal).
+
+Search sees train and validation only; the test split is for final reports.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import NasoptError
+
+BUILTIN = ("digits", "mnist1d", "fashion-mnist")
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Tensors of one dataset, already split. ``x`` is float32 shaped (N, C, L) or (N, C, H, W)."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    fingerprint: str = field(default="")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        moved = {k: getattr(self, k).to(device) for k in
+                 ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        return Dataset(self.name, num_classes=self.num_classes, fingerprint=self.fingerprint,
+                       **moved)
+
+    def summary(self) -> str:
+        return (f"{self.name}: inputs {self.input_shape}, {self.num_classes} classes, "
+                f"{len(self.x_train)} train / {len(self.x_val)} val / {len(self.x_test)} test")
+
+
+def cache_dir() -> Path:
+    """Where generated data is cached (``NASOPT_CACHE`` overrides the user cache directory)."""
+    if os.environ.get("NASOPT_CACHE"):
+        return Path(os.environ["NASOPT_CACHE"])
+    import platformdirs
+    return Path(platformdirs.user_cache_dir("nasopt"))
+
+
+def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
+                 test_fraction: float = 0.2, label_column: str = "label") -> Dataset:
+    """Load ``spec`` (a built-in name or a .npz / .csv path) and split it.
+
+    Official test sets (MNIST-1D's 1000 samples, Fashion-MNIST's 10000) are kept as the test split;
+    other data gets a stratified ``test_fraction``. Validation is a stratified ``val_fraction`` of
+    the rest. Splits depend only on ``seed``.
+    """
+    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
+        raise NasoptError("val_fraction and test_fraction must lie strictly between 0 and 1")
+    if spec == "digits":
+        x, y, xt, yt = _digits()
+    elif spec == "mnist1d":
+        x, y, xt, yt = _mnist1d()
+    elif spec == "fashion-mnist":
+        x, y, xt, yt = _fashion_mnist()
+    elif spec.endswith(".npz"):
+        x, y, xt, yt = _npz(Path(spec))
+    elif spec.endswith(".csv"):
+        x, y, xt, yt = _csv(Path(spec), label_column)
+    else:
+        raise NasoptError(f"unknown dataset {spec!r}; known: {', '.join(BUILTIN)}, "
+                          f"or a path to a .npz or .csv file")
+    x, y = _checked(spec, x, y)
+    rng = np.random.default_rng(seed)
+    if xt is None:
+        train_idx, test_idx = _stratified_split(y, test_fraction, rng)
+        x, y, xt, yt = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    else:
+        xt, yt = _checked(spec + " (test arrays)", xt, yt)
+        if xt.shape[1:] != x.shape[1:]:
+            raise NasoptError(f"{spec}: x_test samples are shaped {xt.shape[1:]} but x samples "
+                              f"{x.shape[1:]}; give both the same shape")
+    train_idx, val_idx = _stratified_split(y, val_fraction, rng)
+    classes = np.unique(np.concatenate([y, yt]))
+    if classes.min() < 0 or not np.array_equal(classes, np.arange(classes.max() + 1)):
+        raise NasoptError(f"{spec}: labels must be the integers 0..K-1, got {classes[:20]}; "
+                          f"map your classes to consecutive integers")
+    h = hashlib.sha1()
+    for arr in (x, y, xt, yt):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(f"{seed}/{val_fraction}/{test_fraction}".encode())
+    as_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    as_y = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    name = Path(spec).name if spec not in BUILTIN else spec
+    return Dataset(name, as_x(x[train_idx]), as_y(y[train_idx]), as_x(x[val_idx]),
+                   as_y(y[val_idx]), as_x(xt), as_y(yt), int(classes.max() + 1), h.hexdigest()[:16])
+
+
+def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator):
+    keep, held = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n = int(round(len(idx) * fraction))
+        held.append(idx[:n])
+        keep.append(idx[n:])
+    keep_idx, held_idx = np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+    if len(held_idx) == 0 or len(keep_idx) == 0:
+        raise NasoptError("too few samples to split into train / validation / test; "
+                          "provide more data")
+    return keep_idx, held_idx
+
+
+def _checked(spec: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 2:
+        raise NasoptError(f"{spec}: x must hold one sample per row, got shape {x.shape}")
+    if len(x) != len(y) or y.ndim != 1:
+        raise NasoptError(f"{spec}: x has {len(x)} samples but y has shape {y.shape}; "
+                          f"give one integer label per sample")
+    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x.astype(np.float64)).all():
+        raise NasoptError(f"{spec}: x contains NaN, infinite or non-numeric values; "
+                          f"clean or impute them first")
+    if not np.issubdtype(y.dtype, np.number) or np.any(np.asarray(y) != np.round(y)):
+        raise NasoptError(f"{spec}: labels must be integers 0..K-1")
+    if x.ndim == 2:  # (N, L) signals -> one channel
+        x = x[:, None, :]
+    elif x.ndim == 3:  # (N, H, W) images -> one channel
+        x = x[:, None, :, :]
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.images / 16.0, d.target, None, None
+
+
+def _mnist1d():
+    path = cache_dir() / "mnist1d.npz"
+    if not path.exists():
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError:
+            raise NasoptError("mnist1d needs the `mnist1d` package: pip install mnist1d") from None
+        # make_dataset generates the data locally; get_dataset() would try to download it
+        d = make_dataset(get_dataset_args())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])
+        os.replace(tmp, path)
+    with np.load(path) as f:
+        return f["x"], f["y"], f["x_test"], f["y_test"]
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+
+def _fashion_mnist(root: Path = FASHION_DIR):
+    files = {k: root / f"{k}.gz" for k in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise NasoptError("Fashion-MNIST is not installed (missing " + ", ".join(missing) +
+                          "); install it with: sudo apt-get install dataset-fashion-mnist")
+    images = lambda p: _read_idx(p, 16).reshape(-1, 28, 28) / 255.0  # noqa: E731
+    labels = lambda p: _read_idx(p, 8).astype(np.int64)  # noqa: E731
+    return (images(files["train-images-idx3-ubyte"]), labels(files["train-labels-idx1-ubyte"]),
+            images(files["t10k-images-idx3-ubyte"]), labels(files["t10k-labels-idx1-ubyte"]))
+
+
+def _npz(path: Path):
+    if not path.exists():
+        raise NasoptError(f"dataset file {path} does not exist; check the path")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:  # zipfile / ValueError: not an npz
+        raise NasoptError(f"{path} is not a readable .npz file ({exc}); save it with numpy.savez") from None
+    if "x" not in arrays or "y" not in arrays:
+        raise NasoptError(f"{path} must contain arrays named 'x' and 'y' (found {sorted(arrays)})")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise NasoptError(f"{path}: give both x_test and y_test, or neither")
+    return arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test")
+
+
+def _csv(path: Path, label_column: str):
+    import pandas as pd
+    if not path.exists():
+        raise NasoptError(f"dataset file {path} does not exist; check the path")
+    frame = pd.read_csv(path)
+    if label_column not in frame.columns:
+        raise NasoptError(f"{path} has no label column {label_column!r} (columns: "
+                          f"{list(frame.columns)[:10]}...); name it with --label-column")
+    y = frame.pop(label_column).to_numpy()
+    try:
+        x = frame.to_numpy(dtype=np.float64)
+    except ValueError:
+        raise NasoptError(f"{path}: every column except {label_column!r} must be numeric") from None
+    return x, y, None, None

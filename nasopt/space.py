@@ -1,0 +1,161 @@
+"""SearchSpace: the genes of one family of networks, sub-spaces, sampling and building.
+
+A concrete space (in ``search_spaces/``) only says which genes exist and how to build its elastic
+network for given dimensions; everything else (validation, restriction, sampling, the supernet)
+is shared here so that knowledge of a space lives in exactly one module.
+"""
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .arch import Arch, Value
+from .errors import NasoptError
+
+Genes = dict[str, tuple[Value, ...]]
+
+
+class SearchSpace(ABC):
+    """One family of networks for a given input shape and number of classes.
+
+    Subclasses define :meth:`full_genes` (every gene with all its options, in a fixed order) and
+    :meth:`network` (an elastic network sized for the given gene values). ``build(arch)`` gives a
+    standalone model; ``supernet()`` a weight-sharing network sized for the largest option of
+    every gene.
+    """
+
+    name: ClassVar[str]
+    #: rank of the per-sample input tensor the space accepts (2: (C, L) signals; 3: (C, H, W) images)
+    input_rank: ClassVar[int]
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int,
+                 genes: Mapping[str, Sequence[Value]] | None = None):
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        if len(self.input_shape) != self.input_rank:
+            kind = {2: "1-D signals shaped (channels, length)",
+                    3: "images shaped (channels, height, width)"}[self.input_rank]
+            raise NasoptError(
+                f"space {self.name!r} takes {kind}, but the dataset's samples are shaped "
+                f"{self.input_shape}; choose a space made for this data (see `nasopt spaces`)")
+        full = self.full_genes()
+        self.genes: Genes = dict(full) if genes is None else self._checked_subset(full, genes)
+
+    # ---- what a concrete space provides -------------------------------------------------
+    @abstractmethod
+    def full_genes(self) -> Genes:
+        """Every gene of the space with all its options, smallest first."""
+
+    @abstractmethod
+    def network(self, dims: Mapping[str, Value]) -> nn.Module:
+        """The elastic network whose layers are sized for ``dims`` (one value per gene)."""
+
+    # ---- shared behaviour -----------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description, enough to rebuild the space with :func:`space_from_description`."""
+        return {"name": self.name, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes,
+                "genes": {g: list(opts) for g, opts in self.genes.items()}}
+
+    def size(self) -> int:
+        n = 1
+        for opts in self.genes.values():
+            n *= len(opts)
+        return n
+
+    def restrict(self, restrictions: Mapping[str, Sequence[Value]]) -> "SearchSpace":
+        """A sub-space whose listed genes keep only the given options."""
+        genes = dict(self.genes)
+        for gene, options in restrictions.items():
+            if gene not in genes:
+                raise NasoptError(f"unknown gene {gene!r} for space {self.name!r}; "
+                                  f"known genes: {', '.join(genes)}")
+            kept = tuple(self._coerce(gene, o) for o in options)
+            bad = [o for o in kept if o not in genes[gene]]
+            if bad:
+                raise NasoptError(f"option(s) {bad} not available for gene {gene!r}; "
+                                  f"choose among {list(genes[gene])}")
+            if not kept:
+                raise NasoptError(f"restriction leaves gene {gene!r} with no option; "
+                                  f"keep at least one of {list(genes[gene])}")
+            genes[gene] = tuple(o for o in genes[gene] if o in kept)
+        return type(self)(self.input_shape, self.num_classes, genes)
+
+    def validate(self, arch: Mapping[str, Value]) -> Arch:
+        """Return ``arch`` as an :class:`Arch` after checking every gene and option."""
+        unknown = sorted(set(arch) - set(self.genes))
+        if unknown:
+            raise NasoptError(f"unknown gene(s) {unknown} for space {self.name!r}; "
+                              f"known genes: {', '.join(self.genes)}")
+        missing = [g for g in self.genes if g not in arch]
+        if missing:
+            raise NasoptError(f"arch lacks gene(s) {missing} of space {self.name!r}")
+        values = {}
+        for gene, opts in self.genes.items():
+            value = self._coerce(gene, arch[gene])
+            if value not in opts:
+                raise NasoptError(f"value {arch[gene]!r} is not an option of gene {gene!r} in "
+                                  f"this space; choose among {list(opts)}")
+            values[gene] = value
+        return Arch(values)
+
+    def sample(self, rng: random.Random) -> Arch:
+        return Arch({g: rng.choice(opts) for g, opts in self.genes.items()})
+
+    def largest(self) -> Arch:
+        return Arch({g: max(opts) for g, opts in self.genes.items()})
+
+    def smallest(self) -> Arch:
+        return Arch({g: min(opts) for g, opts in self.genes.items()})
+
+    def build(self, arch: Mapping[str, Value]) -> nn.Module:
+        """A standalone model for ``arch`` with freshly initialised weights."""
+        return self.network(self.validate(arch))
+
+    def supernet(self) -> "Supernet":
+        from .supernet import Supernet  # local: supernet imports this module
+        return Supernet(self)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _coerce(self, gene: str, value: Any) -> Value:
+        """Parse CLI strings ("5", "0.75") to the type of the gene's options."""
+        kind = type(self.full_genes()[gene][0]) if gene in self.full_genes() else str
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return value
+        try:
+            if kind is int:
+                as_float = float(value)
+                if as_float != int(as_float):
+                    raise ValueError
+                return int(as_float)
+            return kind(value)
+        except (TypeError, ValueError):
+            raise NasoptError(f"gene {gene!r} takes {kind.__name__} values, got {value!r}") from None
+
+    def _checked_subset(self, full: Genes, genes: Mapping[str, Sequence[Value]]) -> Genes:
+        if set(genes) != set(full):
+            raise NasoptError(f"space {self.name!r} has genes {list(full)}; got {list(genes)}")
+        out: Genes = {}
+        for g, opts in full.items():
+            kept = tuple(o for o in opts if o in {self._coerce(g, v) for v in genes[g]})
+            if not kept or len(kept) != len(set(genes[g])):
+                raise NasoptError(f"gene {g!r} options {list(genes[g])} must be a non-empty "
+                                  f"subset of {list(opts)}")
+            out[g] = kept
+        return out
+
+
+def parse_restrictions(items: Sequence[str]) -> dict[str, list[str]]:
+    """Parse CLI ``gene=a,b`` strings into a restriction mapping."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        gene, sep, values = item.partition("=")
+        if not sep or not gene.strip():
+            raise NasoptError(f"bad restriction {item!r}; write it as GENE=OPT[,OPT...], "
+                              f"e.g. s1.k=3,5")
+        out[gene.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    return out

@@ -1,0 +1,9 @@
+"""Search spaces, one module per family. ``SPACES`` maps a name to its SearchSpace class."""
+from __future__ import annotations
+
+from nasopt.space import SearchSpace
+
+from .conv1d import Conv1dSpace
+from .mobilenet import MobileNetSpace
+
+SPACES: dict[str, type[SearchSpace]] = {cls.name: cls for cls in (Conv1dSpace, MobileNetSpace)}

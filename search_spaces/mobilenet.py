@@ -1,0 +1,151 @@
+"""``mobilenet``: MobileNetV2-style image networks (digits, Fashion-MNIST, user images).
+
+A stem (3x3 conv) and three stages of inverted-residual blocks: 1x1 expand -> kxk depthwise ->
+1x1 project, each followed by BatchNorm (ReLU6 after the first two). A stage's first block may
+downsample (stride 2 while the feature map is larger than 4x4) and changes width; further blocks
+are residual. The head is global average pooling and a linear classifier.
+
+Genes: ``stem.width``; per stage ``sN``: ``depth`` {1,2,3}, ``k`` {3,5,7} (centre-cropped shared
+kernels), ``expand`` (hidden = expand x input channels), ``width`` (output channels). Every
+channel choice keeps the most L1-important channels.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nasopt.arch import Value
+from nasopt.space import Genes, SearchSpace
+from nasopt.supernet import (ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, importance,
+                             permute_, permute_bn_)
+
+STEM_WIDTHS = (8, 16)
+DEPTHS = (1, 2, 3)
+KERNELS = (3, 5, 7)
+EXPANDS = (2, 3, 4)
+WIDTHS = ((8, 12, 16), (16, 24, 32), (24, 32, 48))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, expand: int, k: int, stride: int, residual: bool):
+        super().__init__()
+        hidden = cin * expand
+        self.expand = ElasticConv2d(cin, hidden, 1)
+        self.bn1 = ElasticBatchNorm2d(hidden)
+        self.dw = ElasticConv2d(hidden, hidden, k, stride, depthwise=True)
+        self.bn2 = ElasticBatchNorm2d(hidden)
+        self.project = ElasticConv2d(hidden, cout, 1)
+        self.bn3 = ElasticBatchNorm2d(cout)
+        # decided by position, not by sizes: a subnet must keep the supernet's topology
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu6(self.bn1(self.expand(x)))
+        out = F.relu6(self.bn2(self.dw(out)))
+        out = self.bn3(self.project(out))
+        return x + out if self.residual else out
+
+
+class Stage(nn.Module):
+    def __init__(self, cin: int, width: int, depth: int, expand: int, k: int, stride: int):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            InvertedResidual(cin if i == 0 else width, width, expand, k, stride if i == 0 else 1,
+                             residual=i > 0)
+            for i in range(depth)])
+        self.active_depth: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks[: self.active_depth or len(self.blocks)]:
+            x = block(x)
+        return x
+
+
+class MobileNet(nn.Module):
+    def __init__(self, in_channels: int, size: int, num_classes: int, dims: Mapping[str, Value]):
+        super().__init__()
+        stem = int(dims["stem.width"])
+        self.stem = ElasticConv2d(in_channels, stem, 3)
+        self.stem_bn = ElasticBatchNorm2d(stem)
+        stages, cin = [], stem
+        for s in range(1, len(WIDTHS) + 1):
+            stride = 2 if size > 4 else 1
+            size = (size - 1) // stride + 1
+            width = int(dims[f"s{s}.width"])
+            stages.append(Stage(cin, width, int(dims[f"s{s}.depth"]), int(dims[f"s{s}.expand"]),
+                                int(dims[f"s{s}.k"]), stride))
+            cin = width
+        self.stages = nn.ModuleList(stages)
+        self.head = ElasticLinear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu6(self.stem_bn(self.stem(x)))
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+    def configure(self, arch: Mapping[str, Value] | None) -> None:
+        full = arch is None
+        self.stem.active_out = None if full else int(arch["stem.width"])
+        cin = None if full else int(arch["stem.width"])
+        for s, stage in enumerate(self.stages, start=1):
+            stage.active_depth = None if full else int(arch[f"s{s}.depth"])
+            for block in stage.blocks:
+                if full:
+                    block.expand.active_out = block.dw.active_k = block.project.active_out = None
+                    continue
+                block.expand.active_out = cin * int(arch[f"s{s}.expand"])
+                block.dw.active_k = int(arch[f"s{s}.k"])
+                block.project.active_out = cin = int(arch[f"s{s}.width"])
+
+    def sort_channels(self, optimizer: torch.optim.Optimizer | None) -> None:
+        # hidden channels of each block: expand out -> depthwise -> project in
+        for stage in self.stages:
+            for b in stage.blocks:
+                perm = torch.argsort(importance(b.expand), descending=True)
+                permute_(b.expand.weight, perm, 0, optimizer)
+                permute_bn_(b.bn1, perm, optimizer)
+                permute_(b.dw.weight, perm, 0, optimizer)
+                permute_bn_(b.bn2, perm, optimizer)
+                permute_(b.project.weight, perm, 1, optimizer)
+        # stem channels feed the first block's expand
+        perm = torch.argsort(importance(self.stem), descending=True)
+        permute_(self.stem.weight, perm, 0, optimizer)
+        permute_bn_(self.stem_bn, perm, optimizer)
+        permute_(self.stages[0].blocks[0].expand.weight, perm, 1, optimizer)
+        # a stage's output channels are shared along its residual chain
+        for s, stage in enumerate(self.stages):
+            blocks = list(stage.blocks)
+            perm = torch.argsort(sum(importance(b.project) for b in blocks), descending=True)
+            for i, b in enumerate(blocks):
+                permute_(b.project.weight, perm, 0, optimizer)
+                permute_bn_(b.bn3, perm, optimizer)
+                if i > 0:
+                    permute_(b.expand.weight, perm, 1, optimizer)
+            if s + 1 < len(self.stages):
+                permute_(self.stages[s + 1].blocks[0].expand.weight, perm, 1, optimizer)
+            else:
+                permute_(self.head.weight, perm, 1, optimizer)
+
+
+class MobileNetSpace(SearchSpace):
+    name = "mobilenet"
+    input_rank = 3
+
+    def full_genes(self) -> Genes:
+        genes: Genes = {"stem.width": STEM_WIDTHS}
+        for s, widths in enumerate(WIDTHS, start=1):
+            genes[f"s{s}.depth"] = DEPTHS
+            genes[f"s{s}.k"] = KERNELS
+            genes[f"s{s}.expand"] = EXPANDS
+            genes[f"s{s}.width"] = widths
+        return genes
+
+    def network(self, dims: Mapping[str, Value]) -> nn.Module:
+        channels, height, width = self.input_shape
+        if height != width:
+            raise ValueError("mobilenet expects square images")
+        return MobileNet(channels, height, self.num_classes, dims)
