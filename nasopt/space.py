@@ -159,3 +159,12 @@ def parse_restrictions(items: Sequence[str]) -> dict[str, list[str]]:
                               f"e.g. s1.k=3,5")
         out[gene.strip()] = [v.strip() for v in values.split(",") if v.strip()]
     return out
+
+
+def space_from_description(desc: Mapping[str, Any],
+                           spaces: Mapping[str, type[SearchSpace]]) -> SearchSpace:
+    """Rebuild a (sub-)space from :meth:`SearchSpace.describe` output."""
+    name = desc.get("name")
+    if name not in spaces:
+        raise NasoptError(f"unknown space {name!r}; known: {', '.join(spaces)}")
+    return spaces[name](desc["input_shape"], desc["num_classes"], desc["genes"])

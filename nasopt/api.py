@@ -1,0 +1,166 @@
+"""The Python API: wires the engine to the registries of spaces and strategies.
+
+>>> from nasopt import api
+>>> cfg = api.load_config(overrides=["data.dataset=digits", "search.space=mobilenet"])
+>>> outcome = api.search(cfg)
+>>> api.pareto(outcome.study)                       # a pandas DataFrame
+>>> api.export(outcome.study, trial=3, out="my_model")
+>>> model = api.load("my_model")
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import torch
+from torch import nn
+
+from search_spaces import SPACES
+from strategies import STRATEGIES
+
+from . import export as _export
+from . import study as _study
+from .arch import Arch
+from .config import Config, load_config
+from .data import Dataset, load_dataset
+from .errors import NasoptError
+from .evaluate import Evaluator
+from .objectives import get_objectives
+from .search import run_search
+from .space import SearchSpace, space_from_description
+from .supernet import Supernet, train_supernet
+
+__all__ = ["Config", "load_config", "search", "open_storage", "pareto", "trials", "export",
+           "load", "make_space", "SPACES", "STRATEGIES"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class SearchOutcome:
+    study: optuna.Study
+    space: SearchSpace
+    supernet_path: Path
+    new_trials: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NasoptError("CUDA was asked for but is not available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise NasoptError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+def make_space(name: str, data: Dataset, restrict: dict | None = None) -> SearchSpace:
+    if name not in SPACES:
+        raise NasoptError(f"unknown space {name!r}; known: {', '.join(SPACES)}")
+    space = SPACES[name](data.input_shape, data.num_classes)
+    return space.restrict(restrict) if restrict else space
+
+
+def load_data(cfg: Config) -> Dataset:
+    d = cfg.data
+    return load_dataset(d.dataset, seed=d.seed, val_fraction=d.val_fraction,
+                        test_fraction=d.test_fraction, label_column=d.label_column)
+
+
+def open_storage(url: str | None, run_dir: str | Path = "runs") -> optuna.storages.BaseStorage:
+    return _study.open_storage(_study.resolve_storage(url, run_dir))
+
+
+def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None) -> SearchOutcome:
+    """Train (or reuse) the supernet, then search; continues the study if it exists."""
+    s = cfg.search
+    if s.strategy not in STRATEGIES:
+        raise NasoptError(f"unknown strategy {s.strategy!r}; known: {', '.join(STRATEGIES)}")
+    objectives = get_objectives(s.objectives)
+    if s.trials < 1:
+        raise NasoptError(f"search.trials must be at least 1, got {s.trials}")
+    if s.timeout is not None and s.timeout <= 0:
+        raise NasoptError(f"search.timeout must be positive seconds, got {s.timeout}")
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    space = make_space(s.space, data, dict(s.restrict))
+    log(f"{data.summary()}; space {space.name}: {space.size():,} archs; device {device}")
+    storage = open_storage(s.storage, cfg.run_dir)
+    name = s.study or f"{space.name}-{data.name}"
+    setup = {"space": space.describe(), "data": dataclasses.asdict(cfg.data),
+             "data_fingerprint": data.fingerprint,
+             "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
+             "objectives": list(s.objectives)}
+    # check (or create) the study before spending time on the supernet
+    existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
+    # a continued study gets fresh draws: the sampler seed depends on the trials already there
+    sampler = STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials))
+    data = data.to(device)
+    supernet, path = train_supernet(space, data, cfg.supernet, Path(cfg.run_dir) / "supernets",
+                                    device=device, show_progress=show_progress, log=log)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve())})
+    cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")
+    evaluator = Evaluator(supernet, data, cfg.eval.calib_samples)
+    new = run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
+                     trial_attrs={"strategy": s.strategy, "seed": s.seed})
+    return SearchOutcome(study, space, path, new)
+
+
+def trials(study: optuna.Study) -> pd.DataFrame:
+    return _study.trials_frame(study)
+
+
+def pareto(study: optuna.Study) -> pd.DataFrame:
+    return _study.trials_frame(study, pareto_only=True)
+
+
+def rebuild(study: optuna.Study, device: str = "cpu") -> tuple[Evaluator, Dataset]:
+    """The evaluator a study was scored with (same data split, supernet and calibration)."""
+    setup = _study.setup_of(study)
+    data_cfg = setup["data"]
+    data = load_dataset(data_cfg["dataset"], seed=data_cfg["seed"],
+                        val_fraction=data_cfg["val_fraction"],
+                        test_fraction=data_cfg["test_fraction"],
+                        label_column=data_cfg["label_column"])
+    if data.fingerprint != setup["data_fingerprint"]:
+        raise NasoptError(f"the dataset {data_cfg['dataset']!r} has changed since study "
+                          f"{study.study_name!r} was run; its trials cannot be reproduced")
+    space = space_from_description(setup["space"], SPACES)
+    path = Path(setup["supernet_path"])
+    if not path.exists():
+        raise NasoptError(f"the supernet checkpoint {path} of study {study.study_name!r} is "
+                          f"missing; re-run the same `nasopt search` command to retrain it")
+    from . import checkpoint
+    supernet = Supernet(space).to(device)
+    supernet.net.load_state_dict(checkpoint.load(path, device)["net"])
+    data = data.to(device)
+    return Evaluator(supernet.eval(), data, setup["eval"]["calib_samples"]), data
+
+
+def export(study: optuna.Study, trial: int, out: str | Path) -> Path:
+    """Export trial ``trial`` of ``study`` (arch.json, weights.pt, model.json) to ``out``."""
+    found = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
+    if not found:
+        raise NasoptError(f"study {study.study_name!r} has no trial {trial} "
+                          f"(it has {len(study.trials)} trials, numbered from 0)")
+    t = found[0]
+    if t.state != optuna.trial.TrialState.COMPLETE:
+        raise NasoptError(f"trial {trial} of study {study.study_name!r} is {t.state.name}, not "
+                          f"COMPLETE; export a completed trial (see `nasopt studies show`)")
+    evaluator, _ = rebuild(study)
+    arch = evaluator.space.validate(t.params)
+    model = evaluator.model(arch)
+    info = {"study": study.study_name, "trial": trial, "metrics": t.user_attrs.get("metrics"),
+            "dataset": _study.setup_of(study)["data"]}
+    return _export.export_model(model, Arch(arch), evaluator.space, Path(out), info, SPACES)
+
+
+def load(path: str | Path) -> nn.Module:
+    """Load an export folder back into a standalone ``nn.Module`` (eval mode)."""
+    return _export.load(path, SPACES)

@@ -1,0 +1,185 @@
+"""The ``nasopt`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import NasoptError
+
+EPILOG = "Docs: README.md. Every command takes --help."
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite file in --run-dir)")
+    p.add_argument("--run-dir", default="runs", help="folder for studies.db, supernets, configs "
+                   "(default: runs)")
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nasopt", epilog=EPILOG,
+        description="Neural architecture search with compression objectives.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("search", help="train (or reuse) a supernet and search it",
+                       description="Train the supernet of a space on a dataset (cached by a hash "
+                       "of space, data and recipe), then run a search recorded in an Optuna "
+                       "study. Re-running the same command continues the study.")
+    p.add_argument("--config", help="TOML config file (sections data, supernet, eval, search)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set supernet.epochs=20")
+    p.add_argument("--space", help="search space (see `nasopt spaces`)")
+    p.add_argument("--dataset", help="digits, mnist1d, fashion-mnist, or a .npz / .csv path")
+    p.add_argument("--strategy", help="search strategy (see `nasopt strategies`)")
+    p.add_argument("--trials", type=int, help="total completed trials the study should hold")
+    p.add_argument("--timeout", type=float, help="stop this run after SECONDS")
+    p.add_argument("--seed", type=int, help="seed of the strategy")
+    p.add_argument("--study", help="study name (default: SPACE-DATASET)")
+    p.add_argument("--objectives", help="comma-separated, e.g. accuracy,size")
+    p.add_argument("--restrict", action="append", default=[], metavar="GENE=OPT[,OPT...]",
+                   help="keep only these options of a gene, e.g. --restrict s1.k=3,5")
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite file in --run-dir)")
+    p.add_argument("--run-dir", help="folder for studies.db, supernets, configs (default: runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+    p = sub.add_parser("studies", help="inspect studies")
+    ssub = p.add_subparsers(dest="studies_command", required=True, metavar="SUBCOMMAND")
+    q = ssub.add_parser("list", help="studies in a storage")
+    _add_storage(q)
+    _add_format(q)
+    q = ssub.add_parser("show", help="trials of a study with arch, metrics and a Pareto mark")
+    q.add_argument("study")
+    q.add_argument("--pareto", action="store_true", help="only the Pareto-optimal trials")
+    _add_storage(q)
+    _add_format(q)
+
+    p = sub.add_parser("export", help="export a trial's model (arch.json + weights)")
+    p.add_argument("study")
+    p.add_argument("--trial", type=int, required=True, help="trial number")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_storage(p)
+
+    sub.add_parser("spaces", help="list search spaces and their genes")
+    sub.add_parser("strategies", help="list search strategies")
+
+    p = sub.add_parser("bench", help="benchmarks that write reports under results/")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    q = bsub.add_parser("supernet", help="supernet training time, evaluation throughput, and "
+                        "rank correlation of inherited vs stand-alone accuracy")
+    q.add_argument("--space", default="conv1d")
+    q.add_argument("--dataset", default="mnist1d")
+    q.add_argument("--archs", type=int, default=16, help="archs trained stand-alone (>= 15)")
+    q.add_argument("--standalone-epochs", type=int, default=40)
+    q.add_argument("--out", help="report path (default: results/supernet_DATASET.md)")
+    q.add_argument("--run-dir", default="runs")
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except NasoptError as exc:
+        print(f"nasopt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nasopt: interrupted; finished trials are kept in the study; re-run the same "
+              "command to continue", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from . import api
+    if args.command == "search":
+        return _search(args, api)
+    if args.command == "studies":
+        storage = api.open_storage(args.storage, args.run_dir)
+        if args.studies_command == "list":
+            _print_frame(__import__("nasopt.study", fromlist=["x"]).list_studies(storage),
+                         args.format)
+        else:
+            from .study import load_study
+            study = load_study(storage, args.study)
+            frame = api.pareto(study) if args.pareto else api.trials(study)
+            _print_frame(frame, args.format)
+        return 0
+    if args.command == "export":
+        from .study import load_study
+        study = load_study(api.open_storage(args.storage, args.run_dir), args.study)
+        out = api.export(study, args.trial, args.out)
+        print(f"exported trial {args.trial} of {args.study} to {out}/ "
+              f"(arch.json, weights.pt, model.json); load it with nasopt.load({str(out)!r})")
+        return 0
+    if args.command == "spaces":
+        for name, cls in api.SPACES.items():
+            print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+            shape = (1, 40) if cls.input_rank == 2 else (1, 28, 28)
+            for gene, opts in cls(shape, 10).genes.items():
+                print(f"  {gene:<12} {list(opts)}")
+        return 0
+    if args.command == "strategies":
+        for name, strategy in api.STRATEGIES.items():
+            print(f"{name:<10} {strategy.description}")
+        return 0
+    if args.command == "bench":
+        from .bench import supernet as bench_supernet
+        path = bench_supernet.run(args)
+        print(f"wrote {path}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
+    from .space import parse_restrictions
+    overrides = list(args.set)
+    for flag, key in (("space", "search.space"), ("dataset", "data.dataset"),
+                      ("strategy", "search.strategy"), ("trials", "search.trials"),
+                      ("timeout", "search.timeout"), ("seed", "search.seed"),
+                      ("study", "search.study"), ("storage", "search.storage"),
+                      ("objectives", "search.objectives"), ("device", "device"),
+                      ("run_dir", "run_dir")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    cfg = api.load_config(args.config, overrides)
+    if args.restrict:
+        import dataclasses
+        restrict = {**cfg.search.restrict,
+                    **{k: tuple(v) for k, v in parse_restrictions(args.restrict).items()}}
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, restrict=restrict))
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    outcome = api.search(cfg, show_progress=not args.quiet, log=log)
+    study = outcome.study
+    from .study import completed, mask_url
+    failed = sum(t.state.name == "FAIL" for t in study.trials)
+    print(f"study {study.study_name!r}: {len(completed(study))} completed trials "
+          f"({outcome.new_trials} run now, {failed} failed in all); storage "
+          f"{mask_url(cfg.search.storage or 'sqlite:///' + cfg.run_dir + '/studies.db')}")
+    print("Pareto front:")
+    _print_frame(api.pareto(study), "table")
+    return 0
+
+
+def _print_frame(frame, fmt: str) -> None:  # noqa: ANN001
+    if fmt == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif fmt == "json":
+        print(frame.to_json(orient="records", indent=1))
+    elif frame.empty:
+        print("(no rows)")
+    else:
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

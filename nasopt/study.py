@@ -1,0 +1,138 @@
+"""Studies: the Optuna study is the single ledger of a search.
+
+Each trial's params are the arch, its user attr ``metrics`` holds the full Metrics, its values are
+the objectives. The study's user attr ``nasopt`` holds the setup (space, data, supernet recipe,
+objectives) so a study can be reopened, checked and exported without any other file.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from .errors import NasoptError
+
+SETUP_ATTR = "nasopt"
+#: setup keys that may differ when an existing study is continued (they do not change scores)
+FREE_KEYS = ("supernet_path",)
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a storage URL (``postgresql://user:***@host/db``)."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def resolve_storage(url: str | None, run_dir: str | Path) -> str:
+    """The storage URL to use: ``url``, or an SQLite file in ``run_dir``."""
+    if url is None:
+        path = Path(run_dir) / "studies.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    if "://" not in url:
+        raise NasoptError(f"storage {url!r} is not a URL; use e.g. sqlite:///runs/studies.db or "
+                          f"postgresql://user:pass@host/db")
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:
+        raise NasoptError(f"cannot open storage {mask_url(url)} ({type(exc).__name__}); check "
+                          f"that the database is running and the URL is right") from None
+
+
+def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str, Any],
+               directions: list[str], sampler: optuna.samplers.BaseSampler | None = None
+               ) -> optuna.Study:
+    """Create the study ``name`` or continue it if its setup matches ``setup``."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                    directions=directions)
+        study.set_user_attr(SETUP_ATTR, setup)
+        return study
+    old = study.user_attrs.get(SETUP_ATTR)
+    if old is None:
+        raise NasoptError(f"study {name!r} exists but was not created by nasopt; "
+                          f"choose another --study name")
+    diffs = [k for k in sorted(set(old) | set(setup)) if k not in FREE_KEYS
+             and old.get(k) != setup.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}: study has {old.get(k)!r}, now {setup.get(k)!r}" for k in diffs)
+        raise NasoptError(f"study {name!r} was created with a different setup ({detail}); "
+                          f"use a new --study name, or the study's original settings")
+    return study
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        known = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise NasoptError(f"no study named {name!r}; known studies: "
+                          f"{', '.join(known) or '(none)'}") from None
+    if SETUP_ATTR not in study.user_attrs:
+        raise NasoptError(f"study {name!r} was not created by nasopt")
+    return study
+
+
+def setup_of(study: optuna.Study) -> dict[str, Any]:
+    return dict(study.user_attrs[SETUP_ATTR])
+
+
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def pareto_numbers(study: optuna.Study) -> set[int]:
+    """Numbers of the trials on the Pareto front (the best trial for one objective)."""
+    if not completed(study):
+        return set()
+    if len(study.directions) == 1:
+        return {study.best_trial.number}
+    return {t.number for t in study.best_trials}
+
+
+def trials_frame(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame:
+    """One row per trial: number, state, pareto mark, objectives, metrics, and the arch genes."""
+    objectives = setup_of(study)["objectives"]
+    front = pareto_numbers(study)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name,
+                               "pareto": t.number in front,
+                               "strategy": t.user_attrs.get("strategy")}
+        metrics = t.user_attrs.get("metrics", {})
+        for i, name in enumerate(objectives):
+            row[name] = t.values[i] if t.values else None
+        for key in ("accuracy", "params", "macs", "float_bytes"):
+            row.setdefault(key, metrics.get(key))
+        row.update(t.params)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if pareto_only and len(frame):
+        frame = frame[frame["pareto"]]
+    return frame.reset_index(drop=True)
+
+
+def list_studies(storage: optuna.storages.BaseStorage) -> pd.DataFrame:
+    rows = []
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        setup = s.user_attrs.get(SETUP_ATTR, {})
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        states = [t.state.name for t in study.get_trials(deepcopy=False)]
+        rows.append({"study": s.study_name, "space": setup.get("space", {}).get("name"),
+                     "dataset": setup.get("data", {}).get("dataset"),
+                     "objectives": ",".join(setup.get("objectives", [])),
+                     "complete": states.count("COMPLETE"), "failed": states.count("FAIL"),
+                     "running": states.count("RUNNING"),
+                     "created": s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else ""})
+    return pd.DataFrame(rows, columns=["study", "space", "dataset", "objectives", "complete",
+                                       "failed", "running", "created"])
