@@ -42,6 +42,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                           f"postgresql://user:pass@host/db")
     try:
         return optuna.storages.RDBStorage(url)
+    except ImportError as exc:
+        raise NasoptError(f"the database driver for {mask_url(url)} is not installed ({exc.name});"
+                          f" for PostgreSQL: pip install psycopg2-binary") from None
     except Exception as exc:
         raise NasoptError(f"cannot open storage {mask_url(url)} ({type(exc).__name__}); check "
                           f"that the database is running and the URL is right") from None

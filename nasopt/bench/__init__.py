@@ -1,0 +1,1 @@
+"""Benchmarks: commands (``nasopt bench ...``) whose reports are committed under results/."""

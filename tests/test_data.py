@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nasopt.data import _fashion_mnist, load_dataset
+from nasopt.errors import NasoptError
+
+
+def _disjoint(*splits: torch.Tensor) -> bool:
+    rows = [tuple(r.flatten().tolist()) for s in splits for r in s]
+    return len(rows) == len(set(rows))
+
+
+def test_digits_splits_are_fixed_disjoint_and_stratified(datasets):
+    d = datasets["digits"]
+    assert d.input_shape == (1, 8, 8) and d.num_classes == 10
+    assert len(d.x_train) + len(d.x_val) + len(d.x_test) == 1797
+    assert len(d.x_test) == round(1797 * 0.2) or abs(len(d.x_test) - 359) <= 5
+    assert _disjoint(d.x_train, d.x_val, d.x_test)
+    assert float(d.x_train.max()) <= 1.0  # scaled from 0..16
+    again = load_dataset("digits")
+    assert torch.equal(again.x_val, d.x_val) and again.fingerprint == d.fingerprint
+    other = load_dataset("digits", seed=1)
+    assert not torch.equal(other.x_val, d.x_val) and other.fingerprint != d.fingerprint
+    # stratified: every class is in every split
+    for y in (d.y_train, d.y_val, d.y_test):
+        assert set(y.tolist()) == set(range(10))
+
+
+def test_mnist1d_keeps_the_standard_test_set(datasets):
+    d = datasets["mnist1d"]
+    assert d.input_shape == (1, 40)
+    assert len(d.x_test) == 1000
+    assert len(d.x_train) + len(d.x_val) == 4000
+
+
+def test_npz_with_and_without_test_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 16)).astype(np.float32), np.arange(200) % 4
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    d = load_dataset(str(tmp_path / "a.npz"))
+    assert d.input_shape == (1, 16) and d.num_classes == 4 and len(d.x_test) == 40
+    np.savez(tmp_path / "b.npz", x=x, y=y, x_test=x[:30], y_test=y[:30])
+    d = load_dataset(str(tmp_path / "b.npz"))
+    assert len(d.x_test) == 30 and len(d.x_train) + len(d.x_val) == 200
+    assert torch.allclose(d.x_test[:, 0], torch.from_numpy(x[:30]))
+
+
+def test_csv_with_label_column(tmp_path):
+    rows = ["a,b,c,target"] + [f"{i},{i * 2},{-i},{i % 3}" for i in range(60)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    d = load_dataset(str(tmp_path / "d.csv"), label_column="target")
+    assert d.input_shape == (1, 3) and d.num_classes == 3
+    with pytest.raises(NasoptError, match="no label column 'label'"):
+        load_dataset(str(tmp_path / "d.csv"))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.full((50, 4), np.nan), "y": np.zeros(50)}, "NaN"),
+    ({"x": np.zeros((50, 4)), "y": np.zeros(49)}, "one integer label per sample"),
+    ({"x": np.zeros((50, 4)), "y": np.arange(50) * 2 % 7 + 3}, "0..K-1"),
+    ({"z": np.zeros((50, 4))}, "arrays named 'x' and 'y'"),
+    ({"x": np.zeros((50, 4)), "y": np.arange(50) % 2, "x_test": np.zeros((5, 3)),
+      "y_test": np.zeros(5)}, "same shape"),
+])
+def test_bad_user_data_is_a_clear_error(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(NasoptError, match=message):
+        load_dataset(str(tmp_path / "bad.npz"))
+
+
+def test_unknown_dataset_lists_known_ones():
+    with pytest.raises(NasoptError, match="known: digits, mnist1d, fashion-mnist"):
+        load_dataset("cifar10")
+
+
+def test_missing_fashion_mnist_names_the_package(tmp_path):
+    with pytest.raises(NasoptError, match="apt-get install dataset-fashion-mnist"):
+        _fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_from_the_debian_package():
+    from nasopt.data import FASHION_DIR
+    if not FASHION_DIR.exists():
+        pytest.fail("install the Debian package dataset-fashion-mnist (CI does)")
+    d = load_dataset("fashion-mnist")
+    assert d.input_shape == (1, 28, 28) and len(d.x_test) == 10000
+    assert len(d.x_train) + len(d.x_val) == 60000 and d.num_classes == 10

@@ -1,0 +1,97 @@
+"""End to end through the CLI on digits, plus the search loop's handling of failing trials."""
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+import torch
+
+from nasopt import api, cli
+from nasopt.metrics import Metrics
+from nasopt.objectives import get_objectives
+from nasopt.search import run_search
+from nasopt.study import load_study, open_storage, pareto_numbers
+from nasopt.train import accuracy
+
+FAST = ["--set", "supernet.epochs=2", "--set", "supernet.warmup_epochs=1",
+        "--set", "supernet.n_random=1",
+        "--restrict", "s1.expand=2", "--restrict", "s2.expand=2", "--restrict", "s3.expand=2"]
+
+
+def search(tmp_path, *extra: str) -> int:
+    return cli.main(["search", "--space", "mobilenet", "--dataset", "digits", "--quiet",
+                     "--run-dir", str(tmp_path), *FAST, *extra])
+
+
+def test_search_export_load_end_to_end(tmp_path, capsys):
+    assert search(tmp_path, "--trials", "6", "--strategy", "nsga2") == 0
+    out = capsys.readouterr().out
+    assert "6 completed trials" in out and "Pareto front:" in out
+
+    storage = open_storage(f"sqlite:///{tmp_path}/studies.db")
+    study = load_study(storage, "mobilenet-digits")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 6
+    front = pareto_numbers(study)
+    assert front and front <= {t.number for t in done}
+    for t in done:  # params are the arch; metrics are in user attrs; values are the objectives
+        assert t.params["s1.expand"] == 2
+        assert t.values == [t.user_attrs["metrics"]["accuracy"],
+                            t.user_attrs["metrics"]["float_bytes"]]
+
+    assert cli.main(["studies", "show", "mobilenet-digits", "--run-dir", str(tmp_path),
+                     "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 6 and sum(r["pareto"] for r in rows) == len(front)
+
+    best = max(done, key=lambda t: t.values[0])
+    out_dir = tmp_path / "export"
+    assert cli.main(["export", "mobilenet-digits", "--trial", str(best.number),
+                     "--out", str(out_dir), "--run-dir", str(tmp_path)]) == 0
+    assert {p.name for p in out_dir.iterdir()} >= {"arch.json", "weights.pt", "model.json"}
+    model = api.load(out_dir)
+    data = api.load_dataset("digits")
+    assert accuracy(model, data.x_val, data.y_val) == pytest.approx(best.values[0], abs=1e-9)
+
+    # the same command with a larger budget continues the study instead of starting over
+    assert search(tmp_path, "--trials", "8", "--strategy", "tpe") == 0
+    study = load_study(storage, "mobilenet-digits")
+    assert len(study.trials) == 8
+    assert [t.user_attrs["strategy"] for t in study.trials] == ["nsga2"] * 6 + ["tpe"] * 2
+
+
+def test_same_seed_reproduces_the_same_trials(tmp_path):
+    for run in ("a", "b"):
+        assert search(tmp_path / run, "--trials", "4", "--seed", "3") == 0
+    params = []
+    for run in ("a", "b"):
+        study = load_study(open_storage(f"sqlite:///{tmp_path / run}/studies.db"),
+                           "mobilenet-digits")
+        params.append([(t.params, t.values) for t in study.trials])
+    assert params[0] == params[1]
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path):
+    space = api.SPACES["conv1d"]((1, 40), 10)
+    calls = {"n": 0}
+
+    def flaky(arch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        acc = math.nan if calls["n"] == 3 else 0.5
+        return Metrics(accuracy=acc, params=10, macs=10, float_bytes=40)
+
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                storage=f"sqlite:///{tmp_path}/s.db",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    run_search(study, space, flaky, get_objectives(["accuracy", "size"]), trials=3,
+               show_progress=False)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "FAIL"]
+    # a second call tops the study up to the requested number of completed trials
+    run_search(study, space, flaky, get_objectives(["accuracy", "size"]), trials=3,
+               show_progress=False)
+    assert [t.state.name for t in study.trials].count("COMPLETE") == 3
