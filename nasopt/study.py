@@ -43,8 +43,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         return optuna.storages.RDBStorage(url)
     except ImportError as exc:
-        raise NasoptError(f"the database driver for {mask_url(url)} is not installed ({exc.name});"
-                          f" for PostgreSQL: pip install psycopg2-binary") from None
+        raise NasoptError(f"the database driver for {mask_url(url)} is not installed ({exc});"
+                          f" for PostgreSQL: pip install 'psycopg[binary]'") from None
     except Exception as exc:
         raise NasoptError(f"cannot open storage {mask_url(url)} ({type(exc).__name__}); check "
                           f"that the database is running and the URL is right") from None
