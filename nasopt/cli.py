@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NasoptError as exc:
         print(f"nasopt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("nasopt: interrupted; finished trials are kept in the study; re-run the same "
               "command to continue", file=sys.stderr)
@@ -122,7 +125,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "spaces":
         for name, cls in api.SPACES.items():
-            print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+            print(doc.splitlines()[0].replace("``", "") if doc else name)
             shape = (1, 40) if cls.input_rank == 2 else (1, 28, 28)
             for gene, opts in cls(shape, 10).genes.items():
                 print(f"  {gene:<12} {list(opts)}")

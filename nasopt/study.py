@@ -104,8 +104,9 @@ def pareto_numbers(study: optuna.Study) -> set[int]:
 
 
 def trials_frame(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame:
-    """One row per trial: number, state, pareto mark, objectives, metrics, and the arch genes."""
-    objectives = setup_of(study)["objectives"]
+    """One row per trial: number, state, Pareto mark, strategy, metrics, and the arch genes.
+
+    The objective values are functions of the metrics, so the metrics columns carry them."""
     front = pareto_numbers(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -113,15 +114,13 @@ def trials_frame(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame
                                "pareto": t.number in front,
                                "strategy": t.user_attrs.get("strategy")}
         metrics = t.user_attrs.get("metrics", {})
-        for i, name in enumerate(objectives):
-            row[name] = t.values[i] if t.values else None
         for key in ("accuracy", "params", "macs", "float_bytes"):
-            row.setdefault(key, metrics.get(key))
+            row[key] = metrics.get(key)
         row.update(t.params)
         rows.append(row)
     frame = pd.DataFrame(rows)
     if pareto_only and len(frame):
-        frame = frame[frame["pareto"]]
+        frame = frame[frame["pareto"]].sort_values("accuracy", ascending=False)
     return frame.reset_index(drop=True)
 
 

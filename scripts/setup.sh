@@ -8,7 +8,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
+quiet_pip() {  # pip, without this machine's warnings about absent local index folders
+  python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "torch==2.13.0"
+  quiet_pip "torch==2.13.0"
 fi
-python -m pip install -q -e ".[dev]"
+quiet_pip -e ".[dev]"

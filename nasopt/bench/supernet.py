@@ -7,6 +7,7 @@ the validation accuracy of the same archs trained stand-alone from scratch with 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shlex
 import sys
@@ -64,14 +65,22 @@ def run(args: argparse.Namespace) -> Path:
 
     picked = spread_archs(space, args.archs)
     recipe = TrainConfig(epochs=args.standalone_epochs, batch_size=100, lr=1e-2, seed=0)
+    # stand-alone results do not depend on the supernet: cache them across benchmark runs
+    cache_file = Path(args.run_dir) / "bench" / "standalone.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     rows, inherited, standalone = [], [], []
     for i, arch in enumerate(picked):
         m = evaluator(arch)
-        torch.manual_seed(0)
-        model = space.build(arch)
+        key = f"{data.fingerprint}/{recipe}/{arch.key}"
         t0 = time.perf_counter()
-        train_model(model, data.x_train, data.y_train, recipe)
-        acc = accuracy(model, data.x_val, data.y_val)
+        if key not in cache:
+            torch.manual_seed(0)
+            model = space.build(arch)
+            train_model(model, data.x_train, data.y_train, recipe)
+            cache[key] = accuracy(model, data.x_val, data.y_val)
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(cache, indent=1))
+        acc = cache[key]
         log(f"[{i + 1}/{len(picked)}] params {m.params}: inherited {m.accuracy:.4f}, "
             f"stand-alone {acc:.4f} ({time.perf_counter() - t0:.1f} s)")
         inherited.append(m.accuracy)
