@@ -29,10 +29,11 @@ from .config import Config, load_config
 from .data import Dataset, load_dataset
 from .errors import NasoptError
 from .evaluate import Evaluator
-from .objectives import get_objectives
+from .objectives import Objective, get_objectives
 from .search import run_search
 from .space import SearchSpace, space_from_description
 from .supernet import Supernet, train_supernet
+from .tabular import TabularEvaluator
 
 __all__ = ["Config", "load_config", "search", "open_storage", "pareto", "trials", "export",
            "load", "make_space", "SPACES", "STRATEGIES"]
@@ -44,7 +45,7 @@ Log = Callable[[str], None]
 class SearchOutcome:
     study: optuna.Study
     space: SearchSpace
-    supernet_path: Path
+    supernet_path: Path | None  # None in tabular mode
     new_trials: int
 
 
@@ -77,7 +78,10 @@ def open_storage(url: str | None, run_dir: str | Path = "runs") -> optuna.storag
 
 
 def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None) -> SearchOutcome:
-    """Train (or reuse) the supernet, then search; continues the study if it exists."""
+    """Train (or reuse) the supernet, then search; continues the study if it exists.
+
+    In tabular mode (``search.table`` set) accuracy is read from the table instead: no dataset is
+    loaded and no supernet trained."""
     s = cfg.search
     if s.strategy not in STRATEGIES:
         raise NasoptError(f"unknown strategy {s.strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -86,6 +90,11 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
         raise NasoptError(f"search.trials must be at least 1, got {s.trials}")
     if s.timeout is not None and s.timeout <= 0:
         raise NasoptError(f"search.timeout must be positive seconds, got {s.timeout}")
+    if s.table is not None:
+        return _search_table(cfg, objectives, show_progress, log)
+    if not getattr(SPACES.get(s.space), "weight_sharing", True):
+        raise NasoptError(f"space {s.space!r} has no weight-sharing supernet; search it in "
+                          f"tabular mode: --table [PATH.csv] (see `nasopt search --help`)")
     device = resolve_device(cfg.device)
     data = load_data(cfg)
     space = make_space(s.space, data, dict(s.restrict))
@@ -112,6 +121,36 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     return SearchOutcome(study, space, path, new)
 
 
+def _search_table(cfg: Config, objectives: list[Objective], show_progress: bool,
+                  log: Log) -> SearchOutcome:
+    """Tabular mode: the same search loop, scored by a :class:`TabularEvaluator`."""
+    s = cfg.search
+    if s.space not in SPACES:
+        raise NasoptError(f"unknown space {s.space!r}; known: {', '.join(SPACES)}")
+    table_input = getattr(SPACES[s.space], "table_input", None)  # the tabulated networks' input
+    if table_input is None:
+        raise NasoptError(f"space {s.space!r} has no tabular mode; drop --table, or use a space "
+                          f"with one (nb201)")
+    space = SPACES[s.space](*table_input)
+    space = space.restrict(dict(s.restrict)) if s.restrict else space
+    evaluator = TabularEvaluator(space, s.table, s.table_metric)
+    log(f"table {evaluator.path}, column {s.table_metric}; space {space.name}: "
+        f"{space.size():,} archs")
+    storage = open_storage(s.storage, cfg.run_dir)
+    name = s.study or f"{space.name}-{evaluator.path.stem}"
+    setup = {"space": space.describe(), "table": str(evaluator.path),
+             "table_fingerprint": evaluator.fingerprint, "table_metric": s.table_metric,
+             "objectives": list(s.objectives)}
+    existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
+    sampler = STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials))
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    study.set_user_attr(_study.SETUP_ATTR, setup)  # records the table's path as found this time
+    cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")
+    new = run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
+                     trial_attrs={"strategy": s.strategy, "seed": s.seed})
+    return SearchOutcome(study, space, None, new)
+
+
 def trials(study: optuna.Study) -> pd.DataFrame:
     return _study.trials_frame(study)
 
@@ -123,6 +162,10 @@ def pareto(study: optuna.Study) -> pd.DataFrame:
 def rebuild(study: optuna.Study, device: str = "cpu") -> tuple[Evaluator, Dataset]:
     """The evaluator a study was scored with (same data split, supernet and calibration)."""
     setup = _study.setup_of(study)
+    if "table" in setup:
+        raise NasoptError(f"study {study.study_name!r} was scored from the table "
+                          f"{setup['table']}: it has no trained weights to export or re-evaluate;"
+                          f" build a trial's arch with the space's build(arch) and train it")
     data_cfg = setup["data"]
     data = load_dataset(data_cfg["dataset"], seed=data_cfg["seed"],
                         val_fraction=data_cfg["val_fraction"],

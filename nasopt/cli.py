@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .config import DEFAULT_METRIC, DEFAULT_TABLE
 from .errors import NasoptError
 
 EPILOG = "Docs: README.md. Every command takes --help."
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restrict", action="append", default=[], metavar="GENE=OPT[,OPT...]",
                    help="keep only these options of a gene, e.g. --restrict s1.k=3,5")
     p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--table", nargs="?", const=DEFAULT_TABLE, metavar="PATH",
+                   help="tabular mode: read accuracy from this CSV (an 'arch' column and an "
+                   "accuracy column in percent) instead of training a supernet; without PATH: "
+                   f"{DEFAULT_TABLE} (relative to the working directory or the repository)")
+    p.add_argument("--table-metric", metavar="COLUMN",
+                   help=f"the table's accuracy column (default: {DEFAULT_METRIC})")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite file in --run-dir)")
     p.add_argument("--run-dir", help="folder for studies.db, supernets, configs (default: runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
@@ -151,7 +158,8 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
                       ("timeout", "search.timeout"), ("seed", "search.seed"),
                       ("study", "search.study"), ("storage", "search.storage"),
                       ("objectives", "search.objectives"), ("device", "device"),
-                      ("run_dir", "run_dir")):
+                      ("run_dir", "run_dir"), ("table", "search.table"),
+                      ("table_metric", "search.table_metric")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")

@@ -14,6 +14,12 @@ from typing import Any
 from .errors import NasoptError
 
 
+#: tabular mode's default table (relative to the working directory, else to the repository root)
+#: and accuracy column; see nasopt.tabular
+DEFAULT_TABLE = "../shared/benchmarks/nb201_cifar10.csv"
+DEFAULT_METRIC = "cifar10_test_acc"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "mnist1d"
@@ -51,6 +57,9 @@ class SearchConfig:
     storage: str | None = None  # default: sqlite file in run_dir
     objectives: tuple[str, ...] = ("accuracy", "size")
     restrict: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # tabular mode: accuracy read from this CSV (nasopt.tabular); no dataset, no supernet
+    table: str | None = None
+    table_metric: str = DEFAULT_METRIC  # the table's accuracy column, in percent
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from .errors import NasoptError
 
 SETUP_ATTR = "nasopt"
 #: setup keys that may differ when an existing study is continued (they do not change scores)
-FREE_KEYS = ("supernet_path",)
+#: (a table found at another path is the same table when its fingerprint matches)
+FREE_KEYS = ("supernet_path", "table")
 
 
 def mask_url(url: str) -> str:

@@ -5,5 +5,7 @@ from nasopt.space import SearchSpace
 
 from .conv1d import Conv1dSpace
 from .mobilenet import MobileNetSpace
+from .nb201 import Nb201Space
 
-SPACES: dict[str, type[SearchSpace]] = {cls.name: cls for cls in (Conv1dSpace, MobileNetSpace)}
+SPACES: dict[str, type[SearchSpace]] = {cls.name: cls for cls in (Conv1dSpace, MobileNetSpace,
+                                                                Nb201Space)}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from nasopt.strategy import Strategy
 
-from . import nsga2, random_search, tpe
+from . import evolution, nsga2, random_search, reinforce, tpe
 
-STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (random_search, nsga2, tpe)}
+STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (
+    random_search, nsga2, tpe, evolution, reinforce)}

@@ -13,7 +13,9 @@ from nasopt.metrics import count_macs, count_params
 from nasopt.supernet import importance
 
 SPACE_NAMES = sorted(api.SPACES)
-SHAPES = {"conv1d": (1, 40), "mobilenet": (1, 8, 8)}
+SHAPES = {"conv1d": (1, 40), "mobilenet": (1, 8, 8), "nb201": (3, 32, 32)}
+#: spaces with a weight-sharing supernet (the others refuse supernet() with a NasoptError)
+SUPERNET_SPACES = ["conv1d", "mobilenet"]
 
 # Counted by hand (see the comments) for the smallest arch of each space, 10 classes.
 HAND_COUNTS = {
@@ -26,11 +28,28 @@ HAND_COUNTS = {
     # s2 16*8*16, 16*16*9, 16*16*16; s3 16*16*32, 16*32*9, 16*32*24; head 240
     "mobilenet": (88 + 480 + 624 + 1744 + 250,
                   4608 + 8192 + 2304 + 2048 + 2048 + 2304 + 4096 + 8192 + 4608 + 12288 + 240),
+    # all-none cells hold no weights: stem 3->16 k3 (432) + BN 32; reduction 16->32: convs
+    # 16*32*9 + 32*32*9, 2 BN(32), shortcut 1x1 16*32; reduction 32->64 likewise; BN(64) 128;
+    # linear 64*10+10. MACs at 32x32: stem 1024*16*27; reductions at 16x16 (256 px) and 8x8
+    # (64 px): 256*(32*16*9 + 32*32*9 + 32*16) + 64*(64*32*9 + 64*64*9 + 64*32); linear 640
+    "nb201": (432 + 32 + (4608 + 9216 + 64 + 64 + 512) + (18432 + 36864 + 128 + 128 + 2048)
+              + 128 + 650,
+              442368 + 256 * (4608 + 9216 + 512) + 64 * (18432 + 36864 + 2048) + 640),
 }
 
 
 def test_every_space_has_a_hand_count():
     assert set(HAND_COUNTS) == set(api.SPACES) == set(SHAPES)
+
+
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_a_space_without_supernet_says_how_to_search_it(name):
+    space = api.SPACES[name](SHAPES[name], 10)
+    if name in SUPERNET_SPACES:
+        assert count_params(space.supernet()) >= count_params(space.build(space.largest()))
+    else:
+        with pytest.raises(NasoptError, match="tabular mode"):
+            space.supernet()
 
 
 @pytest.mark.parametrize("name", SPACE_NAMES)
@@ -102,7 +121,7 @@ def test_sorting_channels_keeps_function_and_orders_by_l1(trained):
     assert torch.all(total[:-1] >= total[1:] - 1e-6)
 
 
-@pytest.mark.parametrize("name", SPACE_NAMES)
+@pytest.mark.parametrize("name", SUPERNET_SPACES)
 def test_restrict_carves_a_subspace(name):
     space = api.SPACES[name](SHAPES[name], 10)
     sub = space.restrict({"s1.k": ["3", "5"], "s2.depth": [1]})

@@ -1,0 +1,145 @@
+"""Tabular evaluation: accuracy read from a table of trained results, as NAS benchmarks publish.
+
+A table is a CSV with an ``arch`` column (the space's arch string, e.g. NAS-Bench-201's
+``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``) and one column per accuracy, in percent. Searching on such
+a table costs microseconds per trial, so strategies can be compared over many seeds. Params and
+MACs are not read from the table: they are counted from the space's real network, like every other
+nasopt evaluation.
+
+A space works in tabular mode when it provides ``arch_string(arch) -> str``; it may also provide
+``count_key(arch) -> str`` (archs with equal keys have equal params and MACs) so that counts are
+cached across archs that share them.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .arch import Value
+from .config import DEFAULT_METRIC, DEFAULT_TABLE
+from .errors import NasoptError
+from .metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
+from .space import SearchSpace
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: beyond this many archs the start-up check that the table covers the space is skipped
+COVERAGE_CHECK_LIMIT = 1_000_000
+
+
+def resolve_table(path: str | Path) -> Path:
+    """The table file: ``path`` if absolute, else relative to the working directory, else to the
+    repository root."""
+    given = Path(path).expanduser()
+    candidates = [given] if given.is_absolute() else [Path.cwd() / given, REPO_ROOT / given]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise NasoptError(f"table {str(path)!r} not found (looked for "
+                      f"{' and '.join(str(c) for c in candidates)}); give an existing CSV with "
+                      f"--table PATH (an 'arch' column and an accuracy column in percent)")
+
+
+def fingerprint(path: Path) -> str:
+    """A short hash of the table's bytes: a study scored on one table refuses another."""
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+
+
+def load_table(path: Path, metric: str) -> dict[str, float]:
+    """``arch string -> accuracy as a fraction`` from the CSV ``path`` (column ``metric`` in %)."""
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise NasoptError(f"table {path} is not a readable CSV ({exc}); give a CSV with an "
+                          f"'arch' column and an accuracy column via --table PATH") from None
+    columns = ", ".join(map(str, frame.columns))
+    if "arch" not in frame.columns:
+        raise NasoptError(f"table {path} has no 'arch' column (its columns: {columns}); the "
+                          f"table needs one arch string per row in a column named 'arch'")
+    if metric not in frame.columns:
+        raise NasoptError(f"table {path} has no column {metric!r}; choose one of its columns "
+                          f"with --table-metric COLUMN (its columns: {columns})")
+    values = pd.to_numeric(frame[metric], errors="coerce")
+    known = values.dropna()
+    if known.empty or (known < 0).any() or (known > 100).any():
+        raise NasoptError(f"column {metric!r} of table {path} must hold accuracies in percent "
+                          f"(numbers from 0 to 100); choose another with --table-metric COLUMN")
+    archs = frame["arch"].astype(str).str.strip()
+    repeated = archs[archs.duplicated()]
+    if len(repeated):
+        raise NasoptError(f"table {path} lists {len(repeated)} arch(s) more than once (e.g. "
+                          f"{repeated.iloc[0]}); keep one row per arch")
+    # a missing value stays NaN: that trial is then recorded as failed, the search goes on
+    return dict(zip(archs, (values / 100.0).tolist()))
+
+
+class TabularEvaluator:
+    """Scores archs of ``space`` from a table: accuracy from column ``metric`` of the CSV
+    ``table`` (percent, returned as a fraction), params and MACs counted from ``space.build``.
+
+    Refuses at construction a table that misses a column or any arch of the (restricted) space.
+    """
+
+    def __init__(self, space: SearchSpace, table: str | Path = DEFAULT_TABLE,
+                 metric: str = DEFAULT_METRIC):
+        arch_string = getattr(space, "arch_string", None)
+        if arch_string is None:
+            raise NasoptError(f"space {space.name!r} has no table format; tabular mode (--table) "
+                              f"works for spaces whose archs have a string form, e.g. nb201")
+        self.space = space
+        self.arch_string: Callable[[Mapping[str, Value]], str] = arch_string
+        self.path = resolve_table(table)
+        self.metric = metric
+        self.fingerprint = fingerprint(self.path)
+        self._accuracy = load_table(self.path, metric)
+        self._count_key: Callable[[Mapping[str, Value]], str] = getattr(
+            space, "count_key", lambda arch: space.validate(arch).key)
+        self._counts: dict[str, tuple[int, int]] = {}
+        self._check_coverage()
+
+    def _check_coverage(self) -> None:
+        # refuse up front rather than fail trial after trial in the middle of a search
+        genes = self.space.genes
+        if self.space.size() > COVERAGE_CHECK_LIMIT:
+            return
+        for values in itertools.product(*genes.values()):
+            text = self.arch_string(dict(zip(genes, values)))
+            if text not in self._accuracy:
+                raise NasoptError(
+                    f"arch {text} of space {self.space.name!r} is not in table {self.path}; use "
+                    f"a table that lists every arch, or --restrict the space to the archs it has")
+
+    def accuracy(self, arch: Mapping[str, Value]) -> float:
+        """The table's accuracy of ``arch`` as a fraction in [0, 1] (NaN where it has none)."""
+        text = self.arch_string(arch)
+        if text not in self._accuracy:
+            raise NasoptError(f"arch {text} is not in table {self.path}; use a table that lists "
+                              f"every arch of the searched space")
+        return self._accuracy[text]
+
+    def counts(self, arch: Mapping[str, Value]) -> tuple[int, int]:
+        """(params, MACs) of ``space.build(arch)`` for one sample, cached by count key."""
+        key = self._count_key(arch)
+        if key not in self._counts:
+            # on the meta device a model has shapes but no storage: nothing is initialised or
+            # computed, yet the parameters and the executed ops are the real ones
+            with torch.device("meta"):
+                model = self.space.build(arch)
+            self._counts[key] = (count_params(model), count_macs(model, self.space.input_shape))
+        return self._counts[key]
+
+    def __call__(self, arch: Mapping[str, Value]) -> Metrics:
+        arch = self.space.validate(arch)
+        params, macs = self.counts(arch)
+        return Metrics(
+            accuracy=self.accuracy(arch), params=params, macs=macs,
+            float_bytes=params * FLOAT32_BYTES, compressed_bytes=params * FLOAT32_BYTES,
+            sources={"accuracy": f"table: {self.path} column {self.metric}",
+                     "params": "counted from build(arch)",
+                     "macs": "counted from the executed ops of build(arch)",
+                     "float_bytes": "params x 4",
+                     "compressed_bytes": "params x 4 (no compression genes: float32 weights)"})

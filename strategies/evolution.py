@@ -1,0 +1,153 @@
+"""``evolution``: regularized (aging) evolution (Real et al., AAAI 2019) as an Optuna sampler.
+
+The population is the last ``population_size`` COMPLETE trials of the study (by trial number), so
+the oldest member dies as each new one is born ("aging"), and a resumed study rebuilds the
+population from its trials with no other state. Until the study holds a full population, archs are
+drawn uniformly at random. Each new arch is a one-gene mutation of the winner of a tournament
+among ``sample_size`` members drawn without replacement:
+
+- one objective: the best value wins;
+- several objectives: the lowest non-dominated rank *within the tournament* wins, ties broken by
+  the largest crowding distance within that rank (NSGA-II's order), then by draw order.
+
+Failed and running trials never join the population: a failure does not make a parent.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.search_space import IntersectionSearchSpace
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from nasopt.space import SearchSpace
+from nasopt.strategy import Strategy
+
+POPULATION = 20
+SAMPLE = 5
+
+
+def _minimized(values: Sequence[float], directions: Sequence[StudyDirection]) -> list[float]:
+    return [v if d == StudyDirection.MINIMIZE else -v for v, d in zip(values, directions)]
+
+
+def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def nondominated_ranks(points: Sequence[Sequence[float]]) -> list[int]:
+    """Pareto rank of each point (0 = non-dominated), all objectives minimized."""
+    ranks = [-1] * len(points)
+    left, rank = set(range(len(points))), 0
+    while left:
+        front = {i for i in left if not any(_dominates(points[j], points[i]) for j in left)}
+        for i in front:
+            ranks[i] = rank
+        left -= front
+        rank += 1
+    return ranks
+
+
+def crowding_distances(points: Sequence[Sequence[float]]) -> list[float]:
+    """NSGA-II crowding distance of each point among ``points`` (boundary points: infinity)."""
+    n = len(points)
+    distance = [0.0] * n
+    if n <= 2:
+        return [math.inf] * n
+    for k in range(len(points[0])):
+        order = sorted(range(n), key=lambda i: points[i][k])
+        low, high = points[order[0]][k], points[order[-1]][k]
+        distance[order[0]] = distance[order[-1]] = math.inf
+        if high == low:
+            continue
+        for pos in range(1, n - 1):
+            distance[order[pos]] += (points[order[pos + 1]][k] - points[order[pos - 1]][k]) / (high - low)
+    return distance
+
+
+def tournament_winner(values: Sequence[Sequence[float]],
+                      directions: Sequence[StudyDirection]) -> int:
+    """Index of the winner among the contestants' objective ``values`` (see the module doc)."""
+    points = [_minimized(v, directions) for v in values]
+    if len(directions) == 1:
+        return min(range(len(points)), key=lambda i: points[i][0])  # first best on ties
+    ranks = nondominated_ranks(points)
+    best = [i for i in range(len(points)) if ranks[i] == 0]
+    crowding = crowding_distances([points[i] for i in best])
+    return best[max(range(len(best)), key=lambda j: crowding[j])]  # first of the largest
+
+
+class RegularizedEvolutionSampler(BaseSampler):
+    """Aging evolution over categorical parameters; everything else is sampled at random."""
+
+    def __init__(self, population_size: int = POPULATION, sample_size: int = SAMPLE,
+                 seed: int | None = None):
+        if not 2 <= sample_size <= population_size:
+            raise ValueError(f"need 2 <= sample_size ({sample_size}) <= population_size "
+                             f"({population_size})")
+        self.population_size = population_size
+        self.sample_size = sample_size
+        self._rng = np.random.RandomState(seed)
+        self._random = RandomSampler(seed=seed)
+        self._search_space = IntersectionSearchSpace()
+
+    def reseed_rng(self) -> None:
+        self._rng.seed()
+        self._random.reseed_rng()
+
+    def infer_relative_search_space(self, study: Study,
+                                    trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return {name: dist for name, dist in self._search_space.calculate(study).items()
+                if isinstance(dist, CategoricalDistribution)}
+
+    def population(self, study: Study) -> list[FrozenTrial]:
+        """The current population: the last ``population_size`` complete trials."""
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return sorted(done, key=lambda t: t.number)[-self.population_size:]
+
+    def sample_relative(self, study: Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        population = self.population(study)
+        if len(population) < self.population_size:
+            return {}  # the initial population is random (sample_independent)
+        picks = self._rng.choice(len(population), self.sample_size, replace=False)
+        contestants = [population[i] for i in picks]
+        parent = contestants[tournament_winner([t.values for t in contestants],
+                                               study.directions)]
+        return self.mutate(parent.params, search_space)
+
+    def mutate(self, params: dict[str, Any],
+               search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        """``params`` with one gene (among those with a choice) set to another of its options."""
+        child = {}
+        for name, dist in search_space.items():
+            value = params.get(name)
+            choices = dist.choices  # type: ignore[attr-defined]
+            # a parent from an older or wider space may hold an option this space lacks
+            child[name] = value if value in choices else choices[self._rng.randint(len(choices))]
+        mutable = [n for n, d in search_space.items() if len(d.choices) > 1]  # type: ignore[attr-defined]
+        if mutable:
+            name = mutable[self._rng.randint(len(mutable))]
+            others = [c for c in search_space[name].choices if c != child[name]]  # type: ignore[attr-defined]
+            child[name] = others[self._rng.randint(len(others))]
+        return child
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+
+def _make(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    return RegularizedEvolutionSampler(POPULATION, SAMPLE, seed=seed)
+
+
+STRATEGY = Strategy("evolution", f"regularized (aging) evolution, population {POPULATION}, "
+                    f"tournament {SAMPLE}, one-gene mutation", _make)
