@@ -1,4 +1,4 @@
-"""Evaluator: arch -> Metrics, with inherited supernet weights and BN recalibration; cached."""
+"""Evaluator: arch -> Metrics of the *compressed* model, from inherited supernet weights; cached."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -7,33 +7,48 @@ import torch
 from torch import nn
 
 from .arch import Arch, Value
+from .compress import Policy, StoredLayer, compress, nonzero_params
 from .data import Dataset
 from .metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
+from .packed import predicted_size
 from .supernet import Supernet, recalibrate_bn
 from .train import accuracy
 
 
 class Evaluator:
-    """Scores archs of ``supernet.space`` on the validation split of ``data`` (never on test).
+    """Scores archs of ``space`` on the validation split of ``data`` (never on test).
 
-    Each arch is extracted from the supernet, its BatchNorm statistics recalibrated on the first
-    ``calib_samples`` training samples (a fixed set, so evaluation is deterministic), and measured.
-    Results are cached by the arch's canonical key.
+    Each arch's architecture genes are extracted from the supernet and its BatchNorm statistics
+    recalibrated on the first ``calib_samples`` training samples (a fixed set, so evaluation is
+    deterministic); then its compression genes are applied (BN folding, low rank, pruning,
+    quantization: :mod:`nasopt.compress`) and the compressed model is measured. Results are
+    cached by the arch's canonical key.
     """
 
-    def __init__(self, supernet: Supernet, data: Dataset, calib_samples: int = 1024):
+    def __init__(self, space, supernet: Supernet, data: Dataset, calib_samples: int = 1024,
+                 pruning: str = "magnitude"):
+        self.space = space
         self.supernet = supernet
-        self.space = supernet.space
+        self.pruning = pruning
         self._x_calib = data.x_train[:calib_samples]
         self._x_val, self._y_val = data.x_val, data.y_val
         self._input_shape = data.input_shape
         self._cache: dict[str, Metrics] = {}
 
-    def model(self, arch: Mapping[str, Value]) -> nn.Module:
-        """The standalone model of ``arch`` exactly as it is scored (inherited, recalibrated)."""
+    def float_model(self, arch: Mapping[str, Value]) -> nn.Module:
+        """The uncompressed standalone model (inherited weights, recalibrated BN)."""
         model = self.supernet.extract(arch)
         recalibrate_bn(model, self._x_calib)
         return model.eval()
+
+    def compressed(self, arch: Mapping[str, Value]) -> tuple[nn.Module, list[StoredLayer]]:
+        """The deployed model of ``arch`` exactly as it is scored, and its stored layers."""
+        arch = self.space.validate(arch)
+        return compress(self.float_model(arch), Policy.from_arch(arch, self.pruning),
+                        self.space.group_of)
+
+    def model(self, arch: Mapping[str, Value]) -> nn.Module:
+        return self.compressed(arch)[0]
 
     @torch.no_grad()
     def __call__(self, arch: Mapping[str, Value]) -> Metrics:
@@ -43,14 +58,20 @@ class Evaluator:
         return self._cache[arch.key]
 
     def _measure(self, arch: Arch) -> Metrics:
-        model = self.model(arch)
-        params = count_params(model)
+        float_model = self.float_model(arch)
+        model, stored = compress(float_model, Policy.from_arch(arch, self.pruning),
+                                 self.space.group_of)
         return Metrics(
             accuracy=accuracy(model, self._x_val, self._y_val),
-            params=params,
+            params=count_params(model),
             macs=count_macs(model, self._input_shape),
-            float_bytes=params * FLOAT32_BYTES,
-            sources={"accuracy": "inherited supernet weights + BN recalibration, validation split",
-                     "params": "counted", "macs": "counted from executed ops",
-                     "float_bytes": "params x 4"},
+            float_bytes=count_params(float_model) * FLOAT32_BYTES,
+            compressed_bytes=predicted_size(self.space, arch, stored),
+            nonzero_params=nonzero_params(stored),
+            sources={"accuracy": "compressed model from inherited supernet weights + BN "
+                                 "recalibration, validation split",
+                     "params": "counted (deployed model)",
+                     "macs": "counted from executed ops (deployed model)",
+                     "float_bytes": "uncompressed params x 4",
+                     "compressed_bytes": "packed file size (formula, nasopt.packed)"},
         )

@@ -1,47 +1,71 @@
 """Export a found architecture and load it back.
 
-An export folder holds ``arch.json`` (the arch), ``weights.pt`` (the standalone model's state
-dict), and ``model.json`` (the space description needed to rebuild the model, the metrics, and
-where it came from). Every export is verified after writing: the loaded model must reproduce the
-in-memory model's outputs.
+An export folder holds ``arch.json`` (the arch), ``model.json`` (a model card: the space
+description needed to rebuild the model, metrics, origin), and the deployed model — the arch's
+compression policy applied (BN folded, low-rank layers split, pruned, quantize-dequantized):
+
+- ``weights.pt``: its PyTorch state dict (format ``pytorch``);
+- ``model.packed``: the packed compressed file (format ``packed``, see :mod:`nasopt.packed`),
+  whose size is the arch's ``compressed_bytes``.
+
+Every export is verified after writing: each written format, loaded back, must reproduce the
+in-memory model's outputs (max abs diff < 1e-6).
 """
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, packed
 from .arch import Arch
+from .compress import Policy, StoredLayer, compressed_structure
 from .errors import NasoptError
 from .space import SearchSpace, space_from_description
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMATS = ("pytorch", "packed")
+TOLERANCE = 1e-6
 
 
-def export_model(model: nn.Module, arch: Arch, space: SearchSpace, out: Path,
-                 info: Mapping[str, Any], spaces: Mapping[str, type[SearchSpace]]) -> Path:
-    """Write ``model`` (a standalone model of ``arch``) to the folder ``out`` and verify it."""
+def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space: SearchSpace,
+                 out: Path, info: Mapping[str, Any], spaces: Mapping[str, type[SearchSpace]],
+                 formats: Sequence[str] = FORMATS) -> Path:
+    """Write the deployed ``model`` of ``arch`` (and its ``stored`` layers) to the folder ``out``."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise NasoptError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    checkpoint.atomic_write_bytes(out / "weights.pt", buffer.getvalue())
     checkpoint.atomic_write_bytes(out / "arch.json", (arch.to_json() + "\n").encode())
-    card = {"format_version": FORMAT_VERSION, "space": space.describe(), **info}
+    files = {}
+    if "pytorch" in formats:
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+        checkpoint.atomic_write_bytes(out / "weights.pt", buffer.getvalue())
+        files["pytorch"] = "weights.pt"
+    if "packed" in formats:
+        packed.write(out / "model.packed", packed.pack(space, arch, stored))
+        files["packed"] = "model.packed"
+    card = {"format_version": FORMAT_VERSION, "space": space.describe(), "files": files,
+            "packed_bytes": (out / "model.packed").stat().st_size if "packed" in formats else None,
+            **info}
     checkpoint.atomic_write_bytes(out / "model.json", (json.dumps(card, indent=2) + "\n").encode())
-    _verify(model, load(out, spaces), space)
+    for fmt, name in files.items():
+        _verify(model, load(out / name if fmt == "packed" else out, spaces), space, name)
     return out
 
 
 def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]]) -> nn.Module:
-    """Rebuild the standalone model stored in an export folder, in eval mode."""
+    """Load an export: a folder (its weights.pt) or a ``.packed`` file, as a deployed model."""
     path = Path(path)
+    if path.is_file():
+        return packed.read(path, spaces)[0]
     card_file = path / "model.json"
     if not card_file.exists():
         raise NasoptError(f"{path} is not a nasopt export (no model.json); export one with "
@@ -51,11 +75,14 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]]) -> nn.Module
         arch = Arch.load(path / "arch.json")
     except (OSError, ValueError) as exc:
         raise NasoptError(f"{path}: unreadable export files ({exc}); export it again") from None
+    if not (path / "weights.pt").exists():
+        if (path / "model.packed").exists():
+            return packed.read(path / "model.packed", spaces)[0]
+        raise NasoptError(f"{path} holds no weights.pt or model.packed; export it again")
     space = space_from_description(card["space"], spaces)
-    model = space.build(arch)
-    state = checkpoint.load(path / "weights.pt")
+    model = compressed_structure(space.build(arch), Policy.from_arch(arch), space.group_of)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(checkpoint.load(path / "weights.pt"))
     except RuntimeError as exc:
         raise NasoptError(f"{path}/weights.pt does not match arch.json ({str(exc)[:200]}); "
                           f"export it again") from None
@@ -63,10 +90,10 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]]) -> nn.Module
 
 
 @torch.no_grad()
-def _verify(model: nn.Module, loaded: nn.Module, space: SearchSpace) -> None:
+def _verify(model: nn.Module, loaded: nn.Module, space: SearchSpace, name: str) -> None:
     device = next(model.parameters()).device
     x = torch.randn((8, *space.input_shape), generator=torch.Generator().manual_seed(0))
     model.eval()
     diff = (model(x.to(device)).cpu() - loaded(x)).abs().max().item()
-    if diff > 1e-5:
-        raise RuntimeError(f"export verification failed: outputs differ by {diff}")
+    if diff > TOLERANCE:
+        raise RuntimeError(f"export verification of {name} failed: outputs differ by {diff}")

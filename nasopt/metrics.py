@@ -16,10 +16,12 @@ FLOAT32_BYTES = 4
 class Metrics:
     """What an evaluation returns. ``sources`` says how each figure was obtained."""
 
-    accuracy: float  # validation accuracy, in [0, 1]
-    params: int
-    macs: int  # multiply-accumulates for one sample
-    float_bytes: int  # parameters stored as float32
+    accuracy: float  # validation accuracy of the compressed model, in [0, 1]
+    params: int  # stored parameters of the deployed (BN-folded, factorized) model
+    macs: int  # multiply-accumulates for one sample, of the deployed model
+    float_bytes: int  # the uncompressed model's parameters as float32
+    compressed_bytes: int = 0  # size of the packed file (nasopt.packed)
+    nonzero_params: int = 0
     sources: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -31,7 +33,7 @@ class Metrics:
 
     def is_finite(self) -> bool:
         return all(math.isfinite(v) for v in (self.accuracy, self.params, self.macs,
-                                               self.float_bytes))
+                                               self.float_bytes, self.compressed_bytes))
 
 
 def count_params(model: nn.Module) -> int:

@@ -18,7 +18,10 @@ class Objective:
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("accuracy", "maximize", lambda m: m.accuracy, "validation accuracy"),
-    Objective("size", "minimize", lambda m: float(m.float_bytes), "model bytes (float32 weights)"),
+    Objective("size", "minimize", lambda m: float(m.compressed_bytes),
+              "bytes of the packed compressed model file"),
+    Objective("float_size", "minimize", lambda m: float(m.float_bytes),
+              "bytes of the uncompressed weights as float32"),
     Objective("params", "minimize", lambda m: float(m.params), "learnable parameters"),
     Objective("macs", "minimize", lambda m: float(m.macs), "multiply-accumulates per sample"),
 )}

@@ -22,10 +22,13 @@ Genes = dict[str, tuple[Value, ...]]
 class SearchSpace(ABC):
     """One family of networks for a given input shape and number of classes.
 
-    Subclasses define :meth:`full_genes` (every gene with all its options, in a fixed order) and
-    :meth:`network` (an elastic network sized for the given gene values). ``build(arch)`` gives a
-    standalone model; ``supernet()`` a weight-sharing network sized for the largest option of
-    every gene.
+    Subclasses define :meth:`architecture_genes` (every architecture gene with all its options,
+    in a fixed order), optionally :meth:`compression_genes` (bit-widths, sparsity, rank ratios),
+    and :meth:`network` (an elastic network sized for the given architecture gene values).
+    ``build(arch)`` gives a standalone (uncompressed) model; ``supernet()`` a weight-sharing
+    network sized for the largest option of every architecture gene. Compression genes do not
+    change the supernet: they are applied to an extracted model by :mod:`nasopt.compress`.
+    With ``compression=False`` the space has architecture genes only.
     """
 
     name: ClassVar[str]
@@ -33,7 +36,8 @@ class SearchSpace(ABC):
     input_rank: ClassVar[int]
 
     def __init__(self, input_shape: Sequence[int], num_classes: int,
-                 genes: Mapping[str, Sequence[Value]] | None = None):
+                 genes: Mapping[str, Sequence[Value]] | None = None, compression: bool = True):
+        self.compression = compression
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
         if len(self.input_shape) != self.input_rank:
@@ -47,19 +51,54 @@ class SearchSpace(ABC):
 
     # ---- what a concrete space provides -------------------------------------------------
     @abstractmethod
-    def full_genes(self) -> Genes:
-        """Every gene of the space with all its options, smallest first."""
+    def architecture_genes(self) -> Genes:
+        """Every architecture gene with all its options, smallest first."""
+
+    def compression_genes(self) -> Genes:
+        """Compression genes (``<group>.bits``, ``sparsity``, ``<group>.rank``); none by default.
+
+        A group is a prefix of module names as given by :meth:`group_of`."""
+        return {}
+
+    def group_of(self, module_name: str) -> str:
+        """The gene group of a module: ``stages.<i>.…`` -> ``s<i+1>``, otherwise its first name
+        component (``head``, ``stem``…). Compression genes are per group."""
+        parts = module_name.split(".")
+        if parts[0] == "stages" and len(parts) > 1:
+            return f"s{int(parts[1]) + 1}"
+        return parts[0].removesuffix("_bn")
 
     @abstractmethod
     def network(self, dims: Mapping[str, Value]) -> nn.Module:
         """The elastic network whose layers are sized for ``dims`` (one value per gene)."""
 
     # ---- shared behaviour -----------------------------------------------------------------
+    def full_genes(self) -> Genes:
+        """Every gene of the space (architecture, then compression) with all its options."""
+        genes = dict(self.architecture_genes())
+        if self.compression:
+            genes.update(self.compression_genes())
+        return genes
+
     def describe(self) -> dict[str, Any]:
         """JSON-able description, enough to rebuild the space with :func:`space_from_description`."""
         return {"name": self.name, "input_shape": list(self.input_shape),
-                "num_classes": self.num_classes,
+                "num_classes": self.num_classes, "compression": self.compression,
                 "genes": {g: list(opts) for g, opts in self.genes.items()}}
+
+    def architecture_space(self) -> "SearchSpace":
+        """This (sub-)space without compression genes: what the supernet is built and trained on,
+        so that restricting compression genes never changes the supernet."""
+        if not self.compression:
+            return self
+        names = self.architecture_genes()
+        return type(self)(self.input_shape, self.num_classes,
+                          {g: o for g, o in self.genes.items() if g in names}, compression=False)
+
+    def architecture_of(self, arch: Mapping[str, Value]) -> Arch:
+        """The architecture genes of ``arch`` (compression genes dropped)."""
+        names = self.architecture_genes()
+        return Arch({g: v for g, v in arch.items() if g in names})
 
     def size(self) -> int:
         n = 1
@@ -83,7 +122,7 @@ class SearchSpace(ABC):
                 raise NasoptError(f"restriction leaves gene {gene!r} with no option; "
                                   f"keep at least one of {list(genes[gene])}")
             genes[gene] = tuple(o for o in genes[gene] if o in kept)
-        return type(self)(self.input_shape, self.num_classes, genes)
+        return type(self)(self.input_shape, self.num_classes, genes, self.compression)
 
     def validate(self, arch: Mapping[str, Value]) -> Arch:
         """Return ``arch`` as an :class:`Arch` after checking every gene and option."""
@@ -113,8 +152,10 @@ class SearchSpace(ABC):
         return Arch({g: min(opts) for g, opts in self.genes.items()})
 
     def build(self, arch: Mapping[str, Value]) -> nn.Module:
-        """A standalone model for ``arch`` with freshly initialised weights."""
-        return self.network(self.validate(arch))
+        """A standalone, uncompressed model for ``arch`` with freshly initialised weights
+        (compression genes, if given, are ignored here: see :mod:`nasopt.compress`)."""
+        space = self.architecture_space()
+        return self.network(space.validate(space.architecture_of(arch)))
 
     def supernet(self) -> "Supernet":
         from .supernet import Supernet  # local: supernet imports this module
@@ -167,4 +208,5 @@ def space_from_description(desc: Mapping[str, Any],
     name = desc.get("name")
     if name not in spaces:
         raise NasoptError(f"unknown space {name!r}; known: {', '.join(spaces)}")
-    return spaces[name](desc["input_shape"], desc["num_classes"], desc["genes"])
+    return spaces[name](desc["input_shape"], desc["num_classes"], desc["genes"],
+                        desc.get("compression", True))

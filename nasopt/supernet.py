@@ -178,8 +178,8 @@ class Supernet(nn.Module):
 
     def __init__(self, space: "SearchSpace"):
         super().__init__()
-        self.space = space
-        self.net = space.network(space.largest())
+        self.space = space.architecture_space()  # compression genes never shape the supernet
+        self.net = self.space.network(self.space.largest())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -187,7 +187,7 @@ class Supernet(nn.Module):
     @contextlib.contextmanager
     def activate(self, arch: Mapping[str, Value]) -> Iterator["Supernet"]:
         """Within the block, the supernet computes exactly the subnet ``arch``."""
-        self.net.configure(self.space.validate(arch))
+        self.net.configure(self.space.validate(self.space.architecture_of(arch)))
         try:
             yield self
         finally:
@@ -195,7 +195,8 @@ class Supernet(nn.Module):
 
     def extract(self, arch: Mapping[str, Value]) -> nn.Module:
         """A standalone model of ``arch`` holding the inherited weights (and BN statistics)."""
-        model = self.space.build(arch).to(next(self.parameters()).device)
+        model = self.space.build(self.space.architecture_of(arch)).to(
+            next(self.parameters()).device)
         source = self.net.state_dict()
         model.load_state_dict({name: slice_like(source[name], t.shape).clone()
                                for name, t in model.state_dict().items()})
@@ -252,7 +253,7 @@ def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, tempera
 
 def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any) -> str:
     """Hash of everything the trained supernet depends on: the (sub-)space, the data, the recipe."""
-    payload = json.dumps({"space": space.describe(), "data": data_fingerprint,
+    payload = json.dumps({"space": space.architecture_space().describe(), "data": data_fingerprint,
                           "train": dataclasses.asdict(cfg)}, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
@@ -274,6 +275,7 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     partial = folder / f"{space.name}-{key}.partial.pt"
     torch.manual_seed(cfg.seed)
     supernet = space.supernet().to(device)
+    space = supernet.space  # the architecture genes only
     if final.exists():
         state = checkpoint.load(final, device)
         supernet.net.load_state_dict(state["net"])

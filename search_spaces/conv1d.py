@@ -5,7 +5,9 @@ A block is conv -> BatchNorm -> ReLU. The head flattens (channels x length) into
 like the reference MNIST-1D CNN (3 conv layers of 25 channels + linear, 5,210 parameters).
 
 Genes per stage ``sN``: ``depth`` (blocks), ``k`` (kernel, centre-cropped from 7), ``width``
-(channels, the most L1-important ones).
+(channels, the most L1-important ones: structured pruning). Compression genes: ``sN.bits`` and
+``head.bits`` (weight bit-width, 32 = float), ``sparsity`` (global magnitude pruning) and
+``head.rank`` (low-rank ratio of the linear head).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nasopt.arch import Value
+from nasopt.compress import compression_genes
 from nasopt.space import Genes, SearchSpace
 from nasopt.supernet import (ElasticBatchNorm1d, ElasticConv1d, ElasticLinear, importance,
                              permute_, permute_bn_)
@@ -101,13 +104,17 @@ class Conv1dSpace(SearchSpace):
     name = "conv1d"
     input_rank = 2
 
-    def full_genes(self) -> Genes:
+    def architecture_genes(self) -> Genes:
         genes: Genes = {}
         for s in range(1, STAGES + 1):
             genes[f"s{s}.depth"] = DEPTHS
             genes[f"s{s}.k"] = KERNELS
             genes[f"s{s}.width"] = WIDTHS
         return genes
+
+    def compression_genes(self) -> Genes:
+        # bits per stage and for the head; the head (a linear layer) may be low rank
+        return compression_genes([f"s{s}" for s in range(1, STAGES + 1)] + ["head"], ["head"])
 
     def network(self, dims: Mapping[str, Value]) -> nn.Module:
         channels, length = self.input_shape

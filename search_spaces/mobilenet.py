@@ -7,7 +7,9 @@ are residual. The head is global average pooling and a linear classifier.
 
 Genes: ``stem.width``; per stage ``sN``: ``depth`` {1,2,3}, ``k`` {3,5,7} (centre-cropped shared
 kernels), ``expand`` (hidden = expand x input channels), ``width`` (output channels). Every
-channel choice keeps the most L1-important channels.
+channel choice keeps the most L1-important channels (structured pruning). Compression genes:
+``stem.bits``, ``sN.bits``, ``head.bits``, ``sparsity``, and ``sN.rank`` / ``head.rank`` (low-rank
+ratio of the 1x1 convs of a stage, of the linear head).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nasopt.arch import Value
+from nasopt.compress import compression_genes
 from nasopt.space import Genes, SearchSpace
 from nasopt.supernet import (ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, importance,
                              permute_, permute_bn_)
@@ -135,7 +138,7 @@ class MobileNetSpace(SearchSpace):
     name = "mobilenet"
     input_rank = 3
 
-    def full_genes(self) -> Genes:
+    def architecture_genes(self) -> Genes:
         genes: Genes = {"stem.width": STEM_WIDTHS}
         for s, widths in enumerate(WIDTHS, start=1):
             genes[f"s{s}.depth"] = DEPTHS
@@ -143,6 +146,11 @@ class MobileNetSpace(SearchSpace):
             genes[f"s{s}.expand"] = EXPANDS
             genes[f"s{s}.width"] = widths
         return genes
+
+    def compression_genes(self) -> Genes:
+        # bits per stage (and stem, head); 1x1 convs of each stage and the head may be low rank
+        stages = [f"s{s}" for s in range(1, len(WIDTHS) + 1)]
+        return compression_genes(["stem", *stages, "head"], [*stages, "head"])
 
     def network(self, dims: Mapping[str, Value]) -> nn.Module:
         channels, height, width = self.input_shape

@@ -41,7 +41,7 @@ def test_search_export_load_end_to_end(tmp_path, capsys):
     for t in done:  # params are the arch; metrics are in user attrs; values are the objectives
         assert t.params["s1.expand"] == 2
         assert t.values == [t.user_attrs["metrics"]["accuracy"],
-                            t.user_attrs["metrics"]["float_bytes"]]
+                            t.user_attrs["metrics"]["compressed_bytes"]]
 
     assert cli.main(["studies", "show", "mobilenet-digits", "--run-dir", str(tmp_path),
                      "--format", "json"]) == 0
@@ -52,7 +52,9 @@ def test_search_export_load_end_to_end(tmp_path, capsys):
     out_dir = tmp_path / "export"
     assert cli.main(["export", "mobilenet-digits", "--trial", str(best.number),
                      "--out", str(out_dir), "--run-dir", str(tmp_path)]) == 0
-    assert {p.name for p in out_dir.iterdir()} >= {"arch.json", "weights.pt", "model.json"}
+    assert {p.name for p in out_dir.iterdir()} == {"arch.json", "weights.pt", "model.json",
+                                                   "model.packed"}
+    assert (out_dir / "model.packed").stat().st_size == best.user_attrs["metrics"]["compressed_bytes"]
     model = api.load(out_dir)
     data = api.load_dataset("digits")
     assert accuracy(model, data.x_val, data.y_val) == pytest.approx(best.values[0], abs=1e-9)

@@ -98,7 +98,7 @@ def test_sandwich_training_learns(datasets, tmp_path):
                                                               batch_size=64),
                                 tmp_path, show_progress=False)
     from nasopt.evaluate import Evaluator
-    ev_trained = Evaluator(trained, digits)
-    ev_untrained = Evaluator(untrained.eval(), digits)
+    ev_trained = Evaluator(space, trained, digits)
+    ev_untrained = Evaluator(space, untrained.eval(), digits)
     for arch in (space.largest(), space.smallest()):
         assert ev_trained(arch).accuracy > ev_untrained(arch).accuracy + 0.3

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> Path:
     overrides = [f"data.dataset={args.dataset}", f"search.space={args.space}", *args.set]
     cfg = api.load_config(None, overrides)
     data = api.load_data(cfg)
-    space = api.make_space(args.space, data)
+    space = api.make_space(args.space, data).architecture_space()  # architecture genes only
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
 
     with tempfile.TemporaryDirectory() as tmp:  # fresh training: the time is the point
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> Path:
 
     rng = random.Random(1)
     archs = list({a.key: a for a in (space.sample(rng) for _ in range(THROUGHPUT_ARCHS))}.values())
-    evaluator = Evaluator(supernet, data, cfg.eval.calib_samples)
+    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     start = time.perf_counter()
     for arch in archs:
         evaluator(arch)
