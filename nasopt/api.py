@@ -115,7 +115,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve())})
     cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")
-    evaluator = Evaluator(supernet, data, cfg.eval.calib_samples)
+    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     new = run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
                      trial_attrs={"strategy": s.strategy, "seed": s.seed})
     return SearchOutcome(study, space, path, new)
@@ -183,11 +183,12 @@ def rebuild(study: optuna.Study, device: str = "cpu") -> tuple[Evaluator, Datase
     supernet = Supernet(space).to(device)
     supernet.net.load_state_dict(checkpoint.load(path, device)["net"])
     data = data.to(device)
-    return Evaluator(supernet.eval(), data, setup["eval"]["calib_samples"]), data
+    return Evaluator(space, supernet.eval(), data, setup["eval"]["calib_samples"]), data
 
 
-def export(study: optuna.Study, trial: int, out: str | Path) -> Path:
-    """Export trial ``trial`` of ``study`` (arch.json, weights.pt, model.json) to ``out``."""
+def export(study: optuna.Study, trial: int, out: str | Path,
+           formats: tuple[str, ...] = _export.FORMATS) -> Path:
+    """Export trial ``trial`` of ``study`` to the folder ``out`` (see :mod:`nasopt.export`)."""
     found = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
     if not found:
         raise NasoptError(f"study {study.study_name!r} has no trial {trial} "
@@ -198,10 +199,11 @@ def export(study: optuna.Study, trial: int, out: str | Path) -> Path:
                           f"COMPLETE; export a completed trial (see `nasopt studies show`)")
     evaluator, _ = rebuild(study)
     arch = evaluator.space.validate(t.params)
-    model = evaluator.model(arch)
+    model, stored = evaluator.compressed(arch)
     info = {"study": study.study_name, "trial": trial, "metrics": t.user_attrs.get("metrics"),
             "dataset": _study.setup_of(study)["data"]}
-    return _export.export_model(model, Arch(arch), evaluator.space, Path(out), info, SPACES)
+    return _export.export_model(model, stored, arch, evaluator.space, Path(out), info, SPACES,
+                                formats)
 
 
 def load(path: str | Path) -> nn.Module:
