@@ -29,7 +29,7 @@ from .config import Config, load_config
 from .data import Dataset, load_dataset
 from .errors import NasoptError
 from .evaluate import Evaluator
-from .objectives import Objective, get_objectives
+from .objectives import Constraint, Objective, get_constraints, get_objectives
 from .search import run_search
 from .space import SearchSpace, space_from_description
 from .supernet import Supernet, train_supernet
@@ -85,13 +85,14 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     s = cfg.search
     if s.strategy not in STRATEGIES:
         raise NasoptError(f"unknown strategy {s.strategy!r}; known: {', '.join(STRATEGIES)}")
-    objectives = get_objectives(s.objectives)
+    constraints = get_constraints(s.budgets)
+    objectives = get_objectives(s.objectives, {c.name: c.limit for c in constraints})
     if s.trials < 1:
         raise NasoptError(f"search.trials must be at least 1, got {s.trials}")
     if s.timeout is not None and s.timeout <= 0:
         raise NasoptError(f"search.timeout must be positive seconds, got {s.timeout}")
     if s.table is not None:
-        return _search_table(cfg, objectives, show_progress, log)
+        return _search_table(cfg, objectives, constraints, show_progress, log)
     if not getattr(SPACES.get(s.space), "weight_sharing", True):
         raise NasoptError(f"space {s.space!r} has no weight-sharing supernet; search it in "
                           f"tabular mode: --table [PATH.csv] (see `nasopt search --help`)")
@@ -104,7 +105,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     setup = {"space": space.describe(), "data": dataclasses.asdict(cfg.data),
              "data_fingerprint": data.fingerprint,
              "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
-             "objectives": list(s.objectives)}
+             "objectives": list(s.objectives), "budgets": dict(s.budgets)}
     # check (or create) the study before spending time on the supernet
     existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
     # a continued study gets fresh draws: the sampler seed depends on the trials already there
@@ -117,12 +118,13 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     new = run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
-                     trial_attrs={"strategy": s.strategy, "seed": s.seed})
+                     trial_attrs={"strategy": s.strategy, "seed": s.seed},
+                     constraints=constraints)
     return SearchOutcome(study, space, path, new)
 
 
-def _search_table(cfg: Config, objectives: list[Objective], show_progress: bool,
-                  log: Log) -> SearchOutcome:
+def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Constraint],
+                  show_progress: bool, log: Log) -> SearchOutcome:
     """Tabular mode: the same search loop, scored by a :class:`TabularEvaluator`."""
     s = cfg.search
     if s.space not in SPACES:
@@ -140,14 +142,15 @@ def _search_table(cfg: Config, objectives: list[Objective], show_progress: bool,
     name = s.study or f"{space.name}-{evaluator.path.stem}"
     setup = {"space": space.describe(), "table": str(evaluator.path),
              "table_fingerprint": evaluator.fingerprint, "table_metric": s.table_metric,
-             "objectives": list(s.objectives)}
+             "objectives": list(s.objectives), "budgets": dict(s.budgets)}
     existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
     sampler = STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials))
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     study.set_user_attr(_study.SETUP_ATTR, setup)  # records the table's path as found this time
     cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")
     new = run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
-                     trial_attrs={"strategy": s.strategy, "seed": s.seed})
+                     trial_attrs={"strategy": s.strategy, "seed": s.seed},
+                     constraints=constraints)
     return SearchOutcome(study, space, None, new)
 
 

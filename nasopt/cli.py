@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", help="comma-separated, e.g. accuracy,size")
     p.add_argument("--restrict", action="append", default=[], metavar="GENE=OPT[,OPT...]",
                    help="keep only these options of a gene, e.g. --restrict s1.k=3,5")
+    p.add_argument("--max-size", metavar="BYTES", help="budget on the packed model size, e.g. "
+                   "4KB (KB = 1024 B)")
+    p.add_argument("--max-params", metavar="N", help="budget on stored parameters, e.g. 5k")
+    p.add_argument("--max-macs", metavar="N", help="budget on MACs per sample, e.g. 2M")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--table", nargs="?", const=DEFAULT_TABLE, metavar="PATH",
                    help="tabular mode: read accuracy from this CSV (an 'arch' column and an "
@@ -67,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(q)
     _add_format(q)
 
-    p = sub.add_parser("export", help="export a trial's model (arch.json + weights)")
+    p = sub.add_parser("export", help="export a trial's deployed (compressed) model")
     p.add_argument("study")
     p.add_argument("--trial", type=int, required=True, help="trial number")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", action="append", choices=("pytorch", "packed"),
+                   help="pytorch (weights.pt) and/or packed (model.packed); default: both")
     _add_storage(p)
 
     sub.add_parser("spaces", help="list search spaces and their genes")
@@ -87,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="report path (default: results/supernet_DATASET.md)")
     q.add_argument("--run-dir", default="runs")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    q = bsub.add_parser("strategies", help="compare search strategies at equal budget over many "
+                        "seeds (NAS-Bench-201 table)")
+    q.add_argument("--part", choices=("nb201",), default="nb201",
+                   help="nb201: tabular NAS-Bench-201 (the only part built so far)")
+    q.add_argument("--strategies", help="comma-separated (default: every registered strategy)")
+    q.add_argument("--trials", type=int, default=100, help="evaluations per run (default 100)")
+    q.add_argument("--seeds", type=int, default=20, help="runs per strategy (default 20)")
+    q.add_argument("--table", default=DEFAULT_TABLE, help=f"default: {DEFAULT_TABLE}")
+    q.add_argument("--table-metric", default=DEFAULT_METRIC)
+    q.add_argument("--out", default="results/strategies.md", help="report path (a PNG plot is "
+                   "written next to it)")
     return parser
 
 
@@ -126,9 +143,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from .study import load_study
         study = load_study(api.open_storage(args.storage, args.run_dir), args.study)
-        out = api.export(study, args.trial, args.out)
-        print(f"exported trial {args.trial} of {args.study} to {out}/ "
-              f"(arch.json, weights.pt, model.json); load it with nasopt.load({str(out)!r})")
+        formats = tuple(args.format or ("pytorch", "packed"))
+        out = api.export(study, args.trial, args.out, formats)
+        files = ", ".join(sorted(p.name for p in out.iterdir()))
+        print(f"exported trial {args.trial} of {args.study} to {out}/ ({files}), verified; "
+              f"load it with nasopt.load({str(out)!r})")
         return 0
     if args.command == "spaces":
         for name, cls in api.SPACES.items():
@@ -143,8 +162,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name:<10} {strategy.description}")
         return 0
     if args.command == "bench":
-        from .bench import supernet as bench_supernet
-        path = bench_supernet.run(args)
+        if args.bench_command == "strategies":
+            from .bench import strategies as bench
+        else:
+            from .bench import supernet as bench
+        path = bench.run(args)
         print(f"wrote {path}")
         return 0
     raise AssertionError(args.command)
@@ -164,6 +186,12 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     cfg = api.load_config(args.config, overrides)
+    budgets = {name: value for name, value in (("size", args.max_size), ("params", args.max_params),
+                                               ("macs", args.max_macs)) if value is not None}
+    if budgets:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(
+            cfg.search, budgets={**cfg.search.budgets, **budgets}))
     if args.restrict:
         import dataclasses
         restrict = {**cfg.search.restrict,
@@ -177,8 +205,16 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
     print(f"study {study.study_name!r}: {len(completed(study))} completed trials "
           f"({outcome.new_trials} run now, {failed} failed in all); storage "
           f"{mask_url(cfg.search.storage or 'sqlite:///' + cfg.run_dir + '/studies.db')}")
-    print("Pareto front:")
-    _print_frame(api.pareto(study), "table")
+    front = api.pareto(study)
+    if front.empty and len(completed(study)):
+        from .study import closest_trial
+        t = closest_trial(study)
+        print(f"no completed trial meets the budgets {dict(cfg.search.budgets)}; the closest is "
+              f"trial {t.number} (constraint excess {t.user_attrs.get('constraints')})")
+        return 0
+    print("Pareto front" + (f" (budgets {dict(cfg.search.budgets)})" if cfg.search.budgets
+                            else "") + ":")
+    _print_frame(front, "table")
     return 0
 
 

@@ -57,6 +57,8 @@ class SearchConfig:
     storage: str | None = None  # default: sqlite file in run_dir
     objectives: tuple[str, ...] = ("accuracy", "size")
     restrict: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: limits, e.g. {size = "4KB", macs = "2M"}: constraints satisfied when value <= limit
+    budgets: Mapping[str, str] = field(default_factory=dict)
     # tabular mode: accuracy read from this CSV (nasopt.tabular); no dataset, no supernet
     table: str | None = None
     table_metric: str = DEFAULT_METRIC  # the table's accuracy column, in percent
@@ -154,6 +156,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (Mapping, dict) or hint is Mapping:
         if not isinstance(value, Mapping):
             raise NasoptError(f"config key {key} takes a table, got {value!r}")
+        if args and args[1] is str:
+            return {k: str(v) for k, v in value.items()}
         return {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):

@@ -9,7 +9,7 @@ import optuna
 
 from .arch import Arch
 from .metrics import Metrics
-from .objectives import Objective
+from .objectives import Constraint, Objective
 from .progress import progress_bar
 from .space import SearchSpace
 from .study import completed
@@ -25,11 +25,14 @@ def suggest_arch(trial: optuna.Trial, space: SearchSpace) -> Arch:
 
 def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
                objectives: Sequence[Objective], trials: int, timeout: float | None = None,
-               show_progress: bool = True, trial_attrs: Mapping[str, Any] | None = None) -> int:
+               show_progress: bool = True, trial_attrs: Mapping[str, Any] | None = None,
+               constraints: Sequence[Constraint] = ()) -> int:
     """Run trials until the study holds ``trials`` completed ones (or ``timeout`` seconds pass).
 
     A trial whose evaluation raises or yields a non-finite value is recorded as FAIL and the
-    search goes on. Returns the number of trials run by this call.
+    search goes on. Each constraint's ``value - limit`` is recorded with ``trial.set_constraint``
+    (feasible when <= 0) and, for the dashboard, in the user attr ``constraints``.
+    Returns the number of trials run by this call.
     """
     remaining = trials - len(completed(study))
     if remaining <= 0:
@@ -41,6 +44,12 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
         arch = suggest_arch(trial, space)
         metrics = evaluate(arch)
         trial.set_user_attr("metrics", metrics.to_dict())
+        violations = {c.name: c.value(metrics) for c in constraints}
+        for name, value in violations.items():
+            trial.set_constraint(name, value)
+        if violations:
+            trial.set_user_attr("constraints", violations)
+            trial.set_user_attr("feasible", all(v <= 0 for v in violations.values()))
         values = [float(o.value(metrics)) for o in objectives]
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"non-finite objective values {values} for arch {arch.key}")

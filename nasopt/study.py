@@ -95,13 +95,27 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """All recorded constraint values are <= 0 (no constraints: feasible)."""
+    return all(v <= 0 for k, v in trial.system_attrs.items() if k.startswith("constraints:"))
+
+
 def pareto_numbers(study: optuna.Study) -> set[int]:
-    """Numbers of the trials on the Pareto front (the best trial for one objective)."""
-    if not completed(study):
+    """Numbers of the feasible trials on the Pareto front (the best one for one objective)."""
+    feasible = [t for t in completed(study) if is_feasible(t)]
+    if not feasible:
         return set()
     if len(study.directions) == 1:
-        return {study.best_trial.number}
-    return {t.number for t in study.best_trials}
+        sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+        return {max(feasible, key=lambda t: sign * t.value).number}
+    return {t.number for t in study.best_trials if is_feasible(t)}
+
+
+def closest_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The completed trial with the smallest summed constraint excess (value - limit > 0)."""
+    def excess(t: optuna.trial.FrozenTrial) -> float:
+        return sum(max(0.0, v) for k, v in t.system_attrs.items() if k.startswith("constraints:"))
+    return min(completed(study), key=excess)
 
 
 def trials_frame(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame:
@@ -112,10 +126,11 @@ def trials_frame(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame
     rows = []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name,
-                               "pareto": t.number in front,
+                               "pareto": t.number in front, "feasible": is_feasible(t),
                                "strategy": t.user_attrs.get("strategy")}
         metrics = t.user_attrs.get("metrics", {})
-        for key in ("accuracy", "params", "macs", "float_bytes"):
+        for key in ("accuracy", "compressed_bytes", "params", "nonzero_params", "macs",
+                    "float_bytes"):
             row[key] = metrics.get(key)
         row.update(t.params)
         rows.append(row)
