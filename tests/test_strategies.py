@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.study import StudyDirection
 
+from nasopt.bench.strategies import random_search_best
 from nasopt.errors import NasoptError
 from nasopt.objectives import get_objectives
 from nasopt.search import run_search
@@ -148,3 +150,10 @@ def test_reinforce_policy_is_rebuilt_from_the_study_and_learns():
 def test_reinforce_refuses_a_minimized_first_objective(space, evaluator):
     with pytest.raises(NasoptError, match="first objective to be maximized"):
         run(space, evaluator, "reinforce", seed=0, trials=3, objectives=("params", "accuracy"))
+
+
+def test_exact_random_search_reference():
+    # best of 2 draws from {1, 2, 3}: P(1) = 1/9, P(2) = 3/9, P(3) = 5/9
+    mean, std = random_search_best(np.array([3.0, 1.0, 2.0]), 2)
+    assert mean == pytest.approx(22 / 9)
+    assert std == pytest.approx(math.sqrt((1 + 12 + 45) / 9 - (22 / 9) ** 2))
