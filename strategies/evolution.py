@@ -8,7 +8,10 @@ among ``sample_size`` members drawn without replacement:
 
 - one objective: the best value wins;
 - several objectives: the lowest non-dominated rank *within the tournament* wins, ties broken by
-  the largest crowding distance within that rank (NSGA-II's order), then by draw order.
+  the largest crowding distance within that rank (NSGA-II's order), then by draw order;
+- with budgets (constraints recorded by ``trial.set_constraint``, as ``nasopt search --max-*``
+  does), Deb's rule comes first: a feasible contestant beats an infeasible one, and among
+  infeasible ones the smallest total excess wins.
 
 Failed and running trials never join the population: a failure does not make a parent.
 """
@@ -71,16 +74,28 @@ def crowding_distances(points: Sequence[Sequence[float]]) -> list[float]:
     return distance
 
 
-def tournament_winner(values: Sequence[Sequence[float]],
-                      directions: Sequence[StudyDirection]) -> int:
+def violation(trial: FrozenTrial) -> float:
+    """Total excess over the trial's constraints (0 when feasible or unconstrained)."""
+    return sum(max(0.0, float(v)) for k, v in trial.system_attrs.items()
+               if k.startswith("constraints:"))
+
+
+def tournament_winner(values: Sequence[Sequence[float]], directions: Sequence[StudyDirection],
+                      violations: Sequence[float] | None = None) -> int:
     """Index of the winner among the contestants' objective ``values`` (see the module doc)."""
-    points = [_minimized(v, directions) for v in values]
+    index = list(range(len(values)))
+    if violations is not None and any(v > 0 for v in violations):
+        feasible = [i for i in index if violations[i] <= 0]
+        if not feasible:
+            return min(index, key=lambda i: violations[i])
+        index = feasible
+    points = [_minimized(values[i], directions) for i in index]
     if len(directions) == 1:
-        return min(range(len(points)), key=lambda i: points[i][0])  # first best on ties
+        return index[min(range(len(points)), key=lambda i: points[i][0])]  # first best on ties
     ranks = nondominated_ranks(points)
     best = [i for i in range(len(points)) if ranks[i] == 0]
     crowding = crowding_distances([points[i] for i in best])
-    return best[max(range(len(best)), key=lambda j: crowding[j])]  # first of the largest
+    return index[best[max(range(len(best)), key=lambda j: crowding[j])]]  # first of the largest
 
 
 class RegularizedEvolutionSampler(BaseSampler):
@@ -121,7 +136,8 @@ class RegularizedEvolutionSampler(BaseSampler):
         picks = self._rng.choice(len(population), self.sample_size, replace=False)
         contestants = [population[i] for i in picks]
         parent = contestants[tournament_winner([t.values for t in contestants],
-                                               study.directions)]
+                                               study.directions,
+                                               [violation(t) for t in contestants])]
         return self.mutate(parent.params, search_space)
 
     def mutate(self, params: dict[str, Any],

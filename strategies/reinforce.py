@@ -16,6 +16,9 @@ other objective (for one that is maximized the ratio is inverted) and target_j t
 cost_j over the study's completed trials**, so the policy trades accuracy for size around the
 sizes it has seen instead of needing a user budget.
 
+Budgets (constraints from ``--max-*``) are not part of the reward: the policy learns from the
+objectives alone, while the study's Pareto sets still leave infeasible trials out.
+
 State: none is stored. On every call the policy is rebuilt by replaying the study's completed
 trials in trial-number order from zero logits, so a resumed study (or another process sharing the
 storage) continues exactly where the ledger stands. Trials proposed by other strategies in the

@@ -12,7 +12,7 @@ from optuna.study import StudyDirection
 
 from nasopt.bench.strategies import random_search_best
 from nasopt.errors import NasoptError
-from nasopt.objectives import get_objectives
+from nasopt.objectives import Constraint, get_objectives
 from nasopt.search import run_search
 from nasopt.tabular import TabularEvaluator
 from search_spaces.nb201 import CIFAR10_SHAPE, EDGES, OPS, Nb201Space
@@ -111,6 +111,28 @@ def test_tournament_selection():
     assert tournament_winner([points[0], points[3], points[1]], [MAX, MIN]) == 1
     # among the non-dominated, the middle point loses to a boundary point
     assert tournament_winner([[0.85, 150.0], [0.9, 200.0], [0.7, 100.0]], [MAX, MIN]) == 1
+
+
+def test_tournament_prefers_feasible_contestants():
+    values = [[0.95], [0.90], [0.80]]
+    assert tournament_winner(values, [MAX], [5.0, 0.0, 0.0]) == 1  # the best is over budget
+    assert tournament_winner(values, [MAX], [5.0, 2.0, 9.0]) == 1  # none feasible: least excess
+    assert tournament_winner(values, [MAX], [0.0, 0.0, 0.0]) == 0
+    multi = [[0.95, 900.0], [0.90, 300.0], [0.80, 200.0], [0.85, 250.0]]
+    assert tournament_winner(multi, [MAX, MIN], [1.0, 0.0, 0.0, 0.0]) in (1, 2)
+
+
+def test_evolution_with_a_budget_breeds_from_feasible_parents(space, evaluator):
+    objs = get_objectives(["accuracy"])
+    limit = 400_000  # params; about half of this sub-space is within it
+    study = optuna.create_study(direction="maximize",
+                                sampler=STRATEGIES["evolution"].make_sampler(space, 0))
+    run_search(study, space, evaluator, objs, POPULATION + 40, show_progress=False,
+               constraints=[Constraint("params", limit)])
+    trials = study.trials
+    late = [t.user_attrs["metrics"]["params"] <= limit for t in trials[-20:]]
+    early = [t.user_attrs["metrics"]["params"] <= limit for t in trials[:POPULATION]]
+    assert sum(late) / len(late) > sum(early) / len(early)
 
 
 def test_mnasnet_reward():
