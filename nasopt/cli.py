@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="report path (default: results/supernet_DATASET.md)")
     q.add_argument("--run-dir", default="runs")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    q = bsub.add_parser("compression", help="joint architecture + compression search against "
+                        "quantized/pruned baselines (writes results/compression_DATASET.md)")
+    q.add_argument("--dataset", default="mnist1d")
+    q.add_argument("--evaluations", type=int, default=300, help="per search (default 300)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--reference-epochs", type=int, default=150,
+                   help="epochs of the reference CNN's recipe (150 x 34 steps ~ 5000 steps)")
+    q.add_argument("--out", help="report path (default: results/compression_DATASET.md)")
+    q.add_argument("--run-dir", default="runs")
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     q = bsub.add_parser("strategies", help="compare search strategies at equal budget over many "
                         "seeds (NAS-Bench-201 table)")
     q.add_argument("--part", choices=("nb201",), default="nb201",
@@ -162,10 +172,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name:<10} {strategy.description}")
         return 0
     if args.command == "bench":
-        if args.bench_command == "strategies":
-            from .bench import strategies as bench
-        else:
-            from .bench import supernet as bench
+        import importlib
+        if getattr(args, "out", "x") is None:
+            args.out = f"results/{args.bench_command}_{args.dataset.replace('.', '_')}.md"
+        bench = importlib.import_module(f"nasopt.bench.{args.bench_command}")
         path = bench.run(args)
         print(f"wrote {path}")
         return 0
