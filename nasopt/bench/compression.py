@@ -216,9 +216,13 @@ def _plot(fronts: dict, joint: list, arch_only: list, path: Path) -> None:
     for kb in BUDGETS_KB:
         ax.axvline(kb, color="grey", lw=0.6, ls=":")
     ax.set_xscale("log")
+    ticks = [0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("packed size (KB, log scale)")
     ax.set_ylabel("validation accuracy")
-    ax.set_ylim(0.5, 1.0)
+    lowest = min(a for front in fronts.values() for a, _, _ in front)
+    ax.set_ylim(max(0.0, min(0.5, lowest - 0.05)), 1.0)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
