@@ -17,6 +17,7 @@ comes from a table of trained results (``nasopt search --space nb201 --table PAT
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -189,7 +190,7 @@ class Nb201Space(SearchSpace):
         """The arch of an NB201 string, checked against this (possibly restricted) space."""
         return self.validate(from_string(text))
 
-    def supernet(self):  # noqa: ANN201 - the base returns a Supernet; this one never does
+    def supernet(self) -> NoReturn:
         """Not available: refuses with the way to search this space instead.
 
         nasopt's shared supernet slices one network's tensors by width and kernel size; an NB201
