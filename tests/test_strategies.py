@@ -14,6 +14,7 @@ from nasopt.bench.strategies import random_search_best
 from nasopt.errors import NasoptError
 from nasopt.objectives import Constraint, get_objectives
 from nasopt.search import run_search
+from nasopt.study import pareto_numbers
 from nasopt.tabular import TabularEvaluator
 from search_spaces.nb201 import CIFAR10_SHAPE, EDGES, OPS, Nb201Space
 from strategies import STRATEGIES
@@ -84,6 +85,20 @@ def test_stopping_and_continuing_continues_the_study(space, evaluator, name):
     assert [t.number for t in study.trials] == list(range(40))
     assert params_of(study)[:25] == first
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_infeasible_archs_are_never_reported_as_winners(space, evaluator, name):
+    objs = get_objectives(["accuracy", "params"])
+    limit = 400_000  # params: excludes the most accurate archs of this sub-space
+    study = optuna.create_study(directions=[o.direction for o in objs],
+                                sampler=STRATEGIES[name].make_sampler(space, 0))
+    run_search(study, space, evaluator, objs, 30, show_progress=False,
+               constraints=[Constraint("params", limit)])
+    feasible = {t.number for t in study.trials if t.user_attrs["metrics"]["params"] <= limit}
+    assert feasible and len(feasible) < len(study.trials)
+    front = pareto_numbers(study)
+    assert front and front <= feasible
 
 
 def test_evolution_mutates_the_population_rebuilt_from_the_study(space, evaluator):
