@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", default="mnist1d")
     q.add_argument("--archs", type=int, default=16, help="archs trained stand-alone (>= 15)")
     q.add_argument("--standalone-epochs", type=int, default=40)
+    q.add_argument("--standalone-seeds", type=int, default=3,
+                   help="stand-alone runs per arch, averaged (default 3)")
     q.add_argument("--out", help="report path (default: results/supernet_DATASET.md)")
     q.add_argument("--run-dir", default="runs")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")

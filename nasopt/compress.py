@@ -228,13 +228,14 @@ def compressed_structure(model: nn.Module, policy: Policy, group_of: GroupOf) ->
     return factorize(fold_batchnorm(model), policy, group_of, init=False)
 
 
-def compress(model: nn.Module, policy: Policy, group_of: GroupOf,
-             seed: int = 0) -> tuple[nn.Module, list[StoredLayer]]:
-    """Apply ``policy`` to a copy of ``model`` (a standalone model with final BN statistics).
+def compress(model: nn.Module, policy: Policy, group_of: GroupOf, seed: int = 0,
+             inplace: bool = False) -> tuple[nn.Module, list[StoredLayer]]:
+    """Apply ``policy`` to ``model`` (a standalone model with final BN statistics), or to a copy
+    of it unless ``inplace``.
 
     Returns the compressed model (its weights are exactly the dequantized stored values, so its
     outputs equal those of the model loaded from the packed file) and the stored layers."""
-    model = copy.deepcopy(model).eval()
+    model = (model if inplace else copy.deepcopy(model)).eval()
     factorize(fold_batchnorm(model), policy, group_of)
     prune_global(model, policy.sparsity, policy.pruning, seed)
     stored = []

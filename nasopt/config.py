@@ -31,8 +31,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SupernetConfig:
-    epochs: int = 60
-    warmup_epochs: int = 15  # largest subnet only, then channels are sorted by L1 importance
+    epochs: int = 100
+    warmup_epochs: int = 20  # largest subnet only, then channels are sorted by L1 importance
     batch_size: int = 128
     lr: float = 0.003
     weight_decay: float = 0.0

@@ -45,7 +45,7 @@ class Evaluator:
         """The deployed model of ``arch`` exactly as it is scored, and its stored layers."""
         arch = self.space.validate(arch)
         return compress(self.float_model(arch), Policy.from_arch(arch, self.pruning),
-                        self.space.group_of)
+                        self.space.group_of, inplace=True)
 
     def model(self, arch: Mapping[str, Value]) -> nn.Module:
         return self.compressed(arch)[0]
@@ -59,13 +59,14 @@ class Evaluator:
 
     def _measure(self, arch: Arch) -> Metrics:
         float_model = self.float_model(arch)
+        float_params = count_params(float_model)
         model, stored = compress(float_model, Policy.from_arch(arch, self.pruning),
-                                 self.space.group_of)
+                                 self.space.group_of, inplace=True)
         return Metrics(
             accuracy=accuracy(model, self._x_val, self._y_val),
             params=count_params(model),
             macs=count_macs(model, self._input_shape),
-            float_bytes=count_params(float_model) * FLOAT32_BYTES,
+            float_bytes=float_params * FLOAT32_BYTES,
             compressed_bytes=predicted_size(self.space, arch, stored),
             nonzero_params=nonzero_params(stored),
             sources={"accuracy": "compressed model from inherited supernet weights + BN "
