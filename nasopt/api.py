@@ -105,7 +105,8 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     setup = {"space": space.describe(), "data": dataclasses.asdict(cfg.data),
              "data_fingerprint": data.fingerprint,
              "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
-             "objectives": list(s.objectives), "budgets": dict(s.budgets)}
+             "objectives": list(s.objectives),
+             "budgets": {c.name: c.limit for c in constraints}}
     # check (or create) the study before spending time on the supernet
     existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
     # a continued study gets fresh draws: the sampler seed depends on the trials already there
@@ -142,7 +143,8 @@ def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Co
     name = s.study or f"{space.name}-{evaluator.path.stem}"
     setup = {"space": space.describe(), "table": str(evaluator.path),
              "table_fingerprint": evaluator.fingerprint, "table_metric": s.table_metric,
-             "objectives": list(s.objectives), "budgets": dict(s.budgets)}
+             "objectives": list(s.objectives),
+             "budgets": {c.name: c.limit for c in constraints}}
     existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
     sampler = STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials))
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
@@ -202,6 +204,15 @@ def export(study: optuna.Study, trial: int, out: str | Path,
                           f"COMPLETE; export a completed trial (see `nasopt studies show`)")
     evaluator, _ = rebuild(study)
     arch = evaluator.space.validate(t.params)
+    recorded = t.user_attrs.get("metrics", {})
+    again = evaluator(arch)
+    if (again.compressed_bytes != recorded.get("compressed_bytes")
+            or abs(again.accuracy - recorded.get("accuracy", -1)) > 1e-9):
+        raise NasoptError(
+            f"trial {trial} cannot be reproduced here (recorded accuracy "
+            f"{recorded.get('accuracy')}, {recorded.get('compressed_bytes')} B; now "
+            f"{again.accuracy}, {again.compressed_bytes} B): the supernet checkpoint or the "
+            f"device differs from the search's; export where the search ran")
     model, stored = evaluator.compressed(arch)
     info = {"study": study.study_name, "trial": trial, "metrics": t.user_attrs.get("metrics"),
             "dataset": _study.setup_of(study)["data"]}

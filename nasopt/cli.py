@@ -98,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("compression", help="joint architecture + compression search against "
                         "quantized/pruned baselines (writes results/compression_DATASET.md)")
     q.add_argument("--dataset", default="mnist1d")
-    q.add_argument("--evaluations", type=int, default=300, help="per search (default 300)")
+    q.add_argument("--evaluations", type=int, default=1000, help="per search (default 1000)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--reference-epochs", type=int, default=150,
-                   help="epochs of the reference CNN's recipe (150 x 34 steps ~ 5000 steps)")
+    q.add_argument("--reference-epochs", type=int, default=235,
+                   help="epochs of the reference CNN's recipe (235 x 34 steps ~ its 8000 steps)")
     q.add_argument("--out", help="report path (default: results/compression_DATASET.md)")
     q.add_argument("--run-dir", default="runs")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")

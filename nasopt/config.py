@@ -40,6 +40,18 @@ class SupernetConfig:
     kd_temperature: float = 1.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _positive("supernet", batch_size=self.batch_size, lr=self.lr,
+                  kd_temperature=self.kd_temperature)
+        if self.epochs < 0 or self.warmup_epochs < 0 or self.n_random < 0:
+            raise NasoptError("supernet.epochs, warmup_epochs and n_random must not be negative")
+
+
+def _positive(section: str, **values: float) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise NasoptError(f"{section}.{key} must be positive, got {value}")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -149,7 +161,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise NasoptError(errors[0] if errors else f"bad value for {key}")
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise NasoptError(f"config key {key} takes a list, got {value!r}")
         return tuple(value)

@@ -205,10 +205,13 @@ def _csv(path: Path, label_column: str):
     import pandas as pd
     if not path.exists():
         raise NasoptError(f"dataset file {path} does not exist; check the path")
-    frame = pd.read_csv(path)
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise NasoptError(f"{path} is not a readable CSV ({exc})") from None
     if label_column not in frame.columns:
         raise NasoptError(f"{path} has no label column {label_column!r} (columns: "
-                          f"{list(frame.columns)[:10]}...); name it with --label-column")
+                          f"{list(frame.columns)[:10]}...); name it with --set data.label_column=NAME")
     y = frame.pop(label_column).to_numpy()
     try:
         x = frame.to_numpy(dtype=np.float64)

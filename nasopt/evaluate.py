@@ -9,6 +9,7 @@ from torch import nn
 from .arch import Arch, Value
 from .compress import Policy, StoredLayer, compress, nonzero_params
 from .data import Dataset
+from .errors import NasoptError
 from .metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
 from .packed import predicted_size
 from .supernet import Supernet, recalibrate_bn
@@ -19,8 +20,8 @@ class Evaluator:
     """Scores archs of ``space`` on the validation split of ``data`` (never on test).
 
     Each arch's architecture genes are extracted from the supernet and its BatchNorm statistics
-    recalibrated on the first ``calib_samples`` training samples (a fixed set, so evaluation is
-    deterministic); then its compression genes are applied (BN folding, low rank, pruning,
+    recalibrated on ``calib_samples`` training samples (a fixed, seeded random subset, so
+    evaluation is deterministic); then its compression genes are applied (BN folding, low rank, pruning,
     quantization: :mod:`nasopt.compress`) and the compressed model is measured. Results are
     cached by the arch's canonical key.
     """
@@ -30,7 +31,11 @@ class Evaluator:
         self.space = space
         self.supernet = supernet
         self.pruning = pruning
-        self._x_calib = data.x_train[:calib_samples]
+        if calib_samples < 1:
+            raise NasoptError(f"eval.calib_samples must be at least 1, got {calib_samples}")
+        # a fixed, seeded random subset: training data may be sorted by class
+        order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
+        self._x_calib = data.x_train[order[:calib_samples].to(data.x_train.device)]
         self._x_val, self._y_val = data.x_val, data.y_val
         self._input_shape = data.input_shape
         self._cache: dict[str, Metrics] = {}
@@ -58,10 +63,8 @@ class Evaluator:
         return self._cache[arch.key]
 
     def _measure(self, arch: Arch) -> Metrics:
-        float_model = self.float_model(arch)
-        float_params = count_params(float_model)
-        model, stored = compress(float_model, Policy.from_arch(arch, self.pruning),
-                                 self.space.group_of, inplace=True)
+        float_params = count_params(self.space.build(arch))
+        model, stored = self.compressed(arch)
         return Metrics(
             accuracy=accuracy(model, self._x_val, self._y_val),
             params=count_params(model),

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .arch import Arch, Value
-from .compress import FLOAT_BITS, Policy, StoredLayer, compressed_structure, weight_layers
+from .compress import (FLOAT_BITS, Policy, StoredLayer, compressed_structure, dequantize,
+                       weight_layers)
 from .errors import NasoptError
 from .space import SearchSpace
 
@@ -73,6 +74,8 @@ def _read_header(data: bytes, spaces: Mapping[str, type[SearchSpace]]) -> tuple[
         raise NasoptError(f"packed file has {n_genes} genes but space {name!r} has "
                           f"{len(space.genes)}; it was written by another nasopt version")
     index = data[pos:pos + n_genes]
+    if len(index) != n_genes or any(i >= len(opts) for i, opts in zip(index, space.genes.values())):
+        raise NasoptError("packed file is corrupt (bad arch in header); export it again")
     arch = Arch({g: opts[i] for (g, opts), i in zip(space.genes.items(), index)})
     return space, arch, pos + n_genes
 
@@ -135,7 +138,7 @@ def pack(space: SearchSpace, arch: Mapping[str, Value], stored: list[StoredLayer
             if encoding == 0:
                 out.append(np.packbits(mask.astype(np.uint8), bitorder="little").tobytes())
             else:
-                dtype = np.uint16 if _index_bytes(mask.size) == 2 else np.uint32
+                dtype = "<u2" if _index_bytes(mask.size) == 2 else "<u4"
                 out.append(np.flatnonzero(mask).astype(dtype).tobytes())
             flat_q = flat_q[torch.from_numpy(mask)]
         if w.bits < FLOAT_BITS:
@@ -151,6 +154,13 @@ def pack(space: SearchSpace, arch: Mapping[str, Value], stored: list[StoredLayer
 # ---- reading -------------------------------------------------------------------------------
 def unpack(data: bytes, spaces: Mapping[str, type[SearchSpace]]) -> tuple[nn.Module, Arch]:
     """Rebuild the deployed model (eval mode) and its arch from packed bytes."""
+    try:
+        return _unpack(data, spaces)
+    except (struct.error, IndexError, ValueError) as exc:
+        raise NasoptError(f"packed file is corrupt ({exc}); export it again") from None
+
+
+def _unpack(data: bytes, spaces: Mapping[str, type[SearchSpace]]) -> tuple[nn.Module, Arch]:
     space, arch, pos = _read_header(data, spaces)
     policy = Policy.from_arch(arch)
     model = compressed_structure(space.build(arch), policy, space.group_of)
@@ -172,22 +182,27 @@ def unpack(data: bytes, spaces: Mapping[str, type[SearchSpace]]) -> tuple[nn.Mod
             count = n
             if policy.sparsity > 0:
                 count, encoding = struct.unpack("<IB", take(5))
+                if encoding not in (0, 1) or count > n:
+                    raise NasoptError("packed file is corrupt (bad sparsity record); export it "
+                                      "again")
                 if encoding == 0:
                     bitmask = np.unpackbits(np.frombuffer(take(math.ceil(n / 8)), np.uint8),
                                             bitorder="little")[:n]
                     mask = bitmask.astype(bool)
                 else:
-                    dtype = np.uint16 if _index_bytes(n) == 2 else np.uint32
-                    idx = np.frombuffer(take(count * np.dtype(dtype).itemsize), dtype)
+                    dtype = np.dtype("<u2" if _index_bytes(n) == 2 else "<u4")
+                    idx = np.frombuffer(take(count * dtype.itemsize), dtype)
                     mask = np.zeros(n, bool)
                     mask[idx] = True
+                if int(mask.sum()) != count:
+                    raise NasoptError("packed file is corrupt (mask and count disagree); "
+                                      "export it again")
             if bits < FLOAT_BITS:
                 scale = torch.from_numpy(np.frombuffer(take(4 * shape[0]), "<f4").copy())
                 ints = _unpack_ints(take(math.ceil(count * bits / 8)), count, bits)
                 values = np.zeros(n, np.int64)
                 values[mask if mask is not None else slice(None)] = ints
-                q = torch.from_numpy(values).to(torch.int32).reshape(shape)
-                weight = q.float() * scale.view((-1,) + (1,) * (len(shape) - 1))
+                weight = dequantize(torch.from_numpy(values).to(torch.int32).reshape(shape), scale)
             else:
                 floats = np.frombuffer(take(4 * count), "<f4")
                 values = np.zeros(n, np.float32)

@@ -9,12 +9,14 @@ import optuna
 
 from .arch import Arch
 from .metrics import Metrics
+from .errors import NasoptError
 from .objectives import Constraint, Objective
 from .progress import progress_bar
 from .space import SearchSpace
 from .study import completed
 
 Evaluate = Callable[[Arch], Metrics]
+MAX_CONSECUTIVE_FAILURES = 20
 
 
 def suggest_arch(trial: optuna.Trial, space: SearchSpace) -> Arch:
@@ -29,8 +31,10 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
                constraints: Sequence[Constraint] = ()) -> int:
     """Run trials until the study holds ``trials`` completed ones (or ``timeout`` seconds pass).
 
-    A trial whose evaluation raises or yields a non-finite value is recorded as FAIL and the
-    search goes on. Each constraint's ``value - limit`` is recorded with ``trial.set_constraint``
+    Completed trials of every worker count, so several processes sharing one study stop together
+    at ``trials``. A trial whose evaluation raises or yields a non-finite value is recorded as
+    FAIL and the search goes on; after ``MAX_CONSECUTIVE_FAILURES`` failures in a row it stops
+    with an error quoting the last failure. Each constraint's ``value - limit`` is recorded with ``trial.set_constraint``
     (feasible when <= 0) and, for the dashboard, in the user attr ``constraints``.
     Returns the number of trials run by this call.
     """
@@ -39,6 +43,13 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
         return 0
 
     def objective(trial: optuna.Trial) -> list[float]:
+        try:
+            return measure(trial)
+        except Exception as exc:  # recorded on the trial (Optuna keeps no reason), then FAIL
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:1000])
+            raise
+
+    def measure(trial: optuna.Trial) -> list[float]:
         for key, value in (trial_attrs or {}).items():
             trial.set_user_attr(key, value)
         arch = suggest_arch(trial, space)
@@ -58,9 +69,23 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     bar = progress_bar(total=remaining, desc=f"search {study.study_name}", unit="trial",
                        enabled=show_progress)
     before = len(study.trials)
+    failures: list[str] = []
+
+    def after_trial(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            bar.update(1)
+            failures.clear()
+        elif trial.state == optuna.trial.TrialState.FAIL:
+            failures.append(str(trial.user_attrs.get("error", "unknown reason")))
+        if len(completed(s)) >= trials or len(failures) >= MAX_CONSECUTIVE_FAILURES:
+            s.stop()
+
     try:
-        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
-                       callbacks=[lambda s, t: bar.update(1)], gc_after_trial=False)
+        study.optimize(objective, n_trials=None, timeout=timeout, catch=(Exception,),
+                       callbacks=[after_trial], gc_after_trial=False)
     finally:
         bar.close()
+    if len(failures) >= MAX_CONSECUTIVE_FAILURES:
+        raise NasoptError(f"stopped after {len(failures)} failed trials in a row; the last one: "
+                          f"{failures[-1][:300]}")
     return len(study.trials) - before

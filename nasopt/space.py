@@ -146,10 +146,12 @@ class SearchSpace(ABC):
         return Arch({g: rng.choice(opts) for g, opts in self.genes.items()})
 
     def largest(self) -> Arch:
-        return Arch({g: max(opts) for g, opts in self.genes.items()})
+        """The biggest architecture, least compressed (more sparsity means a smaller model)."""
+        return Arch({g: (min if g.endswith("sparsity") else max)(o) for g, o in self.genes.items()})
 
     def smallest(self) -> Arch:
-        return Arch({g: min(opts) for g, opts in self.genes.items()})
+        """The smallest architecture, most compressed."""
+        return Arch({g: (max if g.endswith("sparsity") else min)(o) for g, o in self.genes.items()})
 
     def build(self, arch: Mapping[str, Value]) -> nn.Module:
         """A standalone, uncompressed model for ``arch`` with freshly initialised weights

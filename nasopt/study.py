@@ -58,10 +58,13 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str,
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                                    directions=directions)
-        study.set_user_attr(SETUP_ATTR, setup)
-        return study
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                        directions=directions)
+            study.set_user_attr(SETUP_ATTR, setup)
+            return study
+        except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     old = study.user_attrs.get(SETUP_ATTR)
     if old is None:
         raise NasoptError(f"study {name!r} exists but was not created by nasopt; "
@@ -95,9 +98,14 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def constraint_excess(trial: optuna.trial.FrozenTrial) -> float:
+    """Summed excess over the trial's constraints (``trial.set_constraint`` values > 0)."""
+    return sum(max(0.0, float(v)) for v in (trial.constraints or {}).values())
+
+
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
     """All recorded constraint values are <= 0 (no constraints: feasible)."""
-    return all(v <= 0 for k, v in trial.system_attrs.items() if k.startswith("constraints:"))
+    return constraint_excess(trial) == 0.0
 
 
 def pareto_numbers(study: optuna.Study) -> set[int]:
@@ -113,9 +121,7 @@ def pareto_numbers(study: optuna.Study) -> set[int]:
 
 def closest_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     """The completed trial with the smallest summed constraint excess (value - limit > 0)."""
-    def excess(t: optuna.trial.FrozenTrial) -> float:
-        return sum(max(0.0, v) for k, v in t.system_attrs.items() if k.startswith("constraints:"))
-    return min(completed(study), key=excess)
+    return min(completed(study), key=constraint_excess)
 
 
 def trials_frame(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame:
@@ -127,7 +133,8 @@ def trials_frame(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name,
                                "pareto": t.number in front, "feasible": is_feasible(t),
-                               "strategy": t.user_attrs.get("strategy")}
+                               "strategy": t.user_attrs.get("strategy"),
+                               "error": t.user_attrs.get("error")}
         metrics = t.user_attrs.get("metrics", {})
         for key in ("accuracy", "compressed_bytes", "params", "nonzero_params", "macs",
                     "float_bytes"):
@@ -135,6 +142,8 @@ def trials_frame(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame
         row.update(t.params)
         rows.append(row)
     frame = pd.DataFrame(rows)
+    if "error" in frame and frame["error"].isna().all():
+        frame = frame.drop(columns="error")
     if pareto_only and len(frame):
         frame = frame[frame["pareto"]].sort_values("accuracy", ascending=False)
     return frame.reset_index(drop=True)

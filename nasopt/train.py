@@ -25,7 +25,7 @@ class TrainConfig:
     seed: int = 0
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(NasoptError):
     """The loss became NaN or infinite."""
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from nasopt.arch import Value
 from nasopt.compress import compression_genes
+from nasopt.errors import NasoptError
 from nasopt.space import Genes, SearchSpace
 from nasopt.supernet import (ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, importance,
                              permute_, permute_bn_)
@@ -147,13 +148,17 @@ class MobileNetSpace(SearchSpace):
             genes[f"s{s}.width"] = widths
         return genes
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.input_shape[1] != self.input_shape[2]:
+            raise NasoptError(f"mobilenet takes square images, got {self.input_shape[1]}x"
+                              f"{self.input_shape[2]}; pad or crop them to a square")
+
     def compression_genes(self) -> Genes:
         # bits per stage (and stem, head); 1x1 convs of each stage and the head may be low rank
         stages = [f"s{s}" for s in range(1, len(WIDTHS) + 1)]
         return compression_genes(["stem", *stages, "head"], [*stages, "head"])
 
     def network(self, dims: Mapping[str, Value]) -> nn.Module:
-        channels, height, width = self.input_shape
-        if height != width:
-            raise ValueError("mobilenet expects square images")
+        channels, height, _ = self.input_shape
         return MobileNet(channels, height, self.num_classes, dims)

@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nasopt.space import SearchSpace
 from nasopt.strategy import Strategy
+from nasopt.study import constraint_excess
 
 POPULATION = 20
 SAMPLE = 5
@@ -74,10 +75,7 @@ def crowding_distances(points: Sequence[Sequence[float]]) -> list[float]:
     return distance
 
 
-def violation(trial: FrozenTrial) -> float:
-    """Total excess over the trial's constraints (0 when feasible or unconstrained)."""
-    return sum(max(0.0, float(v)) for k, v in trial.system_attrs.items()
-               if k.startswith("constraints:"))
+violation = constraint_excess  # total excess over the trial's constraints (0 when feasible)
 
 
 def tournament_winner(values: Sequence[Sequence[float]], directions: Sequence[StudyDirection],

@@ -45,12 +45,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nasopt.errors import NasoptError
 from nasopt.space import SearchSpace
+from nasopt.objectives import MNASNET_W
 from nasopt.strategy import Strategy
 
 LR = 0.05
 BASELINE_DECAY = 0.9
 ENTROPY_WEIGHT = 1e-3
-MNAS_W = -0.07
+MNAS_W = MNASNET_W
 _ADAM = (0.9, 0.999, 1e-8)
 
 

@@ -36,7 +36,7 @@ CASES = [
 
 @pytest.mark.parametrize("args, message", CASES, ids=[" ".join(c[0][:3]) for c in CASES])
 def test_user_errors(tmp_path, capsys, args, message):
-    code = cli.main([*args, *(QUICK if args[0] == "search" else [])])
+    code = cli.main([*args, *(QUICK if args[0] == "search" else []), "--run-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.startswith("nasopt: error:")

@@ -164,3 +164,43 @@ def test_fixing_all_compression_genes_equals_the_uncompressed_search(trained):
             assert ma[key] == mb[key], key
         # the packed header stores one option index per gene, nothing else differs
         assert mb["compressed_bytes"] - ma["compressed_bytes"] == len(space.compression_genes())
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_folding_keeps_the_outputs_of_every_space(name):
+    """BN folding relies on each space registering a BatchNorm right after its conv."""
+    x = torch.randn(8, *SHAPES[name])
+    for space, arch, model in _random_models(name, 5):
+        plain = space.validate({**arch, **{g: [32, 1.0, 0.0][["bits", "rank", "sparsity"].index(
+            g.split(".")[-1])] for g in space.compression_genes()}})
+        folded, _ = compress(model, Policy.from_arch(plain), space.group_of)
+        with torch.no_grad():
+            assert (folded(x) - model(x)).abs().max().item() < 1e-4
+
+
+def test_index_list_encoding_round_trips():
+    """A layer left with very few weights is stored as an index list, not a bitmask."""
+    space, arch, model = next(_random_models("conv1d", 1))
+    arch = space.validate({**arch, "sparsity": 0.9, "head.rank": 1.0, "head.bits": 8})
+    with torch.no_grad():  # make the head tiny but for five weights: pruning keeps only those
+        model.head.weight.mul_(1e-6)
+        model.head.weight.view(-1)[:5] = 10.0
+    compressed, stored = compress(model, Policy.from_arch(arch), space.group_of)
+    head = [s for s in stored if s.name == "head"][0]
+    assert int(head.weight.mask.sum()) == 5
+    data = packed.pack(space, arch, stored)
+    assert len(data) == packed.predicted_size(space, arch, stored)
+    loaded, _ = packed.unpack(data, api.SPACES)
+    x = torch.randn(4, 1, 40)
+    with torch.no_grad():
+        assert (compressed(x) - loaded(x)).abs().max().item() < 1e-6
+
+
+def test_evaluation_never_reads_the_test_split(trained):
+    import dataclasses
+    space, supernet, data = trained
+    poisoned = dataclasses.replace(data, x_test=torch.full_like(data.x_test, float("nan")),
+                                   y_test=torch.full_like(data.y_test, -1))
+    evaluator = Evaluator(space, supernet, poisoned)
+    m = evaluator(space.sample(random.Random(0)))
+    assert m.accuracy == Evaluator(space, supernet, data)(space.sample(random.Random(0))).accuracy

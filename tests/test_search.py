@@ -93,9 +93,28 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path):
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     run_search(study, space, flaky, get_objectives(["accuracy", "size"]), trials=3,
                show_progress=False)
+    # failures do not count: the call runs until 3 trials have completed
     states = [t.state.name for t in study.trials]
-    assert states == ["COMPLETE", "FAIL", "FAIL"]
-    # a second call tops the study up to the requested number of completed trials
-    run_search(study, space, flaky, get_objectives(["accuracy", "size"]), trials=3,
+    assert states == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[1].user_attrs["error"] == "RuntimeError: boom"
+    assert "non-finite" in study.trials[2].user_attrs["error"]
+    # the same budget again runs nothing; a larger one tops the study up
+    assert run_search(study, space, flaky, get_objectives(["accuracy", "size"]), trials=3,
+                      show_progress=False) == 0
+    run_search(study, space, flaky, get_objectives(["accuracy", "size"]), trials=4,
                show_progress=False)
-    assert [t.state.name for t in study.trials].count("COMPLETE") == 3
+    assert [t.state.name for t in study.trials].count("COMPLETE") == 4
+
+
+def test_a_search_that_only_fails_stops_with_the_reason(tmp_path):
+    from nasopt.errors import NasoptError
+    space = api.SPACES["conv1d"]((1, 40), 10)
+
+    def broken(arch):
+        raise RuntimeError("evaluator is broken")
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    with pytest.raises(NasoptError, match="in a row; the last one: .*evaluator is broken"):
+        run_search(study, space, broken, get_objectives(["accuracy", "size"]), trials=5,
+                   show_progress=False)
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 20

@@ -1,6 +1,7 @@
 """Contract tests run over every registered search space."""
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -107,6 +108,7 @@ def test_activate_is_scoped(trained):
 
 def test_sorting_channels_keeps_function_and_orders_by_l1(trained):
     space, supernet, data = trained
+    supernet = copy.deepcopy(supernet)  # the fixture is shared: leave it as it was
     x = data.x_val[:32]
     supernet.eval()
     with torch.no_grad():

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -39,7 +38,6 @@ def test_checkpoint_is_reused_for_the_same_key_and_not_for_another(small_digits,
     first, path = train_supernet(space, small_digits, cfg, tmp_path, show_progress=False)
     assert path.exists() and supernet_key(space, small_digits.fingerprint, cfg) in path.name
     logs: list[str] = []
-    start = time.perf_counter()
     second, path2 = train_supernet(space, small_digits, cfg, tmp_path, show_progress=False,
                                    log=logs.append)
     assert path2 == path and any("reusing" in line for line in logs)
@@ -50,7 +48,6 @@ def test_checkpoint_is_reused_for_the_same_key_and_not_for_another(small_digits,
         supernet_key(space, small_digits.fingerprint, cfg)
     assert supernet_key(space.restrict({"s1.depth": [1]}), small_digits.fingerprint, cfg) != \
         supernet_key(space, small_digits.fingerprint, cfg)
-    assert time.perf_counter() - start < 60  # sanity only: reuse does not retrain
 
 
 def test_killed_training_resumes_from_its_epoch_checkpoint(small_digits, tmp_path):
@@ -98,7 +95,8 @@ def test_sandwich_training_learns(datasets, tmp_path):
                                                               batch_size=64),
                                 tmp_path, show_progress=False)
     from nasopt.evaluate import Evaluator
-    ev_trained = Evaluator(space, trained, digits)
-    ev_untrained = Evaluator(space, untrained.eval(), digits)
-    for arch in (space.largest(), space.smallest()):
+    arch_space = space.architecture_space()
+    ev_trained = Evaluator(arch_space, trained, digits)
+    ev_untrained = Evaluator(arch_space, untrained.eval(), digits)
+    for arch in (arch_space.largest(), arch_space.smallest()):
         assert ev_trained(arch).accuracy > ev_untrained(arch).accuracy + 0.3
