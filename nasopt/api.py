@@ -24,7 +24,6 @@ from strategies import STRATEGIES
 
 from . import export as _export
 from . import study as _study
-from .arch import Arch
 from .config import Config, load_config
 from .data import Dataset, load_dataset
 from .errors import NasoptError

@@ -9,12 +9,15 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from .arch import Arch, Value
 from .errors import NasoptError
+
+if TYPE_CHECKING:
+    from .supernet import Supernet
 
 Genes = dict[str, tuple[Value, ...]]
 

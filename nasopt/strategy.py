@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.search_space import IntersectionSearchSpace
+from optuna.trial import FrozenTrial
 
 from .space import SearchSpace
 
@@ -22,3 +27,27 @@ class Strategy:
     name: str
     description: str
     make_sampler: SamplerFactory  # (space, seed) -> sampler
+
+
+class GeneSampler(optuna.samplers.BaseSampler):
+    """Base of our own samplers: the arch genes (categorical parameters) are sampled together
+    by :meth:`sample_relative`; anything else, and the first trials, fall back to seeded random
+    sampling. Subclasses keep no state between calls that a study could not rebuild."""
+
+    def __init__(self, seed: int | None = None):
+        self._rng = np.random.RandomState(seed)
+        self._random = optuna.samplers.RandomSampler(seed=seed)
+        self._search_space = IntersectionSearchSpace()
+
+    def reseed_rng(self) -> None:
+        self._rng.seed()
+        self._random.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
+                                    ) -> dict[str, BaseDistribution]:
+        return {name: dist for name, dist in self._search_space.calculate(study).items()
+                if isinstance(dist, CategoricalDistribution)}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._random.sample_independent(study, trial, param_name, param_distribution)

@@ -21,16 +21,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution
-from optuna.samplers import BaseSampler, RandomSampler
-from optuna.search_space import IntersectionSearchSpace
+from optuna.distributions import BaseDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from nasopt.space import SearchSpace
-from nasopt.strategy import Strategy
+from nasopt.strategy import GeneSampler, Strategy
 from nasopt.study import constraint_excess
 
 POPULATION = 20
@@ -96,7 +93,7 @@ def tournament_winner(values: Sequence[Sequence[float]], directions: Sequence[St
     return index[best[max(range(len(best)), key=lambda j: crowding[j])]]  # first of the largest
 
 
-class RegularizedEvolutionSampler(BaseSampler):
+class RegularizedEvolutionSampler(GeneSampler):
     """Aging evolution over categorical parameters; everything else is sampled at random."""
 
     def __init__(self, population_size: int = POPULATION, sample_size: int = SAMPLE,
@@ -106,18 +103,7 @@ class RegularizedEvolutionSampler(BaseSampler):
                              f"({population_size})")
         self.population_size = population_size
         self.sample_size = sample_size
-        self._rng = np.random.RandomState(seed)
-        self._random = RandomSampler(seed=seed)
-        self._search_space = IntersectionSearchSpace()
-
-    def reseed_rng(self) -> None:
-        self._rng.seed()
-        self._random.reseed_rng()
-
-    def infer_relative_search_space(self, study: Study,
-                                    trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return {name: dist for name, dist in self._search_space.calculate(study).items()
-                if isinstance(dist, CategoricalDistribution)}
+        super().__init__(seed)
 
     def population(self, study: Study) -> list[FrozenTrial]:
         """The current population: the last ``population_size`` complete trials."""
@@ -154,9 +140,6 @@ class RegularizedEvolutionSampler(BaseSampler):
             child[name] = others[self._rng.randint(len(others))]
         return child
 
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
-        return self._random.sample_independent(study, trial, param_name, param_distribution)
 
 
 def _make(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:

@@ -37,16 +37,14 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution
-from optuna.samplers import BaseSampler, RandomSampler
-from optuna.search_space import IntersectionSearchSpace
+from optuna.distributions import BaseDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from nasopt.errors import NasoptError
 from nasopt.space import SearchSpace
 from nasopt.objectives import MNASNET_W
-from nasopt.strategy import Strategy
+from nasopt.strategy import GeneSampler, Strategy
 
 LR = 0.05
 BASELINE_DECAY = 0.9
@@ -81,7 +79,7 @@ def rewards_of(trials: Sequence[FrozenTrial], directions: Sequence[StudyDirectio
     return mnasnet_rewards([t.values for t in trials], directions, w)
 
 
-class ReinforceSampler(BaseSampler):
+class ReinforceSampler(GeneSampler):
     """REINFORCE over categorical parameters; everything else is sampled at random."""
 
     def __init__(self, lr: float = LR, baseline_decay: float = BASELINE_DECAY,
@@ -89,18 +87,7 @@ class ReinforceSampler(BaseSampler):
                  seed: int | None = None):
         self.lr, self.baseline_decay, self.entropy_weight, self.w = (
             lr, baseline_decay, entropy_weight, w)
-        self._rng = np.random.RandomState(seed)
-        self._random = RandomSampler(seed=seed)
-        self._search_space = IntersectionSearchSpace()
-
-    def reseed_rng(self) -> None:
-        self._rng.seed()
-        self._random.reseed_rng()
-
-    def infer_relative_search_space(self, study: Study,
-                                    trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return {name: dist for name, dist in self._search_space.calculate(study).items()
-                if isinstance(dist, CategoricalDistribution)}
+        super().__init__(seed)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         # checked here, outside the objective, so a wrong setup stops the search with this
@@ -155,9 +142,6 @@ class ReinforceSampler(BaseSampler):
             out[name] = choices[self._rng.choice(len(choices), p=p / p.sum())]
         return out
 
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
-        return self._random.sample_independent(study, trial, param_name, param_distribution)
 
 
 def _softmax(logits: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ import math
 
 import optuna
 import pytest
-import torch
 
 from nasopt import api, cli
 from nasopt.metrics import Metrics
