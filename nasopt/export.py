@@ -13,8 +13,8 @@ in-memory model's outputs (max abs diff < 1e-6).
 """
 from __future__ import annotations
 
-import io
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from .space import SearchSpace, space_from_description
 
 FORMAT_VERSION = 2
 FORMATS = ("pytorch", "packed")
+EXPORT_FILES = ("arch.json", "model.json", "weights.pt", "model.packed")
 TOLERANCE = 1e-6
 
 
@@ -41,23 +42,34 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
     if unknown or not formats:
         raise NasoptError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_bytes(out / "arch.json", (arch.to_json() + "\n").encode())
-    files = {}
-    if "pytorch" in formats:
-        buffer = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-        checkpoint.atomic_write_bytes(out / "weights.pt", buffer.getvalue())
-        files["pytorch"] = "weights.pt"
-    if "packed" in formats:
-        packed.write(out / "model.packed", packed.pack(space, arch, stored))
-        files["packed"] = "model.packed"
-    card = {"format_version": FORMAT_VERSION, "space": space.describe(), "files": files,
-            "packed_bytes": (out / "model.packed").stat().st_size if "packed" in formats else None,
-            **info}
-    checkpoint.atomic_write_bytes(out / "model.json", (json.dumps(card, indent=2) + "\n").encode())
-    for fmt, name in files.items():
-        _verify(model, load(out / name if fmt == "packed" else out, spaces), space, name)
+    if out.exists() and not out.is_dir():
+        raise NasoptError(f"--out {out} is a file; give a folder path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # write and verify in a temporary folder next to ``out``; only a verified export replaces
+    # what was there (files of formats not written this time are removed, never left stale)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "arch.json").write_text(arch.to_json() + "\n")
+        files = {}
+        if "pytorch" in formats:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                       tmp / "weights.pt")
+            files["pytorch"] = "weights.pt"
+        if "packed" in formats:
+            (tmp / "model.packed").write_bytes(packed.pack(space, arch, stored))
+            files["packed"] = "model.packed"
+        card = {"format_version": FORMAT_VERSION, "space": space.describe(), "files": files,
+                "packed_bytes": ((tmp / "model.packed").stat().st_size if "packed" in formats
+                                 else None), **info}
+        (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+        for fmt, name in files.items():
+            _verify(model, load(tmp / name if fmt == "packed" else tmp, spaces), space, name)
+        out.mkdir(exist_ok=True)
+        for name in EXPORT_FILES:
+            if (tmp / name).exists():
+                checkpoint.atomic_write_bytes(out / name, (tmp / name).read_bytes())
+            else:
+                (out / name).unlink(missing_ok=True)
     return out
 
 

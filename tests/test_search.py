@@ -57,6 +57,17 @@ def test_search_export_load_end_to_end(tmp_path, capsys):
     model = api.load(out_dir)
     data = api.load_dataset("digits")
     assert accuracy(model, data.x_val, data.y_val) == pytest.approx(best.values[0], abs=1e-9)
+    packed_model = api.load(out_dir / "model.packed")
+    assert accuracy(packed_model, data.x_val, data.y_val) == pytest.approx(best.values[0],
+                                                                           abs=1e-9)
+    # re-exporting one format into the folder leaves no stale file of the other
+    assert cli.main(["export", "mobilenet-digits", "--trial", str(best.number), "--format",
+                     "pytorch", "--out", str(out_dir), "--run-dir", str(tmp_path)]) == 0
+    assert not (out_dir / "model.packed").exists()
+    capsys.readouterr()
+    assert cli.main(["export", "mobilenet-digits", "--trial", str(best.number), "--out",
+                     str(out_dir / "arch.json"), "--run-dir", str(tmp_path)]) == 2
+    assert "is a file" in capsys.readouterr().err
 
     # the same command with a larger budget continues the study instead of starting over
     assert search(tmp_path, "--trials", "8", "--strategy", "tpe") == 0
