@@ -107,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     q = bsub.add_parser("strategies", help="compare search strategies at equal budget over many "
                         "seeds (NAS-Bench-201 table)")
-    q.add_argument("--part", choices=("nb201",), default="nb201",
-                   help="nb201: tabular NAS-Bench-201 (the only part built so far)")
+    q.add_argument("--part", choices=("nb201", "mnist1d"), default="nb201",
+                   help="nb201: tabular NAS-Bench-201; mnist1d: the conv1d supernet space, "
+                   "hypervolume of the joint accuracy/size objective (use --trials 150 --seeds 5)")
+    q.add_argument("--run-dir", default="runs")
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     q.add_argument("--strategies", help="comma-separated (default: every registered strategy)")
     q.add_argument("--trials", type=int, default=100, help="evaluations per run (default 100)")
     q.add_argument("--seeds", type=int, default=20, help="runs per strategy (default 20)")

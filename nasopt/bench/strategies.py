@@ -71,6 +71,9 @@ def mean_std(values: np.ndarray) -> str:
 
 
 def run(args: argparse.Namespace) -> Path:
+    if args.part == "mnist1d":
+        from . import strategies_supernet
+        return strategies_supernet.run(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = args.strategies.split(",") if args.strategies else list(api.STRATEGIES)
     unknown = [n for n in names if n not in api.STRATEGIES]

@@ -1,0 +1,124 @@
+"""``nasopt bench strategies --part mnist1d``: every strategy on the MNIST-1D supernet space,
+joint accuracy / packed-size objective, equal budget, several seeds; hypervolume versus
+evaluations. All runs share one trained supernet and one evaluator (whose cache only saves time:
+an arch scores the same whichever strategy proposes it). Accuracy is validation accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from .. import api
+from ..errors import NasoptError
+from ..evaluate import Evaluator
+from ..objectives import get_objectives, hypervolume
+from ..search import run_search
+from ..supernet import train_supernet
+from .report import machine, table
+
+REFERENCE_KB = 16  # hypervolume reference: accuracy 0 at 16 KB (as in the compression benchmark)
+
+
+def hv_curve(study: optuna.Study, reference: float) -> np.ndarray:
+    """Hypervolume of the (accuracy, packed bytes) front after each evaluation."""
+    points, out = [], []
+    for t in sorted(study.trials, key=lambda t: t.number):
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            points.append((t.values[0], t.values[1]))
+        out.append(hypervolume(points, reference))
+    return np.array(out)
+
+
+def run(args: argparse.Namespace) -> Path:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = args.strategies.split(",") if args.strategies else list(api.STRATEGIES)
+    unknown = [n for n in names if n not in api.STRATEGIES]
+    if unknown:
+        raise NasoptError(f"unknown strategies {unknown}; known: {', '.join(api.STRATEGIES)}")
+    if args.trials < 2 or args.seeds < 2:
+        raise NasoptError("use --trials and --seeds of at least 2 (a std needs two runs)")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    cfg = api.load_config(None, ["data.dataset=mnist1d", "search.space=conv1d", *args.set])
+    data = api.load_data(cfg)
+    space = api.make_space("conv1d", data)
+    supernet, _ = train_supernet(space, data, cfg.supernet, Path(args.run_dir) / "supernets",
+                                 log=log)
+    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
+    objectives = get_objectives(["accuracy", "size"])
+    reference = REFERENCE_KB * 1024
+    curves, seconds = {}, {}
+    for name in names:
+        start, runs = time.perf_counter(), []
+        for seed in range(args.seeds):
+            study = optuna.create_study(directions=[o.direction for o in objectives],
+                                        sampler=api.STRATEGIES[name].make_sampler(space, seed))
+            run_search(study, space, evaluator, objectives, args.trials, show_progress=False)
+            runs.append(hv_curve(study, reference))
+        curves[name] = np.array(runs)
+        seconds[name] = (time.perf_counter() - start) / args.seeds
+        final = curves[name][:, -1]
+        log(f"{name}: HV {final.mean():.4f} ± {final.std(ddof=1):.4f} ({seconds[name]:.1f} s/run)")
+
+    out = Path(args.out).with_name(f"{Path(args.out).stem}_{args.part}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot = out.with_suffix(".png")
+    _plot(curves, plot)
+    checkpoints = [c for c in (25, 50, 100, 200, 400) if c <= args.trials]
+    if args.trials not in checkpoints:
+        checkpoints.append(args.trials)
+    rows = [[name, *[f"{curves[name][:, c - 1].mean():.4f} ± {curves[name][:, c - 1].std(ddof=1):.4f}"
+                     for c in checkpoints], f"{seconds[name]:.1f}"] for name in names]
+    ranked = sorted(names, key=lambda n: -curves[n][:, -1].mean())
+    command = "nasopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text = f"""# Strategies on the MNIST-1D supernet space (joint architecture + compression)
+
+Command: `{command}`
+Machine: {machine()}
+Data: {data.summary()}; validation accuracy (the test split is not used).
+Space: `conv1d` with compression genes ({space.size():,} archs); objectives validation accuracy
+(max) and packed bytes (min); one supernet ({cfg.supernet.epochs} epochs) shared by all runs.
+Budget: {args.trials} evaluations per run, {args.seeds} seeds (0..{args.seeds - 1}) per strategy.
+Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {REFERENCE_KB} KB).
+
+![hypervolume vs evaluations]({plot.name})
+
+## Hypervolume after N evaluations (mean ± std over seeds)
+
+{table(["strategy", *[f"N = {c}" for c in checkpoints], "s / run"], rows)}
+
+Ranking at N = {args.trials}: {", ".join(ranked)}.
+
+**Not in this run:** NNI's strategies through the bridge (the NNI bridge is not built yet; issue 4
+asks for them side by side in this same run).
+
+Nondeterminism: runs are seeded; floating-point results can differ across machines; the
+per-run seconds depend on the machine's load and on the shared evaluation cache (later
+strategies re-use earlier evaluations).
+"""
+    out.write_text(text)
+    return out
+
+
+def _plot(curves: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, runs in curves.items():
+        x = np.arange(1, runs.shape[1] + 1)
+        mean, std = runs.mean(0), runs.std(0, ddof=1)
+        ax.plot(x, mean, label=name)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel(f"hypervolume (ref: acc 0 at {REFERENCE_KB} KB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
