@@ -36,7 +36,7 @@ class SupernetConfig:
     batch_size: int = 128
     lr: float = 0.003
     weight_decay: float = 0.0
-    n_random: int = 2  # random subnets per sandwich step, besides largest and smallest
+    n_random: int = 4  # random subnets per sandwich step, besides largest and smallest
     kd_temperature: float = 1.0
     seed: int = 0
 
