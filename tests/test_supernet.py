@@ -92,7 +92,7 @@ def test_sandwich_training_learns(datasets, tmp_path):
     space = _space(digits)
     untrained = space.supernet()
     trained, _ = train_supernet(space, digits, SupernetConfig(epochs=8, warmup_epochs=2,
-                                                              batch_size=64),
+                                                              batch_size=64, n_random=2),
                                 tmp_path, show_progress=False)
     from nasopt.evaluate import Evaluator
     arch_space = space.architecture_space()
