@@ -34,7 +34,8 @@ from .space import SearchSpace, space_from_description
 from .supernet import Supernet, train_supernet
 from .tabular import TabularEvaluator
 
-__all__ = ["Config", "load_config", "search", "open_storage", "pareto", "trials", "export",
+__all__ = ["Config", "load_config", "search", "open_storage", "studies", "open_study", "pareto",
+           "trials", "export",
            "load", "make_space", "SPACES", "STRATEGIES"]
 
 Log = Callable[[str], None]
@@ -153,6 +154,16 @@ def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Co
                      trial_attrs={"strategy": s.strategy, "seed": s.seed},
                      constraints=constraints)
     return SearchOutcome(study, space, None, new)
+
+
+def studies(storage: str | None = None, run_dir: str | Path = "runs") -> pd.DataFrame:
+    """The studies in a storage (as `nasopt studies list`)."""
+    return _study.list_studies(open_storage(storage, run_dir))
+
+
+def open_study(name: str, storage: str | None = None, run_dir: str | Path = "runs") -> optuna.Study:
+    """An existing nasopt study by name (as `nasopt studies show NAME`)."""
+    return _study.load_study(open_storage(storage, run_dir), name)
 
 
 def trials(study: optuna.Study) -> pd.DataFrame:
