@@ -33,6 +33,9 @@ def test_search_export_load_end_to_end(tmp_path, capsys):
 
     storage = open_storage(f"sqlite:///{tmp_path}/studies.db")
     study = load_study(storage, "mobilenet-digits")
+    listed = api.studies(run_dir=tmp_path)
+    assert listed["study"].tolist() == ["mobilenet-digits"] and listed["complete"].tolist() == [6]
+    assert len(api.open_study("mobilenet-digits", run_dir=tmp_path).trials) == 6
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 6
     front = pareto_numbers(study)
