@@ -49,8 +49,12 @@ class Evaluator:
     def compressed(self, arch: Mapping[str, Value]) -> tuple[nn.Module, list[StoredLayer]]:
         """The deployed model of ``arch`` exactly as it is scored, and its stored layers."""
         arch = self.space.validate(arch)
-        return compress(self.float_model(arch), Policy.from_arch(arch, self.pruning),
-                        self.space.group_of, inplace=True)
+        return self._compress(arch, self.float_model(arch))
+
+    def _compress(self, arch: Arch, float_model: nn.Module
+                  ) -> tuple[nn.Module, list[StoredLayer]]:
+        return compress(float_model, Policy.from_arch(arch, self.pruning), self.space.group_of,
+                        inplace=True)
 
     def model(self, arch: Mapping[str, Value]) -> nn.Module:
         return self.compressed(arch)[0]
@@ -63,8 +67,9 @@ class Evaluator:
         return self._cache[arch.key]
 
     def _measure(self, arch: Arch) -> Metrics:
-        float_params = count_params(self.space.build(arch))
-        model, stored = self.compressed(arch)
+        float_model = self.float_model(arch)
+        float_params = count_params(float_model)  # before compress() changes it in place
+        model, stored = self._compress(arch, float_model)
         return Metrics(
             accuracy=accuracy(model, self._x_val, self._y_val),
             params=count_params(model),

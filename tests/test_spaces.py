@@ -163,3 +163,19 @@ def test_validate_rejects_unknown_genes_and_options():
 def test_space_rejects_data_of_the_wrong_rank():
     with pytest.raises(NasoptError, match="choose a space made for this data"):
         api.SPACES["conv1d"]((1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_hook_mac_count_agrees_with_pytorchs_flop_counter(name):
+    from nasopt.compress import Policy, compress
+    from nasopt.metrics import count_macs_reference
+    shape = SHAPES[name]
+    space = api.SPACES[name](shape, 10)
+    rng = random.Random(2)
+    for _ in range(2 if name == "nb201" else 6):
+        arch = space.sample(rng)
+        model = space.build(arch).eval()
+        assert count_macs(model, shape) == count_macs_reference(model, shape)
+        if space.compression_genes():  # factorized, folded deployed models too
+            deployed, _ = compress(model, Policy.from_arch(arch), space.group_of)
+            assert count_macs(deployed, shape) == count_macs_reference(deployed, shape)
