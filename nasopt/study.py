@@ -116,7 +116,10 @@ def pareto_numbers(study: optuna.Study) -> set[int]:
     if len(study.directions) == 1:
         sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
         return {max(feasible, key=lambda t: sign * t.value).number}
-    return {t.number for t in study.best_trials if is_feasible(t)}
+    first: dict[tuple, int] = {}  # a strategy may propose an arch twice: list it once
+    for t in sorted((t for t in study.best_trials if is_feasible(t)), key=lambda t: t.number):
+        first.setdefault(tuple(sorted(t.params.items())), t.number)
+    return set(first.values())
 
 
 def closest_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:

@@ -89,3 +89,12 @@ def test_constrained_search_on_digits_reports_only_feasible_winners(tmp_path, ca
 def test_unknown_budget_is_a_clear_error():
     with pytest.raises(NasoptError, match="unknown budget"):
         get_constraints({"latency": "1ms"})
+
+
+def test_an_arch_proposed_twice_is_listed_once_on_the_front():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dist = {"s1.k": optuna.distributions.CategoricalDistribution([3, 5])}
+    for k, values in ((3, [0.9, 100.0]), (5, [0.8, 50.0]), (3, [0.9, 100.0])):
+        study.add_trial(optuna.trial.create_trial(params={"s1.k": k}, distributions=dist,
+                                                  values=values))
+    assert pareto_numbers(study) == {0, 1}
