@@ -22,6 +22,13 @@ def _add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
 
+def _add_bench_common(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--run-dir", default="runs", help="where the supernet checkpoint is cached")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set supernet.epochs=20")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nasopt", epilog=EPILOG,
@@ -92,9 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--standalone-epochs", type=int, default=40)
     q.add_argument("--standalone-seeds", type=int, default=3,
                    help="stand-alone runs per arch, averaged (default 3)")
-    q.add_argument("--out", help="report path (default: results/supernet_DATASET.md)")
-    q.add_argument("--run-dir", default="runs")
-    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_bench_common(q, "report path (default: results/supernet_DATASET.md)")
     q = bsub.add_parser("compression", help="joint architecture + compression search against "
                         "quantized/pruned baselines (writes results/compression_DATASET.md)")
     q.add_argument("--dataset", default="mnist1d")
@@ -102,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--reference-epochs", type=int, default=235,
                    help="epochs of the reference CNN's recipe (235 x 34 steps ~ its 8000 steps)")
-    q.add_argument("--out", help="report path (default: results/compression_DATASET.md)")
-    q.add_argument("--run-dir", default="runs")
-    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_bench_common(q, "report path (default: results/compression_DATASET.md)")
     q = bsub.add_parser("strategies", help="compare search strategies at equal budget over many "
                         "seeds (NAS-Bench-201 table)")
     q.add_argument("--part", choices=("nb201", "mnist1d"), default="nb201",

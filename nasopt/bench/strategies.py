@@ -71,9 +71,6 @@ def mean_std(values: np.ndarray) -> str:
 
 
 def run(args: argparse.Namespace) -> Path:
-    if args.part == "mnist1d":
-        from . import strategies_supernet
-        return strategies_supernet.run(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = args.strategies.split(",") if args.strategies else list(api.STRATEGIES)
     unknown = [n for n in names if n not in api.STRATEGIES]
@@ -81,6 +78,9 @@ def run(args: argparse.Namespace) -> Path:
         raise NasoptError(f"unknown strategies {unknown}; known: {', '.join(api.STRATEGIES)}")
     if args.trials < 2 or args.seeds < 2:
         raise NasoptError("use --trials and --seeds of at least 2 (a std needs two runs)")
+    if args.part == "mnist1d":
+        from . import strategies_supernet
+        return strategies_supernet.run(args, names)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     cls = api.SPACES["nb201"]
     space = cls(*cls.table_input)

@@ -15,7 +15,6 @@ import numpy as np
 import optuna
 
 from .. import api
-from ..errors import NasoptError
 from ..evaluate import Evaluator
 from ..objectives import get_objectives, hypervolume
 from ..search import run_search
@@ -35,14 +34,8 @@ def hv_curve(study: optuna.Study, reference: float) -> np.ndarray:
     return np.array(out)
 
 
-def run(args: argparse.Namespace) -> Path:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    names = args.strategies.split(",") if args.strategies else list(api.STRATEGIES)
-    unknown = [n for n in names if n not in api.STRATEGIES]
-    if unknown:
-        raise NasoptError(f"unknown strategies {unknown}; known: {', '.join(api.STRATEGIES)}")
-    if args.trials < 2 or args.seeds < 2:
-        raise NasoptError("use --trials and --seeds of at least 2 (a std needs two runs)")
+def run(args: argparse.Namespace, names: list[str]) -> Path:
+    """Called by :func:`nasopt.bench.strategies.run`, which checked ``names`` and the budget."""
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     cfg = api.load_config(None, ["data.dataset=mnist1d", "search.space=conv1d", *args.set])
     data = api.load_data(cfg)
