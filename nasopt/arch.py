@@ -1,7 +1,6 @@
 """Arch: a flat, JSON-able mapping ``gene name -> value`` describing one whole deployed model."""
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -54,11 +53,6 @@ class Arch(Mapping[str, Value]):
     def key(self) -> str:
         """Canonical string: equal archs have equal keys (used for caching and de-duplication)."""
         return self._key
-
-    @property
-    def digest(self) -> str:
-        """A short hash of the key, safe for file names."""
-        return hashlib.sha1(self._key.encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Value]:
         return dict(self._genes)

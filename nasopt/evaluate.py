@@ -56,9 +56,6 @@ class Evaluator:
         return compress(float_model, Policy.from_arch(arch, self.pruning), self.space.group_of,
                         inplace=True)
 
-    def model(self, arch: Mapping[str, Value]) -> nn.Module:
-        return self.compressed(arch)[0]
-
     @torch.no_grad()
     def __call__(self, arch: Mapping[str, Value]) -> Metrics:
         arch = self.space.validate(arch)

@@ -31,10 +31,6 @@ class Metrics:
     def from_dict(cls, data: dict[str, Any]) -> "Metrics":
         return cls(**data)
 
-    def is_finite(self) -> bool:
-        return all(math.isfinite(v) for v in (self.accuracy, self.params, self.macs,
-                                               self.float_bytes, self.compressed_bytes))
-
 
 def count_params(model: nn.Module) -> int:
     """Number of learnable parameters."""
