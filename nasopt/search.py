@@ -53,6 +53,7 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
         for key, value in (trial_attrs or {}).items():
             trial.set_user_attr(key, value)
         arch = suggest_arch(trial, space)
+        trial.set_user_attr("arch", arch.key)  # the params again, in one line for the dashboard
         metrics = evaluate(arch)
         trial.set_user_attr("metrics", metrics.to_dict())
         violations = {c.name: c.value(metrics) for c in constraints}
