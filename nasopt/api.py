@@ -23,6 +23,7 @@ from search_spaces import SPACES
 from strategies import STRATEGIES
 
 from . import export as _export
+from . import inspection as _inspection
 from . import study as _study
 from .config import Config, load_config
 from .data import Dataset, load_dataset
@@ -35,7 +36,7 @@ from .supernet import Supernet, train_supernet
 from .tabular import TabularEvaluator
 
 __all__ = ["Config", "load_config", "search", "open_storage", "studies", "open_study", "pareto",
-           "trials", "export",
+           "trials", "compare", "importance", "export",
            "load", "make_space", "SPACES", "STRATEGIES"]
 
 Log = Callable[[str], None]
@@ -167,11 +168,28 @@ def open_study(name: str, storage: str | None = None, run_dir: str | Path = "run
 
 
 def trials(study: optuna.Study) -> pd.DataFrame:
-    return _study.trials_frame(study)
+    """Every trial: flat, typed columns (see :mod:`nasopt.inspection`), constraint values too."""
+    return _inspection.trials_table(study)
 
 
 def pareto(study: optuna.Study) -> pd.DataFrame:
-    return _study.trials_frame(study, pareto_only=True)
+    """The feasible Pareto set, best accuracy first (as `nasopt studies pareto`)."""
+    return _inspection.pareto_table(study)
+
+
+def compare(studies: list[optuna.Study], cost: str | None = None,
+            reference: str | float | None = None) -> pd.DataFrame:
+    """Studies and their strategies side by side (as `nasopt studies compare`); the frame's
+    ``attrs["hypervolume"]`` says how the hypervolume column was computed."""
+    frame, setting = _inspection.compare(studies, cost, reference)
+    frame.attrs["hypervolume"] = setting.describe()
+    return frame
+
+
+def importance(study: optuna.Study) -> pd.Series:
+    """fANOVA importance of each gene for accuracy (seeded), as `nasopt studies plot --kind
+    importance` draws it."""
+    return _inspection.importance(study)
 
 
 def rebuild(study: optuna.Study, device: str = "cpu") -> tuple[Evaluator, Dataset]:

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pareto", action="store_true", help="only the Pareto-optimal trials")
     _add_storage(q)
     _add_format(q)
+    from . import studies_cli  # pareto, compare, plot, export, report
+    studies_cli.add_parsers(ssub, _add_storage, _add_format)
+    studies_cli.add_dashboard_parser(sub)
 
     p = sub.add_parser("export", help="export a trial's deployed (compressed) model")
     p.add_argument("study")
@@ -152,12 +155,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.studies_command == "list":
             _print_frame(__import__("nasopt.study", fromlist=["x"]).list_studies(storage),
                          args.format)
+        elif args.studies_command != "show":
+            from . import studies_cli
+            return studies_cli.run(args, storage)
         else:
             from .study import load_study
             study = load_study(storage, args.study)
             frame = api.pareto(study) if args.pareto else api.trials(study)
             _print_frame(frame, args.format)
         return 0
+    if args.command == "dashboard":
+        from . import studies_cli
+        return studies_cli.run_dashboard(args)
     if args.command == "export":
         from .study import load_study
         study = load_study(api.open_storage(args.storage, args.run_dir), args.study)
