@@ -167,9 +167,10 @@ def open_study(name: str, storage: str | None = None, run_dir: str | Path = "run
     return _study.load_study(open_storage(storage, run_dir), name)
 
 
-def trials(study: optuna.Study) -> pd.DataFrame:
-    """Every trial: flat, typed columns (see :mod:`nasopt.inspection`), constraint values too."""
-    return _inspection.trials_table(study)
+def trials(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame:
+    """Every trial (or the Pareto set's) with state, Pareto and feasible marks: flat, typed
+    columns (see :mod:`nasopt.inspection`), constraint values too."""
+    return _inspection.trials_table(study, pareto_only)
 
 
 def pareto(study: optuna.Study) -> pd.DataFrame:

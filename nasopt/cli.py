@@ -161,7 +161,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             from .study import load_study
             study = load_study(storage, args.study)
-            frame = api.pareto(study) if args.pareto else api.trials(study)
+            frame = api.trials(study, pareto_only=args.pareto)
             _print_frame(frame, args.format)
         return 0
     if args.command == "dashboard":
