@@ -246,14 +246,8 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
 
 
 def _print_frame(frame, fmt: str) -> None:  # noqa: ANN001
-    if fmt == "csv":
-        print(frame.to_csv(index=False), end="")
-    elif fmt == "json":
-        print(frame.to_json(orient="records", indent=1))
-    elif frame.empty:
-        print("(no rows)")
-    else:
-        print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    from .inspection import to_text  # the one table format of every command
+    print(to_text(frame, fmt), end="")
 
 
 if __name__ == "__main__":
