@@ -43,6 +43,20 @@ def compression_genes(groups: list[str], rank_groups: list[str]) -> dict[str, tu
     return genes
 
 
+REFERENCE = {"bits": 8, "sparsity": 0.0, "rank": 1.0}  # uniform int8, dense, full rank
+
+
+def reference_compression(genes: Mapping[str, tuple[Value, ...]]) -> dict[str, Value]:
+    """The usual deployment default for the compression genes among ``genes``: int8 weights, no
+    sparsity, full rank -- or, where a (restricted) gene lacks that option, its closest one."""
+    out: dict[str, Value] = {}
+    for gene, options in genes.items():
+        kind = gene.rsplit(".", 1)[-1]
+        if kind in REFERENCE:
+            out[gene] = min(options, key=lambda v: abs(float(v) - REFERENCE[kind]))
+    return out
+
+
 @dataclass(frozen=True)
 class Policy:
     """The compression genes of one arch; groups without a gene are left uncompressed."""
@@ -238,6 +252,14 @@ def compress(model: nn.Module, policy: Policy, group_of: GroupOf, seed: int = 0,
     model = (model if inplace else copy.deepcopy(model)).eval()
     factorize(fold_batchnorm(model), policy, group_of)
     prune_global(model, policy.sparsity, policy.pruning, seed)
+    return model, store_layers(model, policy, group_of)
+
+
+def store_layers(model: nn.Module, policy: Policy, group_of: GroupOf) -> list[StoredLayer]:
+    """Quantize the weights of a model already in deployed structure (BN folded, factorized,
+    pruned) in place, and return its stored layers: the last step of :func:`compress`, also
+    used after quantization-aware fine-tuning (:mod:`nasopt.finetune`). A zero weight counts as
+    pruned when the policy prunes."""
     stored = []
     with torch.no_grad():
         for name, module in weight_layers(model):
@@ -254,7 +276,7 @@ def compress(model: nn.Module, policy: Policy, group_of: GroupOf, seed: int = 0,
             module.weight.copy_(tensor.dense())
             bias = None if module.bias is None else module.bias.detach().clone().float()
             stored.append(StoredLayer(name, tensor, bias))
-    return model, stored
+    return stored
 
 
 def nonzero_params(stored: list[StoredLayer]) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from nasopt.strategy import Strategy
 
-from . import evolution, nsga2, random_search, reinforce, tpe
+from . import evolution, nsga2, random_search, reinforce, staged, tpe
 
 STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (
-    random_search, nsga2, tpe, evolution, reinforce)}
+    random_search, nsga2, tpe, evolution, reinforce, staged)}

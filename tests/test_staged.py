@@ -1,0 +1,86 @@
+"""The ``staged`` strategy: architecture moves at the reference compression (int8, dense, full
+rank), compression moves around the front, no repeats; on the conv1d joint space with a cheap
+closed-form evaluator (the strategy only sees metrics, so no supernet is needed)."""
+from __future__ import annotations
+
+import optuna
+
+from nasopt.arch import Arch
+from nasopt.compress import reference_compression
+from nasopt.metrics import Metrics
+from nasopt.objectives import get_objectives
+from nasopt.search import run_search
+from search_spaces.conv1d import Conv1dSpace
+from strategies import STRATEGIES
+from strategies.staged import INITIAL, StagedSampler
+
+
+def space() -> Conv1dSpace:
+    return Conv1dSpace((1, 40), 10)
+
+
+def synthetic(arch: Arch) -> Metrics:
+    """Accuracy grows with width and depth and drops with aggressive compression; size follows
+    the bits. Deterministic, so the test can reason about fronts."""
+    width = sum(int(arch[f"s{s}.width"]) * int(arch[f"s{s}.depth"]) for s in (1, 2, 3))
+    bits = [int(v) for g, v in arch.items() if g.endswith(".bits")]
+    penalty = sum(0.05 for b in bits if b <= 4) + 0.1 * float(arch["sparsity"])
+    acc = min(1.0, width / 300) - penalty
+    size = width * 20 * sum(bits) / len(bits) / 8 * (1 - float(arch["sparsity"]) / 2)
+    return Metrics(accuracy=acc, params=width * 20, macs=width * 400, float_bytes=width * 80,
+                   compressed_bytes=int(size), nonzero_params=width * 20)
+
+
+def run(seed: int, trials: int, sp=None, study=None) -> optuna.Study:
+    sp = sp or space()
+    objs = get_objectives(["accuracy", "size"])
+    study = study or optuna.create_study(directions=[o.direction for o in objs],
+                                         sampler=StagedSampler(sp, seed=seed))
+    run_search(study, sp, synthetic, objs, trials, show_progress=False)
+    return study
+
+
+def test_reference_compression_is_int8_dense_full_rank_or_closest():
+    genes = space().compression_genes()
+    ref = reference_compression(genes)
+    assert ref == {**{g: 8 for g in genes if g.endswith(".bits")}, "sparsity": 0.0,
+                   "head.rank": 1.0}
+    assert reference_compression({"s1.bits": (2, 4), "head.rank": (0.25, 0.5)}) == \
+        {"s1.bits": 4, "head.rank": 0.5}
+
+
+def test_moves_are_architecture_at_int8_or_compression_around_the_front():
+    sp = space()
+    study = run(0, 120)
+    compression = set(sp.compression_genes())
+    ref = reference_compression(sp.compression_genes())
+    trials = study.trials
+    at_ref = [t for t in trials if all(t.params[g] == v for g, v in ref.items())]
+    # the initial trials (after Optuna's first, random one) are random archs at int8
+    assert all(t in at_ref for t in trials[1:INITIAL])
+    kinds = {"arch": 0, "compression": 0}
+    for t in trials[INITIAL:]:
+        earlier = trials[: t.number]
+        if t in at_ref:
+            kinds["arch"] += 1
+            continue
+        # a compression move: some earlier trial has the same architecture genes
+        kinds["compression"] += 1
+        assert any(all(e.params[g] == t.params[g] for g in t.params if g not in compression)
+                   for e in earlier), t.number
+    assert kinds["arch"] > 20 and kinds["compression"] > 20, kinds
+    # no arch is evaluated twice
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
+
+
+def test_same_seed_same_trials_and_resume_continues():
+    a = [t.params for t in run(3, 40).trials]
+    b = [t.params for t in run(3, 40).trials]
+    assert a == b
+    study = run(3, 25)
+    run(3, 40, study=study)
+    assert len(study.trials) == 40
+
+
+def test_registered_with_a_description():
+    assert "staged" in STRATEGIES and "int8" in STRATEGIES["staged"].description
