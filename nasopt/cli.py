@@ -125,11 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--table-metric", default=DEFAULT_METRIC)
     q.add_argument("--out", default="results/strategies.md", help="report path (a PNG plot is "
                    "written next to it)")
+    q = bsub.add_parser("distill", help="KD vs scratch vs multi-teacher vs QAT (MNIST-1D), "
+                        "transfer learning (Fashion-MNIST), `nasopt run` wall time")
+    q.add_argument("--parts", default="kd,transfer,pipeline", help="comma-separated subset")
+    q.add_argument("--seeds", type=int, default=3)
+    q.add_argument("--epochs", type=int, default=40, help="student epochs (early stopping)")
+    q.add_argument("--patience", type=int, default=10)
+    q.add_argument("--qat-epochs", type=int, default=15)
+    q.add_argument("--source-fraction", type=float, default=0.2)
+    q.add_argument("--source-epochs", type=int, default=6)
+    q.add_argument("--transfer-epochs", type=int, default=15)
+    q.add_argument("--pipeline-config", default="configs/mnist1d.toml")
+    _add_bench_common(q, "report path (default: results/distill.md)")
+    q.set_defaults(out="results/distill.md")
+    from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run
+    add_deploy_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for model cards: the command
     try:
         return _dispatch(args)
     except NasoptError as exc:
@@ -150,6 +166,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from . import api
     if args.command == "search":
         return _search(args, api)
+    if args.command in ("distill", "finetune", "run"):
+        from .cli_deploy import dispatch
+        return dispatch(args)
     if args.command == "studies":
         storage = api.open_storage(args.storage, args.run_dir)
         if args.studies_command == "list":

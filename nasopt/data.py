@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,8 +65,13 @@ def cache_dir() -> Path:
 
 
 def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
-                 test_fraction: float = 0.2, label_column: str = "label") -> Dataset:
+                 test_fraction: float = 0.2, label_column: str = "label",
+                 classes: Sequence[int] | None = None, fraction: float = 1.0) -> Dataset:
     """Load ``spec`` (a built-in name or a .npz / .csv path) and split it.
+
+    ``classes`` keeps only those labels (train, val and test), renumbered 0..k-1 in the order
+    given (e.g. Fashion-MNIST classes 5-9 for transfer learning); ``fraction`` < 1 keeps a seeded,
+    stratified fraction of the train and validation splits (the test split stays whole).
 
     Official test sets (MNIST-1D's 1000 samples, Fashion-MNIST's 10000) are kept as the test split;
     other data gets a stratified ``test_fraction``. Validation is a stratified ``val_fraction`` of
@@ -87,6 +93,10 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
         raise NasoptError(f"unknown dataset {spec!r}; known: {', '.join(BUILTIN)}, "
                           f"or a path to a .npz or .csv file")
     x, y = _checked(spec, x, y)
+    if not 0 < fraction <= 1:
+        raise NasoptError(f"fraction must lie in (0, 1], got {fraction}")
+    if classes is not None:
+        x, y, xt, yt = _class_subset(spec, classes, x, y, xt, yt)
     rng = np.random.default_rng(seed)
     if xt is None:
         train_idx, test_idx = _stratified_split(y, test_fraction, rng)
@@ -97,19 +107,48 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
             raise NasoptError(f"{spec}: x_test samples are shaped {xt.shape[1:]} but x samples "
                               f"{x.shape[1:]}; give both the same shape")
     train_idx, val_idx = _stratified_split(y, val_fraction, rng)
-    classes = np.unique(np.concatenate([y, yt]))
-    if classes.min() < 0 or not np.array_equal(classes, np.arange(classes.max() + 1)):
-        raise NasoptError(f"{spec}: labels must be the integers 0..K-1, got {classes[:20]}; "
+    if fraction < 1:
+        train_idx = train_idx[_stratified_split(y[train_idx], fraction, rng)[1]]
+        val_idx = val_idx[_stratified_split(y[val_idx], fraction, rng)[1]]
+    labels = np.unique(np.concatenate([y, yt]))
+    if labels.min() < 0 or not np.array_equal(labels, np.arange(labels.max() + 1)):
+        raise NasoptError(f"{spec}: labels must be the integers 0..K-1, got {labels[:20]}; "
                           f"map your classes to consecutive integers")
     h = hashlib.sha1()
     for arr in (x, y, xt, yt):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update(f"{seed}/{val_fraction}/{test_fraction}".encode())
+    if fraction < 1:
+        h.update(f"/fraction={fraction}".encode())
     as_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     as_y = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
     name = Path(spec).name if spec not in BUILTIN else spec
+    if classes is not None:
+        name += "[" + ",".join(str(c) for c in classes) + "]"
+    if fraction < 1:
+        name += f"@{fraction:g}"
     return Dataset(name, as_x(x[train_idx]), as_y(y[train_idx]), as_x(x[val_idx]),
-                   as_y(y[val_idx]), as_x(xt), as_y(yt), int(classes.max() + 1), h.hexdigest()[:16])
+                   as_y(y[val_idx]), as_x(xt), as_y(yt), int(labels.max() + 1), h.hexdigest()[:16])
+
+
+def _class_subset(spec: str, classes: Sequence[int], x, y, xt, yt):  # noqa: ANN001, ANN202
+    """Keep the samples of ``classes`` and renumber them 0..k-1 in the given order."""
+    classes = [int(c) for c in classes]
+    known = set(np.unique(y).tolist())
+    bad = [c for c in classes if c not in known]
+    if bad or len(set(classes)) != len(classes) or len(classes) < 2:
+        raise NasoptError(f"{spec}: --classes must name at least two distinct labels of the "
+                          f"dataset (it has {sorted(known)}); got {classes}")
+    lookup = np.full(max(max(known), max(classes)) + 1, -1)
+    lookup[classes] = np.arange(len(classes))
+
+    def keep(xs, ys):  # noqa: ANN001, ANN202
+        if xs is None:
+            return None, None
+        sel = np.isin(ys, classes)
+        return xs[sel], lookup[ys[sel]]
+
+    return (*keep(x, y), *keep(xt, yt))
 
 
 def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator):

@@ -1,0 +1,260 @@
+"""The ``nasopt distill``, ``nasopt finetune`` and ``nasopt run`` commands (parsers + handlers;
+wired into :mod:`nasopt.cli`).
+
+``distill`` writes a *student folder*: ``arch.json``, ``student.json`` (space, data setup,
+history) and ``student.pt`` (the float model's state dict, BatchNorm not folded). ``finetune``
+takes a student folder, a nasopt export (``--from``) or a study trial (inherited weights), applies
+the arch's compression policy with quantization-aware training and writes an export folder
+(``nasopt.load`` works on it), plus ``metrics.json`` with validation and test accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import NasoptError
+
+STUDENT_CARD = "student.json"
+
+
+def add_parsers(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser("distill", help="train a chosen arch with knowledge distillation",
+                       description="Train the arch of a study trial (or an arch.json) from "
+                       "inherited supernet weights or from scratch, with KD from the supernet's "
+                       "largest subnet and/or teacher files. Writes a student folder for "
+                       "`nasopt finetune --from`.")
+    p.add_argument("study", help="the study (its data split and supernet are used)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trial", type=int, help="trial number whose arch to train")
+    src.add_argument("--arch", help="an arch.json of the study's space")
+    p.add_argument("--init", choices=("inherit", "scratch"), default="inherit")
+    p.add_argument("--teacher", action="append", metavar="SPEC",
+                   help="largest (default), a TorchScript file, or a nasopt export; repeat for "
+                   "several teachers (soft targets averaged)")
+    p.add_argument("--teacher-weights", metavar="W1,W2", help="weights of the teachers' soft "
+                   "targets (default: equal)")
+    p.add_argument("--no-teacher", action="store_true", help="plain cross-entropy (baseline)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the label loss (0.5)")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--adaptive-temperature", action="store_true",
+                   help="anneal the temperature to 1 (Annealing-KD schedule)")
+    p.add_argument("--hint-weight", type=float, default=0.0,
+                   help="> 0: feature distillation (FitNets hint through a 1x1 adapter)")
+    p.add_argument("--hint-layer", default="", help="module name (default: the last stage)")
+    _add_training(p, epochs=40, lr=3e-3, patience=10)
+    p.add_argument("--out", required=True, help="student folder to write")
+    _add_storage(p)
+
+    p = sub.add_parser("finetune", help="quantization-aware fine-tuning with the arch's "
+                       "compression policy (and transfer learning)",
+                       description="Fine-tune with the compression policy applied (fake "
+                       "quantization at the arch's bit-widths, fixed sparsity masks, low-rank "
+                       "factors), early stopping on validation, then export (verified). With "
+                       "--dataset / --classes the classifier is re-headed for the new labels.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="source", metavar="DIR",
+                     help="a student folder (nasopt distill) or an export folder")
+    src.add_argument("--study", help="start from a study trial's inherited weights")
+    p.add_argument("--trial", type=int, help="with --study: the trial number")
+    p.add_argument("--dataset", help="train on this dataset instead of the source's")
+    p.add_argument("--classes", help="keep only these labels, e.g. 5,6,7,8,9 (renumbered 0..k-1)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="keep this stratified fraction of train and validation (e.g. 0.1)")
+    p.add_argument("--freeze", default="", help="groups to keep fixed, e.g. s1,s2")
+    _add_training(p, epochs=20, lr=1e-3, patience=5)
+    p.add_argument("--out", required=True, help="export folder to write")
+    _add_storage(p)
+
+    p = sub.add_parser("run", help="the whole pipeline from a TOML config",
+                       description="train supernet -> search -> pick -> distill -> fine-tune "
+                       "(QAT) -> export -> report (metrics.json and REPORT.md in the export "
+                       "folder). Sections: data, supernet, eval, search, pick, distill, "
+                       "finetune, export (see nasopt/pipeline.py and configs/mnist1d.toml).")
+    p.add_argument("config", help="TOML file, e.g. configs/mnist1d.toml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set search.trials=50")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _add_training(p: argparse.ArgumentParser, epochs: int, lr: float, patience: int) -> None:
+    p.add_argument("--epochs", type=int, default=epochs, help=f"maximum epochs ({epochs})")
+    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate, cosine ({lr})")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--patience", type=int, default=patience,
+                   help=f"early stopping on validation accuracy ({patience})")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite file in --run-dir)")
+    p.add_argument("--run-dir", default="runs")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    command = "nasopt " + " ".join(shlex.quote(a) for a in args.argv)
+    if args.command == "distill":
+        return _distill(args)
+    if args.command == "finetune":
+        return _finetune(args, command)
+    return _run(args, command)
+
+
+def _log(quiet: bool):  # noqa: ANN202
+    return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    from .pipeline import load_run_config, run
+    cfg = load_run_config(args.config, args.set)
+    result = run(cfg, command, show_progress=not args.quiet, log=_log(args.quiet))
+    print((result.out / "REPORT.md").read_text(), end="")
+    print(f"wrote {result.out}/ ({', '.join(result.card['files'])})")
+    return 0
+
+
+def _study_evaluator(study_name: str, storage: str | None, run_dir: str):  # noqa: ANN202
+    from . import api
+    study = api.open_study(study_name, storage, run_dir)
+    evaluator, data = api.rebuild(study)
+    return study, evaluator, data
+
+
+def _trial_arch(study, evaluator, trial: int):  # noqa: ANN001, ANN202
+    found = [t for t in study.trials if t.number == trial]
+    if not found or found[0].state.name != "COMPLETE":
+        raise NasoptError(f"study {study.study_name!r} has no completed trial {trial}; see "
+                          f"`nasopt studies show {study.study_name}`")
+    return evaluator.space.validate(found[0].params)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from . import api
+    from .arch import Arch
+    from .distill import train_student
+    from .pipeline import DistillStep, student_model, teachers_for
+    from .study import setup_of
+    study, evaluator, data = _study_evaluator(args.study, args.storage, args.run_dir)
+    if args.trial is not None:
+        arch = _trial_arch(study, evaluator, args.trial)
+    else:
+        try:
+            arch = evaluator.space.validate(Arch.load(args.arch))
+        except (OSError, ValueError) as exc:
+            raise NasoptError(f"cannot read arch file {args.arch}: {exc}") from None
+    weights = ([float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights
+               else [])
+    cfg = DistillStep(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      alpha=args.alpha, temperature=args.temperature,
+                      adaptive_temperature=args.adaptive_temperature,
+                      hint_weight=args.hint_weight, hint_layer=args.hint_layer,
+                      patience=args.patience, seed=args.seed, init=args.init,
+                      teachers=tuple(args.teacher or ["largest"]), teacher_weights=tuple(weights))
+    student = student_model(evaluator, arch, cfg.init, cfg.seed)
+    teachers = None if args.no_teacher else teachers_for(evaluator, cfg.teachers,
+                                                         cfg.teacher_weights, data, api.SPACES)
+    history = train_student(student, data, teachers, cfg, show_progress=True)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NasoptError(f"--out {out} is a file; give a folder path")
+    out.mkdir(parents=True, exist_ok=True)
+    from . import checkpoint
+    torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()},
+               out / "student.pt")
+    (out / "arch.json").write_text(arch.to_json() + "\n")
+    card = {"space": evaluator.space.describe(), "study": study.study_name,
+            "dataset": setup_of(study)["data"], "distill": dataclasses.asdict(cfg)
+            | {"teachers": None if args.no_teacher else list(cfg.teachers)},
+            "val_accuracy": history.best_val_accuracy, "history": dataclasses.asdict(history)}
+    checkpoint.atomic_write_bytes(out / STUDENT_CARD, (json.dumps(card, indent=2) + "\n").encode())
+    print(f"distilled {'(no teacher) ' if args.no_teacher else ''}the arch into {out}/ "
+          f"(arch.json, student.json, student.pt): val accuracy "
+          f"{history.best_val_accuracy:.4f}; next: nasopt finetune --from {out} --out DIR")
+    return 0
+
+
+def _finetune(args: argparse.Namespace, command: str) -> int:
+    from . import api
+    from .arch import Arch
+    from .compress import Policy
+    from .data import load_dataset
+    from .export import export_model
+    from .finetune import FinetuneConfig, finetune, prepare_qat, reheaded
+    from .space import space_from_description
+    from .torchscript import FILE as TS_FILE
+    from .torchscript import write as write_torchscript
+    from .train import accuracy
+    data = None
+    deployed = False
+    if args.study:
+        if args.trial is None:
+            raise NasoptError("--study needs --trial N")
+        study, evaluator, data = _study_evaluator(args.study, args.storage, args.run_dir)
+        arch = _trial_arch(study, evaluator, args.trial)
+        space, model = evaluator.space, evaluator.float_model(arch)
+        from .study import setup_of
+        data_setup = setup_of(study)["data"]
+    else:
+        src = Path(args.source)
+        if (src / STUDENT_CARD).exists():
+            card = json.loads((src / STUDENT_CARD).read_text())
+            space = space_from_description(card["space"], api.SPACES)
+            arch = space.validate(Arch.load(src / "arch.json"))
+            model = space.build(arch)
+            from . import checkpoint
+            model.load_state_dict(checkpoint.load(src / "student.pt"))
+        elif (src / "model.json").exists():
+            card = json.loads((src / "model.json").read_text())
+            space = space_from_description(card["space"], api.SPACES)
+            arch = space.validate(Arch.load(src / "arch.json"))
+            model, deployed = api.load(src), True
+        else:
+            raise NasoptError(f"--from {src}: not a student folder (student.json) or an export "
+                              f"folder (model.json)")
+        data_setup = card.get("dataset") or {}
+    spec = args.dataset or data_setup.get("dataset")
+    if spec is None:
+        raise NasoptError("the source does not name its dataset; give --dataset")
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    if data is None or args.dataset or classes or args.fraction < 1:
+        if args.dataset or classes or args.fraction < 1:
+            data = load_dataset(spec, classes=classes, fraction=args.fraction)
+        else:  # the source's own split
+            keys = ("seed", "val_fraction", "test_fraction", "label_column", "classes",
+                    "fraction")
+            data = load_dataset(spec, **{k: data_setup[k] for k in keys
+                                         if data_setup.get(k) is not None})
+    policy = Policy.from_arch(arch)
+    if data.input_shape != tuple(space.input_shape):
+        raise NasoptError(f"{data.name} samples are shaped {data.input_shape}, the model takes "
+                          f"{tuple(space.input_shape)}; transfer needs the same input shape")
+    if data.num_classes != space.num_classes or args.dataset or classes:
+        if not deployed:  # re-heading works on the deployed structure
+            from .compress import compress
+            model, deployed = compress(model, policy, space.group_of)[0], True
+        model, space = reheaded(model, space, arch, data.num_classes, args.seed)
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         patience=args.patience, seed=args.seed,
+                         freeze=tuple(g.strip() for g in args.freeze.split(",") if g.strip()))
+    qat = prepare_qat(model, policy, space.group_of, deployed=deployed, seed=args.seed)
+    final, stored, history = finetune(qat, policy, space.group_of, data, cfg, show_progress=True)
+    out = Path(args.out)
+    info = {"origin": f"nasopt finetune (QAT) from {args.source or args.study}",
+            "dataset": {"dataset": spec, "classes": classes, "fraction": args.fraction}}
+    export_model(final, stored, arch, space, out, info, api.SPACES)
+    write_torchscript(final, out / TS_FILE, space.input_shape)
+    test = accuracy(api.load(out / "model.packed"), data.x_test, data.y_test)
+    metrics = {"command": command, "dataset": data.summary(),
+               "val_accuracy": history.best_val_accuracy, "test_accuracy_packed": test,
+               "packed_bytes": (out / "model.packed").stat().st_size,
+               "finetune": dataclasses.asdict(cfg), "history": dataclasses.asdict(history)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"fine-tuned (QAT) on {data.summary()}: val accuracy {history.best_val_accuracy:.4f}; "
+          f"test accuracy of model.packed {test:.4f} ({metrics['packed_bytes']} B); wrote {out}/ "
+          f"(arch.json, model.json, weights.pt, model.packed, model.ts, metrics.json)")
+    return 0

@@ -1,0 +1,383 @@
+"""``nasopt run CONFIG.toml``: the whole path from data to a verified deployable model, and the
+building blocks the ``distill`` / ``finetune`` commands share with it.
+
+train supernet → search → pick → distill → fine-tune (QAT) → export → report
+
+- **pick**: ``rule = "best"``: the feasible trial (all budgets met) with the best validation
+  accuracy (ties: the smaller packed size); ``rule = "knee"``: the knee of the feasible
+  accuracy/size Pareto front, the point farthest from the straight line between the front's two
+  ends after scaling both axes to [0, 1] (the "Kneedle" idea, Satopää et al., ICDCS-W 2011);
+  ``trial = N`` picks a trial by number.
+- **distill**: the picked arch's float model, from inherited supernet weights (``init =
+  "inherit"``) or a fresh seeded initialisation (``"scratch"``), trained with the KD loss from
+  the teacher(s) (:mod:`nasopt.distill`); early stopping on validation.
+- **fine-tune**: quantization-aware training with the arch's compression policy
+  (:mod:`nasopt.finetune`).
+- **export**: arch.json, model.json, weights.pt, model.packed (:mod:`nasopt.export`, verified),
+  model.ts (:mod:`nasopt.torchscript`, verified), ONNX fp32 / int8 when :mod:`nasopt.onnx_export`
+  is available.
+- **report**: ``metrics.json`` (the model card: test accuracy of every artifact, measured once at
+  the end, size, MACs, latency, the command) and ``REPORT.md`` in the export folder.
+
+The search and every training step read only the train and validation splits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+from torch import nn
+
+from .arch import Arch
+from .compress import Policy, compress
+from .config import Config, DataConfig, EvalConfig, SearchConfig, SupernetConfig, _build, _parse_value
+from .data import Dataset
+from .distill import DistillConfig, Teachers, make_teachers, train_student
+from .errors import NasoptError
+from .finetune import FinetuneConfig, finetune, prepare_qat
+from .metrics import FLOAT32_BYTES, count_macs, count_params
+from .train import accuracy
+
+Log = Callable[[str], None]
+PICK_RULES = ("best", "knee")
+EXPORT_FORMATS = ("pytorch", "packed", "torchscript", "onnx", "onnx-int8")
+
+
+@dataclass(frozen=True)
+class PickConfig:
+    rule: str = "best"  # best | knee
+    trial: int | None = None  # pick this trial number instead of applying the rule
+
+    def __post_init__(self) -> None:
+        if self.rule not in PICK_RULES:
+            raise NasoptError(f"pick.rule must be one of {', '.join(PICK_RULES)}, got "
+                              f"{self.rule!r}")
+
+
+@dataclass(frozen=True)
+class DistillStep(DistillConfig):
+    init: str = "inherit"  # inherit (supernet weights) | scratch
+    teachers: tuple[str, ...] = ("largest",)  # "largest", TorchScript files, nasopt exports
+    teacher_weights: tuple[float, ...] = ()  # default: equal
+    enabled: bool = True  # false: no distillation (the inherited weights go to fine-tuning)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init not in ("inherit", "scratch"):
+            raise NasoptError(f"distill.init must be inherit or scratch, got {self.init!r}")
+        if not self.enabled and self.init == "scratch":
+            raise NasoptError("distill.init = 'scratch' needs distill.enabled = true")
+
+
+@dataclass(frozen=True)
+class ExportStep:
+    out: str = "results/model"
+    formats: tuple[str, ...] = EXPORT_FORMATS
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if bad or not self.formats:
+            raise NasoptError(f"export.formats: unknown {bad}; choose from "
+                              f"{', '.join(EXPORT_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A :class:`nasopt.config.Config` (sections data, supernet, eval, search) plus the steps
+    after the search (sections pick, distill, finetune, export)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    run_dir: str = "runs"
+    device: str = "auto"
+    pick: PickConfig = field(default_factory=PickConfig)
+    distill: DistillStep = field(default_factory=DistillStep)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    export: ExportStep = field(default_factory=ExportStep)
+
+    def base(self) -> Config:
+        return Config(self.data, self.supernet, self.eval, self.search, self.run_dir, self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """A TOML file updated by ``section.key=value`` overrides (as ``nasopt search --set``)."""
+    p = Path(path)
+    if not p.exists():
+        raise NasoptError(f"config file {p} does not exist; check the path")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise NasoptError(f"config file {p} is not valid TOML: {exc}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise NasoptError(f"bad override {item!r}; write it as section.key=value")
+        node = raw
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise NasoptError(f"override {item!r}: {part!r} is not a section")
+        node[last] = _parse_value(value.strip())
+    return _build(RunConfig, raw, "")
+
+
+# ---------------------------------------------------------------------------------------------
+def pick_trial(study: optuna.Study, cfg: PickConfig) -> int:
+    """The number of the trial to deploy (see the module doc)."""
+    from .study import trials_frame
+    frame = trials_frame(study)
+    if cfg.trial is not None:
+        if cfg.trial not in set(frame["trial"]):
+            raise NasoptError(f"pick.trial {cfg.trial} is not a trial of {study.study_name!r}")
+        return int(cfg.trial)
+    ok = frame[(frame["state"] == "COMPLETE") & frame["feasible"]]
+    if ok.empty:
+        raise NasoptError(f"no completed trial of {study.study_name!r} meets the budgets; "
+                          f"loosen them or run more trials")
+    if cfg.rule == "knee":
+        front = ok[ok["pareto"]].sort_values("compressed_bytes")
+        if len(front) >= 3:
+            return int(front.iloc[knee_index(front["compressed_bytes"].to_numpy(float),
+                                             front["accuracy"].to_numpy(float))]["trial"])
+    best = ok.sort_values(["accuracy", "compressed_bytes"], ascending=[False, True])
+    return int(best.iloc[0]["trial"])
+
+
+def knee_index(size, acc) -> int:  # noqa: ANN001
+    """Index of the point of a front (sorted by size) farthest from the chord between its ends,
+    both axes scaled to [0, 1]."""
+    import numpy as np
+    s = (size - size.min()) / max(np.ptp(size), 1e-12)
+    a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
+    (s0, a0), (s1, a1) = (s[0], a[0]), (s[-1], a[-1])
+    dist = np.abs((a1 - a0) * s - (s1 - s0) * a + s1 * a0 - a1 * s0)
+    return int(np.argmax(dist))
+
+
+def student_model(evaluator, arch: Arch, init: str, seed: int) -> nn.Module:  # noqa: ANN001
+    """The float model of ``arch``: inherited supernet weights (BN recalibrated) or fresh."""
+    if init == "inherit":
+        return evaluator.float_model(arch).train()
+    torch.manual_seed(seed)
+    return evaluator.space.build(arch).to(next(evaluator.supernet.parameters()).device)
+
+
+def teachers_for(evaluator, specs: Sequence[str], weights: Sequence[float], data: Dataset,  # noqa: ANN001
+                 spaces) -> Teachers:  # noqa: ANN001
+    largest = lambda: evaluator.float_model(evaluator.space.largest())  # noqa: E731
+    return make_teachers(specs, weights, largest, spaces, data, data.x_val.device)
+
+
+# ---------------------------------------------------------------------------------------------
+def artifact_accuracies(out: Path, model: nn.Module, data: Dataset, spaces,  # noqa: ANN001
+                        formats: Sequence[str]) -> dict[str, float]:
+    """Test accuracy of every written artifact, loaded back from its file."""
+    from .export import load
+    from .torchscript import FILE as TS_FILE
+    x, y = data.x_test.cpu(), data.y_test.cpu()
+    acc = {"fine-tuned model (in memory)": accuracy(model.cpu(), x, y)}
+    if "pytorch" in formats:
+        acc["weights.pt via nasopt.load"] = accuracy(load(out, spaces), x, y)
+    if "packed" in formats:
+        acc["model.packed via nasopt.load"] = accuracy(load(out / "model.packed", spaces), x, y)
+    if "torchscript" in formats:
+        acc["model.ts via torch.jit.load"] = accuracy(torch.jit.load(str(out / TS_FILE)), x, y)
+    return acc
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_shape: Sequence[int], repeats: int = 50) -> float:
+    """Median CPU time of one forward pass at batch size 1 (PyTorch eager, one thread), in ms."""
+    model = model.eval().cpu()
+    x = torch.zeros((1, *input_shape))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch 1 of a small model: one thread, as on a microcontroller
+    try:
+        for _ in range(5):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+@dataclass
+class RunResult:
+    out: Path
+    trial: int
+    card: dict[str, Any]
+
+
+def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
+        log: Log = lambda s: None) -> RunResult:
+    """The whole pipeline (see the module doc). Returns the export folder and the model card."""
+    from . import api
+    from .export import export_model
+    from .torchscript import FILE as TS_FILE
+    from .torchscript import write as write_torchscript
+    timings: dict[str, float] = {}
+    start = t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = round(now - t, 2)
+        t = now
+
+    out = Path(cfg.export.out)
+    if out.exists() and not out.is_dir():
+        raise NasoptError(f"export.out {out} is a file; give a folder path")
+    outcome = api.search(cfg.base(), show_progress=show_progress, log=log)
+    lap("supernet + search")
+    study = outcome.study
+    number = pick_trial(study, cfg.pick)
+    trial = next(tr for tr in study.trials if tr.number == number)
+    evaluator, data = api.rebuild(study, str(api.resolve_device(cfg.device)))
+    space = evaluator.space
+    arch = space.validate(trial.params)
+    searched = evaluator(arch)
+    log(f"picked trial {number} ({cfg.pick.rule if cfg.pick.trial is None else 'by number'}): "
+        f"val accuracy {searched.accuracy:.4f} (inherited weights), "
+        f"{searched.compressed_bytes} B")
+    policy = Policy.from_arch(arch)
+    d = cfg.distill
+    student = student_model(evaluator, arch, d.init if d.enabled else "inherit", d.seed)
+    teachers = None
+    distill_history = None
+    if d.enabled:
+        teachers = teachers_for(evaluator, d.teachers, d.teacher_weights, data, api.SPACES)
+        distill_history = train_student(student, data, teachers, d, show_progress=show_progress,
+                                        desc="distill")
+        log(f"distilled from {', '.join(d.teachers)}: val accuracy "
+            f"{distill_history.best_val_accuracy:.4f} (best epoch {distill_history.best_epoch + 1}"
+            f" of {len(distill_history.val_accuracy)})")
+    lap("distill")
+    student.eval()
+    qat = prepare_qat(student, policy, space.group_of)
+    model, stored, ft_history = finetune(qat, policy, space.group_of, data, cfg.finetune,
+                                         show_progress=show_progress)
+    log(f"fine-tuned with the compression policy (QAT): val accuracy "
+        f"{ft_history.best_val_accuracy:.4f}")
+    lap("fine-tune")
+    formats = cfg.export.formats
+    info = {"study": study.study_name, "trial": number, "dataset": dataclasses.asdict(cfg.data),
+            "origin": "nasopt run: distilled and fine-tuned (QAT)"}
+    model = model.cpu()
+    export_model(model, stored, arch, space, out,
+                 info, api.SPACES, [f for f in formats if f in ("pytorch", "packed")])
+    if "torchscript" in formats:
+        write_torchscript(model, out / TS_FILE, space.input_shape)
+    onnx_note = _export_onnx(model, out, space, data, formats, log)
+    lap("export")
+
+    # ---- report: the test split is read here, once ----------------------------------------
+    teacher_acc = ({name: accuracy(m, data.x_test, data.y_test)
+                    for name, m in zip(teachers.names, teachers.models)} if teachers else {})
+    searched_model, _ = evaluator.compressed(arch)
+    test = {"searched (inherited weights, compressed)": accuracy(searched_model, data.x_test,
+                                                                 data.y_test),
+            "distilled (float)": accuracy(student, data.x_test, data.y_test),
+            "distilled + post-training compression": accuracy(
+                compress(student, policy, space.group_of)[0], data.x_test, data.y_test)}
+    test.update(artifact_accuracies(out, model, data.to("cpu"), api.SPACES, formats))
+    test.update(onnx_note.pop("test_accuracy", {}))
+    size = (out / "model.packed").stat().st_size if "packed" in formats else None
+    card = {
+        "command": command,
+        "study": study.study_name, "trial": number, "arch": dict(arch),
+        "pick": dataclasses.asdict(cfg.pick),
+        "dataset": data.summary(),
+        "test_accuracy": test,
+        "teacher_test_accuracy": teacher_acc,
+        "val_accuracy": {"searched": searched.accuracy,
+                         "distilled": distill_history.best_val_accuracy if distill_history
+                         else None,
+                         "fine-tuned": ft_history.best_val_accuracy},
+        "packed_bytes": size, "predicted_bytes": searched.compressed_bytes,
+        "float_bytes": count_params(student) * FLOAT32_BYTES,
+        "params": count_params(model), "macs": count_macs(model, space.input_shape),
+        "latency_ms_cpu_batch1": round(latency_ms(model, space.input_shape), 4),
+        "files": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")),
+        "formats": {"packed": "weights at the arch's bit-widths (2-8 bit or float32) exactly",
+                    "weights.pt / model.ts": "float32 tensors holding the dequantized weights",
+                    **onnx_note},
+        "timings_s": {**timings, "total": round(time.perf_counter() - start, 2)},
+        "config": cfg.to_dict(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}, Python {platform.python_version()}",
+    }
+    (out / "metrics.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "REPORT.md").write_text(report_markdown(card))
+    card["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    (out / "metrics.json").write_text(json.dumps(card, indent=2) + "\n")
+    return RunResult(out, number, card)
+
+
+def _export_onnx(model: nn.Module, out: Path, space, data: Dataset, formats: Sequence[str],  # noqa: ANN001
+                 log: Log) -> dict[str, Any]:
+    """ONNX fp32 / int8 through :mod:`nasopt.onnx_export` (another module's job); skipped with a
+    note in the card when that module is not available."""
+    wanted = [f for f in formats if f.startswith("onnx")]
+    if not wanted:
+        return {}
+    try:
+        from . import onnx_export  # noqa: F401
+    except ImportError:
+        log("ONNX export skipped: nasopt.onnx_export is not available in this version")
+        return {"onnx": "not written: nasopt.onnx_export is not available in this version"}
+    return onnx_export.pipeline_export(model, out, space, data, wanted)  # type: ignore[attr-defined]
+
+
+def report_markdown(card: Mapping[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in card["test_accuracy"].items())
+    teachers = "\n".join(f"| teacher {k} | {v:.4f} |"
+                         for k, v in card["teacher_test_accuracy"].items())
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in card["timings_s"].items())
+    genes = ", ".join(f"{k}={v}" for k, v in card["arch"].items())
+    return f"""# nasopt run: {card['study']}, trial {card['trial']}
+
+Command: `{card['command']}`
+Machine: {card['machine']}
+Data: {card['dataset']}
+
+Picked trial {card['trial']} (rule: {card['pick']['rule'] if card['pick']['trial'] is None
+                                     else 'by number'}): {genes}
+
+Validation accuracy: searched {card['val_accuracy']['searched']:.4f} (inherited supernet
+weights), distilled {card['val_accuracy']['distilled'] or float('nan'):.4f}, fine-tuned
+{card['val_accuracy']['fine-tuned']:.4f}.
+
+## Test accuracy (measured once, after every step)
+
+| model / artifact | test accuracy |
+|---|---|
+{rows}
+{teachers}
+
+Packed file: {card['packed_bytes']} B (predicted by the search: {card['predicted_bytes']} B);
+float32 model: {card['float_bytes']} B; params {card['params']}, MACs {card['macs']};
+CPU latency (batch 1, PyTorch, 1 thread; noisy on a shared machine): {card['latency_ms_cpu_batch1']:.3f} ms.
+Files: {', '.join(card['files'])}.
+
+Time: {timings}.
+"""
