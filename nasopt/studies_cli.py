@@ -121,11 +121,15 @@ def run(args: argparse.Namespace, storage) -> int:  # noqa: ANN001
         setting = (inspection.hv_setting([study], args.hv_cost, args.hv_reference)
                    if args.kind != "importance" else None)
         out = plots.save(study, args.kind, args.out, setting)
-        extra = {"pareto": f"accuracy vs {setting.cost if setting else ''}",
-                 "hypervolume": setting.describe() if setting else "",
-                 "importance": "fANOVA importance of each gene for accuracy (seed "
-                 f"{inspection.IMPORTANCE_SEED})"}[args.kind]
-        print(f"wrote {out} ({args.kind} of {study.study_name}: {extra})")
+        if args.kind == "importance":
+            what = (f"fANOVA importance of each gene for accuracy, seed "
+                    f"{inspection.IMPORTANCE_SEED}")
+        elif args.kind == "pareto":
+            what = (f"accuracy vs {setting.cost}: feasible and infeasible trials, the Pareto "
+                    f"set, budget lines")
+        else:
+            what = setting.describe()
+        print(f"wrote {out} ({study.study_name}: {what})")
         return 0
     if args.studies_command == "export":
         out = inspection.write_table(study, args.to, args.force)
