@@ -307,3 +307,49 @@ def test_dashboard_serves_user_attrs_on_loopback(studies, run_dir):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}/dashboard" in out
+
+
+def test_failed_trials_keep_the_frames_typed(tmp_path, capsys):
+    """Trials that failed before measuring have empty metric cells; they count as failed."""
+    from nasopt.metrics import Metrics
+    from nasopt.objectives import Constraint, get_objectives
+    from nasopt.search import run_search
+    from nasopt.study import open_study
+
+    space = api.SPACES["conv1d"]((1, 40), 10)
+    calls = {"n": 0}
+
+    def flaky(arch):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] in (2, 5):
+            raise RuntimeError("boom")
+        size = 100 * calls["n"]
+        return Metrics(accuracy=0.1 * calls["n"], params=size // 4, macs=size,
+                       float_bytes=size, compressed_bytes=size, nonzero_params=size // 4)
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(open_storage(url), "flaky",
+                       {"space": space.describe(), "objectives": ["accuracy", "size"],
+                        "budgets": {"size": 450.0}}, ["maximize", "minimize"],
+                       sampler=optuna.samplers.RandomSampler(seed=0))
+    run_search(study, space, flaky, get_objectives(["accuracy", "size"]), trials=5,
+               show_progress=False, trial_attrs={"strategy": "random", "seed": 0},
+               constraints=[Constraint("size", 450.0)])
+    frame = api.trials(study)
+    assert frame["state"].tolist() == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE", "FAIL",
+                                       "COMPLETE", "COMPLETE"]
+    assert str(frame["compressed_bytes"].dtype) == "Int64"
+    assert frame["compressed_bytes"].isna().tolist() == [s == "FAIL" for s in frame["state"]]
+    assert frame["error"].tolist()[1] == "RuntimeError: boom"
+    # feasible: size <= 450 -> calls 1, 3, 4 (sizes 100, 300, 400; accuracy grows with size)
+    assert api.pareto(study)["compressed_bytes"].tolist() == [400, 300, 100]
+    row = api.compare([study]).iloc[0]
+    assert (row["trials"], row["failed"], row["feasible"]) == (5, 2, 3)
+    assert row["best_accuracy"] == pytest.approx(0.7)
+    assert row["best_accuracy[size<=450B]"] == pytest.approx(0.4)
+    # reference: the study's size budget, 450 B
+    assert row["hypervolume"] == pytest.approx(hypervolume([(0.1, 100), (0.3, 300),
+                                                            (0.4, 400)], 450))
+    code = cli.main(["studies", "report", "flaky", "--storage", url, "--out",
+                     str(tmp_path / "r.html")])
+    assert code == 0 and "2 failed" in (tmp_path / "r.html").read_text()
