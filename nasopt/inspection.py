@@ -40,8 +40,10 @@ def budgets_of(study: optuna.Study) -> dict[str, float]:
 
 def format_limit(name: str, limit: float) -> str:
     """``size`` 4096 -> ``4KB``; counts with k/M (the units `--max-*` reads)."""
-    if name in ("size", "float_size"):
+    if name in ("size", "float_size", "sram"):
         return f"{limit / 1024:g}KB" if limit % 1024 == 0 else f"{limit:g}B"
+    if name == "latency":
+        return f"{limit:g}ms"
     for unit, scale in (("M", 1e6), ("k", 1e3)):
         if limit >= scale and limit % scale == 0:
             return f"{limit / scale:g}{unit}"
@@ -50,7 +52,11 @@ def format_limit(name: str, limit: float) -> str:
 
 # ---- tables ---------------------------------------------------------------------------------
 def trials_table(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame:
-    """All trials (or the feasible Pareto set, best accuracy first), typed, with constraints."""
+    """All trials (or the feasible Pareto set, best accuracy first), typed, with constraints.
+
+    Columns: the marks, ``accuracy`` and the counts, any further numeric metric some trial
+    recorded (e.g. ``latency_ms``, ``sram_bytes`` with a hardware profile), one
+    ``constraint.<budget>`` per budget, a scalarized objective if any (``mnasnet``), the genes."""
     frame = _study.trials_frame(study, pareto_only=pareto_only)
     budgets = budgets_of(study)
     genes = list(_study.setup_of(study).get("space", {}).get("genes", {}))
@@ -58,23 +64,41 @@ def trials_table(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     numbers = frame["trial"].tolist() if len(frame) else []
     extra: dict[str, list[Any]] = {}
+    for key in further_metrics(study):
+        if key not in frame.columns:
+            extra[key] = [by_number[n].user_attrs.get("metrics", {}).get(key) for n in numbers]
     for name in budgets:
         extra[f"constraint.{name}"] = [(by_number[n].constraints or {}).get(name)
                                        for n in numbers]
     for i, name in enumerate(scalar):  # objectives that no metric column carries (mnasnet)
         extra[name] = [by_number[n].values[i] if by_number[n].values else None for n in numbers]
+    metrics = ("accuracy", *COUNT_COLUMNS)
     if frame.empty:
-        columns = ["trial", "state", "pareto", "feasible", "strategy", "accuracy",
-                   *COUNT_COLUMNS, *extra, *genes]
+        columns = ["trial", "state", "pareto", "feasible", "strategy", *metrics, *extra, *genes]
         return _typed(pd.DataFrame(columns=columns), genes)
-    head = [c for c in frame.columns if c not in genes and c not in
-            ("accuracy", *COUNT_COLUMNS)]
+    head = [c for c in frame.columns if c not in genes and c not in metrics]
     frame = frame.assign(**{k: v for k, v in extra.items()})
-    order = [*head, "accuracy", *COUNT_COLUMNS, *extra,
-             *[g for g in genes if g in frame.columns],
+    order = [*head, *metrics, *extra, *[g for g in genes if g in frame.columns],
              *[c for c in frame.columns if c not in head and c not in genes and c not in extra
-               and c not in ("accuracy", *COUNT_COLUMNS)]]
+               and c not in metrics]]
     return _typed(frame[order], genes)
+
+
+def further_metrics(study: optuna.Study) -> list[str]:
+    """Numeric metric keys beyond accuracy and the counts that some trial of ``study`` has."""
+    keys: dict[str, None] = {}
+    for t in study.get_trials(deepcopy=False):
+        for key, value in t.user_attrs.get("metrics", {}).items():
+            if (key not in ("accuracy", *COUNT_COLUMNS) and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                keys[key] = None
+    return list(keys)
+
+
+def metric_value(trial: optuna.trial.FrozenTrial, key: str) -> float | None:
+    """A recorded metric as a float, None when the trial has none (failed, or not measured)."""
+    value = trial.user_attrs.get("metrics", {}).get(key)
+    return None if value is None else float(value)
 
 
 def _typed(frame: pd.DataFrame, genes: Sequence[str]) -> pd.DataFrame:
@@ -88,7 +112,7 @@ def _typed(frame: pd.DataFrame, genes: Sequence[str]) -> pd.DataFrame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
         elif column in ("state", "strategy", "error", "arch"):
             frame[column] = frame[column].astype("string")
-        elif column in genes:
+        elif column in genes or frame[column].dtype == object:
             values = frame[column].dropna()
             if len(values) and all(isinstance(v, str) for v in values):
                 frame[column] = frame[column].astype("string")
@@ -164,9 +188,9 @@ class HvSetting:
 
     def of(self, trials: Sequence[optuna.trial.FrozenTrial]) -> float:
         metric = METRIC_OF[self.cost]
-        points = [(t.user_attrs["metrics"]["accuracy"], float(t.user_attrs["metrics"][metric]))
-                  for t in trials if _study.is_feasible(t) and "metrics" in t.user_attrs]
-        return hypervolume(points, self.reference)
+        points = [(metric_value(t, "accuracy"), metric_value(t, metric)) for t in trials
+                  if _study.is_feasible(t)]
+        return hypervolume([p for p in points if None not in p], self.reference)
 
     def curve(self, trials: Sequence[optuna.trial.FrozenTrial]) -> list[float]:
         """Hypervolume after each of ``trials`` (in the given order)."""
@@ -186,15 +210,14 @@ def hv_setting(studies: Sequence[optuna.Study], cost: str | None = None,
         raise NasoptError(f"cannot compute a hypervolume over {cost!r}; choose one of "
                           f"{', '.join(METRIC_OF)}")
     if reference is not None:
-        return HvSetting(cost, parse_quantity(reference, f"{cost} hypervolume reference"),
-                         "given")
+        return HvSetting(cost, parse_quantity(reference, cost), "given")
     limits = {budgets_of(s).get(cost) for s in studies}
     if len(limits) == 1 and None not in limits:
         return HvSetting(cost, limits.pop(), "the studies' budget")
     if cost == "size":
         return HvSetting(cost, DEFAULT_SIZE_REFERENCE, "the benchmarks' reference")
-    values = [float(t.user_attrs["metrics"][METRIC_OF[cost]]) for s in studies
-              for t in _study.completed(s) if "metrics" in t.user_attrs]
+    values = [v for s in studies for t in _study.completed(s)
+              if (v := metric_value(t, METRIC_OF[cost])) is not None]
     if not values:
         raise NasoptError("no completed trial to take a hypervolume reference from; give one "
                           "with --hv-reference")
@@ -241,7 +264,8 @@ def compare(studies: Sequence[optuna.Study], cost: str | None = None,
                 metric = METRIC_OF[name]
                 row[f"best_accuracy[{name}<={format_limit(name, limit)}]"] = max(
                     (t.user_attrs["metrics"]["accuracy"] for t in done
-                     if t.user_attrs["metrics"][metric] <= limit), default=None)
+                     if (v := metric_value(t, metric)) is not None and v <= limit),
+                    default=None)
             row["hypervolume"] = setting.of(done)
             rows.append(row)
     frame = pd.DataFrame(rows)

@@ -21,7 +21,8 @@ from .objectives import METRIC_OF
 
 KINDS = ("pareto", "hypervolume", "importance")
 LABELS = {"size": "packed size (bytes)", "float_size": "float32 size (bytes)",
-          "params": "parameters", "macs": "MACs per sample", "nonzero_params": "non-zero params"}
+          "params": "parameters", "macs": "MACs per sample", "nonzero_params": "non-zero params",
+          "latency": "latency (ms, batch 1)", "sram": "peak activation memory (bytes)"}
 
 
 def _png(fig: Figure) -> bytes:
@@ -40,10 +41,11 @@ def render_pareto(study: optuna.Study, setting: inspection.HvSetting | None = No
     feasible Pareto set highlighted (a staircase when the objectives are exactly accuracy and
     that cost), and a dashed line at the budget on that axis."""
     setting = setting or inspection.hv_setting([study])
-    done = _done(study)
-    if not done:
-        raise NasoptError(f"study {study.study_name!r} has no completed trial to plot")
     metric = METRIC_OF[setting.cost]
+    done = [t for t in _done(study) if inspection.metric_value(t, metric) is not None]
+    if not done:
+        raise NasoptError(f"study {study.study_name!r} has no completed trial with "
+                          f"{setting.cost} to plot")
     front = _study.pareto_numbers(study)
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
