@@ -225,6 +225,9 @@ def test_html_report_is_self_contained(studies, run_dir, tmp_path, capsys):
     for number in api.pareto(studies[A])["trial"]:
         assert f"<td>{number}</td>" in html
     assert f"nasopt studies pareto {A}" in html
+    from nasopt import report_html
+    shown = report_html.render(studies[A], "postgresql://nasopt:s3cret@db.example/nasopt")
+    assert "s3cret" not in shown and "postgresql://nasopt:***@" in shown
 
 
 def test_unknown_study_is_one_clear_error(run_dir, capsys, tmp_path):
