@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from search_spaces import SPACES
-from strategies import STRATEGIES
+from strategies import GRADIENT_STRATEGIES, STRATEGIES
 
 from . import export as _export
 from . import inspection as _inspection
@@ -37,7 +37,7 @@ from .tabular import TabularEvaluator
 
 __all__ = ["Config", "load_config", "search", "open_storage", "studies", "open_study", "pareto",
            "trials", "compare", "importance", "export",
-           "load", "make_space", "SPACES", "STRATEGIES"]
+           "load", "make_space", "SPACES", "STRATEGIES", "GRADIENT_STRATEGIES"]
 
 Log = Callable[[str], None]
 
@@ -84,15 +84,26 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     In tabular mode (``search.table`` set) accuracy is read from the table instead: no dataset is
     loaded and no supernet trained."""
     s = cfg.search
-    if s.strategy not in STRATEGIES:
-        raise NasoptError(f"unknown strategy {s.strategy!r}; known: {', '.join(STRATEGIES)}")
-    constraints = get_constraints(s.budgets)
+    if s.strategy not in STRATEGIES and s.strategy not in GRADIENT_STRATEGIES:
+        raise NasoptError(f"unknown strategy {s.strategy!r}; known: "
+                          f"{', '.join([*STRATEGIES, *GRADIENT_STRATEGIES])}")
+    gradient = s.strategy in GRADIENT_STRATEGIES  # not a sampler: see nasopt.gradient_run
+    if gradient and s.table is not None:
+        raise NasoptError(f"strategy {s.strategy!r} searches by gradient on a trained supernet; "
+                          f"tabular mode (--table) has none: use a sampling strategy")
+    profile = _hardware_profile(s, log)
+    constraints = get_constraints({**(profile.limits if profile else {}), **s.budgets})
+    if profile is not None:
+        profile.check_budgets({c.name: c.limit for c in constraints})
     objectives = get_objectives(s.objectives, {c.name: c.limit for c in constraints})
     if s.trials < 1:
         raise NasoptError(f"search.trials must be at least 1, got {s.trials}")
     if s.timeout is not None and s.timeout <= 0:
         raise NasoptError(f"search.timeout must be positive seconds, got {s.timeout}")
     if s.table is not None:
+        if profile is not None:
+            raise NasoptError("tabular mode has no trained networks to time or measure; drop "
+                              "--hardware and --max-latency/--max-sram with --table")
         return _search_table(cfg, objectives, constraints, show_progress, log)
     if not getattr(SPACES.get(s.space), "weight_sharing", True):
         raise NasoptError(f"space {s.space!r} has no weight-sharing supernet; search it in "
@@ -101,6 +112,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     data = load_data(cfg)
     space = make_space(s.space, data, dict(s.restrict))
     log(f"{data.summary()}; space {space.name}: {space.size():,} archs; device {device}")
+    hardware = _hardware_setup(space, profile, constraints, cfg.run_dir, log)
     storage = open_storage(s.storage, cfg.run_dir)
     name = s.study or f"{space.name}-{data.name}"
     setup = {"space": space.describe(), "data": dataclasses.asdict(cfg.data),
@@ -108,10 +120,13 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
              "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
              "objectives": list(s.objectives),
              "budgets": {c.name: c.limit for c in constraints}}
+    if hardware is not None:
+        setup["hardware"] = hardware[1]
     # check (or create) the study before spending time on the supernet
     existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
     # a continued study gets fresh draws: the sampler seed depends on the trials already there
-    sampler = STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials))
+    sampler = (None if gradient else
+               STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials)))
     data = data.to(device)
     supernet, path = train_supernet(space, data, cfg.supernet, Path(cfg.run_dir) / "supernets",
                                     device=device, show_progress=show_progress, log=log)
@@ -119,10 +134,47 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve())})
     cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
+    if hardware is not None:
+        evaluator = hardware[0](evaluator)
+    if gradient:
+        from .gradient_run import run_gradient
+        new = run_gradient(study, space, supernet, path, data, evaluator, objectives, constraints,
+                           variant=s.strategy, trials=s.trials, seed=s.seed, run_dir=cfg.run_dir,
+                           timeout=s.timeout, show_progress=show_progress, log=log)
+        return SearchOutcome(study, space, path, new)
     new = run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
                      trial_attrs={"strategy": s.strategy, "seed": s.seed},
                      constraints=constraints)
     return SearchOutcome(study, space, path, new)
+
+
+def _hardware_profile(s, log: Log):  # noqa: ANN001, ANN202
+    """The search's hardware profile: ``search.hardware``, or ``cpu-ort`` when a latency or
+    sram budget is given without one; None otherwise."""
+    from .hardware import load_profile
+    name = s.hardware
+    if name is None and ({"latency", "sram"} & set(s.budgets)):
+        name = "cpu-ort"
+        log("hardware profile: cpu-ort (the default for --max-latency / --max-sram; choose one "
+            "with --hardware)")
+    return None if name is None else load_profile(name)
+
+
+def _hardware_setup(space: SearchSpace, profile, constraints: list[Constraint],  # noqa: ANN001
+                    run_dir: str, log: Log):  # noqa: ANN202
+    """(evaluator wrapper, setup record) for a search with a hardware profile, after checking
+    that its budgets are possible; None without a profile."""
+    if profile is None:
+        return None
+    from . import hardware_eval, lut
+    table = path = None
+    if profile.metrics.get("latency") == "predicted":
+        table = hardware_eval.latency_table(space, profile, run_dir, log)
+        path = lut.table_path(run_dir, space, profile)
+    hardware_eval.check_possible(space, profile, constraints, table)
+    log(f"hardware profile {profile.name}: {profile.description}")
+    wrap = lambda evaluate: hardware_eval.HardwareEvaluator(evaluate, space, profile, table)  # noqa: E731
+    return wrap, hardware_eval.setup_record(profile, table, path)
 
 
 def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Constraint],
@@ -231,7 +283,7 @@ def export(study: optuna.Study, trial: int, out: str | Path,
     if t.state != optuna.trial.TrialState.COMPLETE:
         raise NasoptError(f"trial {trial} of study {study.study_name!r} is {t.state.name}, not "
                           f"COMPLETE; export a completed trial (see `nasopt studies show`)")
-    evaluator, _ = rebuild(study)
+    evaluator, data = rebuild(study)
     arch = evaluator.space.validate(t.params)
     recorded = t.user_attrs.get("metrics", {})
     again = evaluator(arch)
@@ -245,8 +297,13 @@ def export(study: optuna.Study, trial: int, out: str | Path,
     model, stored = evaluator.compressed(arch)
     info = {"study": study.study_name, "trial": trial, "metrics": t.user_attrs.get("metrics"),
             "dataset": _study.setup_of(study)["data"]}
+    samples = None
+    if any(f.startswith("onnx") for f in formats):  # ONNX: calibrate on train, verify on val
+        from .onnx_export import CALIB_SAMPLES
+        samples = (evaluator.calibration_samples[:CALIB_SAMPLES].cpu(), data.x_val.cpu(),
+                   data.y_val.cpu())
     return _export.export_model(model, stored, arch, evaluator.space, Path(out), info, SPACES,
-                                formats)
+                                formats, samples)
 
 
 def load(path: str | Path) -> nn.Module:

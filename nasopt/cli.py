@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "4KB (KB = 1024 B)")
     p.add_argument("--max-params", metavar="N", help="budget on stored parameters, e.g. 5k")
     p.add_argument("--max-macs", metavar="N", help="budget on MACs per sample, e.g. 2M")
+    p.add_argument("--max-latency", metavar="TIME", help="budget on batch-1 latency on the "
+                   "--hardware profile, e.g. 0.3ms or 300us (predicted from its look-up table)")
+    p.add_argument("--max-sram", metavar="BYTES", help="budget on peak activation memory at the "
+                   "profile's data type, e.g. 32KB")
+    p.add_argument("--hardware", metavar="PROFILE", help="hardware profile: cpu-ort, "
+                   "cpu-ort-int8, mcu, or a .toml file (see `nasopt hw profiles`); default "
+                   "cpu-ort when --max-latency/--max-sram is given")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--table", nargs="?", const=DEFAULT_TABLE, metavar="PATH",
                    help="tabular mode: read accuracy from this CSV (an 'arch' column and an "
@@ -85,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study")
     p.add_argument("--trial", type=int, required=True, help="trial number")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", action="append", choices=("pytorch", "packed"),
-                   help="pytorch (weights.pt) and/or packed (model.packed); default: both")
+    p.add_argument("--format", action="append",
+                   choices=("pytorch", "packed", "onnx", "onnx-int8"),
+                   help="pytorch (weights.pt), packed (model.packed), onnx (model.onnx, float32),"
+                   " onnx-int8 (model.int8.onnx, QDQ); repeat for several; default: pytorch and "
+                   "packed")
     _add_storage(p)
 
     sub.add_parser("spaces", help="list search spaces and their genes")
@@ -136,10 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--source-epochs", type=int, default=6)
     q.add_argument("--transfer-epochs", type=int, default=15)
     q.add_argument("--pipeline-config", default="configs/mnist1d.toml")
+    q.add_argument("--pipeline-card", help="report the timings of this earlier `nasopt run` "
+                   "model card (metrics.json) instead of running the pipeline again")
     _add_bench_common(q, "report path (default: results/distill.md)")
     q.set_defaults(out="results/distill.md")
     from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run
     add_deploy_parsers(sub)
+    from .cli_hw import add_parsers as add_hw_parsers  # hw profiles/measure/profile/validate
+    add_hw_parsers(sub)
     return parser
 
 
@@ -169,6 +183,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("distill", "finetune", "run"):
         from .cli_deploy import dispatch
         return dispatch(args)
+    if args.command == "hw":
+        from .cli_hw import dispatch as hw_dispatch
+        return hw_dispatch(args)
     if args.command == "studies":
         storage = api.open_storage(args.storage, args.run_dir)
         if args.studies_command == "list":
@@ -204,7 +221,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"  {gene:<12} {list(opts)}")
         return 0
     if args.command == "strategies":
-        for name, strategy in api.STRATEGIES.items():
+        for name, strategy in {**api.STRATEGIES, **api.GRADIENT_STRATEGIES}.items():
             print(f"{name:<10} {strategy.description}")
         return 0
     if args.command == "bench":
@@ -227,13 +244,16 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
                       ("study", "search.study"), ("storage", "search.storage"),
                       ("objectives", "search.objectives"), ("device", "device"),
                       ("run_dir", "run_dir"), ("table", "search.table"),
+                      ("hardware", "search.hardware"),
                       ("table_metric", "search.table_metric")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     cfg = api.load_config(args.config, overrides)
     budgets = {name: value for name, value in (("size", args.max_size), ("params", args.max_params),
-                                               ("macs", args.max_macs)) if value is not None}
+                                               ("macs", args.max_macs),
+                                               ("latency", args.max_latency),
+                                               ("sram", args.max_sram)) if value is not None}
     if budgets:
         import dataclasses
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(

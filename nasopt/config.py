@@ -71,6 +71,9 @@ class SearchConfig:
     restrict: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     #: limits, e.g. {size = "4KB", macs = "2M"}: constraints satisfied when value <= limit
     budgets: Mapping[str, str] = field(default_factory=dict)
+    #: hardware profile (nasopt.hardware): a shipped name (cpu-ort, cpu-ort-int8, mcu) or a
+    #: .toml path; adds latency / sram metrics and the profile's limits as budgets
+    hardware: str | None = None
     # tabular mode: accuracy read from this CSV (nasopt.tabular); no dataset, no supernet
     table: str | None = None
     table_metric: str = DEFAULT_METRIC  # the table's accuracy column, in percent

@@ -40,6 +40,11 @@ class Evaluator:
         self._input_shape = data.input_shape
         self._cache: dict[str, Metrics] = {}
 
+    @property
+    def calibration_samples(self) -> torch.Tensor:
+        """The fixed training subset used for BN recalibration (also int8 ONNX calibration)."""
+        return self._x_calib
+
     def float_model(self, arch: Mapping[str, Value]) -> nn.Module:
         """The uncompressed standalone model (inherited weights, recalibrated BN)."""
         model = self.supernet.extract(arch)

@@ -6,7 +6,9 @@ compression policy applied (BN folded, low-rank layers split, pruned, quantize-d
 
 - ``weights.pt``: its PyTorch state dict (format ``pytorch``);
 - ``model.packed``: the packed compressed file (format ``packed``, see :mod:`nasopt.packed`),
-  whose size is the arch's ``compressed_bytes``.
+  whose size is the arch's ``compressed_bytes``;
+- ``model.onnx`` / ``model.int8.onnx``: ONNX float32 / int8 QDQ (formats ``onnx``,
+  ``onnx-int8``, see :mod:`nasopt.onnx_export`), verified in ONNX Runtime against PyTorch.
 
 Every export is verified after writing: each written format, loaded back, must reproduce the
 in-memory model's outputs (max abs diff < 1e-6).
@@ -29,18 +31,24 @@ from .errors import NasoptError
 from .space import SearchSpace, space_from_description
 
 FORMAT_VERSION = 2
-FORMATS = ("pytorch", "packed")
-EXPORT_FILES = ("arch.json", "model.json", "weights.pt", "model.packed")
+FORMATS = ("pytorch", "packed")  # the default; ONNX on request
+ALL_FORMATS = (*FORMATS, "onnx", "onnx-int8")
+EXPORT_FILES = ("arch.json", "model.json", "weights.pt", "model.packed", "model.onnx",
+                "model.int8.onnx")
 TOLERANCE = 1e-6
 
 
 def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space: SearchSpace,
                  out: Path, info: Mapping[str, Any], spaces: Mapping[str, type[SearchSpace]],
-                 formats: Sequence[str] = FORMATS) -> Path:
-    """Write the deployed ``model`` of ``arch`` (and its ``stored`` layers) to the folder ``out``."""
-    unknown = [f for f in formats if f not in FORMATS]
+                 formats: Sequence[str] = FORMATS, samples: Sequence[Any] | None = None) -> Path:
+    """Write the deployed ``model`` of ``arch`` (and its ``stored`` layers) to the folder ``out``.
+
+    ``samples``: (calibration x, verification x, verification y) for the ONNX formats (training
+    and validation data); without them ONNX files are checked on random inputs."""
+    unknown = [f for f in formats if f not in ALL_FORMATS]
     if unknown or not formats:
-        raise NasoptError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
+        raise NasoptError(f"unknown export format(s) {unknown}; choose from "
+                          f"{', '.join(ALL_FORMATS)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NasoptError(f"--out {out} is a file; give a folder path")
@@ -58,11 +66,19 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
         if "packed" in formats:
             (tmp / "model.packed").write_bytes(packed.pack(space, arch, stored))
             files["packed"] = "model.packed"
+        onnx_formats = [f for f in formats if f.startswith("onnx")]
+        if onnx_formats:
+            from . import onnx_export
+            info = {**info, "onnx": onnx_export.write(model, tmp, space.input_shape, onnx_formats,
+                                                      *(samples or ()))}
+            files.update({f: onnx_export.FILES[f] for f in onnx_formats})
         card = {"format_version": FORMAT_VERSION, "space": space.describe(), "files": files,
                 "packed_bytes": ((tmp / "model.packed").stat().st_size if "packed" in formats
                                  else None), **info}
         (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n")
         for fmt, name in files.items():
+            if fmt.startswith("onnx"):
+                continue  # verified by onnx_export.write in ONNX Runtime
             _verify(model, load(tmp / name if fmt == "packed" else tmp, spaces), space, name)
         out.mkdir(exist_ok=True)
         for name in EXPORT_FILES:

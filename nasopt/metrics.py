@@ -23,6 +23,10 @@ class Metrics:
     compressed_bytes: int = 0  # size of the packed file (nasopt.packed)
     nonzero_params: int = 0
     sources: dict[str, str] = field(default_factory=dict)
+    # with a hardware profile (nasopt.hardware, nasopt.hardware_eval): batch-1 latency and peak
+    # activation memory at the profile's data type; None without one
+    latency_ms: float | None = None
+    sram_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -25,7 +25,9 @@ class Objective:
 
 
 METRIC_OF = {"size": "compressed_bytes", "float_size": "float_bytes", "params": "params",
-             "macs": "macs", "nonzero_params": "nonzero_params"}
+             "macs": "macs", "nonzero_params": "nonzero_params",
+             # with a hardware profile (nasopt.hardware): batch-1 latency, peak activation memory
+             "latency": "latency_ms", "sram": "sram_bytes"}
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("accuracy", "maximize", lambda m: m.accuracy, "validation accuracy"),
@@ -35,6 +37,10 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               "bytes of the uncompressed weights as float32"),
     Objective("params", "minimize", lambda m: float(m.params), "stored parameters"),
     Objective("macs", "minimize", lambda m: float(m.macs), "multiply-accumulates per sample"),
+    Objective("latency", "minimize", lambda m: float(m.latency_ms),
+              "batch-1 latency in ms on the --hardware profile"),
+    Objective("sram", "minimize", lambda m: float(m.sram_bytes),
+              "peak activation bytes at the --hardware profile's data type"),
 )}
 
 
@@ -73,19 +79,23 @@ def get_objectives(names: Sequence[str], budgets: Mapping[str, float] | None = N
 # ---- budgets ------------------------------------------------------------------------------
 _UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1024 ** 2, "mib": 1024 ** 2,
           "k": 1e3, "m": 1e6, "g": 1e9}
+_TIME_UNITS = {"": 1.0, "ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}  # -> milliseconds
 
 
 def parse_quantity(text: str | float, what: str) -> float:
-    """``4KB`` -> 4096 (bytes use binary units), ``2M`` -> 2e6 (counts use decimal units)."""
+    """``4KB`` -> 4096 (bytes use binary units), ``2M`` -> 2e6 (counts use decimal units);
+    for ``latency``: milliseconds, ``0.3ms`` -> 0.3, ``300us`` -> 0.3, a bare number is ms."""
+    units, example = ((_TIME_UNITS, "0.3ms, 300us") if what == "latency"
+                      else (_UNITS, "4KB, 32KiB, 8192, 2M"))
     if isinstance(text, (int, float)):
         value = float(text)
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+        match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-zA-Zµ]*)\s*",
+                             str(text))
         unit = match.group(2).lower() if match else None
-        if not match or unit not in _UNITS:
-            raise NasoptError(f"cannot read the {what} budget {text!r}; write e.g. 4KB, 32KiB, "
-                              f"8192, 2M")
-        value = float(match.group(1)) * _UNITS[unit]
+        if not match or unit not in units:
+            raise NasoptError(f"cannot read the {what} budget {text!r}; write e.g. {example}")
+        value = float(match.group(1)) * units[unit]
     if value <= 0:
         raise NasoptError(f"the {what} budget must be positive, got {text!r}")
     return value

@@ -1,0 +1,215 @@
+"""Hardware: profiles, peak activation memory, the latency look-up table, constrained search."""
+from __future__ import annotations
+
+import random
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from nasopt import api, cli, hardware, lut, memory
+from nasopt.errors import NasoptError
+from nasopt.hardware_eval import check_possible, latency_floor
+from nasopt.objectives import Constraint, parse_quantity
+
+QUICK = ["--set", "supernet.epochs=1", "--set", "supernet.warmup_epochs=1", "--quiet"]
+
+
+def _space(name: str):
+    shape = (1, 40) if name == "conv1d" else (1, 8, 8)
+    return api.SPACES[name](shape, 10)
+
+
+# ---- peak memory -----------------------------------------------------------------------------
+def test_peak_memory_of_a_small_conv1d_equals_the_hand_count():
+    space = _space("conv1d")
+    arch = {**space.smallest(), "s1.depth": 2, "s1.width": 8, "s2.width": 16, "s3.width": 8,
+            "head.rank": 1.0}
+    steps = {s.op: s.live_bytes for s in memory.trace(memory.deployed_structure(space, arch),
+                                                     space.input_shape, "int8")}
+    # int8, one byte per value. input 1x40; s1 stride 2 -> 8x20 = 160; s2 -> 16x10 = 160;
+    # s3 -> 8x5 = 40; head 40 -> 10
+    assert steps["stages_0_blocks_0_conv"] == 40 + 160  # input + output
+    # residual block: the skip input (160) stays alive next to the conv output (160); the add
+    # writes into the branch buffer, so no third buffer
+    assert steps["stages_0_blocks_1_conv"] == 160 + 160
+    assert steps["add"] == 160 + 160
+    assert steps["stages_1_blocks_0_conv"] == 160 + 160
+    assert steps["stages_2_blocks_0_conv"] == 160 + 40
+    assert steps["head"] == 40 + 10
+    model = memory.deployed_structure(space, arch)
+    assert memory.peak_bytes(model, space.input_shape, "int8") == 320
+    assert memory.peak_bytes(model, space.input_shape, "fp32") == 4 * 320
+
+
+def test_peak_memory_counts_the_skip_branch_of_an_inverted_residual():
+    space = _space("mobilenet")
+    arch = {**space.smallest(), "stem.width": 8, "s1.depth": 2, "s1.expand": 2, "s1.width": 8,
+            "s1.rank": 1.0, "s2.rank": 1.0, "s3.rank": 1.0, "head.rank": 1.0}
+    steps = {s.op: s.live_bytes for s in memory.trace(memory.deployed_structure(space, arch),
+                                                     space.input_shape, "int8")}
+    # stem 3x3 stride 1: 1x8x8 (64) -> 8x8x8 (512); block 0 (no skip): expand 8 -> 16 ch at
+    # 8x8 (1024), depthwise stride 2 -> 16x4x4 (256), project -> 8x4x4 (128)
+    assert steps["stem"] == 64 + 512
+    assert steps["stages_0_blocks_0_expand"] == 512 + 1024
+    assert steps["stages_0_blocks_0_dw"] == 1024 + 256
+    assert steps["stages_0_blocks_0_project"] == 256 + 128
+    # block 1 (residual): the skip input (128) lives through the block
+    assert steps["stages_0_blocks_1_expand"] == 128 + 256
+    assert steps["stages_0_blocks_1_dw"] == 128 + 256 + 256
+    assert steps["stages_0_blocks_1_project"] == 128 + 256 + 128
+    assert memory.arch_peak_bytes(space, arch, "int8") == 1536
+
+
+# ---- latency look-up table ---------------------------------------------------------------------
+def _cost(key: str) -> float:  # a synthetic cost per unit
+    return (zlib.crc32(key.encode()) % 997 + 3) / 1e4
+
+
+@pytest.mark.parametrize("name", ["conv1d", "mobilenet"])
+def test_lut_predictor_recovers_a_synthetic_cost_model(name):
+    space = _space(name)
+    if name == "mobilenet":  # a sub-space keeps the enumeration short
+        space = space.restrict({"s2.k": (3,), "s3.k": (3,), "s2.rank": (1.0,),
+                                "s3.rank": (1.0,)})
+    scale, constant = 0.7, 0.0123
+
+    def measure(arch):  # a "device" whose latency is a sum of per-unit costs + a constant
+        return scale * sum(_cost(u.key) for u in lut.units(space, arch)) + constant, 0.0
+
+    profile = hardware.load_profile("cpu-ort")
+    table = lut.build_table(space, profile, time_unit=lambda u: _cost(u.key),
+                            measure_arch=measure, fit_archs=6)
+    assert table.scale == pytest.approx(scale) and table.constant == pytest.approx(constant)
+    rng = random.Random(7)
+    for _ in range(20):  # every random arch's units are in the table, the prediction is exact
+        arch = space.sample(rng)
+        assert table.predict(space, arch) == pytest.approx(measure(arch)[0], rel=1e-9)
+    result = lut.validate(table, space, profile, n=15, measure_arch=measure)
+    assert result.within == 1.0 and result.tau == pytest.approx(1.0)
+    # expected latency: exact at a point mass; a differentiable average otherwise
+    arch = space.sample(rng)
+    point = {g: np.array([1.0 if o == arch[g] else 0.0 for o in opts])
+             for g, opts in space.genes.items()}
+    assert table.expected_latency(point) == pytest.approx(table.predict(space, arch))
+    uniform = {g: torch.full((len(o),), 1 / len(o), requires_grad=True)
+               for g, o in space.genes.items()}
+    expected = table.expected_latency(uniform)
+    expected.backward()
+    samples = [table.predict(space, space.sample(rng)) for _ in range(400)]
+    assert float(expected) == pytest.approx(np.mean(samples), rel=0.05)
+    assert uniform[f"s1.{'k' if name == 'conv1d' else 'expand'}"].grad is not None
+    assert latency_floor(table) <= min(samples)
+    # a round trip through the JSON file
+    table.save(path := lut.Path("/tmp") / f"nasopt-test-lut-{name}.json")
+    again = lut.LatencyTable.load(path)
+    path.unlink()
+    assert again.predict(space, arch) == pytest.approx(table.predict(space, arch))
+
+
+def test_lut_lookup_outside_its_space_is_a_clear_error():
+    space = _space("conv1d")
+    small = space.restrict({"s1.k": (3,)})
+    table = lut.build_table(small, hardware.load_profile("cpu-ort"),
+                            time_unit=lambda u: _cost(u.key),
+                            measure_arch=lambda a: (1.0, 0.0), fit_archs=0)
+    with pytest.raises(NasoptError, match="no entry for unit"):
+        table.predict(space, {**space.smallest(), "s1.k": 7})
+
+
+# ---- profiles and budgets ------------------------------------------------------------------------
+def test_shipped_profiles_load():
+    for name in hardware.shipped():
+        profile = hardware.load_profile(name)
+        assert profile.name == name and profile.dtype in memory.DTYPE_BYTES
+    assert hardware.load_profile("mcu").limits == {"size": 65536, "sram": 16384}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('name = "x"\n[runtime]\nthread = 2\n', "unknown key 'runtime.thread' (did you mean "
+     "'runtime.threads'?)"),
+    ('name = "x"\n[limit]\nsram = "1KB"\n', "unknown section 'limit' (did you mean 'limits'?)"),
+    ('name = "x"\n[runtime]\ndtype = "int4"\n', "runtime.dtype = 'int4' is not one of"),
+    ('name = "x"\n[limits]\nsram = "-4KB"\n', "must be positive"),
+    ('name = "x"\n[limits]\nlatency = "fast"\n', "cannot read the latency budget"),
+    ('name = "x"\n[runtime]\nengine = "none"\n', "needs runtime.engine"),
+    ('[runtime]\nthreads = 1\n', "name is missing"),
+    ('name = "x"\n[runtime]\nthreads = "two"\n', "must be a int"),
+    ('name = "x"\n[runtime\n', "cannot read hardware profile"),
+])
+def test_profile_errors_are_clear(tmp_path, text, message):
+    path = tmp_path / "my.toml"
+    path.write_text(text)
+    with pytest.raises(NasoptError, match="hardware profile") as info:
+        hardware.load_profile(path)
+    assert message in str(info.value)
+
+
+def test_unknown_profile_name_suggests_a_shipped_one():
+    with pytest.raises(NasoptError, match="did you mean 'cpu-ort'"):
+        hardware.load_profile("cpu-ortt")
+
+
+def test_latency_budget_parsing():
+    assert parse_quantity("0.3ms", "latency") == pytest.approx(0.3)
+    assert parse_quantity("250us", "latency") == pytest.approx(0.25)
+    with pytest.raises(NasoptError, match="0.3ms"):
+        parse_quantity("0.3 parsecs", "latency")
+
+
+def test_impossible_budgets_are_one_clear_error(capsys, tmp_path):
+    space = _space("mobilenet")
+    mcu = hardware.load_profile("mcu")
+    need = memory.arch_peak_bytes(space, space.smallest(), "int8")
+    check_possible(space, mcu, [Constraint("sram", need)], None)  # just possible: fine
+    with pytest.raises(NasoptError, match=f"impossible budget.*needs {need} B"):
+        check_possible(space, mcu, [Constraint("sram", need - 1)], None)
+    # through the command line, before any supernet training: one message, exit code 2
+    code = cli.main(["search", "--space", "mobilenet", "--dataset", "digits", "--hardware",
+                     "mcu", "--max-sram", "100B", "--run-dir", str(tmp_path), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("nasopt: error: impossible budget")
+    code = cli.main(["search", "--space", "mobilenet", "--dataset", "digits", "--hardware",
+                     "mcu", "--max-latency", "1ms", "--run-dir", str(tmp_path), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "metrics.latency = \"none\"" in err
+
+
+# ---- constrained search ----------------------------------------------------------------------------
+def test_constrained_search_on_digits_reports_only_feasible_winners(tmp_path, capsys):
+    space = _space("mobilenet")
+    # a budget between the smallest and the largest arch's needs, so that some archs miss it
+    low = memory.arch_peak_bytes(space, space.smallest(), "int8")
+    high = memory.arch_peak_bytes(space, space.largest(), "int8")
+    budget = (low + high) // 2
+    cfg = api.load_config(overrides=["data.dataset=\"digits\"", "search.space=\"mobilenet\"",
+                                     "supernet.epochs=1", "supernet.warmup_epochs=1",
+                                     "search.trials=10", "search.strategy=\"nsga2\"",
+                                     "search.hardware=\"mcu\"",
+                                     f"search.budgets={{sram = \"{budget}B\"}}",
+                                     f"run_dir=\"{tmp_path}\""])
+    outcome = api.search(cfg, show_progress=False)
+    frame = api.trials(outcome.study)
+    srams = [t.user_attrs["metrics"]["sram_bytes"] for t in outcome.study.trials]
+    assert all(isinstance(s, int) and s > 0 for s in srams)
+    assert any(s > budget for s in srams) and any(s <= budget for s in srams)
+    front = api.pareto(outcome.study)
+    assert len(front) >= 1
+    winners = {int(n) for n in front["trial"]}
+    for t in outcome.study.trials:
+        if t.number in winners:
+            assert t.user_attrs["metrics"]["sram_bytes"] <= budget
+            assert t.user_attrs["metrics"]["compressed_bytes"] <= 65536  # the mcu flash limit
+    assert set(frame.loc[~frame["feasible"], "trial"]).isdisjoint(winners)
+
+
+def test_search_without_a_feasible_arch_says_so_and_shows_the_closest(tmp_path, capsys):
+    space = _space("mobilenet")
+    budget = memory.arch_peak_bytes(space, space.smallest(), "int8") + 1  # possible, not likely
+    code = cli.main(["search", "--space", "mobilenet", "--dataset", "digits", "--trials", "3",
+                     "--hardware", "mcu", "--max-sram", f"{budget}B", "--run-dir",
+                     str(tmp_path), *QUICK])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "no completed trial meets the budgets" in out and "the closest is trial" in out
