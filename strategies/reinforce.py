@@ -16,8 +16,10 @@ other objective (for one that is maximized the ratio is inverted) and target_j t
 cost_j over the study's completed trials**, so the policy trades accuracy for size around the
 sizes it has seen instead of needing a user budget.
 
-Budgets (constraints from ``--max-*``) are not part of the reward: the policy learns from the
-objectives alone, while the study's Pareto sets still leave infeasible trials out.
+Budgets (constraints from ``--max-*``, recorded with ``trial.set_constraint``): a trial that
+misses one gets the lowest reward of the replayed trials, so it never beats a feasible arch and
+the policy learns to leave infeasible regions (a hard penalty bounded by the rewards seen, which
+keeps the advantage on the scale of the objectives). Without budgets the reward is unchanged.
 
 State: none is stored. On every call the policy is rebuilt by replaying the study's completed
 trials in trial-number order from zero logits, so a resumed study (or another process sharing the
@@ -44,6 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 from nasopt.errors import NasoptError
 from nasopt.space import SearchSpace
 from nasopt.objectives import MNASNET_W
+from nasopt.study import constraint_excess
 from nasopt.strategy import GeneSampler, Strategy
 
 LR = 0.05
@@ -72,11 +75,18 @@ def mnasnet_rewards(values: Sequence[Sequence[float]],
 
 def rewards_of(trials: Sequence[FrozenTrial], directions: Sequence[StudyDirection],
                w: float = MNAS_W) -> list[float]:
-    """One reward per trial: the objective value for one objective, else the MnasNet reward."""
+    """One reward per trial: the objective value for one objective, else the MnasNet reward;
+    a trial that misses a budget gets the lowest reward of ``trials`` (see the module doc)."""
     if len(directions) == 1:
         sign = 1.0 if directions[0] == StudyDirection.MAXIMIZE else -1.0
-        return [sign * t.values[0] for t in trials]
-    return mnasnet_rewards([t.values for t in trials], directions, w)
+        rewards = [sign * t.values[0] for t in trials]
+    else:
+        rewards = mnasnet_rewards([t.values for t in trials], directions, w)
+    finite = [r for r in rewards if math.isfinite(r)]
+    if not finite:
+        return rewards
+    floor = min(finite)
+    return [floor if constraint_excess(t) > 0 else r for t, r in zip(trials, rewards)]
 
 
 class ReinforceSampler(GeneSampler):
