@@ -91,6 +91,9 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     if gradient and s.table is not None:
         raise NasoptError(f"strategy {s.strategy!r} searches by gradient on a trained supernet; "
                           f"tabular mode (--table) has none: use a sampling strategy")
+    if gradient:
+        from .relaxation import check_space
+        check_space(s.space)
     profile = _hardware_profile(s, log)
     constraints = get_constraints({**(profile.limits if profile else {}), **s.budgets})
     if profile is not None:
@@ -140,7 +143,8 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
         from .gradient_run import run_gradient
         new = run_gradient(study, space, supernet, path, data, evaluator, objectives, constraints,
                            variant=s.strategy, trials=s.trials, seed=s.seed, run_dir=cfg.run_dir,
-                           timeout=s.timeout, show_progress=show_progress, log=log)
+                           timeout=s.timeout, show_progress=show_progress,
+                           settings=cfg.gradient, log=log)
         return SearchOutcome(study, space, path, new)
     new = run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
                      trial_attrs={"strategy": s.strategy, "seed": s.seed},

@@ -80,11 +80,32 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class GradientConfig:
+    """The gradient strategies (``darts``, ``gdas``; nasopt.gradient_run, nasopt.gradient)."""
+
+    epochs: int = 8
+    lr_w: float = 0.001  # Adam, the relaxed copy of the supernet's weights (train split)
+    lr_alpha: float = 0.05  # Adam, the architecture logits (validation split)
+    batch_size: int = 128
+    #: cost weight of lam * log E[size] without a size budget (default 0.5 when size is an
+    #: objective); with --max-size the budget is the target of a Lagrangian instead
+    lam: float | None = None
+    dual_lr: float = 0.05  # step of the Lagrange multiplier toward the size target
+    tau: tuple[float, float] = (5.0, 0.2)  # GDAS Gumbel temperature, first and last epoch
+    max_batches: int | None = None  # cap on steps per epoch (tests, quick looks)
+
+    def __post_init__(self) -> None:
+        _positive("gradient", epochs=self.epochs, lr_w=self.lr_w, lr_alpha=self.lr_alpha,
+                  batch_size=self.batch_size, dual_lr=self.dual_lr)
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    gradient: GradientConfig = field(default_factory=GradientConfig)
     run_dir: str = "runs"
     device: str = "auto"
 

@@ -27,6 +27,9 @@ class Strategy:
     name: str
     description: str
     make_sampler: SamplerFactory  # (space, seed) -> sampler
+    #: "sampler": proposes archs through ``make_sampler``; "gradient": optimizes architecture
+    #: logits on the relaxed supernet (nasopt.gradient_run) and records its derived archs
+    kind: str = "sampler"
 
 
 class GeneSampler(optuna.samplers.BaseSampler):

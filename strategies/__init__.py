@@ -1,9 +1,12 @@
-"""Search strategies, one module per strategy. ``STRATEGIES`` maps a name to its Strategy."""
+"""Search strategies, one module per strategy. ``STRATEGIES`` maps a name to its Strategy (Optuna
+samplers); ``GRADIENT_STRATEGIES`` holds the gradient strategies (kind "gradient", run by
+nasopt.gradient_run, not samplers)."""
 from __future__ import annotations
 
 from nasopt.strategy import Strategy
 
-from . import evolution, nsga2, random_search, reinforce, staged, tpe
+from . import darts, evolution, gdas, nsga2, random_search, reinforce, staged, tpe
 
 STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (
     random_search, nsga2, tpe, evolution, reinforce, staged)}
+GRADIENT_STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (darts, gdas)}

@@ -1,0 +1,155 @@
+"""Gradient strategies (``darts``, ``gdas``) inside a nasopt search.
+
+Gradient search is not an Optuna sampler: it optimizes architecture logits on a relaxed copy of
+the trained supernet (:mod:`nasopt.relaxation`, :func:`nasopt.gradient.gradient_search`), then
+the top derived archs are scored by the *same* Evaluator as every other strategy and recorded as
+ordinary trials of the study (params = genes, user attr ``strategy`` = darts / gdas), so they
+land on the same Pareto front. The supernet checkpoint is never written: the relaxation
+fine-tunes a private copy of its weights, and derived archs are scored with the supernet's own
+weights, like every trial.
+
+Cost: with a size budget (``--max-size``) the budget is the target of the expected packed size
+(Lagrangian rule, :mod:`nasopt.gradient`); without one, if ``size`` is an objective, the cost is
+``DEFAULT_LAM * log E[size]``; otherwise accuracy alone.
+
+Resume: the search's result (final logits and trajectory) is saved in
+``run_dir/gradient/<study>/<variant>-<key>.json`` (key = hash of the settings, the supernet and
+the seed) with its CSV and PNG; a re-run with the same settings reuses it instead of searching
+again, derives the same archs, and records only those the study does not hold yet.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial
+
+from .arch import Arch
+from .config import GradientConfig
+from .errors import NasoptError
+from .gradient import (GradientResult, gradient_search, load_trajectory, plot_trajectory,
+                       save_trajectory)
+from .objectives import Constraint, Objective
+from .relaxation import relax
+from .search import Evaluate, run_search
+from .space import SearchSpace
+from .study import completed
+from .supernet import Supernet
+
+#: cost weight of ``lam * log E[size]`` when size is an objective without a budget
+DEFAULT_LAM = 0.5
+
+
+class DerivedSampler(optuna.samplers.BaseSampler):
+    """Proposes a fixed list of archs, one per trial, in order (the derived archs)."""
+
+    def __init__(self, archs: Sequence[Arch]):
+        self._archs = list(archs)
+        self._given: dict[int, Arch] = {}
+        self._fallback = optuna.samplers.RandomSampler(seed=0)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
+                                    ) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if trial._trial_id not in self._given:
+            if not self._archs:
+                raise NasoptError("no derived arch left to propose")
+            self._given[trial._trial_id] = self._archs.pop(0)
+        return self._given[trial._trial_id][param_name]
+
+
+def settings_key(variant: str, settings: GradientConfig, supernet_path: Path | str,
+                 space: SearchSpace, lam: float | None, target: float | None, seed: int) -> str:
+    payload = json.dumps({"variant": variant, "settings": asdict(settings),
+                          "supernet": Path(supernet_path).name, "space": space.describe(),
+                          "lam": lam, "target": target, "seed": seed}, sort_keys=True,
+                         default=list)
+    return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def cost_rule(objectives: Sequence[Objective], constraints: Sequence[Constraint],
+              lam: float | None = None) -> tuple[float | None, float | None]:
+    """(lam, target) of the size cost: the size budget as target (``lam``, if given, is the
+    multiplier's start), else ``lam`` (DEFAULT_LAM when not given) when size is an objective,
+    else neither."""
+    for c in constraints:
+        if c.name == "size":
+            return lam, float(c.limit)
+    if any(o.name == "size" for o in objectives):
+        return (DEFAULT_LAM if lam is None else lam), None
+    return None, None
+
+
+def run_gradient(study: optuna.Study, space: SearchSpace, supernet: Supernet,
+                 supernet_path: Path, data: Any, evaluate: Evaluate,
+                 objectives: Sequence[Objective], constraints: Sequence[Constraint], *,
+                 variant: str, trials: int, seed: int, run_dir: str | Path,
+                 timeout: float | None = None, show_progress: bool = True,
+                 settings: GradientConfig = GradientConfig(),
+                 log: Callable[[str], None] = lambda s: None) -> int:
+    """Search by gradient (or reuse the saved result), then record derived archs until the
+    study holds ``trials`` completed trials. Returns the number of trials run by this call."""
+    remaining = trials - len(completed(study))
+    if remaining <= 0:
+        return 0
+    lam, target = cost_rule(objectives, constraints, settings.lam)
+    key = settings_key(variant, settings, supernet_path, space, lam, target, seed)
+    folder = Path(run_dir) / "gradient" / study.study_name
+    stem = f"{variant}-{key}"
+    saved = folder / f"{stem}.json"
+    relaxation = relax(space, supernet)
+    if saved.exists():
+        result = load_trajectory(saved)
+        log(f"reusing the {variant} search result {saved}")
+    else:
+        log(f"{variant} search: {settings.epochs} epochs on the relaxed supernet, cost "
+            + (f"target {target:.0f} B" if target is not None else
+               f"lam {lam} * log E[size]" if lam is not None else "none"))
+        result = gradient_search(relaxation, data, variant=variant, epochs=settings.epochs,
+                                 lr_w=settings.lr_w, lr_alpha=settings.lr_alpha,
+                                 cost="size", lam=lam, target=target, seed=seed,
+                                 batch_size=settings.batch_size, tau=tuple(settings.tau),
+                                 dual_lr=settings.dual_lr, max_batches=settings.max_batches)
+        save_trajectory(result, folder, stem)
+        plot_trajectory(result, folder / f"{stem}.png",
+                        f"{variant} on {space.name}: gene probabilities per epoch")
+        last = result.trajectory[-1]["expected"].get("size")
+        log(f"{variant} search done in {result.wall_s:.1f}s; expected size "
+            f"{last:.0f} B; trajectory in {folder / stem}.json/.csv/.png")
+    seen = {Arch(t.params).key for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE}
+    archs: list[Arch] = []
+    for arch, _ in result.derive(remaining + len(seen)):
+        full = relaxation.full_arch(arch)
+        if full.key not in seen:
+            archs.append(full)
+        if len(archs) == remaining:
+            break
+    if not archs:
+        log(f"every arch {variant} derives is already in the study")
+        return 0
+    study.sampler = DerivedSampler(archs)
+    return run_search(study, space, evaluate, objectives, len(completed(study)) + len(archs),
+                      timeout, show_progress, trial_attrs={"strategy": variant, "seed": seed},
+                      constraints=constraints)
+
+
+def trial_prob(result: GradientResult, arch: Mapping[str, Any]) -> float:
+    """The joint probability of ``arch`` (its relaxed genes) under the result's distributions."""
+    p = 1.0
+    for g, opts in result.genes.items():
+        p *= result.probs[g][list(opts).index(arch[g])]
+    return p

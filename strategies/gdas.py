@@ -1,0 +1,17 @@
+"""``gdas``: gradient search with hard Gumbel-softmax samples of every gene (GDAS / FBNet style,
+annealed temperature, straight-through gradients) on the relaxed supernet; the top derived archs
+are recorded as trials. See nasopt.gradient and nasopt.gradient_run."""
+import optuna
+
+from nasopt.errors import NasoptError
+from nasopt.space import SearchSpace
+from nasopt.strategy import Strategy
+
+
+def _make(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    raise NasoptError(f"{STRATEGY.name!r} is a gradient strategy, not a sampler: run it with "
+                      f"nasopt search --strategy {STRATEGY.name} (nasopt.gradient_run)")
+
+
+STRATEGY = Strategy("gdas", "gradient search with Gumbel-softmax samples (GDAS/FBNet, "
+                    "annealed temperature; conv1d)", _make, kind="gradient")
