@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from search_spaces import SPACES
-from strategies import GRADIENT_STRATEGIES, STRATEGIES
+from strategies import GRADIENT_STRATEGIES, NNI_STRATEGIES, STRATEGIES
 
 from . import export as _export
 from . import inspection as _inspection
@@ -37,7 +37,8 @@ from .tabular import TabularEvaluator
 
 __all__ = ["Config", "load_config", "search", "open_storage", "studies", "open_study", "pareto",
            "trials", "compare", "importance", "export",
-           "load", "make_space", "SPACES", "STRATEGIES", "GRADIENT_STRATEGIES"]
+           "load", "make_space", "SPACES", "STRATEGIES", "GRADIENT_STRATEGIES",
+           "NNI_STRATEGIES"]
 
 Log = Callable[[str], None]
 
@@ -84,9 +85,12 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     In tabular mode (``search.table`` set) accuracy is read from the table instead: no dataset is
     loaded and no supernet trained."""
     s = cfg.search
-    if s.strategy not in STRATEGIES and s.strategy not in GRADIENT_STRATEGIES:
+    if s.strategy not in {**STRATEGIES, **GRADIENT_STRATEGIES, **NNI_STRATEGIES}:
         raise NasoptError(f"unknown strategy {s.strategy!r}; known: "
-                          f"{', '.join([*STRATEGIES, *GRADIENT_STRATEGIES])}")
+                          f"{', '.join([*STRATEGIES, *GRADIENT_STRATEGIES, *NNI_STRATEGIES])}")
+    if s.strategy in NNI_STRATEGIES:  # the optional extra is checked before any work
+        from .nni_bridge import import_nni
+        import_nni()
     gradient = s.strategy in GRADIENT_STRATEGIES  # not a sampler: see nasopt.gradient_run
     if gradient and s.table is not None:
         raise NasoptError(f"strategy {s.strategy!r} searches by gradient on a trained supernet; "
@@ -128,7 +132,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     # check (or create) the study before spending time on the supernet
     existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
     # a continued study gets fresh draws: the sampler seed depends on the trials already there
-    sampler = (None if gradient else
+    sampler = (None if gradient or s.strategy in NNI_STRATEGIES else
                STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials)))
     data = data.to(device)
     supernet, path = train_supernet(space, data, cfg.supernet, Path(cfg.run_dir) / "supernets",
@@ -146,9 +150,8 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                            timeout=s.timeout, show_progress=show_progress,
                            settings=cfg.gradient, log=log)
         return SearchOutcome(study, space, path, new)
-    new = run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
-                     trial_attrs={"strategy": s.strategy, "seed": s.seed},
-                     constraints=constraints)
+    new = _run_trials(study, space, evaluator, objectives, s, constraints, show_progress,
+                      s.seed * 7919 + len(existing.trials))
     return SearchOutcome(study, space, path, new)
 
 
@@ -181,6 +184,18 @@ def _hardware_setup(space: SearchSpace, profile, constraints: list[Constraint], 
     return wrap, hardware_eval.setup_record(profile, table, path)
 
 
+def _run_trials(study: optuna.Study, space: SearchSpace, evaluator, objectives, s,  # noqa: ANN001
+                constraints: list[Constraint], show_progress: bool, seed: int) -> int:
+    """The search loop of a sampling strategy, or of an NNI strategy (nasopt.nni_bridge)."""
+    attrs = {"strategy": s.strategy, "seed": s.seed}
+    if s.strategy in NNI_STRATEGIES:
+        from .nni_bridge import run_nni_search
+        return run_nni_search(study, space, evaluator, objectives, s.trials, s.strategy, seed,
+                              s.timeout, show_progress, attrs, constraints)
+    return run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
+                      trial_attrs=attrs, constraints=constraints)
+
+
 def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Constraint],
                   show_progress: bool, log: Log) -> SearchOutcome:
     """Tabular mode: the same search loop, scored by a :class:`TabularEvaluator`."""
@@ -203,13 +218,13 @@ def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Co
              "objectives": list(s.objectives),
              "budgets": {c.name: c.limit for c in constraints}}
     existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
-    sampler = STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials))
+    sampler = (None if s.strategy in NNI_STRATEGIES else
+               STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials)))
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     study.set_user_attr(_study.SETUP_ATTR, setup)  # records the table's path as found this time
     cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")
-    new = run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
-                     trial_attrs={"strategy": s.strategy, "seed": s.seed},
-                     constraints=constraints)
+    new = _run_trials(study, space, evaluator, objectives, s, constraints, show_progress,
+                      s.seed * 7919 + len(existing.trials))
     return SearchOutcome(study, space, None, new)
 
 

@@ -221,8 +221,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"  {gene:<12} {list(opts)}")
         return 0
     if args.command == "strategies":
-        for name, strategy in {**api.STRATEGIES, **api.GRADIENT_STRATEGIES}.items():
-            print(f"{name:<10} {strategy.description}")
+        for name, strategy in {**api.STRATEGIES, **api.GRADIENT_STRATEGIES,
+                               **api.NNI_STRATEGIES}.items():
+            print(f"{name:<13} {strategy.description}")
         return 0
     if args.command == "bench":
         import importlib

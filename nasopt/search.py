@@ -25,6 +25,30 @@ def suggest_arch(trial: optuna.Trial, space: SearchSpace) -> Arch:
                            for g, opts in space.genes.items()})
 
 
+def measure_trial(trial: optuna.Trial, space: SearchSpace, evaluate: Evaluate,
+                  objectives: Sequence[Objective], trial_attrs: Mapping[str, Any] | None = None,
+                  constraints: Sequence[Constraint] = ()) -> list[float]:
+    """Evaluate the trial's arch and record what every trial of a nasopt study holds: the arch
+    as params (and user attr ``arch``), ``trial_attrs``, ``metrics``, constraint values. Returns
+    the objective values; raises on a failed evaluation or non-finite values."""
+    for key, value in (trial_attrs or {}).items():
+        trial.set_user_attr(key, value)
+    arch = suggest_arch(trial, space)
+    trial.set_user_attr("arch", arch.key)  # the params again, in one line for the dashboard
+    metrics = evaluate(arch)
+    trial.set_user_attr("metrics", metrics.to_dict())
+    violations = {c.name: c.value(metrics) for c in constraints}
+    for name, value in violations.items():
+        trial.set_constraint(name, value)
+    if violations:
+        trial.set_user_attr("constraints", violations)
+        trial.set_user_attr("feasible", all(v <= 0 for v in violations.values()))
+    values = [float(o.value(metrics)) for o in objectives]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"non-finite objective values {values} for arch {arch.key}")
+    return values
+
+
 def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
                objectives: Sequence[Objective], trials: int, timeout: float | None = None,
                show_progress: bool = True, trial_attrs: Mapping[str, Any] | None = None,
@@ -50,22 +74,7 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
             raise
 
     def measure(trial: optuna.Trial) -> list[float]:
-        for key, value in (trial_attrs or {}).items():
-            trial.set_user_attr(key, value)
-        arch = suggest_arch(trial, space)
-        trial.set_user_attr("arch", arch.key)  # the params again, in one line for the dashboard
-        metrics = evaluate(arch)
-        trial.set_user_attr("metrics", metrics.to_dict())
-        violations = {c.name: c.value(metrics) for c in constraints}
-        for name, value in violations.items():
-            trial.set_constraint(name, value)
-        if violations:
-            trial.set_user_attr("constraints", violations)
-            trial.set_user_attr("feasible", all(v <= 0 for v in violations.values()))
-        values = [float(o.value(metrics)) for o in objectives]
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"non-finite objective values {values} for arch {arch.key}")
-        return values
+        return measure_trial(trial, space, evaluate, objectives, trial_attrs, constraints)
 
     bar = progress_bar(total=remaining, desc=f"search {study.study_name}", unit="trial",
                        enabled=show_progress)

@@ -10,3 +10,8 @@ from . import darts, evolution, gdas, nsga2, random_search, reinforce, staged, t
 STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (
     random_search, nsga2, tpe, evolution, reinforce, staged)}
 GRADIENT_STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (darts, gdas)}
+
+from . import nni  # noqa: E402  (after the samplers: it names no sampler)
+
+#: NNI's multi-trial strategies through nasopt.nni_bridge (kind "nni"; optional extra nasopt[nni])
+NNI_STRATEGIES: dict[str, Strategy] = nni.STRATEGIES
