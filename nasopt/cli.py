@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(out="results/distill.md")
     from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run
     add_deploy_parsers(sub)
-    from .cli_hw import add_parsers as add_hw_parsers  # hw profiles/measure/profile/validate
+    from .cli_hw import add_bench_parser, add_parsers as add_hw_parsers  # nasopt hw, bench
     add_hw_parsers(sub)
+    add_bench_parser(bsub)
     return parser
 
 

@@ -55,6 +55,21 @@ def add_parsers(sub) -> None:  # noqa: ANN001
         _add_common(q)
 
 
+def add_bench_parser(bsub) -> None:  # noqa: ANN001
+    q = bsub.add_parser("hardware", help="latency predictor accuracy (conv1d, mobilenet) and "
+                        "latency / MCU-constrained MNIST-1D searches (writes results/hardware.md)")
+    q.add_argument("--validate-n", type=int, default=100, help="random archs per predictor "
+                   "validation (default 100)")
+    q.add_argument("--trials", type=int, default=60, help="evaluations per constrained search "
+                   "(default 60)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--skip-int8", action="store_true", help="no cpu-ort-int8 predictor row")
+    q.add_argument("--out", default="results/hardware.md", help="report path")
+    q.add_argument("--run-dir", default="runs", help="supernet checkpoint and latency tables")
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set supernet.epochs=20")
+
+
 def _add_common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--hardware", default="cpu-ort", metavar="PROFILE",
                    help="cpu-ort (default), cpu-ort-int8, mcu or a .toml file")
