@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The demo: set up, then search the conv1d space on MNIST-1D (accuracy vs model size) with
-# NSGA-II, recorded in an SQLite study under results/demo/, and print the Pareto front.
-# Re-running continues the same study (and reuses the trained supernet).
+# The demo: set up, then the whole pipeline on MNIST-1D (configs/mnist1d.toml): train the conv1d
+# supernet, search it (accuracy vs packed size, <= 4 KB), pick, distill, fine-tune with the
+# compression policy (QAT), export (verified) and report. Study and supernet go to
+# results/mnist1d_run/, the model and its card (metrics.json, REPORT.md) to results/mnist1d_model/.
+# Re-running reuses the trained supernet and the finished trials.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 source .venv/bin/activate
-nasopt search --space conv1d --dataset mnist1d --strategy nsga2 --trials 60 \
-  --run-dir results/demo --storage sqlite:///results/demo/study.db "$@"
+nasopt run configs/mnist1d.toml "$@"

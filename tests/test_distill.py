@@ -15,7 +15,8 @@ from nasopt import api
 from nasopt.cli import main
 from nasopt.compress import Policy, compress, quantize, dequantize, weight_layers
 from nasopt.data import load_dataset
-from nasopt.distill import DistillConfig, Teachers, annealed_temperature, kd_loss, train_student
+from nasopt.distill import (DistillConfig, Hint, Teachers, annealed_temperature, default_hint_layer,
+                            kd_loss, train_student)
 from nasopt.errors import NasoptError
 from nasopt.export import export_model
 from nasopt.finetune import (FinetuneConfig, fake_quantize, finetune, prepare_qat, reheaded)
@@ -67,6 +68,25 @@ def test_teachers_average_weighted_soft_targets_and_annealing():
     temps = [annealed_temperature(4.0, e, 10) for e in range(10)]
     assert temps[0] == pytest.approx(4.0) and temps[-1] == pytest.approx(1.0)
     assert all(t1 > t2 for t1, t2 in zip(temps, temps[1:]))
+
+
+def test_hint_loss_adapts_student_channels_to_teacher_feature(datasets):
+    data = datasets["mnist1d"]
+    space = api.make_space("conv1d", data)
+    torch.manual_seed(0)
+    student, teacher = space.build(space.smallest()), space.build(space.largest())
+    hint = Hint(student, teacher, default_hint_layer(student), data.x_val)
+    assert hint.adapter.in_channels == 8 and hint.adapter.out_channels == 32
+    student(data.x_val[:4])
+    teacher(data.x_val[:4])
+    loss = hint.loss()
+    loss.backward()
+    assert loss.item() > 0 and hint.adapter.weight.grad is not None
+    assert any(p.grad is not None for p in student.parameters())
+    hint.remove()
+    assert not student.get_submodule("stages.2")._forward_hooks
+    with pytest.raises(NasoptError, match="hint layer"):
+        Hint(student, teacher, "no.such.layer", data.x_val)
 
 
 # ---- fake quantization ----------------------------------------------------------------------
