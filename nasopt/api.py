@@ -32,6 +32,7 @@ from .evaluate import Evaluator
 from .objectives import Constraint, Objective, get_constraints, get_objectives
 from .search import run_search
 from .space import SearchSpace, space_from_description
+from .strategy import attach_run_folder
 from .supernet import Supernet, train_supernet
 from .tabular import TabularEvaluator
 
@@ -134,6 +135,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     # a continued study gets fresh draws: the sampler seed depends on the trials already there
     sampler = (None if gradient or s.strategy in NNI_STRATEGIES else
                STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials)))
+    attach_run_folder(sampler, cfg.run_dir, name)  # REINFORCE saves its controller there
     data = data.to(device)
     supernet, path = train_supernet(space, data, cfg.supernet, Path(cfg.run_dir) / "supernets",
                                     device=device, show_progress=show_progress, log=log)
@@ -220,6 +222,7 @@ def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Co
     existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
     sampler = (None if s.strategy in NNI_STRATEGIES else
                STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials)))
+    attach_run_folder(sampler, cfg.run_dir, name)  # REINFORCE saves its controller there
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     study.set_user_attr(_study.SETUP_ATTR, setup)  # records the table's path as found this time
     cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,15 @@ class Strategy:
     #: "sampler": proposes archs through ``make_sampler``; "gradient": optimizes architecture
     #: logits on the relaxed supernet (nasopt.gradient_run) and records its derived archs
     kind: str = "sampler"
+
+
+def attach_run_folder(sampler: optuna.samplers.BaseSampler | None, run_dir: str | Path,
+                      study_name: str) -> optuna.samplers.BaseSampler | None:
+    """Tell a sampler that keeps state on disk (it has ``use_run_folder``, e.g. REINFORCE's
+    controller) the search's run folder; other samplers are returned unchanged."""
+    if sampler is not None and hasattr(sampler, "use_run_folder"):
+        sampler.use_run_folder(Path(run_dir), study_name)
+    return sampler
 
 
 class GeneSampler(optuna.samplers.BaseSampler):

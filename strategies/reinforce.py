@@ -21,11 +21,20 @@ misses one gets the lowest reward of the replayed trials, so it never beats a fe
 the policy learns to leave infeasible regions (a hard penalty bounded by the rewards seen, which
 keeps the advantage on the scale of the objectives). Without budgets the reward is unchanged.
 
-State: none is stored. On every call the policy is rebuilt by replaying the study's completed
-trials in trial-number order from zero logits, so a resumed study (or another process sharing the
-storage) continues exactly where the ledger stands. Trials proposed by other strategies in the
-same study are replayed as if the policy had drawn them (REINFORCE without importance weights):
-they steer it, but are not a correct on-policy gradient. Replay costs O(trials) per call.
+State: the policy is defined by replaying the study's completed trials in trial-number order
+from zero logits, so a resumed study (or another process sharing the storage) continues exactly
+where the ledger stands. Trials proposed by other strategies in the same study are replayed as if
+the policy had drawn them (REINFORCE without importance weights): they steer it, but are not a
+correct on-policy gradient. The controller state (logits, Adam moments, baseline, number of
+updates, the consumed trial numbers and their rewards, and the sampler's random state) is kept
+in memory and, when the search has a run folder (``nasopt search``), written atomically after
+every proposal to ``<run dir>/controllers/<study>.reinforce.json``. A state is resumed from
+(only the newer trials are replayed) when its consumed trials are the first completed trials of
+the study with the same rewards and settings; otherwise it is stale and the policy is replayed
+from zero, which gives the same logits. Resuming from the file also restores the random state,
+so a stopped and restarted search proposes what an uninterrupted one would have. With several
+objectives or budgets the rewards of old trials move with the median cost and the infeasible
+floor, so the state is mostly stale there and replay (O(trials) per call) does the work.
 
 Defaults, fixed before any benchmark ran: Adam with learning rate 0.05 (NATS-Bench's REINFORCE
 uses 0.01 over thousands of steps; a 100-trial budget needs larger steps), baseline decay 0.9 (as
@@ -33,8 +42,12 @@ NATS-Bench), entropy weight 1e-3.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
+import zlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +56,7 @@ from optuna.distributions import BaseDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from nasopt.checkpoint import atomic_write_bytes
 from nasopt.errors import NasoptError
 from nasopt.space import SearchSpace
 from nasopt.objectives import MNASNET_W
@@ -54,6 +68,7 @@ BASELINE_DECAY = 0.9
 ENTROPY_WEIGHT = 1e-3
 MNAS_W = MNASNET_W
 _ADAM = (0.9, 0.999, 1e-8)
+STATE_VERSION = 1
 
 
 def mnasnet_rewards(values: Sequence[Sequence[float]],
@@ -94,10 +109,17 @@ class ReinforceSampler(GeneSampler):
 
     def __init__(self, lr: float = LR, baseline_decay: float = BASELINE_DECAY,
                  entropy_weight: float = ENTROPY_WEIGHT, w: float = MNAS_W,
-                 seed: int | None = None):
+                 seed: int | None = None, state_path: Path | None = None):
         self.lr, self.baseline_decay, self.entropy_weight, self.w = (
             lr, baseline_decay, entropy_weight, w)
         super().__init__(seed)
+        self.state_path = state_path  # where the controller state is saved (None: memory only)
+        self._state: dict | None = None  # the controller after the trials it consumed
+        self._file_read = False
+
+    def use_run_folder(self, run_dir: Path, study_name: str) -> None:
+        """Save the controller state in the run folder (see :func:`state_path`)."""
+        self.state_path = state_path(run_dir, study_name)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         # checked here, outside the objective, so a wrong setup stops the search with this
@@ -108,19 +130,35 @@ class ReinforceSampler(GeneSampler):
     def policy(self, study: Study,
                search_space: dict[str, BaseDistribution]) -> dict[str, np.ndarray]:
         """Per-gene option probabilities after replaying the study's completed trials."""
+        return self.controller(study, search_space, resume=True)[1]
+
+    def controller(self, study: Study, search_space: dict[str, BaseDistribution],
+                   resume: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+        """(controller state, per-gene probabilities) after the study's completed trials;
+        continued from a matching saved state when ``resume``, else replayed from zero."""
         names = list(search_space)
         choices = [list(search_space[n].choices) for n in names]  # type: ignore[attr-defined]
         width = max(len(c) for c in choices)
         valid = np.zeros((len(names), width), dtype=bool)
         for g, c in enumerate(choices):
             valid[g, : len(c)] = True
-        logits = np.zeros(valid.shape)
-        m, v = np.zeros(valid.shape), np.zeros(valid.shape)
         done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: t.number)
-        baseline: float | None = None
-        step = 0
-        for trial, reward in zip(done, rewards_of(done, study.directions, self.w)):
+        rewards = rewards_of(done, study.directions, self.w)
+        key = json.loads(json.dumps({"version": STATE_VERSION, "genes": names,
+                                     "choices": choices, "settings": [
+                                         self.lr, self.baseline_decay, self.entropy_weight,
+                                         self.w]}))
+        start = self._resume_point(key, done, rewards) if resume else None
+        if start is None:
+            logits = np.zeros(valid.shape)
+            m, v = np.zeros(valid.shape), np.zeros(valid.shape)
+            baseline: float | None = None
+            step = consumed = 0
+        else:
+            logits, m, v = (np.array(start[k], dtype=float) for k in ("logits", "m", "v"))
+            baseline, step, consumed = start["baseline"], start["step"], len(start["consumed"])
+        for trial, reward in zip(done[consumed:], rewards[consumed:]):
             if not math.isfinite(reward):
                 continue
             step += 1
@@ -138,8 +176,41 @@ class ReinforceSampler(GeneSampler):
             grad = (advantage * (taken - probs * known)
                     - self.entropy_weight * probs * (log_p + entropy)) * valid
             logits, m, v = _adam_ascent(logits, grad, m, v, step, self.lr)
+        self._state = {"key": key, "consumed": [t.number for t in done], "rewards": rewards,
+                       "logits": logits.tolist(), "m": m.tolist(), "v": v.tolist(),
+                       "baseline": baseline, "step": step}
         probs = _softmax(logits, valid)
-        return {n: probs[g, : len(c)] for g, (n, c) in enumerate(zip(names, choices))}
+        return self._state, {n: probs[g, : len(c)] for g, (n, c) in enumerate(zip(names, choices))}
+
+    def _resume_point(self, key: dict, done: Sequence[FrozenTrial],
+                      rewards: Sequence[float]) -> dict | None:
+        """The state in memory, or on the first call the saved one (whose random state is then
+        adopted), if it consumed ``done``'s first trials with the same rewards; else None."""
+        state = self._state
+        if state is None and not self._file_read and self.state_path is not None:
+            self._file_read = True
+            state = read_state(self.state_path)
+            numbers = [t.number for t in done]
+            if (state is not None and state.get("key") == key and "rng" in state
+                    and numbers[: len(state["consumed"])] == state["consumed"]):
+                name, keys, pos, has_gauss, gauss = state["rng"]
+                self._rng.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss,
+                                     gauss))
+        if state is None or state.get("key") != key:
+            return None
+        k = len(state["consumed"])
+        if ([t.number for t in done[:k]] != state["consumed"]
+                or not np.array_equal(np.asarray(rewards[:k], dtype=float),
+                                      np.asarray(state["rewards"], dtype=float), equal_nan=True)):
+            return None  # stale: other trials, or their rewards moved (median, budget floor)
+        return state
+
+    def _save(self) -> None:
+        if self.state_path is None or self._state is None:
+            return
+        name, keys, pos, has_gauss, gauss = self._rng.get_state()
+        state = {**self._state, "rng": [name, keys.tolist(), pos, has_gauss, gauss]}
+        atomic_write_bytes(self.state_path, json.dumps(state).encode())
 
     def sample_relative(self, study: Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -150,7 +221,24 @@ class ReinforceSampler(GeneSampler):
         for name, p in probs.items():
             choices = search_space[name].choices  # type: ignore[attr-defined]
             out[name] = choices[self._rng.choice(len(choices), p=p / p.sum())]
+        self._save()
         return out
+
+
+def state_path(run_dir: Path, study_name: str) -> Path:
+    """Where a study's REINFORCE controller state lives in a run folder."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)[:80]
+    return Path(run_dir) / "controllers" / f"{safe}-{zlib.crc32(study_name.encode()):08x}.reinforce.json"
+
+
+def read_state(path: Path) -> dict | None:
+    """A saved controller state, or None when the file is missing or unreadable (then the
+    policy is replayed from the study)."""
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 
