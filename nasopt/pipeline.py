@@ -5,7 +5,7 @@ train supernet → search → pick → distill → fine-tune (QAT) → export �
 
 - **pick**: ``rule = "best"``: the feasible trial (all budgets met) with the best validation
   accuracy (ties: the smaller packed size); ``rule = "knee"``: the knee of the feasible
-  accuracy/size Pareto front, the point farthest from the straight line between the front's two
+  accuracy/size Pareto front, the point farthest above the straight line between the front's two
   ends after scaling both axes to [0, 1] (the "Kneedle" idea, Satopää et al., ICDCS-W 2011);
   ``trial = N`` picks a trial by number.
 - **distill**: the picked arch's float model, from inherited supernet weights (``init =
@@ -163,14 +163,15 @@ def pick_trial(study: optuna.Study, cfg: PickConfig) -> int:
 
 
 def knee_index(size, acc) -> int:  # noqa: ANN001
-    """Index of the point of a front (sorted by size) farthest from the chord between its ends,
-    both axes scaled to [0, 1]."""
+    """Index of the knee of a front sorted by size (accuracy rising with size): both axes scaled
+    to [0, 1], the point farthest above the straight line between the two ends (Kneedle's
+    difference curve); a front with no point above that line has no knee: the most accurate."""
     import numpy as np
     s = (size - size.min()) / max(np.ptp(size), 1e-12)
     a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
-    (s0, a0), (s1, a1) = (s[0], a[0]), (s[-1], a[-1])
-    dist = np.abs((a1 - a0) * s - (s1 - s0) * a + s1 * a0 - a1 * s0)
-    return int(np.argmax(dist))
+    chord = a[0] + (a[-1] - a[0]) * (s - s[0]) / max(s[-1] - s[0], 1e-12)
+    gain = a - chord
+    return int(np.argmax(gain)) if gain.max() > 1e-12 else len(size) - 1
 
 
 def student_model(evaluator, arch: Arch, init: str, seed: int) -> nn.Module:  # noqa: ANN001

@@ -308,3 +308,11 @@ def test_finetune_cli_transfers_to_new_classes(pipeline_run, capsys):
     assert main(["finetune", "--from", str(pipeline_run / "model"), "--freeze", "s7",
                  "--epochs", "1", "--out", str(out)]) == 2
     assert "unknown group" in capsys.readouterr().err
+
+
+def test_knee_of_a_front():
+    from nasopt.pipeline import knee_index
+    size = np.array([100.0, 200.0, 300.0, 400.0, 500.0])
+    acc = np.array([0.10, 0.80, 0.85, 0.88, 0.90])
+    assert knee_index(size, acc) == 1
+    assert knee_index(size, np.array([0.1, 0.2, 0.3, 0.4, 0.9])) == 4  # convex: no knee
