@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "model card (metrics.json) instead of running the pipeline again")
     _add_bench_common(q, "report path (default: results/distill.md)")
     q.set_defaults(out="results/distill.md")
+    q = bsub.add_parser("darts-nb201", help="DARTS / DARTS- / GDAS on the NAS-Bench-201 cell "
+                        "space: collapse to parameter-free cells (writes results/darts_nb201.md)")
+    from .bench.darts_nb201 import add_arguments as add_darts_nb201_arguments
+    add_darts_nb201_arguments(q)
     from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run
     add_deploy_parsers(sub)
     from .cli_hw import add_bench_parser, add_parsers as add_hw_parsers  # nasopt hw, bench
@@ -232,7 +236,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         import importlib
         if getattr(args, "out", "x") is None:
             args.out = f"results/{args.bench_command}_{args.dataset.replace('.', '_')}.md"
-        bench = importlib.import_module(f"nasopt.bench.{args.bench_command}")
+        bench = importlib.import_module(f"nasopt.bench.{args.bench_command.replace('-', '_')}")
         path = bench.run(args)
         print(f"wrote {path}")
         return 0

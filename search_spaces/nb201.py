@@ -285,6 +285,10 @@ class Nb201Relaxation(nn.Module):
         if channels < 1 or cells_per_stage < 1:
             raise NasoptError(f"the NB201 supernet needs channels >= 1 and cells_per_stage >= 1, "
                               f"got {channels} and {cells_per_stage}")
+        if any(side % 4 for side in space.input_shape[1:]):
+            raise NasoptError(f"the NB201 network halves the resolution twice: image sides must "
+                              f"be multiples of 4, got {space.input_shape[1:]}; resize or crop "
+                              f"the images (e.g. 28 -> 28, 14 -> 16)")
         self.space = space
         self.genes: dict[str, tuple] = {e: tuple(space.genes[e]) for e in EDGES}
         self.channels, self.cells_per_stage = channels, cells_per_stage

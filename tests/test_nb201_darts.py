@@ -164,3 +164,33 @@ def test_darts_minus_aux_skip_adds_beta_x(small):
         assert not torch.allclose(relax(xb, probs), plain)
         relax.aux_skip = 0.0
         assert torch.equal(relax(xb, probs), plain)
+
+
+def test_odd_image_sides_are_refused_with_the_fix():
+    with pytest.raises(NasoptError, match="multiples of 4"):
+        Nb201Space((1, 14, 14), 10).relaxation(**TINY)
+
+
+def test_bench_runs_darts_and_darts_minus_with_the_beta_schedule(tmp_path):
+    """The bench end to end on a tiny proxy (digits 8x8, 2 epochs): the report names the lookup,
+    DARTS-'s beta decays 1 -> 0.5 -> 0 (recorded per epoch), plain DARTS has beta 0."""
+    import json
+
+    from nasopt import cli
+    out = tmp_path / "darts.md"
+    assert cli.main(["bench", "darts-nb201", "--dataset", "digits", "--side", "8",
+                     "--train-samples", "128", "--channels", "2", "--epochs", "2", "--seeds", "1",
+                     "--variants", "darts,darts-", "--batch-size", "64", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "looked up" in text and "CIFAR-10" in text and out.with_suffix(".png").stat().st_size
+    runs = json.loads(out.with_suffix(".json").read_text())
+    betas = {r["variant"]: [e["beta"] for e in r["epochs"]] for r in runs}
+    assert betas == {"darts": [0.0, 0.0, 0.0], "darts-": [1.0, 1.0, 0.5]}
+    for r in runs:
+        assert [e["epoch"] for e in r["epochs"]] == [0, 1, 2]
+        assert r["epochs"][0]["collapsed"] is None  # the uniform start is not judged
+        assert all(isinstance(e["collapsed"], bool) for e in r["epochs"][1:])
+        assert all(0 < e["cifar10_acc"] <= 100 and 1 <= e["rank"] <= 15625 for e in r["epochs"])
+    # the two variants saw the same data and seed: the auxiliary skip changed the search
+    assert runs[0]["epochs"][1]["probs"] != runs[1]["epochs"][1]["probs"]
+    assert cli.main(["bench", "darts-nb201", "--side", "6", "--out", str(out)]) == 2
