@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "space: collapse to parameter-free cells (writes results/darts_nb201.md)")
     from .bench.darts_nb201 import add_arguments as add_darts_nb201_arguments
     add_darts_nb201_arguments(q)
+    q = bsub.add_parser("gradient", help="DARTS / GDAS toward size targets on the MNIST-1D "
+                        "conv1d space vs random search (writes results/gradient_mnist1d.md)")
+    from .bench.gradient import add_arguments as add_gradient_arguments
+    add_gradient_arguments(q)
     from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run
     add_deploy_parsers(sub)
     from .cli_hw import add_bench_parser, add_parsers as add_hw_parsers  # nasopt hw, bench
