@@ -76,12 +76,18 @@ def load_data(cfg: Config) -> Dataset:
                         test_fraction=d.test_fraction, label_column=d.label_column)
 
 
-def open_storage(url: str | None, run_dir: str | Path = "runs") -> optuna.storages.BaseStorage:
-    return _study.open_storage(_study.resolve_storage(url, run_dir))
+def open_storage(url: str | None, run_dir: str | Path = "runs",
+                 heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+    return _study.open_storage(_study.resolve_storage(url, run_dir), heartbeat)
 
 
-def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None) -> SearchOutcome:
+def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None,
+           heartbeat: int | None = None) -> SearchOutcome:
     """Train (or reuse) the supernet, then search; continues the study if it exists.
+
+    Any number of processes may call this with the same storage and study: they share the
+    search (:mod:`nasopt.workers`); ``heartbeat`` is the seconds between heartbeats of a running
+    trial on RDB storages (a killed worker's trial is retried after 3 of them).
 
     In tabular mode (``search.table`` set) accuracy is read from the table instead: no dataset is
     loaded and no supernet trained."""
@@ -112,7 +118,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
         if profile is not None:
             raise NasoptError("tabular mode has no trained networks to time or measure; drop "
                               "--hardware and --max-latency/--max-sram with --table")
-        return _search_table(cfg, objectives, constraints, show_progress, log)
+        return _search_table(cfg, objectives, constraints, show_progress, log, heartbeat)
     if not getattr(SPACES.get(s.space), "weight_sharing", True):
         raise NasoptError(f"space {s.space!r} has no weight-sharing supernet; search it in "
                           f"tabular mode: --table [PATH.csv] (see `nasopt search --help`)")
@@ -121,7 +127,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     space = make_space(s.space, data, dict(s.restrict))
     log(f"{data.summary()}; space {space.name}: {space.size():,} archs; device {device}")
     hardware = _hardware_setup(space, profile, constraints, cfg.run_dir, log)
-    storage = open_storage(s.storage, cfg.run_dir)
+    storage = open_storage(s.storage, cfg.run_dir, heartbeat)
     name = s.study or f"{space.name}-{data.name}"
     setup = {"space": space.describe(), "data": dataclasses.asdict(cfg.data),
              "data_fingerprint": data.fingerprint,
@@ -141,7 +147,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                                     device=device, show_progress=show_progress, log=log)
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve())})
-    cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")
+    _masked(cfg).save(Path(cfg.run_dir) / "configs" / f"{name}.json")
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     if hardware is not None:
         evaluator = hardware[0](evaluator)
@@ -155,6 +161,14 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     new = _run_trials(study, space, evaluator, objectives, s, constraints, show_progress,
                       s.seed * 7919 + len(existing.trials))
     return SearchOutcome(study, space, path, new)
+
+
+def _masked(cfg: Config) -> Config:
+    """The config as written to disk: the storage URL without its password."""
+    if cfg.search.storage is None:
+        return cfg
+    return dataclasses.replace(cfg, search=dataclasses.replace(
+        cfg.search, storage=_study.mask_url(cfg.search.storage)))
 
 
 def _hardware_profile(s, log: Log):  # noqa: ANN001, ANN202
@@ -199,7 +213,7 @@ def _run_trials(study: optuna.Study, space: SearchSpace, evaluator, objectives, 
 
 
 def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Constraint],
-                  show_progress: bool, log: Log) -> SearchOutcome:
+                  show_progress: bool, log: Log, heartbeat: int | None = None) -> SearchOutcome:
     """Tabular mode: the same search loop, scored by a :class:`TabularEvaluator`."""
     s = cfg.search
     if s.space not in SPACES:
@@ -213,7 +227,7 @@ def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Co
     evaluator = TabularEvaluator(space, s.table, s.table_metric)
     log(f"table {evaluator.path}, column {s.table_metric}; space {space.name}: "
         f"{space.size():,} archs")
-    storage = open_storage(s.storage, cfg.run_dir)
+    storage = open_storage(s.storage, cfg.run_dir, heartbeat)
     name = s.study or f"{space.name}-{evaluator.path.stem}"
     setup = {"space": space.describe(), "table": str(evaluator.path),
              "table_fingerprint": evaluator.fingerprint, "table_metric": s.table_metric,
@@ -225,7 +239,7 @@ def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Co
     attach_run_folder(sampler, cfg.run_dir, name)  # REINFORCE saves its controller there
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     study.set_user_attr(_study.SETUP_ATTR, setup)  # records the table's path as found this time
-    cfg.save(Path(cfg.run_dir) / "configs" / f"{name}.json")
+    _masked(cfg).save(Path(cfg.run_dir) / "configs" / f"{name}.json")
     new = _run_trials(study, space, evaluator, objectives, s, constraints, show_progress,
                       s.seed * 7919 + len(existing.trials))
     return SearchOutcome(study, space, None, new)

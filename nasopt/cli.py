@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite file in --run-dir)")
     p.add_argument("--run-dir", help="folder for studies.db, supernets, configs (default: runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--heartbeat", type=int, metavar="SECONDS", help="seconds between heartbeats "
+                   "of a running trial on sqlite/postgresql storages (default 10); a killed "
+                   "worker's trial is retried after 3 missed ones")
 
     p = sub.add_parser("studies", help="inspect studies")
     ssub = p.add_subparsers(dest="studies_command", required=True, metavar="SUBCOMMAND")
@@ -117,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantized/pruned baselines (writes results/compression_DATASET.md)")
     q.add_argument("--dataset", default="mnist1d")
     q.add_argument("--evaluations", type=int, default=1000, help="per search (default 1000)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    q.add_argument("--seeds", type=int, default=3, help="seeds per search (default 3)")
+    q.add_argument("--joint-strategy", default="staged",
+                   help="strategy of the joint search (default staged; NSGA-II also runs)")
     q.add_argument("--reference-epochs", type=int, default=235,
                    help="epochs of the reference CNN's recipe (235 x 34 steps ~ its 8000 steps)")
     _add_bench_common(q, "report path (default: results/compression_DATASET.md)")
@@ -164,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_parsers(sub)
     from .cli_hw import add_bench_parser, add_parsers as add_hw_parsers  # nasopt hw, bench
     add_hw_parsers(sub)
+    from . import cli_distributed  # train-supernet (torchrun: data-parallel)
+    cli_distributed.add_parser(sub)
     add_bench_parser(bsub)
     return parser
 
@@ -174,7 +182,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except NasoptError as exc:
-        print(f"nasopt: error: {exc}", file=sys.stderr)
+        from .study import mask_url
+        print(f"nasopt: error: {mask_url(str(exc))}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the storage went away mid-run: no traceback with its URL
+        if type(exc).__module__.split(".")[0] not in ("sqlalchemy", "psycopg", "psycopg2"):
+            raise
+        from .study import mask_url
+        detail = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        print(f"nasopt: error: lost the connection to the storage ({type(exc).__name__}: "
+              f"{detail}); finished trials are kept: check the database and re-run the same "
+              f"command to continue", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
@@ -194,6 +212,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("distill", "finetune", "run"):
         from .cli_deploy import dispatch
         return dispatch(args)
+    if args.command == "train-supernet":
+        from . import cli_distributed
+        return cli_distributed.run(args)
     if args.command == "hw":
         from .cli_hw import dispatch as hw_dispatch
         return hw_dispatch(args)
@@ -276,7 +297,7 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
                     **{k: tuple(v) for k, v in parse_restrictions(args.restrict).items()}}
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, restrict=restrict))
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-    outcome = api.search(cfg, show_progress=not args.quiet, log=log)
+    outcome = api.search(cfg, show_progress=not args.quiet, log=log, heartbeat=args.heartbeat)
     study = outcome.study
     from .study import completed, mask_url
     failed = sum(t.state.name == "FAIL" for t in study.trials)

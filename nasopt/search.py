@@ -14,6 +14,7 @@ from .objectives import Constraint, Objective
 from .progress import progress_bar
 from .space import SearchSpace
 from .study import completed
+from . import workers
 
 Evaluate = Callable[[Arch], Metrics]
 MAX_CONSECUTIVE_FAILURES = 20
@@ -60,13 +61,23 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     FAIL and the search goes on; after ``MAX_CONSECUTIVE_FAILURES`` failures in a row it stops
     with an error quoting the last failure. Each constraint's ``value - limit`` is recorded with ``trial.set_constraint``
     (feasible when <= 0) and, for the dashboard, in the user attr ``constraints``.
+    Several workers may share the study (see :mod:`nasopt.workers`): trials of dead workers are
+    failed and retried, and the study ends with exactly ``trials`` completed trials.
     Returns the number of trials run by this call.
     """
+    workers.recover(study)  # trials left RUNNING by a killed worker: FAIL, then retried
     remaining = trials - len(completed(study))
     if remaining <= 0:
         return 0
+    getattr(study.sampler, "plan", lambda n: None)(trials)  # samplers that plan over a budget
 
     def objective(trial: optuna.Trial) -> list[float]:
+        trial.set_user_attr(workers.WORKER_ATTR, me)
+        if not workers.claim(study, trial, trials):  # exact totals with several workers
+            trial.set_user_attr(workers.SURPLUS_ATTR, True)
+            trial.set_user_attr("error", f"surplus: the study reached {trials} completed trials "
+                                "while this one waited; it evaluated nothing")
+            raise workers.Surplus()
         try:
             return measure(trial)
         except Exception as exc:  # recorded on the trial (Optuna keeps no reason), then FAIL
@@ -80,14 +91,18 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
                        enabled=show_progress)
     before = len(study.trials)
     failures: list[str] = []
+    me = workers.identity()
 
     def after_trial(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.COMPLETE:
             bar.update(1)
             failures.clear()
         elif trial.state == optuna.trial.TrialState.FAIL:
+            if trial.user_attrs.get(workers.SURPLUS_ATTR):
+                s.stop()
+                return
             failures.append(str(trial.user_attrs.get("error", "unknown reason")))
-        if len(completed(s)) >= trials or len(failures) >= MAX_CONSECUTIVE_FAILURES:
+        if len(failures) >= MAX_CONSECUTIVE_FAILURES or workers.wait_for_room(s, trials) >= trials:
             s.stop()
 
     try:

@@ -7,6 +7,8 @@ objectives) so a study can be reopened, checked and exported without any other f
 from __future__ import annotations
 
 import re
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,11 @@ SETUP_ATTR = "nasopt"
 FREE_KEYS = ("supernet_path", "table")
 
 
-def mask_url(url: str) -> str:
-    """Hide the password of a storage URL (``postgresql://user:***@host/db``)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+def mask_url(text: str) -> str:
+    """Hide the passwords of storage URLs in ``text`` (``postgresql://user:***@host/db``), also
+    ``password=...`` parameters (libpq style). Works on whole messages, e.g. a driver's error."""
+    text = re.sub(r"(://[^:/@\s]+:)\S*@", r"\1***@", text)  # up to the last @: '@' in a password
+    return re.sub(r"(password\s*=\s*)('[^']*'|[^&\s]+)", r"\1***", text, flags=re.IGNORECASE)
 
 
 def resolve_storage(url: str | None, run_dir: str | Path) -> str:
@@ -32,23 +36,57 @@ def resolve_storage(url: str | None, run_dir: str | Path) -> str:
         path = Path(run_dir) / "studies.db"
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite:///") or url.startswith(JOURNAL):
+        Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
     return url
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+JOURNAL = "journal:///"
+
+
+def open_storage(url: str, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``: ``sqlite:///FILE`` (one machine, one writer at a time),
+    ``journal:///FILE`` (a journal file: several processes on one machine), or an RDB URL such
+    as ``postgresql://user:pass@host/db`` (several machines). RDB storages get Optuna's
+    heartbeat (``heartbeat`` seconds, default :data:`nasopt.workers.HEARTBEAT_INTERVAL`), so
+    trials of a killed worker are failed and retried (see :mod:`nasopt.workers`)."""
+    from . import workers
+    if url.startswith(JOURNAL):
+        return _journal(Path(url[len(JOURNAL):]))
     if "://" not in url:
-        raise NasoptError(f"storage {url!r} is not a URL; use e.g. sqlite:///runs/studies.db or "
+        raise NasoptError(f"storage {mask_url(url)!r} is not a URL; use e.g. "
+                          f"sqlite:///runs/studies.db, journal:///runs/studies.log or "
                           f"postgresql://user:pass@host/db")
+    interval = int(workers.HEARTBEAT_INTERVAL if heartbeat is None else heartbeat)
+    if interval < 1:
+        raise NasoptError(f"the heartbeat interval must be at least 1 second, got {heartbeat}")
     try:
-        return optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=interval, grace_period=workers.GRACE_FACTOR * interval,
+                heartbeat_stale_trial_callback=workers.retry_callback())
     except ImportError as exc:
         raise NasoptError(f"the database driver for {mask_url(url)} is not installed ({exc});"
                           f" for PostgreSQL: pip install 'psycopg[binary]'") from None
     except Exception as exc:
         raise NasoptError(f"cannot open storage {mask_url(url)} ({type(exc).__name__}); check "
                           f"that the database is running and the URL is right") from None
+
+
+def _journal(path: Path) -> optuna.storages.BaseStorage:
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+    if not str(path) or path.is_dir():
+        raise NasoptError(f"journal storage needs a file path: journal:///path/to/studies.log "
+                          f"(got {str(path)!r})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # an open(O_EXCL) lock file works on every file system, NFS included
+        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        return optuna.storages.JournalStorage(backend)
+    except Exception as exc:
+        raise NasoptError(f"cannot open the journal file {path} ({type(exc).__name__}: {exc}); "
+                          f"check the path and its permissions") from None
 
 
 def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str, Any],
@@ -65,7 +103,7 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str,
             return study
         except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    old = study.user_attrs.get(SETUP_ATTR)
+    old = _setup_when_written(study)
     if old is None:
         raise NasoptError(f"study {name!r} exists but was not created by nasopt; "
                           f"choose another --study name")
@@ -76,6 +114,22 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str,
         raise NasoptError(f"study {name!r} was created with a different setup ({detail}); "
                           f"use a new --study name, or the study's original settings")
     return study
+
+
+#: how long a worker waits for the setup of a study another worker has just created
+SETUP_WAIT_SECONDS = 30.0
+
+
+def _setup_when_written(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's setup attr. Optuna creates a study and sets its attrs in two steps, so a
+    worker may see a study another worker created a moment ago without its setup: an empty
+    study without one is waited for (a few seconds); one with trials is not nasopt's."""
+    deadline = time.monotonic() + SETUP_WAIT_SECONDS
+    while True:
+        setup = study.user_attrs.get(SETUP_ATTR)
+        if setup is not None or time.monotonic() > deadline or study.get_trials(deepcopy=False):
+            return setup
+        time.sleep(0.2)
 
 
 def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:

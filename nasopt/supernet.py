@@ -30,6 +30,7 @@ from .arch import Value
 
 if TYPE_CHECKING:
     from .config import SupernetConfig
+    from .distributed import Group
     from .data import Dataset
     from .space import SearchSpace
 
@@ -261,14 +262,20 @@ def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any) -> str:
 
 def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig", folder: Path, *,
                    device: torch.device | str = "cpu", show_progress: bool = True,
-                   log: Callable[[str], None] = lambda s: None) -> tuple[Supernet, Path]:
+                   log: Callable[[str], None] = lambda s: None,
+                   group: "Group | None" = None) -> tuple[Supernet, Path]:
     """Train (or reuse) the supernet of ``space`` on ``data``.
 
     The checkpoint ``folder/<space>-<key>.pt`` is keyed by :func:`supernet_key`, so the same
     space, data and recipe reuse it. A per-epoch checkpoint lets a killed training resume.
     Phase 1 (``warmup_epochs``) trains the largest subnet alone, then channels are sorted by L1
     importance; phase 2 applies the sandwich rule with in-place distillation.
+
+    With ``group`` (several processes under torchrun, :mod:`nasopt.distributed`) each rank trains
+    on its shard with averaged gradients and batches of ``batch_size / world_size``; rank 0
+    alone writes the checkpoints (same key: a search reuses them).
     """
+    from . import distributed
     from .train import TrainConfig, fit  # train imports nothing from here; keep the edge one-way
 
     key = supernet_key(space, data.fingerprint, cfg)
@@ -306,20 +313,31 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
         rng.seed(cfg.seed * 1_000_003 + epoch)  # subnet draws depend on (seed, epoch) only
 
     def on_end(epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        distributed.average_buffers_(supernet.net, group)
         if epoch + 1 == cfg.warmup_epochs:
             supernet.sort_channels(optimizer)
-        checkpoint.save({"epoch": epoch, "net": supernet.net.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                        partial)
+        if group is None or group.is_main:
+            checkpoint.save({"epoch": epoch, "net": supernet.net.state_dict(),
+                             "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict()}, partial)
+        distributed.barrier(group)
 
     supernet.train()
-    train_cfg = TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed)
-    fit(list(supernet.parameters()), loss, data.x_train, data.y_train, train_cfg,
-        start_epoch=start, resume_state=resume, on_epoch_start=on_start, on_epoch_end=on_end,
-        desc=f"supernet {space.name}", show_progress=show_progress)
+    distributed.broadcast_(supernet.net, group)
+    x, y = distributed.shard(data.x_train, data.y_train, group)
+    batch = cfg.batch_size if group is None else max(1, cfg.batch_size // group.world_size)
+    train_cfg = TrainConfig(cfg.epochs, batch, cfg.lr, cfg.weight_decay, cfg.seed)
+    params = list(supernet.parameters())
+    with distributed.averaged_gradients(params, group):
+        fit(params, loss, x, y, train_cfg, start_epoch=start, resume_state=resume,
+            on_epoch_start=on_start, on_epoch_end=on_end, desc=f"supernet {space.name}",
+            show_progress=show_progress and (group is None or group.is_main))
     if cfg.warmup_epochs >= cfg.epochs:  # never reached the sandwich phase: still sort
         supernet.sort_channels()
-    checkpoint.save({"net": supernet.net.state_dict(), "space": space.describe(),
-                     "data": data.fingerprint, "config": dataclasses.asdict(cfg)}, final)
-    partial.unlink(missing_ok=True)
+    if group is None or group.is_main:
+        checkpoint.save({"net": supernet.net.state_dict(), "space": space.describe(),
+                         "data": data.fingerprint, "config": dataclasses.asdict(cfg),
+                         "world_size": 1 if group is None else group.world_size}, final)
+        partial.unlink(missing_ok=True)
+    distributed.barrier(group)
     return supernet.eval(), final

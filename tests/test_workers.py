@@ -1,0 +1,233 @@
+"""Resume after SIGKILL and several workers on one study, with real `nasopt search` processes.
+
+* SIGKILL during supernet training, then mid-search (a trial RUNNING), re-run the same command:
+  the training resumes at its partial epoch, every completed trial is kept, the killed trial is
+  failed and retried (same params), and the study ends with exactly --trials completed trials.
+* 3 workers in parallel on a journal file and on PostgreSQL (NASOPT_TEST_POSTGRES, started by
+  .ci/run): exact total, distinct trials, Pareto front == the one computed from all trials; on
+  PostgreSQL one worker is killed mid-trial and its trial is found by Optuna's heartbeat.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import optuna
+import pytest
+
+from nasopt import study as nstudy
+from nasopt import workers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = ["--space", "conv1d", "--dataset", "mnist1d", "--set", "supernet.epochs=3",
+        "--set", "supernet.warmup_epochs=1", "--set", "supernet.n_random=0",
+        "--set", "supernet.batch_size=256", "--set", "eval.calib_samples=64",
+        *[f"--restrict=s{i}.{g}" for i in (1, 2, 3)
+          for g in ("depth=1,2", "k=3", "width=8,16")]]
+TABLE = ["--space", "nb201", "--table", "--quiet"]
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    """`nasopt search ARGS` in a subprocess; its output goes to files (a full pipe would block
+    it): read them with :func:`output`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    tag = uuid.uuid4().hex[:8]
+    out, err = cwd / f"out-{tag}.txt", cwd / f"err-{tag}.txt"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen([sys.executable, "-m", "nasopt.cli", "search", *args], cwd=cwd,
+                                env=env, stdout=fo, stderr=fe)
+    proc.paths = (out, err)
+    return proc
+
+
+def output(proc: subprocess.Popen) -> tuple[str, str]:
+    return proc.paths[0].read_text(), proc.paths[1].read_text()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    proc.wait(timeout=timeout)
+    out, err = output(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    return out, err
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"finished before the kill: {output(proc)[1][-2000:]}"
+        assert time.monotonic() < deadline, "the kill point was never reached"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+
+
+def storage_of(url: str) -> optuna.storages.BaseStorage:
+    if url not in _STORAGES:
+        _STORAGES[url] = nstudy.open_storage(url)
+    return _STORAGES[url]
+
+
+def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        storage = storage_of(url)
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=True)
+    except (KeyError, Exception):  # not created yet, or the database file is being written
+        return []
+
+
+def complete(trials) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def check_front(url: str, name: str) -> None:
+    """nasopt's Pareto front == the non-dominated set computed here from all trials."""
+    study = optuna.load_study(study_name=name, storage=storage_of(url))
+    done = [t for t in complete(study.trials) if nstudy.is_feasible(t)]
+    signs = [1 if d == optuna.study.StudyDirection.MAXIMIZE else -1 for d in study.directions]
+
+    def dominates(a, b) -> bool:
+        pa = [s * v for s, v in zip(signs, a.values)]
+        pb = [s * v for s, v in zip(signs, b.values)]
+        return all(x >= y for x, y in zip(pa, pb)) and pa != pb
+
+    front = [t for t in done if not any(dominates(o, t) for o in done)]
+    first: dict[tuple, int] = {}
+    for t in sorted(front, key=lambda t: t.number):
+        first.setdefault(tuple(sorted(t.params.items())), t.number)
+    assert nstudy.pareto_numbers(study) == set(first.values())
+    assert first
+
+
+def check_exact(trials, total: int) -> None:
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) == max(numbers) + 1  # no gap, no duplicate
+    done = complete(trials)
+    assert len(done) == total, [(t.number, t.state.name) for t in trials]
+    assert all(t.user_attrs.get("metrics") and t.params for t in done)
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    # a retried trial is run once: one retry per failed (stale) trial
+    retried = [t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs]
+    retried_from = [t.system_attrs["retry_history"][-1] for t in trials
+                    if "retry_history" in t.system_attrs]
+    assert len(retried_from) == len(set(retried_from)), retried
+    # a surplus trial (two workers asked at the same instant) evaluated nothing
+    assert all(not t.params for t in trials if t.user_attrs.get(workers.SURPLUS_ATTR))
+
+
+def test_sigkill_in_supernet_training_and_mid_search_then_the_same_command_resumes(tmp_path):
+    url = f"sqlite:///{tmp_path}/runs/studies.db"
+    # a long heartbeat: the killed trial must be found at once by its dead pid, not by age
+    cmd = [*TINY, "--trials", "12", "--study", "k", "--run-dir", "runs", "--heartbeat", "60"]
+    folder = tmp_path / "runs" / "supernets"
+
+    # (a) killed during supernet training, once the first epoch's checkpoint is written
+    proc = start(tmp_path, *cmd)
+    kill_when(proc, lambda: any(folder.glob("*.partial.pt")))
+    partial = next(folder.glob("*.partial.pt"))
+    epoch = torch_load_epoch(partial)
+    assert not list(folder.glob("conv1d-????????????????.pt"))  # not finished
+    assert trials_of(url, "k") == []
+
+    # (b) the same command resumes training, then is killed mid-search (a trial RUNNING)
+    proc = start(tmp_path, *cmd)
+
+    def mid_search() -> bool:
+        trials = trials_of(url, "k")
+        return (len(complete(trials)) >= 3 and
+                any(t.state == optuna.trial.TrialState.RUNNING and "arch" in t.user_attrs
+                    for t in trials))
+
+    kill_when(proc, mid_search)
+    err = output(proc)[1]
+    assert f"resuming supernet training at epoch {epoch + 2}" in err  # not from scratch
+    assert list(folder.glob("conv1d-????????????????.pt")) and not list(folder.glob("*.partial*"))
+    before = trials_of(url, "k")
+    killed = [t for t in before if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(killed) == 1
+    kept = {t.number: (t.values, t.params) for t in complete(before)}
+
+    # (c) the same command finishes the search
+    out, err = finish(start(tmp_path, *cmd))
+    assert "reusing trained supernet" in err
+    after = trials_of(url, "k")
+    check_exact(after, 12)
+    by_number = {t.number: t for t in after}
+    for number, (values, params) in kept.items():  # every completed trial is kept as it was
+        assert by_number[number].state == optuna.trial.TrialState.COMPLETE
+        assert (by_number[number].values, by_number[number].params) == (values, params)
+    dead = by_number[killed[0].number]
+    assert dead.state == optuna.trial.TrialState.FAIL and "died" in dead.user_attrs["error"]
+    retry = [t for t in after if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params == dead.params  # the arch it was evaluating is not lost
+    assert "12 completed trials" in out
+
+
+def torch_load_epoch(path: Path) -> int:
+    from nasopt import checkpoint
+    return int(checkpoint.load(path)["epoch"])
+
+
+def run_workers(tmp_path: Path, url: str, total: int, n: int = 3, kill_one: bool = False):
+    name = f"w-{uuid.uuid4().hex[:8]}"
+    cmd = [*TABLE, "--trials", str(total), "--study", name, "--storage", url,
+           "--run-dir", "runs", "--heartbeat", "1"]
+    procs = [start(tmp_path, *cmd, "--seed", str(i)) for i in range(n)]
+    if kill_one:  # a worker dies mid-trial "on another machine": only the heartbeat finds it
+        victim = procs[0]
+
+        def running_trial() -> bool:
+            return any(t.state == optuna.trial.TrialState.RUNNING
+                       and (t.user_attrs.get("worker") or {}).get("pid") == victim.pid
+                       for t in trials_of(url, name))
+
+        kill_when(victim, running_trial)
+        storage = storage_of(url)
+        for t in trials_of(url, name):
+            if t.state == optuna.trial.TrialState.RUNNING and \
+                    (t.user_attrs.get("worker") or {}).get("pid") == victim.pid:
+                storage.set_trial_user_attr(t._trial_id, "worker",
+                                            {**t.user_attrs["worker"], "host": "elsewhere"})
+        procs = procs[1:]
+    password = urlparse(url).password
+    for p in procs:
+        out, err = finish(p)
+        assert not password or password not in out + err  # masked in every output
+    if password:  # and in the files written (the run's config)
+        assert all(password.encode() not in f.read_bytes()
+                   for f in (tmp_path / "runs").rglob("*") if f.is_file())
+    trials = trials_of(url, name)
+    check_exact(trials, total)
+    check_front(url, name)
+    strategies = {t.user_attrs.get("seed") for t in complete(trials)}
+    assert len(strategies) >= 2  # the workers really shared the study
+    return trials
+
+
+def test_three_workers_share_a_journal_file(tmp_path):
+    run_workers(tmp_path, f"journal:///{tmp_path}/runs/studies.log", total=40)
+
+
+POSTGRES = os.environ.get("NASOPT_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(not POSTGRES and not os.environ.get("NASOPT_REQUIRE_POSTGRES"),
+                    reason="no NASOPT_TEST_POSTGRES (.ci/run starts a PostgreSQL server)")
+def test_three_workers_share_a_postgres_study_and_a_killed_one_is_retried(tmp_path):
+    assert POSTGRES, "NASOPT_REQUIRE_POSTGRES is set but NASOPT_TEST_POSTGRES is not"
+    trials = run_workers(tmp_path, POSTGRES, total=40, n=4, kill_one=True)
+    stale = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
+             and not t.user_attrs.get(workers.SURPLUS_ATTR)]
+    assert stale, "the killed worker's trial was not failed"
+    assert all(any(r.system_attrs.get("failed_trial") == t.number for r in trials) for t in stale)
