@@ -1,23 +1,24 @@
 """``staged``: architecture first, then compression around the front (for joint spaces).
 
 A joint architecture + compression space is large (conv1d: 3^9 architectures x 5^4 bit-widths x
-4 sparsities x 3 ranks), and a generic sampler spends most of its budget on badly compressed
-versions of badly chosen architectures. Compression genes act on an architecture that is already
-good, so this strategy alternates two kinds of move, each a mutation of a parent from a Pareto
-front (Deb's feasibility rule first, as in ``evolution``):
+4 sparsities x 3 ranks), and a generic sampler spends much of its budget on compressed versions
+of poor architectures. Compression genes act on an architecture that is already good, so the
+budget is split in two phases (the search loop tells the sampler its budget through ``plan``):
 
-- **architecture move** (probability ``ARCH_SHARE``, and every trial until ``INITIAL`` trials
-  are complete): a random arch at first, then a parent from the front of the trials that carry
-  the *reference compression* (uniform int8, dense, full rank: ``compress.reference_compression``)
-  with one or two architecture genes changed; the child carries the reference compression too.
-  This is an architecture-only search at int8, the usual deployment default.
-- **compression move**: a parent from the front of *all* trials, with one or two compression genes
-  changed: it explores bit-widths, sparsity and rank around architectures that are already good.
+1. **architecture phase** (the first ``ARCH_SHARE`` of the completed trials): NSGA-II restricted
+   to the architecture genes, every child at the *reference compression* (uniform int8, dense,
+   full rank: ``compress.reference_compression``, the usual deployment default): ``INITIAL``
+   random archs, then two binary tournaments (feasibility first, as Deb's rule, then Pareto
+   rank, then crowding distance) among the trials at the reference compression, uniform
+   crossover, one or two genes mutated.
+2. **compression phase**: a parent drawn uniformly from the Pareto front of *all* trials
+   (feasible ones first), with one or two compression genes changed, so bit-widths, sparsity and
+   rank are explored around architectures that are already good.
 
-Spaces without compression genes get architecture moves only (a front-based mutation search).
-State is the study's trials alone, so a resumed study continues; the draw sequence follows the
-seed. A child already in the study is re-drawn (up to ``RETRIES`` times), so budgets are not
-spent on repeats.
+Without a known budget the two kinds of move are interleaved at random (``ARCH_SHARE`` each).
+Spaces without compression genes get architecture moves only. State is the study's trials alone
+(plus the budget), so a resumed study continues; the draw sequence follows the seed. A child
+already in the study is re-drawn (up to ``RETRIES`` times), so the budget is not spent on repeats.
 """
 from __future__ import annotations
 
@@ -43,6 +44,35 @@ INITIAL = 16
 RETRIES = 20
 
 
+def _points(trials: Sequence[FrozenTrial], directions) -> np.ndarray:
+    return np.array([_minimized(t.values, directions) for t in trials], dtype=float)
+
+
+def ranks_and_crowding(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-dominated rank (0 = front) and crowding distance within its rank, all minimized."""
+    n = len(points)
+    le = (points[:, None, :] <= points[None, :, :]).all(-1)  # le[j, i]: j no worse than i
+    lt = (points[:, None, :] < points[None, :, :]).any(-1)
+    dominates = le & lt
+    rank, left, r = np.full(n, -1), np.ones(n, dtype=bool), 0
+    while left.any():
+        current = left & ~(dominates & left[:, None]).any(0)
+        rank[current], left, r = r, left & ~current, r + 1
+    crowd = np.zeros(n)
+    for r in range(rank.max() + 1):
+        idx = np.flatnonzero(rank == r)
+        if len(idx) <= 2:
+            crowd[idx] = np.inf
+            continue
+        for k in range(points.shape[1]):
+            order = idx[np.argsort(points[idx, k], kind="stable")]
+            span = points[order[-1], k] - points[order[0], k]
+            crowd[order[0]] = crowd[order[-1]] = np.inf
+            if span > 0:
+                crowd[order[1:-1]] += (points[order[2:], k] - points[order[:-2], k]) / span
+    return rank, crowd
+
+
 def front(trials: Sequence[FrozenTrial], directions) -> list[FrozenTrial]:
     """The non-dominated trials; with constraints, among the feasible ones (or, when none is
     feasible, the least infeasible)."""
@@ -53,11 +83,8 @@ def front(trials: Sequence[FrozenTrial], directions) -> list[FrozenTrial]:
     if not feasible:
         least = min(excess)
         return [t for t, e in zip(trials, excess) if e == least]
-    points = np.array([_minimized(t.values, directions) for t in feasible])
-    le = (points[:, None, :] <= points[None, :, :]).all(-1)  # le[j, i]: j no worse than i
-    lt = (points[:, None, :] < points[None, :, :]).any(-1)
-    dominated = (le & lt).any(0)
-    return [t for t, d in zip(feasible, dominated) if not d]
+    rank, _ = ranks_and_crowding(_points(feasible, directions))
+    return [t for t, r in zip(feasible, rank) if r == 0]
 
 
 class StagedSampler(GeneSampler):
@@ -70,6 +97,11 @@ class StagedSampler(GeneSampler):
         self.reference = reference_compression({g: genes[g] for g in self.compression})
         self.arch_share = arch_share
         self.initial = initial
+        self.budget: int | None = None
+
+    def plan(self, trials: int) -> None:
+        """Called by the search loop with the number of completed trials the study will hold."""
+        self.budget = trials
 
     def sample_relative(self, study: Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -88,25 +120,46 @@ class StagedSampler(GeneSampler):
     def _propose(self, study: Study, done: list[FrozenTrial],
                  choices: dict[str, list]) -> dict[str, Any]:
         compression = [g for g in self.compression if g in choices]
-        arch_move = (not compression or len(done) < self.initial
-                     or self._rng.rand() < self.arch_share)
-        if arch_move:
-            at_reference = [t for t in done
-                            if all(t.params.get(g) == v for g, v in self.reference.items())]
-            parents = front(at_reference, study.directions)
-            genes = [g for g in self.architecture if g in choices]
+        random = {n: c[self._rng.randint(len(c))] for n, c in choices.items()}
+        if self.budget is not None:  # phases: architecture first, compression at the end
+            arch_phase = len(done) < self.arch_share * self.budget
+        else:  # no budget known: interleave the two kinds of move
+            arch_phase = self._rng.rand() < self.arch_share
+        if len(done) < self.initial:
+            child = random
+        elif not compression or arch_phase:
+            child = self._architecture_move(study, done, choices) or random
         else:
             parents = front(done, study.directions)
-            genes = compression
-        if len(done) < self.initial or not parents:
-            child = {n: c[self._rng.randint(len(c))] for n, c in choices.items()}
-        else:
             parent = parents[self._rng.randint(len(parents))].params
-            child = {n: parent[n] if parent.get(n) in c else c[self._rng.randint(len(c))]
+            child = {n: parent[n] if parent.get(n) in c else random[n]
                      for n, c in choices.items()}
-            self._mutate(child, genes, choices)
-        if arch_move:
-            child.update({g: v for g, v in self.reference.items() if g in choices})
+            self._mutate(child, compression, choices)
+            return child
+        child.update({g: v for g, v in self.reference.items() if g in choices})
+        return child
+
+    def _architecture_move(self, study: Study, done: list[FrozenTrial],
+                           choices: dict[str, list]) -> dict[str, Any] | None:
+        """NSGA-II's step on the trials at the reference compression: two binary tournaments
+        (feasibility, then rank, then crowding), uniform crossover, one-or-two-gene mutation."""
+        pool = [t for t in done if all(t.params.get(g) == v for g, v in self.reference.items())]
+        if len(pool) < 2:
+            return None
+        excess = np.array([constraint_excess(t) for t in pool])
+        rank, crowd = ranks_and_crowding(_points(pool, study.directions))
+        key = lambda i: (excess[i] > 0, excess[i], rank[i], -crowd[i])  # noqa: E731
+
+        def tournament() -> dict[str, Any]:
+            a, b = self._rng.choice(len(pool), 2, replace=False)
+            return pool[min(a, b, key=key)].params
+
+        mother, father = tournament(), tournament()
+        genes = [g for g in self.architecture if g in choices]
+        child = {n: (mother if self._rng.rand() < 0.5 else father).get(n) for n in choices}
+        child = {n: v if v in choices[n] else choices[n][self._rng.randint(len(choices[n]))]
+                 for n, v in child.items()}
+        self._mutate(child, genes, choices)
         return child
 
     def _mutate(self, child: dict[str, Any], genes: list[str], choices: dict[str, list]) -> None:

@@ -84,3 +84,15 @@ def test_same_seed_same_trials_and_resume_continues():
 
 def test_registered_with_a_description():
     assert "staged" in STRATEGIES and "int8" in STRATEGIES["staged"].description
+
+
+def test_budget_splits_the_search_into_an_architecture_then_a_compression_phase():
+    sp = space()
+    study = run(1, 80)  # run_search tells the sampler its budget: 40 + 40
+    ref = reference_compression(sp.compression_genes())
+    at_ref = [all(t.params[g] == v for g, v in ref.items()) for t in study.trials]
+    assert all(at_ref[1:40]) and not any(at_ref[40:])
+    sampler = StagedSampler(sp, seed=0)
+    assert sampler.budget is None
+    sampler.plan(10)
+    assert sampler.budget == 10

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import api
-from ..compress import Policy, compress
+from ..compress import Policy, compress, reference_compression
 from ..evaluate import Evaluator
 from ..objectives import get_objectives, hypervolume
 from ..packed import layer_size
@@ -77,9 +77,10 @@ def best_under(points: list, kb: float) -> float | None:
     return max(fit) if fit else None
 
 
-def _search(space, evaluator, evaluations: int, seed: int) -> list[tuple[float, float, str]]:
+def _search(space, evaluator, evaluations: int, seed: int, strategy: str = "nsga2"
+            ) -> list[tuple[float, float, str]]:
     study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=api.STRATEGIES["nsga2"].make_sampler(space, seed))
+                                sampler=api.STRATEGIES[strategy].make_sampler(space, seed))
     run_search(study, space, evaluator, get_objectives(["accuracy", "size"]), evaluations,
                show_progress=False)
     return [(t.values[0], t.values[1], f"trial {t.number}") for t in study.trials
@@ -99,16 +100,24 @@ def run(args: argparse.Namespace) -> Path:
     timings["supernet (trained or reused)"] = time.perf_counter() - t0
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
 
-    t0 = time.perf_counter()
-    joint = _search(space, evaluator, args.evaluations, args.seed)
-    timings[f"joint search ({args.evaluations} evaluations)"] = time.perf_counter() - t0
-    int8 = space.restrict({g: [{"bits": 8, "rank": 1.0, "sparsity": 0.0}[g.split(".")[-1]]]
-                           for g in space.compression_genes()})
-    t0 = time.perf_counter()
-    arch_only = _search(int8, Evaluator(int8, supernet, data, cfg.eval.calib_samples),
-                        args.evaluations, args.seed)
-    timings[f"architecture-only int8 search ({args.evaluations} evaluations)"] = \
-        time.perf_counter() - t0
+    int8 = space.restrict({g: [v] for g, v in reference_compression(
+        space.compression_genes()).items()})
+    int8_evaluator = Evaluator(int8, supernet, data, cfg.eval.calib_samples)
+    strategies = [args.joint_strategy] + [s for s in ("nsga2",) if s != args.joint_strategy]
+    runs: dict[str, dict[int, list]] = {f"joint, {s}": {} for s in strategies}
+    runs["int8, nsga2"] = {}
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    for seed in seeds:
+        for s in strategies:
+            t0 = time.perf_counter()
+            runs[f"joint, {s}"][seed] = _search(space, evaluator, args.evaluations, seed, s)
+            timings[f"joint search, {s}, seed {seed}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        runs["int8, nsga2"][seed] = _search(int8, int8_evaluator, args.evaluations, seed)
+        timings[f"architecture-only int8 search, nsga2, seed {seed}"] = time.perf_counter() - t0
+        log(f"seed {seed} done")
+    joint, arch_only = runs[f"joint, {args.joint_strategy}"][seeds[0]], \
+        runs["int8, nsga2"][seeds[0]]
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -126,6 +135,14 @@ def run(args: argparse.Namespace) -> Path:
                          f"{bits}-bit" + (f", {sparsity:.0%} pruned" if sparsity else "")))
         log(f"reference CNN {baseline[-1][2]}: {baseline[-1][0]:.4f} at {size} B")
 
+    seed_rows = []
+    for seed in seeds:
+        int8_front = pareto(runs["int8, nsga2"][seed])
+        hvs = {name: hypervolume([(a, s) for a, s, _ in pareto(r[seed])], REFERENCE_KB * 1024)
+               for name, r in runs.items()}
+        seed_rows.append([seed, *[f"{hvs[n]:.4f}" for n in runs],
+                          *[f"{dominated_share(pareto(runs[f'joint, {s}'][seed]), int8_front):.0%}"
+                            f" of {len(int8_front)}" for s in strategies]])
     fronts = {"joint (arch + compression)": pareto(joint),
               "architecture-only, int8": pareto(arch_only),
               "reference CNN, quantized/pruned": pareto(baseline)}
@@ -159,8 +176,9 @@ scales, biases, sparse masks/indices, header). The reference CNN's sizes use the
 without the ~25-byte header. Models are evaluated with inherited supernet weights after BN
 recalibration and compression; **no distillation or fine-tuning**.
 
-Setup: supernet {cfg.supernet.epochs} epochs (sandwich rule); both searches NSGA-II (seed
-{args.seed}) with {args.evaluations} evaluations each; reference CNN trained with the reference
+Setup: supernet {cfg.supernet.epochs} epochs (sandwich rule); the joint search uses the
+`{args.joint_strategy}` strategy (`nasopt strategies`), the architecture-only search NSGA-II, each
+with {args.evaluations} evaluations (seed {args.seed} below, {args.seeds} seeds in "Every seed"); reference CNN trained with the reference
 recipe (Adam lr 1e-2, batch 100, {args.reference_epochs} epochs, cosine decay), then compressed.
 Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {REFERENCE_KB} KB, so
 1.0 would be 100 % at 0 bytes).
@@ -174,6 +192,15 @@ Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {
 Points of each baseline's front weakly dominated by the joint front:
 
 {table(["baseline", "dominated"], dom_rows)}
+
+### Every seed
+
+Hypervolume of each search's front, and the share of the int8 front weakly dominated by each
+joint front, per seed ({args.evaluations} evaluations per search; the sections above show seed
+{seeds[0]}):
+
+{table(["seed", *[f"HV {n}" for n in runs], *[f"int8 front dominated by joint {s}"
+                                               for s in strategies]], seed_rows)}
 
 | target | value | verdict |
 |---|---|---|
