@@ -16,11 +16,14 @@ exact expectation has less variance than the sampled arch's cost):
 
 * ``lam`` alone: ``lam * log(E)``. The log makes ``lam`` scale-free: a relative size change of
   1% is worth ``0.01 * lam`` nats of validation loss, whatever the unit of the cost.
-* ``target`` (same unit as the cost, e.g. bytes): a Lagrangian ``mu * (E / target - 1)`` with a
+* ``target`` (same unit as the cost, e.g. bytes): a Lagrangian ``mu * log(E / target)`` with a
   multiplier ``mu >= 0`` updated by dual ascent after every logits step,
-  ``mu <- max(0, mu + dual_lr * (E / target - 1))``, starting at ``lam`` (0 when not given). ``mu``
+  ``mu <- max(0, mu + dual_lr * log(E / target))``, starting at ``lam`` (0 when not given). ``mu``
   grows while the expected cost is over the target and decays to 0 once under it, so ``E``
-  settles near the target (not below it for nothing). This bounds the *expected* cost: the derived
+  settles near the target (not below it for nothing). The log ratio makes the rule symmetric:
+  twice the target pushes as hard as half of it pulls back (with ``E / target - 1`` the
+  multiplier grew fast far above the target and decayed slowly below it, so short runs
+  overshot far below it). This bounds the *expected* cost: the derived
   (argmax) arch can still be over the target, which is why derived archs are scored and their
   budgets checked by the evaluator like any other trial.
 * neither: plain DARTS on accuracy.
@@ -298,7 +301,7 @@ def gradient_search(relaxation: Relaxation, data: Any, *, variant: str = "darts"
                 if cost is not None and (lam is not None or target is not None):
                     e = costs(soft())[cost]
                     if target is not None:
-                        ratio = e / target - 1
+                        ratio = torch.log(e / target)
                         total = total + mu * ratio
                     else:
                         total = total + lam * torch.log(e)

@@ -38,16 +38,17 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--targets", default="2KB,4KB,8KB", help="packed-size targets (default "
                    "2KB,4KB,8KB)")
     q.add_argument("--variants", default=",".join(VARIANTS))
-    q.add_argument("--epochs", type=int, default=3)
-    q.add_argument("--max-batches", type=int, default=8,
-                   help="steps per epoch (default 8 of the 27 of MNIST-1D's train split)")
-    q.add_argument("--lr-alpha", type=float, default=0.15)
+    q.add_argument("--epochs", type=int, default=5)
+    q.add_argument("--max-batches", type=int, default=0,
+                   help="cap on steps per epoch (default 0: a whole epoch, 27 steps)")
+    q.add_argument("--lr-alpha", type=float, default=0.05)
     q.add_argument("--lr-w", type=float, default=1e-3)
-    q.add_argument("--dual-lr", type=float, default=0.3)
+    q.add_argument("--dual-lr", type=float, default=0.1)
     q.add_argument("--topk", type=int, default=5, help="derived archs scored per search")
     q.add_argument("--random-seeds", type=int, default=5)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    q.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small "
+                   "convolutions; 0: torch's default)")
     q.add_argument("--out", default="results/gradient_mnist1d.md")
     q.add_argument("--run-dir", default="runs", help="where the supernet checkpoint is cached")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> Path:
             result = gradient_search(relaxation, data, variant=variant, epochs=args.epochs,
                                      lr_w=args.lr_w, lr_alpha=args.lr_alpha, cost="size",
                                      target=float(target), seed=args.seed,
-                                     max_batches=args.max_batches, dual_lr=args.dual_lr)
+                                     max_batches=args.max_batches or None,
+                                     dual_lr=args.dual_lr)
             search_s = time.perf_counter() - start
             stem = f"{variant}-{label}"
             save_trajectory(result, traj_dir, stem)
@@ -124,10 +126,10 @@ Data: {data.summary()}; the search reads train (weights) and validation (logits)
 derived archs are scored on validation by the search's Evaluator (the test split is not used).
 Space: `conv1d` with compression genes ({space.size():,} archs). The supernet
 (`{ckpt.name}`, {cfg.supernet.epochs} epochs) is the cached one; each search fine-tunes its own
-relaxed copy ({args.epochs} epochs x {args.max_batches} steps of 128 samples; Adam lr_w
+relaxed copy ({args.epochs} epochs x {args.max_batches or 'all'} steps of 128 samples; Adam lr_w
 {args.lr_w}, lr_alpha {args.lr_alpha}), and derived archs are scored with the supernet's own
 weights, like every trial of every strategy. `sparsity` is not relaxed (fixed at 0).
-Cost: Lagrangian toward the target, mu <- max(0, mu + {args.dual_lr} (E[size]/target - 1)) per
+Cost: Lagrangian mu log(E[size]/target), mu <- max(0, mu + {args.dual_lr} log(E[size]/target)) per
 logits step (nasopt.gradient). GDAS temperature 5 -> 0.2.
 
 ## Per search
