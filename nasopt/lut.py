@@ -338,7 +338,10 @@ def build_table(space, profile: Profile, *,  # noqa: ANN001
     table.scale, table.constant = fit_line(sums, measured)
     residual = measured - table.scale * sums - table.constant
     table.fit = {"archs": len(fit), "seed": seed, "residual_rms_ms": float(np.sqrt(np.mean(
-        residual ** 2))) if len(fit) else 0.0, "units": len(entries)}
+        residual ** 2))) if len(fit) else 0.0, "units": len(entries),
+        # the machine's speed when the table was made: re-measured by validate() to see drift
+        "reference_arch": dict(fit[0]) if fit else None,
+        "reference_ms": float(measured[0]) if len(fit) else None}
     log(f"fitted latency = {table.scale:.3f} x sum + {table.constant:.4f} ms on {len(fit)} archs")
     return table
 
@@ -365,21 +368,25 @@ class Validation:
     median_relative_iqr: float
     noise_threshold: float
     rows: list[tuple[str, float, float]]  # (arch key, predicted, measured)
+    #: largest relative change of the reference arch's latency (measured when the table was
+    #: made, and before and after this validation): the machine's speed drifting with its load
+    drift: float = 0.0
 
     @property
     def too_noisy(self) -> bool:
-        """Repeat measurements differ by more than half the profile's noise threshold (or their
-        IQR exceeds it): a ±10 % verdict is not trustworthy then."""
+        """Repeat measurements differ by more than half the profile's noise threshold, their
+        IQR exceeds it, or the machine's speed drifted by more than half of it since the table
+        was made: a ±10 % verdict is not trustworthy then."""
         return (self.repeat_spread > self.noise_threshold / 2
-                or self.median_relative_iqr > self.noise_threshold)
+                or self.median_relative_iqr > self.noise_threshold
+                or self.drift > self.noise_threshold / 2)
 
     def summary(self) -> str:
-        verdict = ("TOO NOISY TO TRUST: repeated measurements of the same arch differ by "
-                   f"{self.repeat_spread:.1%} (median), relative IQR {self.median_relative_iqr:.1%}"
-                   f" (threshold {self.noise_threshold:.0%}); re-run on a quiet machine"
-                   if self.too_noisy else
-                   f"measurement noise ok: repeat spread {self.repeat_spread:.1%}, relative IQR "
-                   f"{self.median_relative_iqr:.1%} (threshold {self.noise_threshold:.0%})")
+        noise = (f"repeat spread {self.repeat_spread:.1%}, relative IQR "
+                 f"{self.median_relative_iqr:.1%}, speed drift since the table was made "
+                 f"{self.drift:.1%} (threshold {self.noise_threshold:.0%})")
+        verdict = (f"TOO NOISY TO TRUST: {noise}; re-run on a quiet machine" if self.too_noisy
+                   else f"measurement noise ok: {noise}")
         return (f"{self.n} archs: {self.within:.1%} predicted within ±{TOLERANCE:.0%} of "
                 f"measured, Kendall tau {self.tau:.3f}, median |error| "
                 f"{self.median_abs_error:.1%}; {verdict}")
@@ -401,6 +408,10 @@ def validate(table: LatencyTable, space, profile: Profile, n: int = 100, seed: i
         if structure_key(space, arch) not in seen:
             seen.add(structure_key(space, arch))
             archs.append(arch)
+    reference = table.fit.get("reference_arch")
+    ref_times = [table.fit["reference_ms"]] if reference is not None else []
+    if reference is not None:
+        ref_times.append(measure_arch(space.validate(reference))[0])
     rows, spreads, iqrs = [], [], []
     for i, arch in enumerate(archs):
         pred = table.predict(space, arch)
@@ -411,6 +422,10 @@ def validate(table: LatencyTable, space, profile: Profile, n: int = 100, seed: i
         rows.append((arch.key, pred, measured))
         if (i + 1) % 25 == 0:
             log(f"  {i + 1}/{len(archs)} archs measured")
+    if reference is not None:
+        ref_times.append(measure_arch(space.validate(reference))[0])
+    drift = (max(abs(t / ref_times[0] - 1) for t in ref_times[1:]) if len(ref_times) > 1
+             else 0.0)
     pred = np.array([r[1] for r in rows])
     meas = np.array([r[2] for r in rows])
     error = np.abs(pred - meas) / meas
@@ -418,4 +433,4 @@ def validate(table: LatencyTable, space, profile: Profile, n: int = 100, seed: i
     return Validation(len(rows), float(np.mean(error <= TOLERANCE)),
                       tau if math.isfinite(tau) else float("nan"), float(np.median(error)),
                       float(np.median(spreads)), float(np.median(iqrs)),
-                      profile.noise_threshold, rows)
+                      profile.noise_threshold, rows, drift)

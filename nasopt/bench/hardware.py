@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> Path:
             f"{table_.scale:.3f} x sum + {table_.constant * 1000:.1f} us", v.n,
             f"{v.within:.1%}", f"{v.tau:.3f}", f"{v.median_abs_error:.1%}",
             f"{min(meas) * 1000:.1f}-{max(meas) * 1000:.1f} us",
-            f"{v.repeat_spread:.1%} / {v.median_relative_iqr:.1%}",
+            f"{v.repeat_spread:.1%} / {v.median_relative_iqr:.1%} / {v.drift:.1%}",
             "**too noisy**" if v.too_noisy else "ok"])
     loads["after predictor"] = _load()
 
@@ -174,11 +174,15 @@ graph on the same input; prediction = scale x sum of the arch's entries + consta
 least squares on 20 measured random archs (seed {args.seed}). Validation: {args.validate_n}
 *other* random archs with distinct structures (seed {args.seed + 1}), each measured twice
 (measured = the lower median). "Noise" = median relative difference of the two measurements /
-median relative IQR of the timed runs; above half of the profile's noise threshold
-({cpu.noise_threshold:.0%}) the ±10 % verdict is flagged too noisy.
+median relative IQR of the timed runs / drift: the largest relative change of one reference
+arch's latency between the table's fit and the start and end of the validation (the machine's
+speed changing with its load). When repeat spread or drift exceed half of the profile's noise
+threshold ({cpu.noise_threshold:.0%}), or the IQR exceeds it, the ±10 % verdict is flagged too
+noisy.
 
 {table(["space", "profile", "LUT units", "fitted", "archs", "within ±10 %", "Kendall tau",
-        "median error", "measured range", "noise (repeat / IQR)", "verdict"], predictor_rows)}
+        "median error", "measured range", "noise (repeat / IQR / drift)", "verdict"],
+       predictor_rows)}
 
 Target: >= {TARGET_WITHIN:.0%} within ±10 % for conv1d and mobilenet on `cpu-ort`:
 {"**met**" if met else "**missed**"}{" (measurements flagged too noisy: see above)" if noisy else ""}.
