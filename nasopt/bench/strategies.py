@@ -72,10 +72,12 @@ def mean_std(values: np.ndarray) -> str:
 
 def run(args: argparse.Namespace) -> Path:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    names = args.strategies.split(",") if args.strategies else list(api.STRATEGIES)
-    unknown = [n for n in names if n not in api.STRATEGIES]
+    # part mnist1d runs NNI's strategies (nasopt.nni_bridge) beside ours
+    known = {**api.STRATEGIES, **(api.NNI_STRATEGIES if args.part == "mnist1d" else {})}
+    names = args.strategies.split(",") if args.strategies else list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise NasoptError(f"unknown strategies {unknown}; known: {', '.join(api.STRATEGIES)}")
+        raise NasoptError(f"unknown strategies {unknown}; known: {', '.join(known)}")
     if args.trials < 2 or args.seeds < 2:
         raise NasoptError("use --trials and --seeds of at least 2 (a std needs two runs)")
     if args.part == "mnist1d":

@@ -2,6 +2,9 @@
 joint accuracy / packed-size objective, equal budget, several seeds; hypervolume versus
 evaluations. All runs share one trained supernet and one evaluator (whose cache only saves time:
 an arch scores the same whichever strategy proposes it). Accuracy is validation accuracy.
+NNI's strategies (``nni-*``, :mod:`nasopt.nni_bridge`, extra ``nasopt[nni]``) run in the same
+loop with the same budget and seeds, scored by the same evaluator; they optimize the MnasNet
+reward (see the bridge), ours the two objectives (or their own scalarization).
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import optuna
 
 from .. import api
 from ..evaluate import Evaluator
-from ..objectives import get_objectives, hypervolume
+from ..nni_bridge import NNI_STRATEGIES, POPULATION, SAMPLE, run_nni_search
+from ..objectives import MNASNET_W, get_objectives, hypervolume
 from ..search import run_search
 from ..supernet import train_supernet
 from .report import machine, table
@@ -49,9 +53,15 @@ def run(args: argparse.Namespace, names: list[str]) -> Path:
     for name in names:
         start, runs = time.perf_counter(), []
         for seed in range(args.seeds):
-            study = optuna.create_study(directions=[o.direction for o in objectives],
-                                        sampler=api.STRATEGIES[name].make_sampler(space, seed))
-            run_search(study, space, evaluator, objectives, args.trials, show_progress=False)
+            nni = name in NNI_STRATEGIES
+            study = optuna.create_study(directions=[o.direction for o in objectives], sampler=(
+                None if nni else api.STRATEGIES[name].make_sampler(space, seed)))
+            if nni:
+                run_nni_search(study, space, evaluator, objectives, args.trials, name, seed,
+                               show_progress=False)
+            else:
+                run_search(study, space, evaluator, objectives, args.trials, show_progress=False)
+            assert len(study.trials) == args.trials  # the equal budget (no trial failed)
             runs.append(hv_curve(study, reference))
         curves[name] = np.array(runs)
         seconds[name] = (time.perf_counter() - start) / args.seeds
@@ -87,15 +97,33 @@ Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {
 
 Ranking at N = {args.trials}: {", ".join(ranked)}.
 
-**Not in this run:** NNI's strategies through the bridge (the NNI bridge is not built yet; issue 4
-asks for them side by side in this same run).
-
-Nondeterminism: runs are seeded; floating-point results can differ across machines; the
-per-run seconds depend on the machine's load and on the shared evaluation cache (later
-strategies re-use earlier evaluations).
+{_nni_note(names)}
+Nondeterminism: runs are seeded (every strategy, ours and NNI's, gets seeds 0..{args.seeds - 1});
+floating-point results can differ across machines. The per-run seconds are wall time on a
+machine shared with other jobs (noisy, compare them loosely) and depend on the shared
+evaluation cache (later strategies re-use earlier evaluations).
 """
     out.write_text(text)
     return out
+
+
+def _nni_note(names: list[str]) -> str:
+    nni = [n for n in names if n in NNI_STRATEGIES]
+    if not nni:
+        return "NNI's strategies were not in this run (`--strategies` left them out).\n"
+    return f"""## NNI's strategies ({", ".join(nni)})
+
+NNI 3.0's multi-trial strategies ({", ".join(f"{n} = {NNI_STRATEGIES[n]}" for n in nni)}) ran
+through `nasopt.nni_bridge`: the space translated to an NNI model space (one `nni.choice` per
+gene), NNI's in-process sequential engine, every sampled arch scored by the same evaluator and
+recorded in an Optuna study like ours. NNI's strategies optimize one scalar; here the MnasNet
+reward ACC x (size / T)^{MNASNET_W} with T the median packed size of the run's trials so far (no
+size budget is given), so they are steered toward the Pareto front only through that trade-off.
+Settings: RegularizedEvolution population {POPULATION}, tournament {SAMPLE} (as our `evolution`),
+no dedup (Random too); TPE is NNI's TPE tuner without the strategy's 1 s poll per model;
+PolicyBasedRL with NNI's defaults (PPO update every 20 samples), seeded through torch's and
+numpy's global generators.
+"""
 
 
 def _plot(curves: dict, path: Path) -> None:
@@ -106,7 +134,7 @@ def _plot(curves: dict, path: Path) -> None:
     for name, runs in curves.items():
         x = np.arange(1, runs.shape[1] + 1)
         mean, std = runs.mean(0), runs.std(0, ddof=1)
-        ax.plot(x, mean, label=name)
+        ax.plot(x, mean, label=name, linestyle="--" if name in NNI_STRATEGIES else "-")
         ax.fill_between(x, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("evaluations")
     ax.set_ylabel(f"hypervolume (ref: acc 0 at {REFERENCE_KB} KB)")
