@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "conv1d space vs random search (writes results/gradient_mnist1d.md)")
     from .bench.gradient import add_arguments as add_gradient_arguments
     add_gradient_arguments(q)
+    q = bsub.add_parser("reliability", help="SIGKILL at many points and re-run, several "
+                        "workers, bad input, torchrun (writes results/reliability.md)")
+    from .bench.reliability import add_arguments as add_reliability_arguments
+    add_reliability_arguments(q)
     from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run
     add_deploy_parsers(sub)
     from .cli_hw import add_bench_parser, add_parsers as add_hw_parsers  # nasopt hw, bench
