@@ -119,6 +119,12 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, updated by a TOML file, updated by ``section.key=value`` overrides."""
+    return _build(Config, load_raw(path, overrides), "")
+
+
+def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The TOML file at ``path`` (none: empty) as a dict, updated by ``section.key=value``
+    overrides; :func:`_build` turns it into a config dataclass of any shape."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -139,7 +145,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if not isinstance(node, dict):
                 raise NasoptError(f"override {item!r}: {part!r} is not a section")
         node[last] = _parse_value(value.strip())
-    return _build(Config, raw, "")
+    return raw
 
 
 def _parse_value(text: str) -> Any:

@@ -27,20 +27,19 @@ import dataclasses
 import json
 import platform
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-import pandas as pd
 import torch
 from torch import nn
 
 from .arch import Arch
 from .compress import Policy, compress
-from .config import Config, DataConfig, EvalConfig, SearchConfig, SupernetConfig, _build, _parse_value
+from .config import (Config, DataConfig, EvalConfig, SearchConfig, SupernetConfig, _build,
+                     load_raw)
 from .data import Dataset
 from .distill import DistillConfig, Teachers, make_teachers, train_student
 from .errors import NasoptError
@@ -119,25 +118,7 @@ class RunConfig:
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """A TOML file updated by ``section.key=value`` overrides (as ``nasopt search --set``)."""
-    p = Path(path)
-    if not p.exists():
-        raise NasoptError(f"config file {p} does not exist; check the path")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise NasoptError(f"config file {p} is not valid TOML: {exc}") from None
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise NasoptError(f"bad override {item!r}; write it as section.key=value")
-        node = raw
-        *parents, last = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise NasoptError(f"override {item!r}: {part!r} is not a section")
-        node[last] = _parse_value(value.strip())
-    return _build(RunConfig, raw, "")
+    return _build(RunConfig, load_raw(path, overrides), "")
 
 
 # ---------------------------------------------------------------------------------------------

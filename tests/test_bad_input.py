@@ -14,7 +14,6 @@ import pytest
 
 from nasopt import cli
 from nasopt import study as nstudy
-from nasopt.arch import Arch
 from nasopt.compress import Policy, compress
 from nasopt.packed import pack
 from search_spaces import SPACES
