@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,37 +18,12 @@ from urllib.parse import urlparse
 import optuna
 import pytest
 
-from nasopt import study as nstudy
 from nasopt import workers
-
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = ["--space", "conv1d", "--dataset", "mnist1d", "--set", "supernet.epochs=3",
-        "--set", "supernet.warmup_epochs=1", "--set", "supernet.n_random=0",
-        "--set", "supernet.batch_size=256", "--set", "eval.calib_samples=64",
-        *[f"--restrict=s{i}.{g}" for i in (1, 2, 3)
-          for g in ("depth=1,2", "k=3", "width=8,16")]]
-TABLE = ["--space", "nb201", "--table", "--quiet"]
+from nasopt.bench.crash import (TABLE, TINY, complete, fronts, kill_when, ledger, output,
+                                start, storage_of, trials_of)
 
 
-def start(cwd: Path, *args: str) -> subprocess.Popen:
-    """`nasopt search ARGS` in a subprocess; its output goes to files (a full pipe would block
-    it): read them with :func:`output`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    tag = uuid.uuid4().hex[:8]
-    out, err = cwd / f"out-{tag}.txt", cwd / f"err-{tag}.txt"
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen([sys.executable, "-m", "nasopt.cli", "search", *args], cwd=cwd,
-                                env=env, stdout=fo, stderr=fe)
-    proc.paths = (out, err)
-    return proc
-
-
-def output(proc: subprocess.Popen) -> tuple[str, str]:
-    return proc.paths[0].read_text(), proc.paths[1].read_text()
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+def finish(proc, timeout: float = 600) -> tuple[str, str]:
     proc.wait(timeout=timeout)
     out, err = output(proc)
     assert proc.returncode == 0, err[-3000:]
@@ -59,70 +31,21 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
     return out, err
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, f"finished before the kill: {output(proc)[1][-2000:]}"
-        assert time.monotonic() < deadline, "the kill point was never reached"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
-
-
-def storage_of(url: str) -> optuna.storages.BaseStorage:
-    if url not in _STORAGES:
-        _STORAGES[url] = nstudy.open_storage(url)
-    return _STORAGES[url]
-
-
-def trials_of(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    try:
-        storage = storage_of(url)
-        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=True)
-    except (KeyError, Exception):  # not created yet, or the database file is being written
-        return []
-
-
-def complete(trials) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-
-
 def check_front(url: str, name: str) -> None:
-    """nasopt's Pareto front == the non-dominated set computed here from all trials."""
-    study = optuna.load_study(study_name=name, storage=storage_of(url))
-    done = [t for t in complete(study.trials) if nstudy.is_feasible(t)]
-    signs = [1 if d == optuna.study.StudyDirection.MAXIMIZE else -1 for d in study.directions]
-
-    def dominates(a, b) -> bool:
-        pa = [s * v for s, v in zip(signs, a.values)]
-        pb = [s * v for s, v in zip(signs, b.values)]
-        return all(x >= y for x, y in zip(pa, pb)) and pa != pb
-
-    front = [t for t in done if not any(dominates(o, t) for o in done)]
-    first: dict[tuple, int] = {}
-    for t in sorted(front, key=lambda t: t.number):
-        first.setdefault(tuple(sorted(t.params.items())), t.number)
-    assert nstudy.pareto_numbers(study) == set(first.values())
-    assert first
+    """nasopt's Pareto front == the non-dominated set computed from all trials."""
+    ours, recomputed = fronts(url, name)
+    assert ours == recomputed and recomputed
 
 
 def check_exact(trials, total: int) -> None:
-    numbers = [t.number for t in trials]
-    assert len(numbers) == len(set(numbers)) == max(numbers) + 1  # no gap, no duplicate
-    done = complete(trials)
-    assert len(done) == total, [(t.number, t.state.name) for t in trials]
-    assert all(t.user_attrs.get("metrics") and t.params for t in done)
-    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    counts = ledger(trials)
+    assert (counts["gaps"], counts["duplicates"]) == (0, 0), counts  # no gap, no duplicate
+    assert counts["complete"] == total, [(t.number, t.state.name) for t in trials]
+    assert counts["incomplete"] == 0 and counts["running"] == 0, counts
     # a retried trial is run once: one retry per failed (stale) trial
-    retried = [t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs]
-    retried_from = [t.system_attrs["retry_history"][-1] for t in trials
-                    if "retry_history" in t.system_attrs]
-    assert len(retried_from) == len(set(retried_from)), retried
+    assert counts["double_retries"] == 0, counts
     # a surplus trial (two workers asked at the same instant) evaluated nothing
-    assert all(not t.params for t in trials if t.user_attrs.get(workers.SURPLUS_ATTR))
+    assert counts["surplus_evaluated"] == 0, counts
 
 
 def test_sigkill_in_supernet_training_and_mid_search_then_the_same_command_resumes(tmp_path):
@@ -139,16 +62,11 @@ def test_sigkill_in_supernet_training_and_mid_search_then_the_same_command_resum
     assert not list(folder.glob("conv1d-????????????????.pt"))  # not finished
     assert trials_of(url, "k") == []
 
-    # (b) the same command resumes training, then is killed mid-search (a trial RUNNING)
-    proc = start(tmp_path, *cmd)
-
-    def mid_search() -> bool:
-        trials = trials_of(url, "k")
-        return (len(complete(trials)) >= 3 and
-                any(t.state == optuna.trial.TrialState.RUNNING and "arch" in t.user_attrs
-                    for t in trials))
-
-    kill_when(proc, mid_search)
+    # (b) the same command resumes training, then is killed mid-search (a trial RUNNING): the
+    # process SIGKILLs itself while evaluating its 4th trial (polling the study from here
+    # races with trials that take ~0.1 s: the kill could land between two trials)
+    proc = start(tmp_path, *cmd, kill_at="mid-evaluation:4")
+    assert proc.wait(timeout=600) == -signal.SIGKILL, output(proc)[1][-2000:]
     err = output(proc)[1]
     assert f"resuming supernet training at epoch {epoch + 2}" in err  # not from scratch
     assert list(folder.glob("conv1d-????????????????.pt")) and not list(folder.glob("*.partial*"))
