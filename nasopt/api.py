@@ -156,7 +156,8 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
         new = run_gradient(study, space, supernet, path, data, evaluator, objectives, constraints,
                            variant=s.strategy, trials=s.trials, seed=s.seed, run_dir=cfg.run_dir,
                            timeout=s.timeout, show_progress=show_progress,
-                           settings=cfg.gradient, log=log)
+                           settings=cfg.gradient, log=log,
+                           latency_table=None if hardware is None else hardware[2])
         return SearchOutcome(study, space, path, new)
     new = _run_trials(study, space, evaluator, objectives, s, constraints, show_progress,
                       s.seed * 7919 + len(existing.trials))
@@ -185,8 +186,8 @@ def _hardware_profile(s, log: Log):  # noqa: ANN001, ANN202
 
 def _hardware_setup(space: SearchSpace, profile, constraints: list[Constraint],  # noqa: ANN001
                     run_dir: str, log: Log):  # noqa: ANN202
-    """(evaluator wrapper, setup record) for a search with a hardware profile, after checking
-    that its budgets are possible; None without a profile."""
+    """(evaluator wrapper, setup record, latency table or None) for a search with a hardware
+    profile, after checking that its budgets are possible; None without a profile."""
     if profile is None:
         return None
     from . import hardware_eval, lut
@@ -197,7 +198,7 @@ def _hardware_setup(space: SearchSpace, profile, constraints: list[Constraint], 
     hardware_eval.check_possible(space, profile, constraints, table)
     log(f"hardware profile {profile.name}: {profile.description}")
     wrap = lambda evaluate: hardware_eval.HardwareEvaluator(evaluate, space, profile, table)  # noqa: E731
-    return wrap, hardware_eval.setup_record(profile, table, path)
+    return wrap, hardware_eval.setup_record(profile, table, path), table
 
 
 def _run_trials(study: optuna.Study, space: SearchSpace, evaluator, objectives, s,  # noqa: ANN001

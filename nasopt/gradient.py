@@ -28,6 +28,10 @@ exact expectation has less variance than the sampled arch's cost):
   budgets checked by the evaluator like any other trial.
 * neither: plain DARTS on accuracy.
 
+``targets`` adds further budgets as Lagrangian terms of their own (e.g. ``{"latency": 0.02}``
+for a latency budget in ms beside the size target), each with its multiplier starting at 0 and
+the same dual-ascent rule; the trajectory records every multiplier (``mus``).
+
 **GDAS temperature** anneals exponentially from ``tau[0]`` to ``tau[1]`` over the epochs
 (GDAS uses 10 -> 0.1; FBNet 5 * 0.956^epoch).
 
@@ -169,6 +173,7 @@ def gradient_search(relaxation: Relaxation, data: Any, *, variant: str = "darts"
                     dual_lr: float = 0.05, alpha_weight_decay: float = 0.0,
                     init_logits: Mapping[str, Sequence[float]] | None = None,
                     train_weights: bool = True, max_batches: int | None = None,
+                    targets: Mapping[str, float] | None = None,
                     ) -> GradientResult:
     """Search ``relaxation`` on ``data`` (anything with ``x_train, y_train, x_val, y_val``, e.g.
     :class:`nasopt.data.Dataset`; the test split is never read). See the module docstring for
@@ -176,7 +181,8 @@ def gradient_search(relaxation: Relaxation, data: Any, *, variant: str = "darts"
 
     ``lr_w``/``lr_alpha``: Adam learning rates of weights and logits (logits: betas (0.5, 0.999)
     as in DARTS); ``train_weights=False`` freezes the weights (logits only); ``max_batches``
-    caps the steps per epoch; ``on_epoch(record)`` is called after each epoch's record."""
+    caps the steps per epoch; ``on_epoch(record)`` is called after each epoch's record;
+    ``targets`` maps further cost names to budgets (Lagrangian terms, see the module doc)."""
     if variant not in VARIANTS:
         raise NasoptError(f"unknown gradient variant {variant!r}; use one of {', '.join(VARIANTS)}")
     if epochs < 1:
@@ -187,6 +193,12 @@ def gradient_search(relaxation: Relaxation, data: Any, *, variant: str = "darts"
         raise NasoptError(f"the cost target must be > 0, got {target}")
     if (lam is not None or target is not None) and cost is None:
         raise NasoptError("a cost weight or target needs a cost name (e.g. cost='size')")
+    # the Lagrangian terms: cost name -> budget (the main cost's target, then the others)
+    budgets = {**({cost: float(target)} if target is not None and cost is not None else {}),
+               **{k: float(v) for k, v in (targets or {}).items()}}
+    for name, limit in budgets.items():
+        if not limit > 0:
+            raise NasoptError(f"the {name} target must be > 0, got {limit}")
     if tau[0] <= 0 or tau[1] <= 0:
         raise NasoptError(f"Gumbel temperatures must be > 0, got {tau}")
     for split in ("x_train", "y_train", "x_val", "y_val"):
@@ -235,12 +247,15 @@ def gradient_search(relaxation: Relaxation, data: Any, *, variant: str = "darts"
 
     def costs(probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         c = relaxation.expected_cost(dict(probs))
-        if cost is not None and (lam is not None or target is not None) and cost not in c:
-            raise NasoptError(f"the relaxation has no expected cost {cost!r} "
-                              f"(it has: {', '.join(c) or 'none'})")
+        needed = [*budgets, *([cost] if cost is not None and lam is not None else [])]
+        for name in needed:
+            if name not in c:
+                raise NasoptError(f"the relaxation has no expected cost {name!r} "
+                                  f"(it has: {', '.join(c) or 'none'})")
         return c
 
-    mu = float(lam) if (target is not None and lam is not None) else 0.0
+    # one multiplier per budget; the main target's starts at lam
+    mus = {name: (float(lam) if name == cost and lam is not None else 0.0) for name in budgets}
     module = relaxation if isinstance(relaxation, nn.Module) else None
 
     def record(epoch: int, temp: float | None, train_loss: float | None,
@@ -250,7 +265,8 @@ def gradient_search(relaxation: Relaxation, data: Any, *, variant: str = "darts"
             exp = {m: float(v) for m, v in costs(p).items()}
         rec = {"epoch": epoch, "probs": {g: [float(v) for v in p[g].cpu()] for g in genes},
                "expected": exp, "train_loss": train_loss, "val_loss": val_loss,
-               "tau": temp, "mu": mu if target is not None else None}
+               "tau": temp, "mu": mus.get(cost) if target is not None else None,
+               "mus": dict(mus)}
         return rec
 
     trajectory = [record(0, None, None, None)]
@@ -297,14 +313,15 @@ def gradient_search(relaxation: Relaxation, data: Any, *, variant: str = "darts"
                 vloss = F.cross_entropy(relaxation.forward(data.x_val[vidx], pa),
                                         data.y_val[vidx])
                 total = vloss
-                ratio = None
-                if cost is not None and (lam is not None or target is not None):
-                    e = costs(soft())[cost]
-                    if target is not None:
-                        ratio = torch.log(e / target)
-                        total = total + mu * ratio
-                    else:
-                        total = total + lam * torch.log(e)
+                ratios: dict[str, float] = {}
+                if budgets or (cost is not None and lam is not None):
+                    c = costs(soft())
+                    for name, limit in budgets.items():
+                        ratio = torch.log(c[name] / limit)
+                        total = total + mus[name] * ratio
+                        ratios[name] = float(ratio.detach())
+                    if cost is not None and lam is not None and target is None:
+                        total = total + lam * torch.log(c[cost])
                 if not torch.isfinite(total):
                     raise NasoptError(f"the architecture loss became {total.item()} in epoch "
                                       f"{epoch + 1}; lower lr_alpha (currently {lr_alpha})")
@@ -312,8 +329,8 @@ def gradient_search(relaxation: Relaxation, data: Any, *, variant: str = "darts"
                 for p in weights:  # the logits step leaves the weights alone
                     p.grad = None
                 opt_a.step()
-                if ratio is not None:
-                    mu = max(0.0, mu + dual_lr * float(ratio.detach()))
+                for name, ratio in ratios.items():
+                    mus[name] = max(0.0, mus[name] + dual_lr * ratio)
                 vl += float(vloss.detach())
             steps += 1
         rec = record(epoch + 1, temp, tl / max(steps, 1) if opt_w is not None else None,

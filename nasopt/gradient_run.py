@@ -10,7 +10,11 @@ weights, like every trial.
 
 Cost: with a size budget (``--max-size``) the budget is the target of the expected packed size
 (Lagrangian rule, :mod:`nasopt.gradient`); without one, if ``size`` is an objective, the cost is
-``DEFAULT_LAM * log E[size]``; otherwise accuracy alone.
+``DEFAULT_LAM * log E[size]``; otherwise accuracy alone. A latency budget (``--max-latency``,
+with a profile whose latency is ``predicted``) adds the expected latency under the look-up table
+(:meth:`nasopt.lut.LatencyTable.expected_latency`) as a second Lagrangian term. Other budgets
+(params, MACs, SRAM) have no differentiable form here: the evaluator checks them on every
+derived arch, like for any strategy.
 
 Resume: the search's result (final logits and trajectory) is saved in
 ``run_dir/gradient/<study>/<variant>-<key>.json`` (key = hash of the settings, the supernet and
@@ -72,11 +76,14 @@ class DerivedSampler(optuna.samplers.BaseSampler):
 
 
 def settings_key(variant: str, settings: GradientConfig, supernet_path: Path | str,
-                 space: SearchSpace, lam: float | None, target: float | None, seed: int) -> str:
-    payload = json.dumps({"variant": variant, "settings": asdict(settings),
-                          "supernet": Path(supernet_path).name, "space": space.describe(),
-                          "lam": lam, "target": target, "seed": seed}, sort_keys=True,
-                         default=list)
+                 space: SearchSpace, lam: float | None, target: float | None, seed: int,
+                 targets: Mapping[str, float] | None = None) -> str:
+    payload = {"variant": variant, "settings": asdict(settings),
+               "supernet": Path(supernet_path).name, "space": space.describe(),
+               "lam": lam, "target": target, "seed": seed}
+    if targets:  # only then: keys of earlier results without further budgets stay valid
+        payload["targets"] = dict(targets)
+    payload = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
@@ -93,12 +100,27 @@ def cost_rule(objectives: Sequence[Objective], constraints: Sequence[Constraint]
     return None, None
 
 
+def further_targets(constraints: Sequence[Constraint], latency_table: Any = None
+                    ) -> dict[str, float]:
+    """The budgets besides size that become Lagrangian terms: latency (ms), which needs the
+    look-up table (a profile whose latency is measured per arch has no differentiable form)."""
+    out = {}
+    for c in constraints:
+        if c.name == "latency":
+            if latency_table is None:
+                raise NasoptError("gradient search under a latency budget needs predicted "
+                                  "latency: use a profile with metrics.latency = \"predicted\" "
+                                  "(e.g. --hardware cpu-ort), or a sampling strategy")
+            out["latency"] = float(c.limit)
+    return out
+
+
 def run_gradient(study: optuna.Study, space: SearchSpace, supernet: Supernet,
                  supernet_path: Path, data: Any, evaluate: Evaluate,
                  objectives: Sequence[Objective], constraints: Sequence[Constraint], *,
                  variant: str, trials: int, seed: int, run_dir: str | Path,
                  timeout: float | None = None, show_progress: bool = True,
-                 settings: GradientConfig = GradientConfig(),
+                 settings: GradientConfig = GradientConfig(), latency_table: Any = None,
                  log: Callable[[str], None] = lambda s: None) -> int:
     """Search by gradient (or reuse the saved result), then record derived archs until the
     study holds ``trials`` completed trials. Returns the number of trials run by this call."""
@@ -106,29 +128,34 @@ def run_gradient(study: optuna.Study, space: SearchSpace, supernet: Supernet,
     if remaining <= 0:
         return 0
     lam, target = cost_rule(objectives, constraints, settings.lam)
-    key = settings_key(variant, settings, supernet_path, space, lam, target, seed)
+    targets = further_targets(constraints, latency_table)
+    key = settings_key(variant, settings, supernet_path, space, lam, target, seed, targets)
     folder = Path(run_dir) / "gradient" / study.study_name
     stem = f"{variant}-{key}"
     saved = folder / f"{stem}.json"
-    relaxation = relax(space, supernet)
+    relaxation = relax(space, supernet, latency=latency_table)
     if saved.exists():
         result = load_trajectory(saved)
         log(f"reusing the {variant} search result {saved}")
     else:
         log(f"{variant} search: {settings.epochs} epochs on the relaxed supernet, cost "
             + (f"target {target:.0f} B" if target is not None else
-               f"lam {lam} * log E[size]" if lam is not None else "none"))
+               f"lam {lam} * log E[size]" if lam is not None else "none")
+            + (f", latency target {targets['latency']:.4g} ms" if "latency" in targets else ""))
         result = gradient_search(relaxation, data, variant=variant, epochs=settings.epochs,
                                  lr_w=settings.lr_w, lr_alpha=settings.lr_alpha,
                                  cost="size", lam=lam, target=target, seed=seed,
                                  batch_size=settings.batch_size, tau=tuple(settings.tau),
-                                 dual_lr=settings.dual_lr, max_batches=settings.max_batches)
+                                 dual_lr=settings.dual_lr, max_batches=settings.max_batches,
+                                 targets=targets)
         save_trajectory(result, folder, stem)
         plot_trajectory(result, folder / f"{stem}.png",
                         f"{variant} on {space.name}: gene probabilities per epoch")
-        last = result.trajectory[-1]["expected"].get("size")
+        last = result.trajectory[-1]["expected"]
         log(f"{variant} search done in {result.wall_s:.1f}s; expected size "
-            f"{last:.0f} B; trajectory in {folder / stem}.json/.csv/.png")
+            f"{last.get('size', float('nan')):.0f} B"
+            + (f", expected latency {last['latency']:.4g} ms" if "latency" in last else "")
+            + f"; trajectory in {folder / stem}.json/.csv/.png")
     seen = {Arch(t.params).key for t in study.get_trials(deepcopy=False)
             if t.state == optuna.trial.TrialState.COMPLETE}
     archs: list[Arch] = []

@@ -43,6 +43,7 @@ import copy
 import itertools
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -218,9 +219,12 @@ def _centre_mask(p: Tensor, options: Sequence[int], size: int) -> Tensor:
 class Conv1dRelaxation(nn.Module):
     """The relaxed ``conv1d`` supernet (module docstring): ``genes`` are the space's genes but
     ``sparsity`` (fixed, see :func:`fixed_sparsity`); weights start as a copy of ``supernet``'s.
-    Implements :class:`nasopt.gradient.Relaxation`; ``expected_cost`` gives ``{"size": bytes}``."""
+    Implements :class:`nasopt.gradient.Relaxation`; ``expected_cost`` gives ``{"size": bytes}``,
+    plus ``"latency"`` (ms, :meth:`nasopt.lut.LatencyTable.expected_latency`: exact, the
+    prediction is a sum over units) when a latency table of the space is given."""
 
-    def __init__(self, space: SearchSpace, supernet: Supernet, sparsity: float | None = None):
+    def __init__(self, space: SearchSpace, supernet: Supernet, sparsity: float | None = None,
+                 latency: Any = None):
         super().__init__()
         if space.name != "conv1d":
             raise NasoptError(f"Conv1dRelaxation relaxes the conv1d space, not {space.name!r}")
@@ -231,12 +235,18 @@ class Conv1dRelaxation(nn.Module):
         self.net = copy.deepcopy(supernet.net)  # never touches the supernet's own weights
         self.net.configure(None)
         self.size = ExpectedSize(space, self.fixed)
+        self.latency = latency  # a nasopt.lut.LatencyTable of this (sub-)space, or None
 
     def weight_parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters())
 
     def expected_cost(self, probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {"size": self.size(probs)}
+        out = {"size": self.size(probs)}
+        if self.latency is not None:
+            # every relaxed gene at its options; the fixed ones (sparsity) change no unit
+            out["latency"] = self.latency.expected_latency(
+                {g: p for g, p in probs.items() if g in self.genes})
+        return out
 
     def full_arch(self, arch: Mapping[str, Value]) -> Arch:
         """A derived arch (relaxed genes) completed with the fixed genes, checked."""
@@ -307,7 +317,9 @@ def check_space(name: str) -> None:
                           f"use a sampling strategy (see `nasopt strategies`)")
 
 
-def relax(space: SearchSpace, supernet: Supernet, sparsity: float | None = None) -> nn.Module:
-    """The relaxation of ``space``'s supernet for gradient search (``conv1d`` today)."""
+def relax(space: SearchSpace, supernet: Supernet, sparsity: float | None = None,
+          latency: Any = None) -> nn.Module:
+    """The relaxation of ``space``'s supernet for gradient search (``conv1d`` today), with the
+    expected latency of ``latency`` (a :class:`nasopt.lut.LatencyTable`) among its costs."""
     check_space(space.name)
-    return Conv1dRelaxation(space, supernet, sparsity)
+    return Conv1dRelaxation(space, supernet, sparsity, latency)

@@ -134,6 +134,53 @@ def test_a_size_target_is_approached_with_a_lagrange_multiplier(tiny):
     assert last["mu"] > 0 and last["expected"]["size"] < first["expected"]["size"]
 
 
+@pytest.fixture(scope="module")
+def synthetic_table(tiny):
+    """A latency table of the tiny space whose unit entries are a synthetic cost per unit."""
+    import zlib
+
+    from nasopt import hardware, lut
+    space = tiny[0]
+    return lut.build_table(space, hardware.load_profile("cpu-ort"),
+                           time_unit=lambda u: (zlib.crc32(u.key.encode()) % 997 + 3) / 1e4,
+                           measure_arch=lambda a: (1.0, 0.0), fit_archs=0)
+
+
+def test_expected_latency_is_the_predicted_latency_at_one_hot(tiny, synthetic_table):
+    space, supernet, _ = tiny
+    relaxation = relax(space, supernet, latency=synthetic_table)
+    rng = random.Random(3)
+    for _ in range(10):
+        arch = relaxation.full_arch(space.sample(rng))
+        cost = relaxation.expected_cost(one_hot(arch, relaxation.genes))
+        assert float(cost["latency"]) == pytest.approx(synthetic_table.predict(space, arch),
+                                                       rel=1e-5)
+    assert "latency" not in relax(space, supernet).expected_cost(
+        one_hot(arch, relaxation.genes))
+
+
+def test_a_latency_budget_is_a_second_lagrangian_term(tiny, synthetic_table):
+    space, supernet, data = tiny
+    relaxation = relax(space, supernet, latency=synthetic_table)
+    uniform = gradient_search(relaxation, data, epochs=1, seed=0, batch_size=32, max_batches=1,
+                              lr_alpha=0.0).trajectory[0]["expected"]["latency"]
+    result = gradient_search(relax(space, supernet, latency=synthetic_table), data, epochs=3,
+                             target=1e9, targets={"latency": 0.5 * uniform}, seed=0,
+                             batch_size=32, max_batches=4, dual_lr=0.5, lr_alpha=0.1)
+    first, last = result.trajectory[0], result.trajectory[-1]
+    assert last["mus"]["latency"] > 0 and last["mus"]["size"] == 0  # size far under 1e9 B
+    assert last["expected"]["latency"] < 0.9 * first["expected"]["latency"]
+    with pytest.raises(NasoptError, match="no expected cost 'latency'"):
+        gradient_search(relax(space, supernet), data, epochs=1, targets={"latency": 1.0},
+                        max_batches=1)
+    from nasopt.gradient_run import further_targets
+    from nasopt.objectives import get_constraints
+    with pytest.raises(NasoptError, match="needs predicted latency"):
+        further_targets(get_constraints({"latency": "0.1ms"}), None)
+    assert further_targets(get_constraints({"latency": "0.1ms", "size": "4KB"}),
+                           synthetic_table) == {"latency": pytest.approx(0.1)}
+
+
 def test_gdas_samples_hard_archs_and_anneals(tiny):
     space, supernet, data = tiny
     result = gradient_search(relax(space, supernet), data, variant="gdas", epochs=2, lam=1.0,
