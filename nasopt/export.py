@@ -81,7 +81,11 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
                 continue  # verified by onnx_export.write in ONNX Runtime
             _verify(model, load(tmp / name if fmt == "packed" else tmp, spaces), space, name)
         out.mkdir(exist_ok=True)
-        for name in EXPORT_FILES:
+        # model.json is the export's commit record: removed first, replaced last, so a process
+        # killed between two files leaves a folder `load` refuses (no model.json), never one
+        # that loads the weights of the previous export under this arch.json
+        (out / "model.json").unlink(missing_ok=True)
+        for name in sorted(EXPORT_FILES, key=lambda n: n == "model.json"):
             if (tmp / name).exists():
                 checkpoint.atomic_write_bytes(out / name, (tmp / name).read_bytes())
             else:
@@ -96,7 +100,8 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]]) -> nn.Module
         return packed.read(path, spaces)[0]
     card_file = path / "model.json"
     if not card_file.exists():
-        raise NasoptError(f"{path} is not a nasopt export (no model.json); export one with "
+        raise NasoptError(f"{path} is not a nasopt export (no model.json; an export "
+                          f"interrupted while writing leaves none); export one with "
                           f"`nasopt export STUDY --trial N --out {path}`")
     try:
         card = json.loads(card_file.read_text())

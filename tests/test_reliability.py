@@ -1,0 +1,72 @@
+"""Kill points of `nasopt bench reliability` (nasopt.bench.crash) and what a kill leaves behind.
+
+tests/test_workers.py covers resume and several workers end to end; here: a kill point really
+SIGKILLs a real `nasopt` process where it says, and an export killed between its files is
+never a loadable mix of two exports.
+"""
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from nasopt import api, checkpoint
+from nasopt import export as nexport
+from nasopt.bench import crash
+from nasopt.compress import Policy, compress
+from nasopt.errors import NasoptError
+from search_spaces import SPACES
+
+
+def test_kill_point_names_are_checked():
+    assert crash.parse_point("mid-evaluation:4") == ("mid-evaluation", 4)
+    assert crash.parse_point("final-print") == ("final-print", 1)
+    with pytest.raises(ValueError, match="unknown kill point"):
+        crash.parse_point("mid-lunch:2")
+    with pytest.raises(ValueError, match="positive integer"):
+        crash.parse_point("between-trials:0")
+
+
+def test_a_kill_point_sigkills_a_real_nasopt_process_right_there(tmp_path):
+    cmd = [*crash.TABLE, "--trials", "3", "--study", "t", "--run-dir", "runs"]
+    code, out, err, _ = crash.wait(crash.start(tmp_path, *cmd, kill_at="between-trials:1"),
+                                   timeout=120)
+    assert code == -signal.SIGKILL, err[-2000:]
+    assert not crash.has_traceback(out, err) and "completed trials" not in out
+    trials = crash.trials_of(f"sqlite:///{tmp_path}/runs/studies.db", "t")
+    assert [t.state.name for t in trials] == ["COMPLETE"]  # told COMPLETE, no next ask
+
+
+def _deployed(space, arch, seed: int):
+    torch.manual_seed(seed)
+    return compress(space.build(arch).eval(), Policy.from_arch(arch), space.group_of)
+
+
+def test_an_export_killed_between_its_files_is_refused_not_mixed(tmp_path, monkeypatch):
+    space = SPACES["conv1d"]((1, 40), 10)
+    a = space.smallest()
+    b = space.validate({**a, "s1.bits": 4 if a["s1.bits"] != 4 else 8})  # same shapes
+    out = tmp_path / "export"
+    model_a, stored_a = _deployed(space, a, 0)
+    nexport.export_model(model_a, stored_a, a, space, out, {}, api.SPACES)
+    model_b, stored_b = _deployed(space, b, 1)
+    real, calls = checkpoint.atomic_write_bytes, []
+
+    def dies_after_two(path, data):  # the process "dies" while replacing the third file
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(path.name)
+        real(path, data)
+
+    monkeypatch.setattr(nexport.checkpoint, "atomic_write_bytes", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        nexport.export_model(model_b, stored_b, b, space, out, {}, api.SPACES)
+    monkeypatch.setattr(nexport.checkpoint, "atomic_write_bytes", real)
+    assert "model.json" not in calls  # the card, the export's commit record, goes last
+    with pytest.raises(NasoptError, match="no model.json"):
+        api.load(out)
+    nexport.export_model(model_b, stored_b, b, space, out, {}, api.SPACES)  # the re-run
+    x = torch.randn(4, 1, 40)
+    with torch.no_grad():
+        assert (api.load(out)(x) - model_b(x)).abs().max().item() < 1e-6
