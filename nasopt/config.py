@@ -113,8 +113,9 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Atomically (temp file + rename): a process killed while writing leaves the old file."""
+        from .checkpoint import atomic_write_bytes
+        atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

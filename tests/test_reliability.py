@@ -70,3 +70,20 @@ def test_an_export_killed_between_its_files_is_refused_not_mixed(tmp_path, monke
     x = torch.randn(4, 1, 40)
     with torch.no_grad():
         assert (api.load(out)(x) - model_b(x)).abs().max().item() < 1e-6
+
+
+def test_the_run_config_is_written_atomically(tmp_path, monkeypatch):
+    import os
+
+    from nasopt.config import load_config
+    path = tmp_path / "configs" / "k.json"
+    load_config(None, ["supernet.epochs=3"]).save(path)
+    before = path.read_bytes()
+
+    def killed(src, dst):  # the process dies between writing the temp file and the rename
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        load_config(None, ["supernet.epochs=7"]).save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["k.json"]  # no temp file left
