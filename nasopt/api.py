@@ -157,7 +157,9 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                            variant=s.strategy, trials=s.trials, seed=s.seed, run_dir=cfg.run_dir,
                            timeout=s.timeout, show_progress=show_progress,
                            settings=cfg.gradient, log=log,
-                           latency_table=None if hardware is None else hardware[2])
+                           latency_table=None if hardware is None else hardware[2],
+                           sram_dtype=(profile.dtype if profile is not None
+                                       and profile.metrics.get("sram") == "counted" else None))
         return SearchOutcome(study, space, path, new)
     new = _run_trials(study, space, evaluator, objectives, s, constraints, show_progress,
                       s.seed * 7919 + len(existing.trials))

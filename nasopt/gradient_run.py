@@ -12,9 +12,11 @@ Cost: with a size budget (``--max-size``) the budget is the target of the expect
 (Lagrangian rule, :mod:`nasopt.gradient`); without one, if ``size`` is an objective, the cost is
 ``DEFAULT_LAM * log E[size]``; otherwise accuracy alone. A latency budget (``--max-latency``,
 with a profile whose latency is ``predicted``) adds the expected latency under the look-up table
-(:meth:`nasopt.lut.LatencyTable.expected_latency`) as a second Lagrangian term. Other budgets
-(params, MACs, SRAM) have no differentiable form here: the evaluator checks them on every
-derived arch, like for any strategy.
+(:meth:`nasopt.lut.LatencyTable.expected_latency`) as a further Lagrangian term, an SRAM budget
+(``--max-sram``) the expected peak activation memory at the profile's data type
+(:class:`nasopt.memory.ExpectedPeak`). Params and MACs budgets have no differentiable form
+here: the evaluator checks them (and every other budget) on every derived arch, as for any
+strategy.
 
 Resume: the search's result (final logits and trajectory) is saved in
 ``run_dir/gradient/<study>/<variant>-<key>.json`` (key = hash of the settings, the supernet and
@@ -100,12 +102,18 @@ def cost_rule(objectives: Sequence[Objective], constraints: Sequence[Constraint]
     return None, None
 
 
-def further_targets(constraints: Sequence[Constraint], latency_table: Any = None
-                    ) -> dict[str, float]:
+def further_targets(constraints: Sequence[Constraint], latency_table: Any = None,
+                    sram_dtype: str | None = None) -> dict[str, float]:
     """The budgets besides size that become Lagrangian terms: latency (ms), which needs the
-    look-up table (a profile whose latency is measured per arch has no differentiable form)."""
+    look-up table (a profile whose latency is measured per arch has no differentiable form),
+    and SRAM (bytes), which needs the profile's data type."""
     out = {}
     for c in constraints:
+        if c.name == "sram":
+            if sram_dtype is None:
+                raise NasoptError("gradient search under an SRAM budget needs a hardware "
+                                  "profile that counts SRAM (e.g. --hardware mcu)")
+            out["sram"] = float(c.limit)
         if c.name == "latency":
             if latency_table is None:
                 raise NasoptError("gradient search under a latency budget needs predicted "
@@ -121,6 +129,7 @@ def run_gradient(study: optuna.Study, space: SearchSpace, supernet: Supernet,
                  variant: str, trials: int, seed: int, run_dir: str | Path,
                  timeout: float | None = None, show_progress: bool = True,
                  settings: GradientConfig = GradientConfig(), latency_table: Any = None,
+                 sram_dtype: str | None = None,
                  log: Callable[[str], None] = lambda s: None) -> int:
     """Search by gradient (or reuse the saved result), then record derived archs until the
     study holds ``trials`` completed trials. Returns the number of trials run by this call."""
@@ -128,12 +137,13 @@ def run_gradient(study: optuna.Study, space: SearchSpace, supernet: Supernet,
     if remaining <= 0:
         return 0
     lam, target = cost_rule(objectives, constraints, settings.lam)
-    targets = further_targets(constraints, latency_table)
+    targets = further_targets(constraints, latency_table, sram_dtype)
     key = settings_key(variant, settings, supernet_path, space, lam, target, seed, targets)
     folder = Path(run_dir) / "gradient" / study.study_name
     stem = f"{variant}-{key}"
     saved = folder / f"{stem}.json"
-    relaxation = relax(space, supernet, latency=latency_table)
+    relaxation = relax(space, supernet, latency=latency_table,
+                       sram_dtype=sram_dtype if "sram" in targets else None)
     if saved.exists():
         result = load_trajectory(saved)
         log(f"reusing the {variant} search result {saved}")
@@ -141,7 +151,7 @@ def run_gradient(study: optuna.Study, space: SearchSpace, supernet: Supernet,
         log(f"{variant} search: {settings.epochs} epochs on the relaxed supernet, cost "
             + (f"target {target:.0f} B" if target is not None else
                f"lam {lam} * log E[size]" if lam is not None else "none")
-            + (f", latency target {targets['latency']:.4g} ms" if "latency" in targets else ""))
+            + "".join(f", {name} target {limit:.4g}" for name, limit in targets.items()))
         result = gradient_search(relaxation, data, variant=variant, epochs=settings.epochs,
                                  lr_w=settings.lr_w, lr_alpha=settings.lr_alpha,
                                  cost="size", lam=lam, target=target, seed=seed,

@@ -23,6 +23,7 @@ they live in flash (the packed file, :mod:`nasopt.packed`).
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,10 +51,12 @@ _INPLACE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Sigmoid, nn.SiLU,
 
 @dataclass(frozen=True)
 class Step:
-    """One op of the walk: its name and the bytes of the buffers live while it runs."""
+    """One op of the walk: its name, the bytes of the buffers live while it runs, and, for a
+    module call that allocates its output (a conv, a linear layer), the module's path."""
 
     op: str
     live_bytes: int
+    module: str | None = None
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -133,7 +136,8 @@ def trace(model: nn.Module, input_shape: Sequence[int], dtype: str = "int8") -> 
         if node.op in ("output", "get_attr", "placeholder") or node not in buffer_of:
             continue
         live = sum(s for s, b0, e in zip(sizes, born, ends) if b0 <= i <= e)
-        steps.append(Step(node.name, live))
+        allocating = node.op == "call_module" and born[buffer_of[node]] == i
+        steps.append(Step(node.name, live, str(node.target) if allocating else None))
     return steps
 
 
@@ -162,3 +166,81 @@ def deployed_structure(space, arch: Mapping[str, Value]) -> nn.Module:  # noqa: 
 def arch_peak_bytes(space, arch: Mapping[str, Value], dtype: str = "int8") -> int:  # noqa: ANN001
     """Peak activation memory of ``arch``'s deployed model at ``dtype``."""
     return peak_bytes(deployed_structure(space, arch), space.input_shape, dtype)
+
+
+class ExpectedPeak:
+    """A differentiable stand-in for the peak activation memory of a space's archs when each
+    gene is drawn independently (gradient search's SRAM cost), exact at a point mass.
+
+    Live bytes only grow when a buffer is allocated, so the peak is reached at an allocating op;
+    the allocating module calls (convs, linear layers) have stable names (module paths) across
+    archs. For each of them the genes its live bytes depend on are found by varying one gene at
+    a time from a base arch (every stage at its largest depth, so every block exists) and from
+    the base with one other gene changed (so that no dependency hides behind another), and its
+    live bytes are tabulated over the joint options of those genes (0 where the module does not
+    exist, e.g. the factors of a full-rank layer); a block ``stages.<i>.blocks.<j>`` exists
+    with probability P(depth of stage i+1 > j). The cost is the largest expected live bytes over
+    those modules: max_m E[live_m] (a lower bound of E[max], equal to the peak at a one-hot; a
+    test checks it against :func:`arch_peak_bytes` for random archs)."""
+
+    def __init__(self, space, dtype: str = "int8", fixed: Mapping[str, Value] | None = None):  # noqa: ANN001
+        self.space, self.dtype = space, dtype
+        self.fixed = dict(fixed or {})
+        self.genes = {g: tuple(o) for g, o in space.genes.items() if g not in self.fixed}
+        varied = [g for g in self.genes if not g.endswith((".bits", ".depth"))
+                  and g != "sparsity" and len(self.genes[g]) > 1]
+        base = {g: (max(o) if g.endswith(".depth") else o[0]) for g, o in space.genes.items()}
+        base.update(self.fixed)
+        cache: dict[str, dict[str, int]] = {}
+
+        def live(arch: Mapping[str, Value]) -> dict[str, int]:
+            arch = space.validate(arch)
+            if arch.key not in cache:
+                steps = trace(deployed_structure(space, arch), space.input_shape, dtype)
+                cache[arch.key] = {st.module: st.live_bytes for st in steps if st.module}
+            return cache[arch.key]
+
+        # one gene varied at a time, from the base and from the base with any other gene at any
+        # option (a dependency can hide at one base: a layer absent at one rank ratio)
+        bases = [base] + [{**base, h: o} for h in varied for o in self.genes[h]]
+        modules: set[str] = set()
+        deps_of: dict[str, set[str]] = {}
+        for b in bases:
+            for g in varied:
+                found = [live({**b, g: o}) for o in self.genes[g]]
+                for f in found:
+                    modules |= set(f)
+                for m in set().union(*found):
+                    if len({f.get(m, 0) for f in found}) > 1:
+                        deps_of.setdefault(m, set()).add(g)
+        #: module -> (genes, its live bytes over their joint options)
+        self.tables: dict[str, tuple[list[str], torch.Tensor]] = {}
+        for m in sorted(modules):
+            deps = [g for g in varied if g in deps_of.get(m, ())]
+            table = torch.zeros([len(self.genes[g]) for g in deps])
+            for idx in itertools.product(*(range(len(self.genes[g])) for g in deps)):
+                combo = {g: self.genes[g][i] for g, i in zip(deps, idx)}
+                table[idx] = float(live({**base, **combo}).get(m, 0))
+            self.tables[m] = (deps, table)
+
+    def __call__(self, probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """max over allocating modules of the expected live bytes under ``probs`` (per gene, over
+        its options in the space's order; genes not given: first option)."""
+        def p(g: str) -> torch.Tensor:
+            if g in probs:
+                return probs[g]
+            return F.one_hot(torch.tensor(0), len(self.genes[g])).float()
+
+        values = []
+        for m, (deps, table) in self.tables.items():
+            e = table
+            for g in reversed(deps):  # contract the last axis with its gene's probabilities
+                e = e @ p(g).to(e.dtype)
+            parts = m.split(".")
+            if parts[0] == "stages" and len(parts) > 3 and parts[2] == "blocks":
+                depth = f"s{int(parts[1]) + 1}.depth"
+                if depth in self.genes:
+                    opts = self.genes[depth]
+                    e = e * sum(p(depth)[i] for i, d in enumerate(opts) if int(d) > int(parts[3]))
+            values.append(e)
+        return torch.stack(values).max()

@@ -221,10 +221,12 @@ class Conv1dRelaxation(nn.Module):
     ``sparsity`` (fixed, see :func:`fixed_sparsity`); weights start as a copy of ``supernet``'s.
     Implements :class:`nasopt.gradient.Relaxation`; ``expected_cost`` gives ``{"size": bytes}``,
     plus ``"latency"`` (ms, :meth:`nasopt.lut.LatencyTable.expected_latency`: exact, the
-    prediction is a sum over units) when a latency table of the space is given."""
+    prediction is a sum over units) when a latency table of the space is given, and ``"sram"``
+    (bytes at ``sram_dtype``, :class:`nasopt.memory.ExpectedPeak`: exact at a one-hot) when a
+    data type is given."""
 
     def __init__(self, space: SearchSpace, supernet: Supernet, sparsity: float | None = None,
-                 latency: Any = None):
+                 latency: Any = None, sram_dtype: str | None = None):
         super().__init__()
         if space.name != "conv1d":
             raise NasoptError(f"Conv1dRelaxation relaxes the conv1d space, not {space.name!r}")
@@ -236,6 +238,10 @@ class Conv1dRelaxation(nn.Module):
         self.net.configure(None)
         self.size = ExpectedSize(space, self.fixed)
         self.latency = latency  # a nasopt.lut.LatencyTable of this (sub-)space, or None
+        self.sram = None
+        if sram_dtype is not None:
+            from .memory import ExpectedPeak
+            self.sram = ExpectedPeak(space, sram_dtype, self.fixed)
 
     def weight_parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters())
@@ -246,6 +252,8 @@ class Conv1dRelaxation(nn.Module):
             # every relaxed gene at its options; the fixed ones (sparsity) change no unit
             out["latency"] = self.latency.expected_latency(
                 {g: p for g, p in probs.items() if g in self.genes})
+        if self.sram is not None:
+            out["sram"] = self.sram(probs)
         return out
 
     def full_arch(self, arch: Mapping[str, Value]) -> Arch:
@@ -318,8 +326,9 @@ def check_space(name: str) -> None:
 
 
 def relax(space: SearchSpace, supernet: Supernet, sparsity: float | None = None,
-          latency: Any = None) -> nn.Module:
+          latency: Any = None, sram_dtype: str | None = None) -> nn.Module:
     """The relaxation of ``space``'s supernet for gradient search (``conv1d`` today), with the
-    expected latency of ``latency`` (a :class:`nasopt.lut.LatencyTable`) among its costs."""
+    expected latency of ``latency`` (a :class:`nasopt.lut.LatencyTable`) and the expected peak
+    activation memory at ``sram_dtype`` among its costs."""
     check_space(space.name)
-    return Conv1dRelaxation(space, supernet, sparsity, latency)
+    return Conv1dRelaxation(space, supernet, sparsity, latency, sram_dtype)

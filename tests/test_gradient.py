@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import random
 
@@ -181,6 +182,30 @@ def test_a_latency_budget_is_a_second_lagrangian_term(tiny, synthetic_table):
                            synthetic_table) == {"latency": pytest.approx(0.1)}
 
 
+def test_expected_peak_memory_is_the_peak_at_one_hot_and_a_budget_pulls_it_down(tiny):
+    from nasopt.memory import arch_peak_bytes
+    space, supernet, data = tiny
+    relaxation = relax(space, supernet, sram_dtype="int8")
+    rng = random.Random(4)
+    for _ in range(15):
+        arch = relaxation.full_arch(space.sample(rng))
+        cost = relaxation.expected_cost(one_hot(arch, relaxation.genes))
+        assert float(cost["sram"]) == arch_peak_bytes(space, arch, "int8")
+    first = float(relaxation.expected_cost(
+        {g: torch.full((len(o),), 1 / len(o)) for g, o in relaxation.genes.items()})["sram"])
+    result = gradient_search(relaxation, data, epochs=3, targets={"sram": 0.5 * first}, seed=0,
+                             batch_size=32, max_batches=4, dual_lr=0.5, lr_alpha=0.1)
+    last = result.trajectory[-1]
+    assert result.trajectory[0]["expected"]["sram"] == pytest.approx(first)
+    assert last["mus"]["sram"] > 0 and last["expected"]["sram"] < 0.9 * first
+    from nasopt.gradient_run import further_targets
+    from nasopt.objectives import get_constraints
+    with pytest.raises(NasoptError, match="counts SRAM"):
+        further_targets(get_constraints({"sram": "2KB"}))
+    assert further_targets(get_constraints({"sram": "2KB"}), sram_dtype="int8") == {
+        "sram": 2048.0}
+
+
 def test_gdas_samples_hard_archs_and_anneals(tiny):
     space, supernet, data = tiny
     result = gradient_search(relax(space, supernet), data, variant="gdas", epochs=2, lam=1.0,
@@ -244,6 +269,11 @@ def test_darts_trials_are_recorded_reproducible_restricted_and_resumed(datasets,
     assert [t.params for t in more[:3]] == [t.params for t in first]
     # the same seed in another study derives the same archs (the supernet is reused)
     assert [t.params for t in run("b", 3)] == [t.params for t in first]
+    # an SRAM budget (mcu profile) is a Lagrangian term of the search, and checked per trial
+    hw = run("c", 2, "--hardware", "mcu", "--max-sram", "400B")
+    assert all("sram_bytes" in t.user_attrs["metrics"] for t in hw)
+    saved = json.loads(next((tmp_path / "gradient" / "c").glob("darts-*.json")).read_text())
+    assert "sram" in saved["trajectory"][-1]["mus"] and "sram" in saved["trajectory"][-1]["expected"]
     capsys.readouterr()
 
 
