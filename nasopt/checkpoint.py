@@ -35,11 +35,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save(obj: Any, path: Path) -> None:
+    """``torch.save`` atomically, as :func:`atomic_write_bytes` writes bytes (fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    os.fchmod(fd, 0o666 & ~_umask())
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

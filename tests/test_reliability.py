@@ -87,3 +87,16 @@ def test_the_run_config_is_written_atomically(tmp_path, monkeypatch):
         load_config(None, ["supernet.epochs=7"]).save(path)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["k.json"]  # no temp file left
+
+
+def test_checkpoints_are_synced_before_the_rename_and_not_private(tmp_path, monkeypatch):
+    import os
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    path = tmp_path / "supernets" / "x.partial.pt"
+    checkpoint.save({"epoch": 3, "w": torch.ones(2)}, path)
+    assert synced and checkpoint.load(path)["epoch"] == 3
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like every other file written
