@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,6 +261,8 @@ space = "conv1d"
 strategy = "random"
 trials = 4
 restrict = {{ "s1.depth" = [1], "s2.depth" = [1], "s3.depth" = [1], "s1.width" = [8, 16], "s2.width" = [8, 16], "s3.width" = [8, 16] }}
+[gradient]
+epochs = 3
 [distill]
 epochs = 2
 [finetune]
@@ -294,6 +297,24 @@ def test_nasopt_run_writes_every_artifact_and_the_model_card(pipeline_run):
         assert acc[key] == mem  # every artifact is the fine-tuned model
     assert card["macs"] > 0 and card["params"] > 0 and "largest" in card["teacher_test_accuracy"]
     assert "Test accuracy" in (out / "REPORT.md").read_text()
+    # the search ran in the configured run folder, with the config's sections
+    run = pipeline_run / "run"
+    assert (run / "studies.db").exists() and list((run / "supernets").glob("conv1d-*.pt"))
+    saved = json.loads(next((run / "configs").glob("*.json")).read_text())
+    assert saved["run_dir"] == str(run) and saved["device"] == "auto"
+    assert saved["gradient"]["epochs"] == 3  # the [gradient] section of the run config
+
+
+def test_run_config_base_carries_every_search_section():
+    from nasopt.config import Config
+    from nasopt.pipeline import load_run_config
+    cfg = load_run_config(Path(__file__).parents[1] / "configs" / "mnist1d.toml",
+                          ["gradient.epochs=5", "run_dir=\"elsewhere\""])
+    base = cfg.base()
+    assert ({f.name for f in dataclasses.fields(Config)}
+            <= {f.name for f in dataclasses.fields(type(cfg))})
+    assert base.run_dir == "elsewhere" and base.gradient.epochs == 5
+    assert base.search == cfg.search and base.device == cfg.device
 
 
 def test_finetune_cli_transfers_to_new_classes(pipeline_run, capsys):
