@@ -100,3 +100,11 @@ def test_checkpoints_are_synced_before_the_rename_and_not_private(tmp_path, monk
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like every other file written
+
+
+def test_retrying_a_dead_workers_trial_prints_no_optuna_warning(recwarn):
+    import optuna
+
+    from nasopt import workers
+    workers.retry_callback()
+    assert not [w for w in recwarn if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
