@@ -63,7 +63,8 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     (feasible when <= 0) and, for the dashboard, in the user attr ``constraints``.
     Several workers may share the study (see :mod:`nasopt.workers`): trials of dead workers are
     failed and retried, and the study ends with exactly ``trials`` completed trials.
-    Returns the number of trials run by this call.
+    Returns the number of trials this call evaluated (COMPLETE or FAIL; a retry of a dead
+    worker's trial counts, trials of other workers and surplus trials do not).
     """
     workers.recover(study)  # trials left RUNNING by a killed worker: FAIL, then retried
     remaining = trials - len(completed(study))
@@ -89,7 +90,7 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
 
     bar = progress_bar(total=remaining, desc=f"search {study.study_name}", unit="trial",
                        enabled=show_progress)
-    before = len(study.trials)
+    ran = [0]  # trials this call evaluated (retries of dead workers' trials included)
     failures: list[str] = []
     me = workers.identity()
 
@@ -97,10 +98,12 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
         if trial.state == optuna.trial.TrialState.COMPLETE:
             bar.update(1)
             failures.clear()
+            ran[0] += 1
         elif trial.state == optuna.trial.TrialState.FAIL:
             if trial.user_attrs.get(workers.SURPLUS_ATTR):
                 s.stop()
                 return
+            ran[0] += 1
             failures.append(str(trial.user_attrs.get("error", "unknown reason")))
         if len(failures) >= MAX_CONSECUTIVE_FAILURES or workers.wait_for_room(s, trials) >= trials:
             s.stop()
@@ -113,4 +116,4 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     if len(failures) >= MAX_CONSECUTIVE_FAILURES:
         raise NasoptError(f"stopped after {len(failures)} failed trials in a row; the last one: "
                           f"{failures[-1][:300]}")
-    return len(study.trials) - before
+    return ran[0]

@@ -108,3 +108,32 @@ def test_retrying_a_dead_workers_trial_prints_no_optuna_warning(recwarn):
     from nasopt import workers
     workers.retry_callback()
     assert not [w for w in recwarn if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+
+
+def test_run_now_counts_the_retry_of_a_dead_workers_trial(tmp_path):
+    import socket
+    import subprocess
+
+    import optuna
+
+    from nasopt import workers
+    from nasopt.metrics import Metrics
+    from nasopt.objectives import get_objectives
+    from nasopt.search import run_search, suggest_arch
+    space = SPACES["conv1d"]((1, 40), 10)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                storage=f"sqlite:///{tmp_path}/s.db",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    trial = study.ask()  # left RUNNING by a worker that died on this machine
+    suggest_arch(trial, space)
+    trial.set_user_attr(workers.WORKER_ATTR, {"host": socket.gethostname(),
+                                              "boot": workers._boot_id(), "pid": gone.pid,
+                                              "start": "1"})
+    ran = run_search(study, space, lambda arch: Metrics(accuracy=0.5, params=10, macs=10,
+                                                        float_bytes=40),
+                     get_objectives(["accuracy", "size"]), trials=3, show_progress=False)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert study.trials[1].params == study.trials[0].params  # the retry
+    assert ran == 3  # the retry was evaluated by this call too
