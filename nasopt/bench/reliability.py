@@ -270,7 +270,10 @@ def kill_row(folder: Path, point: str | None, reference: dict[str, Any], rep: in
         problems.append("Pareto front != recomputed")
     if crash.has_traceback(out1, err1, out2, err2):
         problems.append("traceback")
-    if not _json_ok(cfg_file):
+    warned = [line for line in err2.splitlines() if "Warning" in line]
+    if warned:
+        problems.append(f"warning on stderr: {warned[0][:120]}")
+    if _json_ok(cfg_file) != "valid":
         problems.append("run config unreadable after the re-run")
     return {"point": point or f"random {delay:.2f} s", "rep": rep, "at": at,
             "kept": f"{kept}/{len(kept_before)}", "retries": retries, "supernet": supernet,
@@ -354,7 +357,8 @@ def _try_load(api, folder: Path) -> str:  # noqa: ANN001
         api.load(folder)
         return "loads"
     except NasoptError as exc:
-        return "refused: " + str(exc).replace(str(folder), "export")[:120]
+        text = str(exc).replace(str(folder), "export")
+        return "refused: " + (text.split("); ")[0] + ")" if "); " in text else text[:150])
 
 
 def kill_section(work: Path, reference: dict[str, Any], reps: int, random_kills: int,
@@ -370,8 +374,9 @@ def kill_section(work: Path, reference: dict[str, Any], reps: int, random_kills:
                 log(f"reliability: kill at {point} (rep {r})")
                 rows.append(kill_row(work / f"{_slug(point)}-{r}", point, reference, r))
         rng = random.Random(seed)
-        for i in range(random_kills):
-            delay = rng.uniform(0.5, 0.95 * reference["wall"])
+        for i in range(random_kills):  # one delay in each of N equal slices of the run
+            delay = 0.5 + (0.95 * reference["wall"] - 0.5) * rng.uniform(
+                i / random_kills, (i + 1) / random_kills)
             log(f"reliability: kill after {delay:.2f} s (random {i + 1})")
             rows.append(kill_row(work / f"random-{i}", None, reference, i + 1, delay))
         exports = []
@@ -402,9 +407,10 @@ def kill_section(work: Path, reference: dict[str, Any], reps: int, random_kills:
                    "yes" if any("traceback" in p for p in r["problems"]) else "no",
                    "; ".join(_cell(p) for p in r["problems"] if p != "traceback") or "ok"]
                   for r in rows]
-    notes = [f"`{p.split(':')[0]}`: {POINTS[p.split(':')[0]][0]}"
-             for p in dict.fromkeys((*TRAINING_POINTS, *SEARCH_POINTS, "export-write:3"))]
+    notes = [f"`{name}`: {POINTS[name][0]}" for name in dict.fromkeys(
+        p.split(":")[0] for p in (*TRAINING_POINTS, *SEARCH_POINTS, "export-write:3"))]
     passed = sum(not r["problems"] for r in rows)
+    unkilled = sum(r["at"].startswith("not killed") for r in rows)
     temp = sorted({t for r in rows for t in r["temp_left"]})
     cfg_rows = [r for r in rows if r["point"].startswith("config-write")]
     erows = [[r["rep"], f"#{r['a']} then #{r['b']}",
@@ -432,16 +438,19 @@ Pareto front == the one recomputed from all trials, the run config readable).
 
 {table(["kill point", "rep", "at the kill", "kept", "trials left RUNNING", "supernet", "weights = uninterrupted", "complete", "re-run", "traceback", "problems"], table_rows)}
 
-**{passed} of {len(rows)} rows passed every check.**
+**{passed} of {len(rows)} rows passed every check**{f" ({unkilled} random row(s) finished before their kill time: nothing was killed there)" if unkilled else ""}.
+Resuming "at epoch {EPOCHS + 1}" (`final-write`) means every epoch was done: the re-run only
+writes the trained file.
 
 Points: {'; '.join(notes)}.
 
 Temp files of atomic writes left by a killed writer (checkpoint/export temp files; harmless,
 never read): {', '.join(f'`{t}`' for t in temp) or 'none'}. Run config right after a kill in
 `config-write`: {', '.join(r['config_after_kill'] for r in cfg_rows) or 'not run'}.
-`before-worker-record` kills a trial between Optuna's `ask` and its worker record: nothing names
-its process, so it is failed only when it is {workers.ORPHAN_SECONDS} s old (or by the heartbeat, after
-3 x `--heartbeat`), which is the re-run's wall time in those rows.
+`before-worker-record` kills a trial in the moment between Optuna's `ask` and its worker record:
+nothing names its process, so it is failed when it is {workers.ORPHAN_SECONDS} s old, or earlier by the
+heartbeat (after 3 x `--heartbeat`: 180 s with this command's 60, 30 s with the default 10); the
+re-run waits for it only once the other slots are filled, which sets its wall time in those rows.
 
 ### Kill during `nasopt export`
 
@@ -518,6 +527,8 @@ def run_workers(folder: Path, url: str, total: int, n: int,
         retry_of_victim = "no trial RUNNING at the kill"
     errors = [err.strip().splitlines()[-1][:160] for code, _, err, _ in results
               if code != 0 and err.strip()]
+    errors += [line[:160] for _, _, err, _ in results for line in err.splitlines()
+               if "Warning" in line][:1]
     return {"n": n, "kill": kill, "wall": wall, "codes": [r[0] for r in results],
             "ledger": ledger, "front_ok": ours == recomputed and bool(ours),
             "front_size": len(ours), "seeds": len({t.user_attrs.get("seed")
@@ -550,7 +561,7 @@ def workers_section(work: Path, counts: list[int], total: int, postgres: str | N
     rows = []
     for label, r in runs:
         lg = r["ledger"]
-        ok = (all(c == 0 for c in r["codes"]) and lg["complete"] == total and not lg["gaps"]
+        ok = (all(c == 0 for c in r["codes"]) and not r["errors"] and lg["complete"] == total and not lg["gaps"]
               and not lg["duplicates"] and not lg["running"] and not lg["incomplete"]
               and not lg["unretried"] and not lg["double_retries"] and not lg["surplus_evaluated"]
               and r["front_ok"] and not r["leaked"] and not r["traceback"])
@@ -714,11 +725,12 @@ def atomic_section(folder: Path, reference: dict[str, Any], log) -> str:  # noqa
     return f"""## 5. Atomic writes
 
 Where: `nasopt/checkpoint.py`. `save` (supernet checkpoints, per epoch and final) writes
-`torch.save` to a temp file in the same folder, then `os.replace` onto the target;
-`atomic_write_bytes` (export files, packed files, REINFORCE controller state, LUTs, plots,
-reports) does the same with `fsync` before the rename. Exports are first written and verified
-in a temp folder, then each file is replaced atomically (section 1 shows what a kill between
-those files leaves). A reader therefore sees the old file or the new one, never half of one —
+`torch.save` to a temp file in the same folder, fsyncs it, then `os.replace`s the target;
+`atomic_write_bytes` (export files, packed files, the run config, REINFORCE controller state,
+LUTs, plots, reports) does the same with bytes. Exports are first written and verified in a
+temp folder, then each file is replaced atomically, `model.json` (the commit record) removed
+first and written last, so a folder killed between two files has none and is refused by
+`nasopt.load` (the export rows of section 1). A reader therefore sees the old file or the new one, never half of one —
 the `checkpoint-write` and `final-write` rows of section 1 kill in the middle of that write and
 the re-run resumed from the previous checkpoint. And a file that is cut short anyway (copied
 half, disk full) is refused with a clear message, never half-loaded: `checkpoint.load` on
@@ -736,8 +748,9 @@ NOT_COVERED = """## What this does not cover
   simulated by re-labelling a dead worker's trial, so only the heartbeat path could find it.
   Network partitions, clock skew between hosts and a slow database link were not tried.
 - Power loss or a kernel crash (of a worker or of the database server): SIGKILL keeps what the
-  kernel already holds in its page cache; whether a rename survives power loss depends on
-  fsync and the file system (`checkpoint.save` does not fsync before its rename).
+  kernel already holds in its page cache. Checkpoints and exports are fsynced before their
+  rename, but the folder is not fsynced after it, so a rename just before a power cut may be
+  lost (the previous file stays).
 - The database server itself killed or restarted mid-run (the CLI turns a lost connection into
   one error message; re-running continues, but this run did not kill PostgreSQL).
 - A journal file shared over NFS by several machines: the journal has no heartbeat, so a
