@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .errors import NasoptError
 
+FIT_ARCHS = 80  # nasopt.lut.FIT_ARCHS (not imported here: the parser stays light)
+
 #: the dataset whose input shape a space is profiled for, unless --dataset says otherwise
 DEFAULT_DATASET = {"conv1d": "mnist1d", "mobilenet": "digits"}
 
@@ -45,8 +47,9 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                        "(default: mnist1d for conv1d, digits for mobilenet)")
         q.add_argument("--restrict", action="append", default=[], metavar="GENE=OPT[,OPT...]",
                        help="profile a sub-space, e.g. --restrict s1.rank=1.0")
-        q.add_argument("--fit-archs", type=int, default=20,
-                       help="archs measured to fit scale and constant (default 20)")
+        q.add_argument("--fit-archs", type=int, default=FIT_ARCHS,
+                       help="random archs measured to fit the feature coefficients and the "
+                       f"constant (default {FIT_ARCHS})")
         if name == "profile":
             q.add_argument("--force", action="store_true", help="rebuild an existing table")
         else:
@@ -120,9 +123,10 @@ def _table(args: argparse.Namespace, profile) -> int:  # noqa: ANN001
         table.save(path)
     if args.hw_command == "profile":
         print(f"latency table of {space.name} under {profile.name}: {len(table.entries)} units, "
-              f"latency = {table.scale:.3f} x sum + {table.constant:.4f} ms (fit on "
+              f"latency = sum of unit entries + {table.constant:.4f} ms; "
+              f"{table.fit.get('model', '?')}, fit on {table.fit.get('used')} of "
               f"{table.fit.get('archs')} archs, residual RMS "
-              f"{table.fit.get('residual_rms_ms', 0):.4f} ms); {time.perf_counter() - start:.0f} s"
+              f"{table.fit.get('residual_rms_ms', 0):.4f} ms; {time.perf_counter() - start:.0f} s"
               f"\nwrote {path}")
         return 0
     result = lut.validate(table, space, profile, args.n, args.seed, log=log)
@@ -157,10 +161,14 @@ def _measure(args: argparse.Namespace, profile) -> int:  # noqa: ANN001
         recorded = found[0].user_attrs["metrics"].get("latency_ms")
         source = f"trial {args.trial} of {args.study}" + (
             f" (the search recorded {recorded:.4f} ms)" if recorded is not None else "")
-    flag = " NOISY (other processes competed for the CPU)" if timing.noisy(
-        profile.noise_threshold) else ""
+    flag = ""
+    if not timing.confirmed:
+        flag = (f" NOT CONFIRMED: fewer than {profile.windows} windows in the CPU's fast mode "
+                f"(the machine was loaded); the figure is likely too high")
+    elif timing.noisy(profile.noise_threshold):
+        flag = " NOISY (other processes competed for the CPU)"
     print(f"{source} on {profile.name} ({profile.dtype}, batch 1, {profile.threads} thread(s)): "
-          f"median {timing.median_ms:.4f} ms, IQR {timing.iqr_ms:.4f} ms "
-          f"({timing.relative_iqr:.1%}) over {timing.repeats} runs{flag}; peak SRAM "
-          f"{sram} B at {profile.dtype}")
+          f"{timing.median_ms:.4f} ms (lowest median of {timing.fast_windows} fast-mode windows "
+          f"of {timing.repeats} runs, of {timing.windows} windows; IQR {timing.iqr_ms:.4f} ms, "
+          f"{timing.relative_iqr:.1%}){flag}; peak SRAM {sram} B at {profile.dtype}")
     return 0

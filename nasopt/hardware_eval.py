@@ -112,7 +112,7 @@ def latency_floor(table: LatencyTable) -> float:
         optional = block is not None and depth in table.space["genes"] and \
             min(int(d) for d in table.space["genes"][depth]) <= block
         if not optional:
-            total += table.scale * min(table.entries[k] for k in pos["keys"].values())
+            total += min(table.entries[k] for k in pos["keys"].values())
     return total
 
 

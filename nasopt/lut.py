@@ -6,28 +6,48 @@ weights (``stem``, ``head``). A unit's key is its layer structure (the plain tor
 ``repr``: channels, kernel, stride, groups, factorization), its residual flag and its input shape
 (channels x length / resolution), so equal keys mean equal work.
 
-**Profiling** (``nasopt hw profile``) enumerates every distinct unit of a (sub-)space and times
-each once: the unit alone as a small ONNX graph (as the profile runs it: float32 or int8 QDQ)
-minus the time of an Identity graph on the same input (the per-run overhead of ONNX Runtime and
-Python), floored at 0. Enumeration covers every unit by the gene-naming convention of the spaces:
-a group's units (``sN.*``, ``stem.*``, ``head.*``) depend only on the group's structural genes
-and on the previous group's ``width``; one arch per combination of those (depths at their
-maximum) is decomposed. Bit-widths and sparsity do not change the graph ONNX Runtime runs
-(dense kernels; the profile's data type decides), so they are not part of a unit.
+**Profiling** (``nasopt hw profile``) enumerates every distinct unit of a (sub-)space and, once
+per unit: exports it alone as a small ONNX graph (as the profile runs it: float32 or int8 QDQ),
+**counts its features** and **times it in isolation** (minus an Identity graph on the same input,
+floored at 0; kept in the file and reported, not used by the predictor). Enumeration covers every
+unit by the gene-naming convention of the spaces: a group's units (``sN.*``, ``stem.*``,
+``head.*``) depend only on the group's structural genes and on the previous group's ``width``;
+one arch per combination of those (depths at their maximum) is decomposed. Bit-widths and
+sparsity do not change the graph ONNX Runtime runs (dense kernels; the profile's data type
+decides), so they are not part of a unit.
 
-**Prediction** = scale x (sum of the arch's unit entries) + constant, both fitted by least
-squares on ``fit_archs`` random archs measured end to end. The constant is the per-run overhead;
-the scale corrects what timing a unit alone adds to it (its own output allocation, input and
-output binding, cold kernels): measured here on conv1d, isolated units take about twice their
-share of a whole graph (fitted scale ~0.5; with the constant alone, 37 % of archs were within
-±10 %, with scale and constant 87 %). The prediction is linear per unit, so :meth:`LatencyTable.expected_latency` gives the expected latency
-under independent per-gene categorical distributions (differentiable in torch), for a
-gradient-based search.
+**Features** of a unit (:func:`unit_features`), counted from its graphs, in the spirit of
+nn-Meter's kernel-level predictors: per kind of layer (``pw`` 1x1 conv, ``conv<k>`` dense kxk
+conv, ``dw<k>`` depthwise kxk conv, ``fc`` Gemm/MatMul; ``Relu``, ``Clip``, ``Add``) its MACs,
+its MACs over the taps not on padding (``eff_*``), its input and its output elements, plus the
+number of each op ONNX Runtime runs once it has optimized the unit's graph (``o_*``: fused convs,
+NCHWc convs, the NCHWc reorders it inserts when a channel count is not a multiple of the vector
+width, residual adds, Gemm), plus 1 per unit (``units``). Depthwise convs get one coefficient per
+kernel size: on tiny maps (digits: 8x8, 4x4) a depthwise kxk is not linear in its MACs.
 
-**Validation** (``nasopt hw validate``) measures random archs and reports the share predicted
-within ±10 % and Kendall's tau, with the machine's noise: each arch is measured twice and the
-median relative difference of the two (and the median relative IQR) is compared with the
-profile's ``noise_threshold``: above half of it a ±10 % verdict cannot be trusted.
+**Prediction** = sum of the arch's unit entries + a constant, where a unit's entry = the
+fitted coefficients . its features. Coefficients and constant are fitted by least squares on the
+relative error over ``fit_archs`` random archs measured end to end (features standardized,
+minimum-norm where two are collinear; one refit without the archs whose residual is an outlier,
+> 4 x the median and > 5 %). Why not the isolated timings: measured here with stable timings
+(:mod:`nasopt.latency`), ``scale x sum of isolated unit times + constant`` got 40 % of conv1d
+archs within ±10 % (median error 16 %): a unit timed alone pays per-graph costs (input/output
+binding, ORT's NCHWc reorders around its convs, cold caches) that it does not pay inside a whole
+graph, and these differ by unit; as a further feature its coefficient went negative. With the
+features, held-out archs (fit on 60, 20 random splits): conv1d 94 %, mobilenet 91 %, conv1d int8
+96 % within ±10 %; MACs and node counts alone: 93 %, 85 %, 98 %. With fewer than 3 fit archs
+(tests, a quick table) the entries are the isolated timings and the constant their mean
+residual. The prediction is linear per unit, so :meth:`LatencyTable.expected_latency` gives
+the expected latency under independent per-gene categorical distributions (differentiable in
+torch), for a gradient-based search.
+
+**Validation** (``nasopt hw validate``) measures random archs (other seed, distinct structures)
+twice, in two passes minutes apart, and reports the share predicted within ±10 % of the lower
+measurement and Kendall's tau, with the machine's noise: the median and 90th percentile of the
+two measurements' relative difference, the speed drift of a reference arch since the table was
+made, the share of timings that never saw the CPU's fast mode, and the fast-mode share of the
+windows. Too noisy to trust: median repeat spread or drift above half the profile's
+``noise_threshold``, the 90th percentile above it, or more than 5 % unconfirmed timings.
 """
 from __future__ import annotations
 
@@ -38,7 +58,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,7 +69,11 @@ from .errors import NasoptError
 from .hardware import Profile
 from .memory import deployed_structure, structure_key
 
-LUT_VERSION = 1
+if TYPE_CHECKING:
+    from .latency import Timing
+
+LUT_VERSION = 2  # 2: feature model (coefficients, features, isolated timings)
+FIT_ARCHS = 80  # random archs measured to fit the coefficients
 TOLERANCE = 0.10  # "within ±10 %"
 
 
@@ -139,9 +163,8 @@ def group_of_unit(name: str) -> str:
     return f"s{int(parts[1]) + 1}" if parts[0] == "stages" else parts[0]
 
 
-# ---- timing --------------------------------------------------------------------------------
+# ---- graphs, features, timing --------------------------------------------------------------
 def _identity_graph(input_shape: Sequence[int]) -> bytes:
-    import onnx
     from onnx import TensorProto, helper
     shape = ["batch", *input_shape]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
@@ -150,29 +173,6 @@ def _identity_graph(input_shape: Sequence[int]) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
-
-
-class UnitTimer:
-    """Times units under a profile: unit graph minus the Identity graph on the same input."""
-
-    def __init__(self, profile: Profile):
-        self.profile = profile
-        self._baseline: dict[tuple[int, ...], float] = {}
-
-    def baseline(self, input_shape: tuple[int, ...]) -> float:
-        from .latency import measure_onnx
-        if input_shape not in self._baseline:
-            self._baseline[input_shape] = measure_onnx(_identity_graph(input_shape), input_shape,
-                                                       self.profile).median_ms
-        return self._baseline[input_shape]
-
-    def __call__(self, unit: Unit) -> float:
-        from .latency import measure_model
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            module = _fresh(unit.module)
-        timing = measure_model(module, unit.input_shape, self.profile)
-        return max(0.0, timing.median_ms - self.baseline(unit.input_shape))
 
 
 def _fresh(module: nn.Module) -> nn.Module:
@@ -186,16 +186,173 @@ def _fresh(module: nn.Module) -> nn.Module:
     return module
 
 
+def unit_graphs(unit: Unit, dtype: str) -> tuple[bytes, bytes]:
+    """(float32 graph, the graph the profile runs: the same or its int8 QDQ version)."""
+    from . import onnx_export
+    from .latency import torch_threads
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = _fresh(unit.module)
+    with torch_threads(1):
+        fp32 = onnx_export.to_onnx_bytes(module, unit.input_shape)
+    if dtype == "fp32":
+        return fp32, fp32
+    g = torch.Generator().manual_seed(0)
+    return fp32, onnx_export.quantize_int8(
+        fp32, torch.randn((64, *unit.input_shape), generator=g).numpy())  # as latency.onnx_for
+
+
+def _counted(graph: bytes) -> dict[str, float]:
+    """Per kind of layer: MACs and output elements per sample (``macs_*``, ``out_*``), from the
+    float32 ONNX graph with its shapes inferred."""
+    import onnx
+    from onnx import shape_inference
+    model = shape_inference.infer_shapes(onnx.load_from_string(graph))
+    shapes: dict[str, list[int]] = {}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 1
+                           for d in vi.type.tensor_type.shape.dim]
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    out: dict[str, float] = {}
+
+    def add(name: str, value: float) -> None:
+        out[name] = out.get(name, 0.0) + float(value)
+
+    for node in model.graph.node:
+        if node.op_type in ("Identity", "Constant"):
+            continue
+        elements = math.prod(shapes.get(node.output[0], [1, 0])[1:])
+        if node.op_type == "Conv":
+            w = weights[node.input[1]]
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            kernel = "x".join(map(str, w[2:]))
+            kind = (f"dw{kernel}" if group > 1 and w[1] == 1 else
+                    "pw" if all(k == 1 for k in w[2:]) else f"conv{kernel}")
+            add(f"macs_{kind}", elements * math.prod(w[1:]))
+            add(f"eff_{kind}", _unpadded_taps(node, shapes, w) * w[0] * w[1])
+            add(f"in_{kind}", math.prod(shapes[node.input[0]][1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            kind = "fc"
+            add("macs_fc", math.prod(weights.get(node.input[1], [0])))
+        else:
+            kind = node.op_type
+        add(f"out_{kind}", elements)
+    return out
+
+
+def _unpadded_taps(node, shapes: Mapping[str, list[int]], w: list[int]) -> int:  # noqa: ANN001
+    """Kernel taps of a conv over all output positions that fall inside the input (not on
+    padding): a kxk conv on a 4x4 map touches far fewer values than its MACs say."""
+    import onnx
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    inner, outer = shapes[node.input[0]][2:], shapes[node.output[0]][2:]
+    strides = attrs.get("strides", [1] * len(inner))
+    pads = attrs.get("pads", [0] * 2 * len(inner))
+    dilations = attrs.get("dilations", [1] * len(inner))
+    taps = 1
+    for d, (size, out) in enumerate(zip(inner, outer)):
+        taps *= sum(0 <= i * strides[d] - pads[d] + j * dilations[d] < size
+                    for i in range(out) for j in range(w[2 + d]))
+    return taps
+
+
+def _optimized_ops(graph: bytes, threads: int) -> dict[str, float]:
+    """How many of each op ONNX Runtime runs once it has optimized ``graph`` (``o_<op>``;
+    ``o_nchwc_<op>`` for its NCHWc kernels and reorders)."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    fd, path = tempfile.mkstemp(suffix=".onnx")
+    os.close(fd)
+    try:
+        opts.optimized_model_filepath = path
+        ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(path).graph.node
+    finally:
+        os.unlink(path)
+    out: dict[str, float] = {}
+    for node in nodes:
+        name = "o_" + ("nchwc_" if node.domain.endswith("nchwc") else "") + node.op_type
+        out[name] = out.get(name, 0.0) + 1.0
+    return out
+
+
+def unit_features(fp32: bytes, timed: bytes, threads: int = 1) -> dict[str, float]:
+    """A unit's features (see the module doc): counted from its float32 graph and from the
+    optimized version of the graph the profile runs."""
+    return {**_counted(fp32), **_optimized_ops(timed, threads), "units": 1.0}
+
+
+class UnitTimer:
+    """Times units under a profile: unit graph minus the Identity graph on the same input, all
+    of a batch measured round robin (:func:`nasopt.latency.measure_graphs`)."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self._baseline: dict[tuple[int, ...], float] = {}
+
+    def __call__(self, unit: Unit) -> float:
+        return self.time([unit], [unit_graphs(unit, self.profile.dtype)[1]])[0]
+
+    def time(self, units_: Sequence[Unit], graphs: Sequence[bytes]) -> list[float]:
+        from .latency import measure_graphs
+        shapes = sorted({u.input_shape for u in units_} - set(self._baseline))
+        timings = measure_graphs([*[_identity_graph(s) for s in shapes], *graphs],
+                                 [*shapes, *[u.input_shape for u in units_]], self.profile)
+        for shape, t in zip(shapes, timings):
+            self._baseline[shape] = t.median_ms
+        return [max(0.0, t.median_ms - self._baseline[u.input_shape])
+                for u, t in zip(units_, timings[len(shapes):])]
+
+
+#: a measurement of archs: archs -> their timings (the latency and how it was measured)
+MeasureArchs = Callable[[Sequence[Arch]], list["Timing"]]
+
+
+def measure_archs_fn(space, profile: Profile) -> MeasureArchs:  # noqa: ANN001
+    """archs -> their timings, measured end to end (round robin, :mod:`nasopt.latency`)."""
+    from .latency import measure_graphs, onnx_for
+
+    def measure(archs: Sequence[Arch]) -> list[Timing]:
+        graphs = []
+        for arch in archs:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = _fresh(deployed_structure(space, arch))
+            graphs.append(onnx_for(model, space.input_shape, profile.dtype))
+        return measure_graphs(graphs, [space.input_shape] * len(graphs), profile)
+    return measure
+
+
 def measure_arch_fn(space, profile: Profile) -> Callable[[Arch], tuple[float, float]]:  # noqa: ANN001
     """arch -> (latency ms, relative IQR), measured end to end (:mod:`nasopt.latency`)."""
-    from .latency import measure_model
+    many = measure_archs_fn(space, profile)
 
     def measure(arch: Arch) -> tuple[float, float]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = _fresh(deployed_structure(space, arch))
-        t = measure_model(model, space.input_shape, profile)
+        t = many([arch])[0]
         return t.median_ms, t.relative_iqr
+    return measure
+
+
+def _batch(measure_arch: Callable[[Arch], tuple[float, float]] | None, space,  # noqa: ANN001
+           profile: Profile) -> MeasureArchs:
+    """A batch measurement: the profile's, or one from a per-arch function (tests)."""
+    if measure_arch is None:
+        return measure_archs_fn(space, profile)
+    from .latency import Timing
+
+    def measure(archs: Sequence[Arch]) -> list[Timing]:
+        out = []
+        for arch in archs:
+            ms, iqr = measure_arch(arch)
+            out.append(Timing(ms, ms * (1 - iqr / 2), ms * (1 + iqr / 2), 1, profile.threads))
+        return out
     return measure
 
 
@@ -204,12 +361,14 @@ def measure_arch_fn(space, profile: Profile) -> Callable[[Arch], tuple[float, fl
 class LatencyTable:
     space: dict[str, Any]  # the (sub-)space description it covers
     profile: dict[str, Any]
-    entries: dict[str, float]  # unit key -> ms
+    entries: dict[str, float]  # unit key -> ms: the predictor's per-unit cost
     constant: float = 0.0
-    scale: float = 1.0
     #: unit position (module name) -> {"genes": [...], "keys": {"v1|v2": unit key}}
     positions: dict[str, dict[str, Any]] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
+    isolated: dict[str, float] = field(default_factory=dict)  # unit key -> ms, timed alone
+    features: dict[str, dict[str, float]] = field(default_factory=dict)  # unit key -> features
+    coefficients: dict[str, float] = field(default_factory=dict)  # feature -> ms per unit of it
 
     # -- prediction
     def unit_costs(self, space, arch: Mapping[str, Value]) -> list[tuple[str, float]]:  # noqa: ANN001
@@ -224,11 +383,21 @@ class LatencyTable:
         return out
 
     def predict(self, space, arch: Mapping[str, Value]) -> float:  # noqa: ANN001
-        """Predicted latency (ms) = scale x sum of the arch's unit entries + constant."""
-        return self.scale * self.entry_sum(space, arch) + self.constant
+        """Predicted latency (ms) = sum of the arch's unit entries + constant."""
+        return self.entry_sum(space, arch) + self.constant
 
     def entry_sum(self, space, arch: Mapping[str, Value]) -> float:  # noqa: ANN001
         return sum(c for _, c in self.unit_costs(space, arch))
+
+    def isolated_sum(self, space, arch: Mapping[str, Value]) -> float:  # noqa: ANN001
+        """Sum of the arch's units' isolated timings (ms)."""
+        return sum(self.isolated[u.key] for u in units(space, space.validate(arch)))
+
+    def predict_isolated(self, space, arch: Mapping[str, Value]) -> float | None:  # noqa: ANN001
+        """The former predictor, for comparison: scale x sum of isolated timings + constant,
+        fitted on the same archs (None when the table has no such fit)."""
+        line = self.fit.get("isolated_line")
+        return None if line is None else line[0] * self.isolated_sum(space, arch) + line[1]
 
     def expected_latency(self, probs: Mapping[str, Any]) -> Any:
         """Expected predicted latency when each gene is drawn independently from ``probs[gene]``
@@ -255,7 +424,7 @@ class LatencyTable:
                 for gene, value in zip(pos["genes"], json.loads(config)):
                     weight = weight * p(gene, value)
                 cost = cost + weight * self.entries[key]
-            total = total + self.scale * exists * cost
+            total = total + exists * cost
         return total
 
     # -- files
@@ -264,8 +433,9 @@ class LatencyTable:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"version": LUT_VERSION, "space": self.space, "profile": self.profile,
-                "constant_ms": self.constant, "scale": self.scale, "fit": self.fit, "entries_ms": self.entries,
-                "positions": self.positions}
+                "constant_ms": self.constant, "coefficients_ms": self.coefficients,
+                "fit": self.fit, "entries_ms": self.entries, "isolated_ms": self.isolated,
+                "features": self.features, "positions": self.positions}
         atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
         return path
 
@@ -280,7 +450,8 @@ class LatencyTable:
             raise NasoptError(f"latency table {path} has version {data.get('version')}, "
                               f"expected {LUT_VERSION}; re-run `nasopt hw profile`")
         return cls(data["space"], data["profile"], data["entries_ms"], data["constant_ms"],
-                   data["scale"], data["positions"], data.get("fit", {}))
+                   data["positions"], data.get("fit", {}), data.get("isolated_ms", {}),
+                   data.get("features", {}), data.get("coefficients_ms", {}))
 
 
 def _block_index(name: str) -> int | None:
@@ -297,21 +468,35 @@ def table_path(run_dir: str | Path, space, profile: Profile) -> Path:  # noqa: A
     return Path(run_dir) / "hardware" / f"{space.name}-{profile.name}-{digest}.json"
 
 
+def distinct_archs(space, n: int, seed: int) -> list[Arch]:  # noqa: ANN001
+    """``n`` random archs with distinct structures (fewer if the space has fewer)."""
+    rng = random.Random(seed)
+    archs, seen = [], set()
+    for _ in range(50 * n):
+        if len(archs) >= n:
+            break
+        arch = space.sample(rng)
+        if structure_key(space, arch) not in seen:
+            seen.add(structure_key(space, arch))
+            archs.append(arch)
+    return archs
+
+
 def build_table(space, profile: Profile, *,  # noqa: ANN001
                 time_unit: Callable[[Unit], float] | None = None,
                 measure_arch: Callable[[Arch], tuple[float, float]] | None = None,
-                fit_archs: int = 20, seed: int = 0,
+                features: Callable[[Unit], Mapping[str, float]] | None = None,
+                fit_archs: int = FIT_ARCHS, seed: int = 0,
                 log: Callable[[str], None] = lambda s: None) -> LatencyTable:
-    """Profile every distinct unit of ``space`` once, then fit scale and constant on
-    ``fit_archs`` random archs measured end to end (the constant alone when fewer than 3). ``time_unit`` / ``measure_arch`` default to ONNX Runtime
-    timings under ``profile`` (tests pass a synthetic cost model)."""
+    """Profile every distinct unit of ``space`` once (features, isolated time), then fit the
+    feature coefficients and the constant on ``fit_archs`` random archs measured end to end
+    (see the module doc). ``time_unit`` / ``measure_arch`` / ``features`` default to ONNX
+    Runtime timings under ``profile`` and the counted features (tests pass synthetic ones)."""
     if not profile.has_latency:
         raise NasoptError(f"profile {profile.name!r} has no latency metric (metrics.latency = "
                           f"\"none\"); a latency table needs e.g. --hardware cpu-ort")
-    time_unit = time_unit or UnitTimer(profile)
-    measure_arch = measure_arch or measure_arch_fn(space, profile)
+    measure = _batch(measure_arch, space, profile)
     locals_ = local_genes(space)
-    entries: dict[str, float] = {}
     positions: dict[str, dict[str, Any]] = {}
     archs = covering_archs(space)
     log(f"latency table for {space.name} under {profile.name}: {len(archs)} covering archs")
@@ -323,26 +508,53 @@ def build_table(space, profile: Profile, *,  # noqa: ANN001
             genes = locals_.get(group_of_unit(u.name)) or widths[-1:]
             pos = positions.setdefault(u.name, {"genes": genes, "keys": {}})
             pos["keys"][json.dumps([arch[g] for g in genes])] = u.key
-            if u.key not in entries and u.key not in pending:
-                pending[u.key] = u
-    log(f"timing {len(pending)} distinct units")
-    for i, (key, u) in enumerate(pending.items()):
-        entries[key] = float(time_unit(u))
-        if (i + 1) % 50 == 0:
-            log(f"  {i + 1}/{len(pending)} units timed")
-    table = LatencyTable(space.describe(), profile.describe(), entries, 0.0, 1.0, positions)
-    rng = random.Random(seed)
-    fit = [space.sample(rng) for _ in range(fit_archs)]
-    sums = np.array([table.entry_sum(space, a) for a in fit])
-    measured = np.array([measure_arch(a)[0] for a in fit])
-    table.scale, table.constant = fit_line(sums, measured)
-    residual = measured - table.scale * sums - table.constant
-    table.fit = {"archs": len(fit), "seed": seed, "residual_rms_ms": float(np.sqrt(np.mean(
-        residual ** 2))) if len(fit) else 0.0, "units": len(entries),
+            pending.setdefault(u.key, u)
+    fit_set = distinct_archs(space, fit_archs, seed)
+    feature_model = len(fit_set) >= 3
+    log(f"{len(pending)} distinct units: features and isolated timings")
+    isolated: dict[str, float] = {}
+    feats: dict[str, dict[str, float]] = {}
+    timer = UnitTimer(profile)
+    items = list(pending.items())
+    for start in range(0, len(items), 64):
+        chunk = items[start:start + 64]
+        graphs = ([] if time_unit is not None and (features is not None or not feature_model)
+                  else [unit_graphs(u, profile.dtype) for _, u in chunk])
+        if time_unit is not None:
+            times = [float(time_unit(u)) for _, u in chunk]
+        else:
+            times = timer.time([u for _, u in chunk], [g[1] for g in graphs])
+        for i, (key, u) in enumerate(chunk):
+            isolated[key] = times[i]
+            if features is not None:
+                feats[key] = {k: float(v) for k, v in features(u).items()}
+            elif feature_model:
+                feats[key] = unit_features(*graphs[i], profile.threads)
+        log(f"  {start + len(chunk)}/{len(items)} units")
+    table = LatencyTable(space.describe(), profile.describe(), dict(isolated), 0.0, positions,
+                         isolated=isolated, features=feats)
+    measured = np.array([t.median_ms for t in measure(fit_set)]) if fit_set else np.zeros(0)
+    if feature_model:
+        rows = [[u.key for u in units(space, a)] for a in fit_set]
+        table.coefficients, table.constant, info = fit_features(feats, rows, measured)
+        table.entries = {k: sum(table.coefficients.get(f, 0.0) * v for f, v in fv.items())
+                         for k, fv in feats.items()}
+        log(f"fitted {len(table.coefficients)} feature coefficients + constant "
+            f"{table.constant * 1000:.2f} us on {info['used']} of {len(fit_set)} archs")
+    else:  # too few archs for the feature model: isolated timings + the mean residual
+        sums = np.array([table.entry_sum(space, a) for a in fit_set])
+        table.constant = float(np.mean(measured - sums)) if len(fit_set) else 0.0
+        info = {"model": "isolated unit timings + constant", "used": len(fit_set)}
+    if feature_model:  # the isolated timings' best line on the same archs, for comparison
+        iso = np.array([table.isolated_sum(space, a) for a in fit_set])
+        info["isolated_line"] = list(fit_line(iso, measured))
+    predicted = np.array([table.predict(space, a) for a in fit_set])
+    residual = measured - predicted
+    table.fit = {**info, "archs": len(fit_set), "seed": seed, "residual_rms_ms": float(
+        np.sqrt(np.mean(residual ** 2))) if len(fit_set) else 0.0, "units": len(pending),
         # the machine's speed when the table was made: re-measured by validate() to see drift
-        "reference_arch": dict(fit[0]) if fit else None,
-        "reference_ms": float(measured[0]) if len(fit) else None}
-    log(f"fitted latency = {table.scale:.3f} x sum + {table.constant:.4f} ms on {len(fit)} archs")
+        "reference_arch": dict(fit_set[0]) if fit_set else None,
+        "reference_ms": float(measured[0]) if len(fit_set) else None}
     return table
 
 
@@ -358,6 +570,31 @@ def fit_line(sums: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
     return float(scale), float(constant)
 
 
+def fit_features(features: Mapping[str, Mapping[str, float]], rows: Sequence[Sequence[str]],
+                 measured: np.ndarray) -> tuple[dict[str, float], float, dict[str, Any]]:
+    """Coefficients (feature -> ms) and constant of ``measured[i] ~ sum over the units of arch i
+    of coefficients . features + constant``, least squares on the relative error, features
+    standardized (minimum norm where collinear); one refit without outliers (relative residual
+    > 4 x the median and > 5 %)."""
+    names = sorted({f for fv in features.values() for f in fv})
+    X = np.array([[sum(features[k].get(f, 0.0) for k in keys) for f in names] for keys in rows])
+    scale = X.std(axis=0)
+    scale[scale == 0] = 1.0  # a feature every arch has the same amount of: the constant's share
+    A = np.c_[X / scale, np.ones(len(rows))] / measured[:, None]
+    keep = np.ones(len(rows), dtype=bool)
+    for _ in range(2):
+        solution, *_ = np.linalg.lstsq(A[keep], np.ones(keep.sum()), rcond=None)
+        error = np.abs(A @ solution - 1)
+        limit = max(4 * float(np.median(error[keep])), 0.05)
+        if not (error > limit).any() or (error <= limit).sum() < len(names) + 1:
+            break
+        keep = error <= limit
+    coefficients = {f: float(c) for f, c in zip(names, solution[:-1] / scale)}
+    return coefficients, float(solution[-1]), {
+        "model": "sum of unit entries (coefficients . features) + constant",
+        "used": int(keep.sum()), "outliers": int((~keep).sum()), "features": len(names)}
+
+
 @dataclass(frozen=True)
 class Validation:
     n: int
@@ -371,22 +608,34 @@ class Validation:
     #: largest relative change of the reference arch's latency (measured when the table was
     #: made, and before and after this validation): the machine's speed drifting with its load
     drift: float = 0.0
+    repeat_spread_p90: float = 0.0
+    unconfirmed: float = 0.0  # share of timings without enough fast-mode windows
+    fast_share: float = 1.0  # share of all windows taken in the CPU's fast mode
+    #: the same share for the former predictor (scale x sum of isolated timings + constant)
+    isolated_within: float | None = None
 
     @property
     def too_noisy(self) -> bool:
-        """Repeat measurements differ by more than half the profile's noise threshold, their
-        IQR exceeds it, or the machine's speed drifted by more than half of it since the table
-        was made: a ±10 % verdict is not trustworthy then."""
+        """Repeat measurements differ by more than half the profile's noise threshold (median)
+        or by more than it (90th percentile), their IQR exceeds it, the machine's speed drifted
+        by more than half of it since the table was made, or more than 5 % of the timings never
+        saw the CPU's fast mode: a ±10 % verdict is not trustworthy then."""
         return (self.repeat_spread > self.noise_threshold / 2
+                or self.repeat_spread_p90 > self.noise_threshold
                 or self.median_relative_iqr > self.noise_threshold
-                or self.drift > self.noise_threshold / 2)
+                or self.drift > self.noise_threshold / 2
+                or self.unconfirmed > 0.05)
+
+    def noise(self) -> str:
+        return (f"repeat spread {self.repeat_spread:.1%} (p90 {self.repeat_spread_p90:.1%}), "
+                f"relative IQR {self.median_relative_iqr:.1%}, speed drift since the table "
+                f"was made {self.drift:.1%}, unconfirmed timings {self.unconfirmed:.0%}, "
+                f"fast-mode windows {self.fast_share:.0%} (threshold "
+                f"{self.noise_threshold:.0%})")
 
     def summary(self) -> str:
-        noise = (f"repeat spread {self.repeat_spread:.1%}, relative IQR "
-                 f"{self.median_relative_iqr:.1%}, speed drift since the table was made "
-                 f"{self.drift:.1%} (threshold {self.noise_threshold:.0%})")
-        verdict = (f"TOO NOISY TO TRUST: {noise}; re-run on a quiet machine" if self.too_noisy
-                   else f"measurement noise ok: {noise}")
+        verdict = (f"TOO NOISY TO TRUST: {self.noise()}; re-run on a quiet machine"
+                   if self.too_noisy else f"measurement noise ok: {self.noise()}")
         return (f"{self.n} archs: {self.within:.1%} predicted within ±{TOLERANCE:.0%} of "
                 f"measured, Kendall tau {self.tau:.3f}, median |error| "
                 f"{self.median_abs_error:.1%}; {verdict}")
@@ -396,41 +645,42 @@ def validate(table: LatencyTable, space, profile: Profile, n: int = 100, seed: i
              measure_arch: Callable[[Arch], tuple[float, float]] | None = None,
              log: Callable[[str], None] = lambda s: None) -> Validation:
     """Predicted vs measured latency of ``n`` random archs (distinct structures; seed differs
-    from the fit's), each measured twice."""
+    from the fit's), each measured twice, in two passes (see the module doc)."""
     from scipy.stats import kendalltau
-    measure_arch = measure_arch or measure_arch_fn(space, profile)
-    rng = random.Random(seed)
-    archs, seen = [], set()
-    for _ in range(50 * n):
-        if len(archs) >= n:
-            break
-        arch = space.sample(rng)
-        if structure_key(space, arch) not in seen:
-            seen.add(structure_key(space, arch))
-            archs.append(arch)
+    measure = _batch(measure_arch, space, profile)
+    archs = distinct_archs(space, n, seed)
     reference = table.fit.get("reference_arch")
     ref_times = [table.fit["reference_ms"]] if reference is not None else []
     if reference is not None:
-        ref_times.append(measure_arch(space.validate(reference))[0])
-    rows, spreads, iqrs = [], [], []
-    for i, arch in enumerate(archs):
-        pred = table.predict(space, arch)
-        (t1, iqr1), (t2, iqr2) = measure_arch(arch), measure_arch(arch)
-        measured = min(t1, t2)  # the less disturbed of two medians
-        spreads.append(abs(t1 - t2) / max((t1 + t2) / 2, 1e-12))
-        iqrs.append(min(iqr1, iqr2))
-        rows.append((arch.key, pred, measured))
-        if (i + 1) % 25 == 0:
-            log(f"  {i + 1}/{len(archs)} archs measured")
+        ref_times.append(measure([space.validate(reference)])[0].median_ms)
+    first = measure(archs)
+    log(f"  {len(archs)} archs measured once")
+    second = measure(archs)
+    log(f"  {len(archs)} archs measured twice")
     if reference is not None:
-        ref_times.append(measure_arch(space.validate(reference))[0])
+        ref_times.append(measure([space.validate(reference)])[0].median_ms)
     drift = (max(abs(t / ref_times[0] - 1) for t in ref_times[1:]) if len(ref_times) > 1
-             else 0.0)
+             and ref_times[0] > 0 else 0.0)
+    rows, spreads, iqrs = [], [], []
+    for arch, t1, t2 in zip(archs, first, second):
+        a, b = t1.median_ms, t2.median_ms
+        spreads.append(abs(a - b) / max((a + b) / 2, 1e-12))
+        iqrs.append(min(t1.relative_iqr, t2.relative_iqr))
+        rows.append((arch.key, table.predict(space, arch), min(a, b)))
+    timings = [*first, *second]
     pred = np.array([r[1] for r in rows])
     meas = np.array([r[2] for r in rows])
     error = np.abs(pred - meas) / meas
     tau = float(kendalltau(pred, meas).statistic) if len(rows) > 1 else float("nan")
+    windows = sum(t.windows for t in timings)
+    iso = [table.predict_isolated(space, arch) for arch in archs]
+    iso_within = (None if not iso or iso[0] is None else
+                  float(np.mean(np.abs(np.array(iso) - meas) / meas <= TOLERANCE)))
     return Validation(len(rows), float(np.mean(error <= TOLERANCE)),
                       tau if math.isfinite(tau) else float("nan"), float(np.median(error)),
                       float(np.median(spreads)), float(np.median(iqrs)),
-                      profile.noise_threshold, rows, drift)
+                      profile.noise_threshold, rows, drift,
+                      float(np.percentile(spreads, 90)),
+                      float(np.mean([not t.confirmed for t in timings])),
+                      sum(t.fast_windows for t in timings) / windows if windows else 1.0,
+                      iso_within)

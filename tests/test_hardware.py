@@ -67,27 +67,52 @@ def _cost(key: str) -> float:  # a synthetic cost per unit
     return (zlib.crc32(key.encode()) % 997 + 3) / 1e4
 
 
+def _coefficient(feature: str) -> float:  # a synthetic device's cost per unit of a feature
+    per = 1e-3 if feature.startswith("o_") or feature == "units" else 1e-7
+    return (zlib.crc32(feature.encode()) % 97 + 1) * per
+
+
 @pytest.mark.parametrize("name", ["conv1d", "mobilenet"])
 def test_lut_predictor_recovers_a_synthetic_cost_model(name):
     space = _space(name)
     if name == "mobilenet":  # a sub-space keeps the enumeration short
         space = space.restrict({"s1.k": (3,), "s2.k": (3,), "s3.k": (3,), "s1.rank": (1.0,),
                                 "s2.rank": (1.0,), "s3.rank": (1.0,)})
-    scale, constant = 0.7, 0.0123
-
-    def measure(arch):  # a "device" whose latency is a sum of per-unit costs + a constant
-        return scale * sum(_cost(u.key) for u in lut.units(space, arch)) + constant, 0.0
-
     profile = hardware.load_profile("cpu-ort")
+    constant = 0.0123
+    counted: dict[str, dict[str, float]] = {}
+
+    def features(u):  # the counted features of a unit, from its ONNX graphs
+        if u.key not in counted:
+            counted[u.key] = lut.unit_features(*lut.unit_graphs(u, "fp32"))
+        return counted[u.key]
+
+    def measure(arch):  # a "device" whose latency is a known linear function of the features
+        return sum(_coefficient(f) * v for u in lut.units(space, arch)
+                   for f, v in features(u).items()) + constant, 0.0
+
     table = lut.build_table(space, profile, time_unit=lambda u: _cost(u.key),
-                            measure_arch=measure, fit_archs=6)
-    assert table.scale == pytest.approx(scale) and table.constant == pytest.approx(constant)
+                            measure_arch=measure, fit_archs=60)
+    # (coefficients and constant are not each identifiable: every arch has one head, so the
+    # head's op counts and the constant are collinear; the predictions are)
+    assert table.fit["outliers"] == 0 and table.fit["residual_rms_ms"] < 1e-9
+    # the file's contract: one entry per unit = coefficients . its counted features, and the
+    # prediction = the sum of the arch's entries + the constant; isolated timings kept
+    assert set(table.entries) == set(table.features) == set(table.isolated)
+    assert all(table.isolated[k] == _cost(k) for k in table.isolated)
+    for key, feats in table.features.items():
+        assert table.entries[key] == pytest.approx(
+            sum(table.coefficients[f] * v for f, v in feats.items()), rel=1e-12)
     rng = random.Random(7)
     for _ in range(20):  # every random arch's units are in the table, the prediction is exact
         arch = space.sample(rng)
-        assert table.predict(space, arch) == pytest.approx(measure(arch)[0], rel=1e-9)
+        entries = sum(table.entries[u.key] for u in lut.units(space, arch))
+        assert all(table.features[u.key] == features(u) for u in lut.units(space, arch))
+        assert table.predict(space, arch) == pytest.approx(entries + table.constant, rel=1e-12)
+        assert table.predict(space, arch) == pytest.approx(measure(arch)[0], rel=1e-6)
     result = lut.validate(table, space, profile, n=15, measure_arch=measure)
     assert result.within == 1.0 and result.tau == pytest.approx(1.0)
+    assert result.isolated_within is not None and not result.too_noisy
     # expected latency: exact at a point mass; a differentiable average otherwise
     arch = space.sample(rng)
     point = {g: np.array([1.0 if o == arch[g] else 0.0 for o in opts])
@@ -106,6 +131,34 @@ def test_lut_predictor_recovers_a_synthetic_cost_model(name):
     again = lut.LatencyTable.load(path)
     path.unlink()
     assert again.predict(space, arch) == pytest.approx(table.predict(space, arch))
+    assert again.coefficients == table.coefficients and again.isolated == table.isolated
+
+
+def test_unit_features_count_macs_padding_and_the_ops_onnx_runtime_runs():
+    space = _space("mobilenet")
+    arch = {**space.smallest(), "stem.width": 8, "s1.depth": 1, "s1.expand": 2, "s1.k": 7,
+            "s1.width": 12, "s1.rank": 1.0}
+    block = next(u for u in lut.units(space, arch) if u.name == "stages.0.blocks.0")
+    f = lut.unit_features(*lut.unit_graphs(block, "fp32"))
+    # input 8x8x8: expand 1x1 8 -> 16 (8x8), depthwise 7x7 stride 2 (16 x 4x4), project 16 -> 12
+    assert f["macs_pw"] == 16 * 64 * 8 + 12 * 16 * 16
+    assert f["macs_dw7x7"] == 16 * 16 * 49
+    # the 7x7 taps inside the 8x8 map: per axis, output i reads rows 2i-3..2i+3 (pad 3), of
+    # which 4, 6, 7, 5 are inside rows 0..7
+    assert f["eff_dw7x7"] == 16 * (4 + 6 + 7 + 5) ** 2
+    assert f["out_dw7x7"] == 16 * 16 and f["in_pw"] == 8 * 64 + 16 * 16
+    assert f["units"] == 1 and sum(v for k, v in f.items() if "Conv" in k) == 3
+
+
+def test_lut_without_fit_archs_uses_the_isolated_timings():
+    space = _space("conv1d").restrict({"s1.k": (3,), "s2.k": (3,)})
+    table = lut.build_table(space, hardware.load_profile("cpu-ort"),
+                            time_unit=lambda u: _cost(u.key),
+                            measure_arch=lambda a: (1.0, 0.0), fit_archs=0)
+    assert table.entries == table.isolated and table.constant == 0.0 and not table.features
+    arch = space.smallest()
+    assert table.predict(space, arch) == pytest.approx(
+        sum(_cost(u.key) for u in lut.units(space, arch)))
 
 
 def test_lut_lookup_outside_its_space_is_a_clear_error():
@@ -116,6 +169,46 @@ def test_lut_lookup_outside_its_space_is_a_clear_error():
                             measure_arch=lambda a: (1.0, 0.0), fit_archs=0)
     with pytest.raises(NasoptError, match="no entry for unit"):
         table.predict(space, {**space.smallest(), "s1.k": 7})
+
+
+# ---- measured latency ----------------------------------------------------------------------------
+def test_latency_is_the_lowest_median_of_fast_mode_windows():
+    from nasopt.latency import _Target
+
+    class Probe:  # the probe's best median is 1.0: a window is fast when both probes are <= 1.1
+        best = 1.0
+
+        def is_fast(self, median):
+            return median <= 1.1 * self.best
+
+    target = _Target.__new__(_Target)
+    # (probe before, probe after, q1, median, q3): two slow-mode windows, three fast ones
+    target.records = [(1.6, 1.7, 2.9, 3.0, 3.1), (1.0, 1.02, 1.95, 2.0, 2.05),
+                      (1.01, 1.5, 1.7, 1.8, 1.9), (1.02, 1.0, 1.95, 2.02, 2.1),
+                      (1.0, 1.01, 1.96, 2.01, 2.05), (1.3, 1.4, 2.7, 2.8, 2.9)]
+    t = target.timing(Probe(), repeats=40, threads=1, need=3)
+    # the window after which the probe was slow (1.5) does not count, though its median is lower
+    assert (t.median_ms, t.q1_ms, t.q3_ms) == (2.0, 1.95, 2.05)
+    assert t.confirmed and t.fast_windows == 3 and t.windows == 6 and not t.noisy(0.1)
+    target.records = [r for r in target.records if r[0] > 1.1]  # no fast window at all
+    t = target.timing(Probe(), repeats=40, threads=1, need=3)
+    assert t.median_ms == 2.8 and not t.confirmed and t.noisy(0.1)
+
+
+def test_measuring_an_onnx_graph_in_windows():
+    from nasopt import latency
+    profile = hardware.profile_from_dict({"name": "quick", "runtime": {
+        "repeats": 10, "windows": 2, "max_windows": 20, "window_pause_ms": 1}})
+    timings = latency.measure_graphs([lut._identity_graph((4, 8))] * 2, [(4, 8)] * 2, profile)
+    for t in timings:
+        assert t.median_ms > 0 and t.fast_windows <= t.windows <= 20
+        assert t.confirmed == (t.fast_windows >= 2)
+    assert latency.probe(1).best > 0
+
+
+def test_the_cli_default_fit_archs_is_the_library_default():
+    from nasopt import cli_hw
+    assert cli_hw.FIT_ARCHS == lut.FIT_ARCHS
 
 
 # ---- profiles and budgets ------------------------------------------------------------------------
@@ -137,6 +230,9 @@ def test_shipped_profiles_load():
     ('[runtime]\nthreads = 1\n', "name is missing"),
     ('name = "x"\n[runtime]\nthreads = "two"\n', "must be a int"),
     ('name = "x"\n[runtime\n', "cannot read hardware profile"),
+    ('name = "x"\n[runtime]\nwindows = 0\n', "runtime.windows must be at least 1"),
+    ('name = "x"\n[runtime]\nwindows = 8\nmax_windows = 4\n', "max_windows must be at least"),
+    ('name = "x"\n[runtime]\nwindow_pause_ms = -1\n', "window_pause_ms must be >= 0"),
 ])
 def test_profile_errors_are_clear(tmp_path, text, message):
     path = tmp_path / "my.toml"
