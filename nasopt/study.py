@@ -60,18 +60,32 @@ def open_storage(url: str, heartbeat: int | None = None) -> optuna.storages.Base
     interval = int(workers.HEARTBEAT_INTERVAL if heartbeat is None else heartbeat)
     if interval < 1:
         raise NasoptError(f"the heartbeat interval must be at least 1 second, got {heartbeat}")
-    try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=interval, grace_period=workers.GRACE_FACTOR * interval,
-                heartbeat_stale_trial_callback=workers.retry_callback())
-    except ImportError as exc:
-        raise NasoptError(f"the database driver for {mask_url(url)} is not installed ({exc});"
-                          f" for PostgreSQL: pip install 'psycopg[binary]'") from None
-    except Exception as exc:
-        raise NasoptError(f"cannot open storage {mask_url(url)} ({type(exc).__name__}); check "
-                          f"that the database is running and the URL is right") from None
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=interval,
+                    grace_period=workers.GRACE_FACTOR * interval,
+                    heartbeat_stale_trial_callback=workers.retry_callback())
+        except ImportError as exc:
+            raise NasoptError(f"the database driver for {mask_url(url)} is not installed "
+                              f"({exc}); for PostgreSQL: pip install 'psycopg[binary]'") from None
+        except Exception as exc:
+            # workers started together on a new database all create its tables: the losers
+            # see "already exists" / a unique violation, and the tables are there a moment later
+            if attempt + 1 < CREATE_ATTEMPTS and any(h in str(exc) for h in _CREATE_RACE):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise NasoptError(f"cannot open storage {mask_url(url)} ({type(exc).__name__}); "
+                              f"check that the database is running and the URL is "
+                              f"right") from None
+    raise AssertionError("unreachable")
+
+
+CREATE_ATTEMPTS = 6
+_CREATE_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key",
+                "database is locked")
 
 
 def _journal(path: Path) -> optuna.storages.BaseStorage:

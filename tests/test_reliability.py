@@ -137,3 +137,32 @@ def test_run_now_counts_the_retry_of_a_dead_workers_trial(tmp_path):
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
     assert study.trials[1].params == study.trials[0].params  # the retry
     assert ran == 3  # the retry was evaluated by this call too
+
+
+def test_workers_starting_together_on_a_new_database_do_not_fail(tmp_path, monkeypatch):
+    """The losers of the table-creation race (measured: 3 of 4 processes opening a new SQLite
+    file at once) retry and open the storage; other errors are not retried."""
+    import optuna
+
+    from nasopt import study as nstudy
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) <= 2:
+            raise RuntimeError("(sqlite3.OperationalError) table study_system_attributes "
+                               "already exists")
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    assert nstudy.open_storage(f"sqlite:///{tmp_path}/s.db") is not None and len(calls) == 3
+
+    def down(url, **kwargs):
+        calls.append(url)
+        raise RuntimeError("connection refused")
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", down)
+    with pytest.raises(NasoptError, match="cannot open storage"):
+        nstudy.open_storage(f"sqlite:///{tmp_path}/t.db")
+    assert len(calls) == 1
