@@ -1,7 +1,9 @@
 """The one search loop: ask (the strategy's sampler) -> evaluate -> tell, on an Optuna study."""
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +50,22 @@ def measure_trial(trial: optuna.Trial, space: SearchSpace, evaluate: Evaluate,
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"non-finite objective values {values} for arch {arch.key}")
     return values
+
+
+class _SurplusLog(logging.Filter):
+    """Optuna logs every FAIL with a traceback; a surplus trial is no failure: not logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = re.match(r"Trial (\d+) failed with", str(record.msg))
+        if not found:
+            return True
+        if "Surplus(" in str(record.msg):
+            self.numbers.add(found.group(1))
+        return found.group(1) not in self.numbers
 
 
 def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
@@ -108,10 +126,14 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
         if len(failures) >= MAX_CONSECUTIVE_FAILURES or workers.wait_for_room(s, trials) >= trials:
             s.stop()
 
+    quiet = _SurplusLog()
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    optuna_log.addFilter(quiet)
     try:
         study.optimize(objective, n_trials=None, timeout=timeout, catch=(Exception,),
                        callbacks=[after_trial], gc_after_trial=False)
     finally:
+        optuna_log.removeFilter(quiet)
         bar.close()
     if len(failures) >= MAX_CONSECUTIVE_FAILURES:
         raise NasoptError(f"stopped after {len(failures)} failed trials in a row; the last one: "

@@ -166,3 +166,28 @@ def test_workers_starting_together_on_a_new_database_do_not_fail(tmp_path, monke
     with pytest.raises(NasoptError, match="cannot open storage"):
         nstudy.open_storage(f"sqlite:///{tmp_path}/t.db")
     assert len(calls) == 1
+
+
+def test_a_surplus_trial_is_not_logged_as_a_failure_with_a_traceback(tmp_path, monkeypatch):
+    import logging
+
+    import optuna
+
+    from nasopt import workers
+    from nasopt.metrics import Metrics
+    from nasopt.objectives import get_objectives
+    from nasopt.search import run_search
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("optuna").addHandler(handler)
+    monkeypatch.setattr(workers, "claim", lambda study, trial, target: False)  # others filled it
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    try:
+        run_search(study, SPACES["conv1d"]((1, 40), 10),
+                   lambda arch: Metrics(accuracy=0.5, params=10, macs=10, float_bytes=40),
+                   get_objectives(["accuracy", "size"]), trials=3, show_progress=False)
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    assert study.trials[0].user_attrs[workers.SURPLUS_ATTR] is True
+    assert not [r for r in records if "failed" in r.getMessage()], records
