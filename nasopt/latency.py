@@ -28,6 +28,11 @@ least ``window_pause_ms`` between two windows of the same graph), so waiting for
 shared by all of them: with a loaded machine, a validation's 100 archs cost seconds of waiting,
 not minutes. A timing is ``noisy`` when it is not confirmed or the relative IQR of its window
 exceeds the profile's ``noise_threshold``.
+
+What it does not remove: slower drifts within the fast mode. Measured here with the other core
+loaded, 30 mobilenet graphs' fast-mode latencies drifted by 2-4 % over minutes while the probe's
+stayed within 0.5 % (contention for the shared cache, which a 1.5 KB probe does not feel); the
+look-up table's validation reports this as drift (:mod:`nasopt.lut`).
 """
 from __future__ import annotations
 
@@ -67,6 +72,8 @@ class Timing:
     window_spread: float = 0.0
     #: at least the profile's ``windows`` fast windows were seen
     confirmed: bool = True
+    #: the probe's median around the window of the latency (ms): the machine's speed then
+    probe_ms: float = 0.0
 
     @property
     def iqr_ms(self) -> float:
@@ -189,10 +196,10 @@ class _Target:
     def timing(self, p: Probe, repeats: int, threads: int, need: int) -> Timing:
         fast = self.fast(p)
         pool = fast or self.records
-        q1, median, q3 = min(pool, key=lambda r: r[3])[2:]
+        before, after, q1, median, q3 = min(pool, key=lambda r: r[3])
         spread = float(np.median([r[3] for r in self.records]) / median - 1) if median else 0.0
         return Timing(median, q1, q3, repeats, threads, len(self.records), len(fast), spread,
-                      len(fast) >= need)
+                      len(fast) >= need, (before + after) / 2)
 
 
 def time_sessions(sessions: Sequence[Any], input_shapes: Sequence[Sequence[int]], *,

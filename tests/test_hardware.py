@@ -100,9 +100,10 @@ def test_lut_predictor_recovers_a_synthetic_cost_model(name):
     # prediction = the sum of the arch's entries + the constant; isolated timings kept
     assert set(table.entries) == set(table.features) == set(table.isolated)
     assert all(table.isolated[k] == _cost(k) for k in table.isolated)
-    for key, feats in table.features.items():
+    for key, feats in table.features.items():  # (the isolated timing is one more input)
         assert table.entries[key] == pytest.approx(
-            sum(table.coefficients[f] * v for f, v in feats.items()), rel=1e-12)
+            sum(table.coefficients[f] * v for f, v in feats.items())
+            + table.coefficients[lut.ISOLATED] * table.isolated[key], rel=1e-12)
     rng = random.Random(7)
     for _ in range(20):  # every random arch's units are in the table, the prediction is exact
         arch = space.sample(rng)

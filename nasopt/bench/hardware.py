@@ -2,9 +2,10 @@
 
 1. **Predictor accuracy** on this CPU (profile ``cpu-ort``: ONNX Runtime, float32, batch 1, one
    thread; ``cpu-ort-int8`` for conv1d too): the latency look-up table of the conv1d space
-   (MNIST-1D input) and the mobilenet space (digits input) is built, then ``--validate-n`` random
+   (MNIST-1D input) and the mobilenet space (digits input) is built (features and isolated time
+   per unit, coefficients fitted on measured random archs), then ``--validate-n`` other random
    archs are measured end to end and compared with the prediction (share within ±10 %, Kendall
-   tau), with the machine's noise (each arch measured twice).
+   tau), with the machine's noise (each arch measured twice, in two passes).
 2. **Latency-constrained search** on MNIST-1D (conv1d, inherited supernet weights, validation
    accuracy) under three latency budgets (the 15/35/60 % quantiles of the predicted latency of
    random archs): NSGA-II on (accuracy, latency) with the budget as an Optuna constraint; the
@@ -20,6 +21,7 @@ import os
 import random
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,8 +42,24 @@ MCU_BUDGETS = (("2KB", 0.35), ("4KB", 0.6), ("8KB", 0.85))  # flash, SRAM quanti
 TARGET_WITHIN = 0.90
 
 
+BUSY_LOAD = 2.5  # 1-minute load average above which the 2 cores were shared
+
+
 def _load() -> tuple[float, float, float]:
     return os.getloadavg()
+
+
+class _LoadSampler(threading.Thread):
+    """The 1-minute load average every 5 s while the benchmark runs."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(5.0):
+            self.samples.append(os.getloadavg()[0])
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -50,6 +68,8 @@ def run(args: argparse.Namespace) -> Path:
     start = time.perf_counter()
     timings: dict[str, float] = {}
     loads = {"start": _load()}
+    sampler = _LoadSampler()
+    sampler.start()
     cpu = hardware.load_profile("cpu-ort")
     mcu = hardware.load_profile("mcu")
 
@@ -74,12 +94,17 @@ def run(args: argparse.Namespace) -> Path:
         timings[f"LUT {space_name} {profile.name}: validate {v.n} archs"] = time.perf_counter() - t0
         log(f"{space_name} {profile.name}: {v.summary()}")
         meas = [r[2] for r in v.rows]
+        fit = table_.fit
         predictor_rows.append([
             f"{space_name} ({dataset} input)", profile.name, len(table_.entries),
-            f"{table_.scale:.3f} x sum + {table_.constant * 1000:.1f} us", v.n,
-            f"{v.within:.1%}", f"{v.tau:.3f}", f"{v.median_abs_error:.1%}",
+            f"{fit.get('features', 0)} inputs, constant {table_.constant * 1000:.1f} us, "
+            f"{fit.get('used')}/{fit.get('archs')} archs", v.n,
+            f"**{v.within:.1%}**", f"{v.tau:.3f}", f"{v.median_abs_error:.1%}",
+            "" if v.isolated_within is None else f"{v.isolated_within:.1%} / "
+            f"{v.isolated_tau:.3f} / {v.isolated_median_error:.1%}",
             f"{min(meas) * 1000:.1f}-{max(meas) * 1000:.1f} us",
-            f"{v.repeat_spread:.1%} / {v.median_relative_iqr:.1%} / {v.drift:.1%}",
+            f"{v.repeat_spread:.1%} / {v.repeat_spread_p90:.1%} / {v.drift:.1%} / "
+            f"{v.unconfirmed:.0%} / {v.fast_share:.0%}",
             "**too noisy**" if v.too_noisy else "ok"])
     loads["after predictor"] = _load()
 
@@ -111,9 +136,10 @@ def run(args: argparse.Namespace) -> Path:
             row += ["none feasible", "", "", ""]
         else:
             model, _ = base.compressed(space.validate(winner.params))
-            remeasured = min(latency.measure_model(model, space.input_shape, cpu,
-                                                   base.calibration_samples[:256]).median_ms
-                             for _ in range(3))
+            graph = latency.onnx_for(model, space.input_shape, cpu.dtype,
+                                     base.calibration_samples[:256])
+            remeasured = min(t.median_ms for t in latency.measure_graphs(
+                [graph, graph], [space.input_shape] * 2, cpu))
             m = winner.user_attrs["metrics"]
             row += [f"{m['accuracy']:.4f}", f"{m['latency_ms'] * 1000:.1f} us",
                     f"{remeasured * 1000:.1f} us",
@@ -150,45 +176,72 @@ def run(args: argparse.Namespace) -> Path:
         timings[f"search, mcu {flash}"] = time.perf_counter() - t0
         log(f"mcu budget {flash} / {sram} B: {row}")
     loads["end"] = _load()
+    sampler.stop.set()
     total = time.perf_counter() - start
+    busy = max(sampler.samples) > BUSY_LOAD
 
     command = "nasopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     fp32 = [v for (s, p), v in validations.items() if p == "cpu-ort"]
     met = all(v.within >= TARGET_WITHIN for v in fp32)
     noisy = any(v.too_noisy for v in validations.values())
     load_text = "; ".join(f"{k} {a:.1f}/{b:.1f}/{c:.1f}" for k, (a, b, c) in loads.items())
+    share = np.mean([x > BUSY_LOAD for x in sampler.samples])
+    load_note = (f"**Other sessions shared the 2 cores** while this ran (1-minute load above "
+                 f"{BUSY_LOAD} in {share:.0%} of the samples): the measurements waited for the "
+                 f"CPU's fast mode (see below); the noise columns say how well that worked."
+                 if busy else f"The 1-minute load stayed at or below {BUSY_LOAD} (the 2 cores "
+                 f"were not shared much).")
     text = f"""# Hardware benchmark: latency predictor and hardware-constrained search
 
 Command: `{command}` ({total / 60:.1f} min)
 Machine: {machine()}
-Load average (1/5/15 min) during the run: {load_text}. **Other sessions shared the 2 cores**
-while this ran, so timings are noisier than on a quiet machine; re-run the command above on an
-idle machine to get clean figures.
+Load average (1/5/15 min) during the run: {load_text}; 1-minute load sampled every 5 s: max
+{max(sampler.samples):.1f}, mean {np.mean(sampler.samples):.1f}. {load_note}
 
 ## 1. Latency predictor accuracy on this CPU
 
-Profile `cpu-ort`: ONNX Runtime {_ort_version()}, float32, batch 1, 1 intra-op thread, {cpu.warmup}
-warm-up runs, median of {cpu.repeats} timed runs. The look-up table holds one entry per distinct
-unit (block, stem, head) of the space, each timed once as a small ONNX graph minus an Identity
-graph on the same input; prediction = scale x sum of the arch's entries + constant, fitted by
-least squares on 20 measured random archs (seed {args.seed}). Validation: {args.validate_n}
-*other* random archs with distinct structures (seed {args.seed + 1}), each measured twice
-(measured = the lower median). "Noise" = median relative difference of the two measurements /
-median relative IQR of the timed runs / drift: the largest relative change of one reference
-arch's latency between the table's fit and the start and end of the validation (the machine's
-speed changing with its load). When repeat spread or drift exceed half of the profile's noise
-threshold ({cpu.noise_threshold:.0%}), or the IQR exceeds it, the ±10 % verdict is flagged too
-noisy.
+Profile `cpu-ort`: ONNX Runtime {_ort_version()}, float32, batch 1, 1 intra-op thread.
+
+**Measuring.** This machine's CPU switches between a fast and a slow speed mode (1.3-2x slower)
+in bursts of 0.2-3.4 s, idle or not, so a single median of timed runs is off by 1.3-2x at
+random. Every latency here (LUT units, fit and validation archs, re-measured winners) is
+therefore the **lowest median among windows taken in the fast mode**: windows of {cpu.repeats}
+timed runs ({cpu.warmup} warm-up runs first, a few more before each window), each between two
+windows of a fixed probe graph; a window counts when both probes are within 10 % of the
+probe's best (fast mode); a graph is measured until {cpu.windows} such windows are in (else,
+after {cpu.max_windows} windows, its timing is *unconfirmed*). Many graphs are measured round
+robin, so they share the waits for the fast mode. Interference only slows runs, so the lowest
+fast-window median is the least disturbed figure.
+
+**Predicting.** The look-up table holds one entry per distinct unit (block, stem, head) of the
+space. Each unit is exported once as a small ONNX graph (as the profile runs it), timed alone
+(minus an Identity graph) and described by counted features: per kind of layer (1x1, dense kxk,
+depthwise kxk per kernel size, linear) its MACs, for convs its MACs over the taps not on padding
+and its input elements, output elements, and the ops ONNX Runtime runs once it has optimized the
+unit's graph (fused convs, NCHWc convs and the reorders it inserts where channel counts are not
+multiples of 8, adds, Gemm). A unit's entry = fitted coefficients . (its features, its isolated
+timing); prediction = sum of the arch's entries + a fitted constant, coefficients and constant
+fitted by least squares on the relative error over {lut.FIT_ARCHS} random archs (seed
+{args.seed}; each measured twice in two passes, the lower kept; one refit without outliers). For comparison, the former predictor on the same
+timings: scale x sum of the isolated timings + constant, fitted on the same archs.
+
+**Validating.** {args.validate_n} *other* random archs with distinct structures (seed
+{args.seed + 1}), measured twice in two passes minutes apart (measured = the lower). Noise
+columns: repeat spread (median / 90th percentile of the two measurements' relative difference) /
+drift (the median relative change of 10 fit archs' latency between the table's fit and the
+start or the end of the validation, the larger) / unconfirmed timings / share of all windows taken in the fast
+mode. Flagged **too noisy** when the median repeat spread or the drift exceed half the profile's
+noise threshold ({cpu.noise_threshold:.0%}), the 90th percentile exceeds it, or more than 5 % of
+the timings are unconfirmed.
 
 {table(["space", "profile", "LUT units", "fitted", "archs", "within ±10 %", "Kendall tau",
-        "median error", "measured range", "noise (repeat / IQR / drift)", "verdict"],
+        "median error", "former predictor: within / tau / median error", "measured range",
+        "noise (repeat median / p90 / drift / unconfirmed / fast mode)", "verdict"],
        predictor_rows)}
 
 Target: >= {TARGET_WITHIN:.0%} within ±10 % for conv1d and mobilenet on `cpu-ort`:
 {"**met**" if met else "**missed**"}{" (measurements flagged too noisy: see above)" if noisy else ""}.
-These networks are tiny (tens of microseconds per inference), so ±10 % is a few microseconds.
-The fitted scale shows that a unit timed alone costs about twice its share of a whole graph (its
-own output allocation, input/output binding); the constant is the per-run overhead.
+These networks are tiny (10-100 microseconds per inference), so ±10 % is 1-10 microseconds.
 
 ## 2. Latency-constrained search on MNIST-1D (conv1d, `cpu-ort`)
 
@@ -196,7 +249,7 @@ NSGA-II, {args.trials} evaluations per budget (seed {args.seed}), objectives (va
 predicted latency), latency budget as an Optuna constraint (predicted from the table: fast). Budgets
 are quantiles of the predicted latency of 300 random archs. Winner = best validation accuracy
 among feasible trials (the only ones reported); its deployed (compressed) model is exported to
-ONNX and its latency re-measured (lowest median of 3 measurements of {cpu.repeats} runs). Best
+ONNX and its latency re-measured (the lower of two measurements, as above). Best
 validation accuracy of any trial of the last search, feasible or not: {best_free:.4f}.
 
 {table(["latency budget", "feasible trials", "best val acc", "predicted", "re-measured",
