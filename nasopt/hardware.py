@@ -8,7 +8,7 @@ A profile is a TOML file (shipped ones in ``nasopt/profiles/``: ``cpu-ort``, ``c
     description = "..."
     [runtime]   engine = "onnxruntime" | "none"; dtype = "fp32" | "int8"; threads; warmup;
                 repeats (timed runs per window); windows (fast-mode windows needed: latency =
-                their lowest median, see nasopt.latency); max_windows; window_pause_ms;
+                their lowest median, see nasopt.latency); max_wait_s; window_pause_ms;
                 noise_threshold (relative IQR above which a timing is flagged; half of it
                 bounds repeat spread and drift in LUT validation)
     [metrics]   latency = "predicted" | "measured" | "none"; sram / flash = "counted" | "none"
@@ -38,7 +38,7 @@ LIMIT_BUDGET = {"latency": "latency", "sram": "sram", "flash": "size"}
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "": {"name": str, "description": str},
     "runtime": {"engine": str, "dtype": str, "threads": int, "warmup": int, "repeats": int,
-                "windows": int, "max_windows": int, "window_pause_ms": (int, float),
+                "windows": int, "max_wait_s": (int, float), "window_pause_ms": (int, float),
                 "noise_threshold": (int, float)},
     "metrics": {"latency": str, "sram": str, "flash": str},
     "limits": {"latency": (str, int, float), "sram": (str, int, float),
@@ -59,7 +59,7 @@ class Profile:
     warmup: int = 20
     repeats: int = 40
     windows: int = 5
-    max_windows: int = 100
+    max_wait_s: float = 10.0
     window_pause_ms: float = 30.0
     noise_threshold: float = 0.10
     metrics: Mapping[str, str] = field(default_factory=lambda: {
@@ -76,7 +76,7 @@ class Profile:
         """JSON-able record (a study's setup, a LUT file's header)."""
         return {"name": self.name, "engine": self.engine, "dtype": self.dtype,
                 "threads": self.threads, "warmup": self.warmup, "repeats": self.repeats,
-                "windows": self.windows, "max_windows": self.max_windows,
+                "windows": self.windows, "max_wait_s": self.max_wait_s,
                 "window_pause_ms": self.window_pause_ms,
                 "metrics": dict(self.metrics), "limits": dict(self.limits)}
 
@@ -141,17 +141,15 @@ def profile_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Profil
                               f"{', '.join(map(repr, _CHOICES[key]))}")
     if "name" not in flat:
         raise NasoptError(f"hardware profile {source}: the top-level key name is missing")
-    for key in ("runtime.threads", "runtime.repeats", "runtime.windows", "runtime.max_windows"):
+    for key in ("runtime.threads", "runtime.repeats", "runtime.windows"):
         if key in flat and flat[key] < 1:
             raise NasoptError(f"hardware profile {source}: {key} must be at least 1, got "
                               f"{flat[key]}")
-    if flat.get("runtime.max_windows", 100) < flat.get("runtime.windows", 5):
-        raise NasoptError(f"hardware profile {source}: runtime.max_windows must be at least "
-                          f"runtime.windows")
-    if (flat.get("runtime.warmup", 0) < 0 or flat.get("runtime.noise_threshold", 1) <= 0
+    if (flat.get("runtime.warmup", 0) < 0 or flat.get("runtime.max_wait_s", 1) <= 0 or flat.get("runtime.noise_threshold", 1) <= 0
             or flat.get("runtime.window_pause_ms", 0) < 0):
         raise NasoptError(f"hardware profile {source}: runtime.warmup and "
-                          f"runtime.window_pause_ms must be >= 0 and runtime.noise_threshold > 0")
+                          f"runtime.window_pause_ms must be >= 0, runtime.noise_threshold and "
+                          f"runtime.max_wait_s > 0")
     metrics = {m: flat.get(f"metrics.{m}", default) for m, default in
                (("latency", "predicted"), ("sram", "counted"), ("flash", "counted"))}
     engine = flat.get("runtime.engine", "onnxruntime")
@@ -174,7 +172,7 @@ def profile_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Profil
                    threads=flat.get("runtime.threads", 1), warmup=flat.get("runtime.warmup", 20),
                    repeats=flat.get("runtime.repeats", 40),
                    windows=flat.get("runtime.windows", 5),
-                   max_windows=flat.get("runtime.max_windows", 100),
+                   max_wait_s=float(flat.get("runtime.max_wait_s", 10.0)),
                    window_pause_ms=float(flat.get("runtime.window_pause_ms", 30.0)),
                    noise_threshold=float(flat.get("runtime.noise_threshold", 0.10)),
                    metrics=metrics, limits=limits, source=source)

@@ -21,7 +21,8 @@ a few more before each window); the probe's lowest median in this process is its
 speed (calibrated at first use for 1-4 s, and lowered whenever a faster probe window is seen). A
 window is *fast* when both probes around it are within ``PROBE_TOLERANCE`` of that speed. A
 graph's latency is the lowest median of its fast windows; it is measured until ``windows`` fast
-windows are in (its latency is then ``confirmed``) or ``max_windows`` windows are taken.
+windows are in (its latency is then ``confirmed``) or for ``max_wait_s`` seconds (a slow burst
+outlasted them: the lowest of all its window medians, flagged unconfirmed).
 Interference only ever slows a run down, so the lowest fast-window median is the least disturbed
 one. Many graphs are measured round robin (:func:`measure_graphs`: one window each in turn, at
 least ``window_pause_ms`` between two windows of the same graph), so waiting for the fast mode is
@@ -204,11 +205,11 @@ class _Target:
 
 def time_sessions(sessions: Sequence[Any], input_shapes: Sequence[Sequence[int]], *,
                   warmup: int, repeats: int, threads: int, windows: int = 5,
-                  max_windows: int = 100, pause_ms: float = 30.0) -> list[Timing]:
+                  max_wait_s: float = 10.0, pause_ms: float = 30.0) -> list[Timing]:
     """Time ONNX Runtime sessions round robin (see the module doc): per session, windows of
     ``repeats`` timed batch-1 runs until ``windows`` of them were taken in the fast mode or
-    ``max_windows`` were taken; each window preceded by a few warm-up runs, two windows of the
-    same session at least ``pause_ms`` apart."""
+    ``max_wait_s`` seconds have passed; each window preceded by a few warm-up runs, two windows
+    of the same session at least ``pause_ms`` apart."""
     p = probe(threads)
     targets = [_Target(s, shape) for s, shape in zip(sessions, input_shapes)]
     for t in targets:
@@ -217,9 +218,10 @@ def time_sessions(sessions: Sequence[Any], input_shapes: Sequence[Sequence[int]]
     clock = time.perf_counter_ns
     rewarm = max(2, warmup // 4)
     before = p.window()
+    deadline = time.perf_counter() + max_wait_s
     while True:
         pending = [t for t in targets if len(t.fast(p)) < windows
-                   and len(t.records) < max_windows]
+                   and (time.perf_counter() < deadline or not t.records)]
         if not pending:
             break
         wait = min(t.last for t in pending) + pause_ms / 1000 - time.perf_counter()
@@ -246,11 +248,11 @@ def time_sessions(sessions: Sequence[Any], input_shapes: Sequence[Sequence[int]]
 
 
 def time_session(sess, input_shape: Sequence[int], warmup: int, repeats: int,  # noqa: ANN001
-                 threads: int, windows: int = 5, max_windows: int = 100,
+                 threads: int, windows: int = 5, max_wait_s: float = 10.0,
                  pause_ms: float = 30.0) -> Timing:
     """One session timed as :func:`time_sessions` does."""
     return time_sessions([sess], [input_shape], warmup=warmup, repeats=repeats, threads=threads,
-                         windows=windows, max_windows=max_windows, pause_ms=pause_ms)[0]
+                         windows=windows, max_wait_s=max_wait_s, pause_ms=pause_ms)[0]
 
 
 def onnx_for(model: nn.Module, input_shape: Sequence[int], dtype: str,
@@ -283,7 +285,7 @@ def measure_graphs(graphs: Sequence[bytes | str | Path], input_shapes: Sequence[
         sessions = [onnx_export.session(g, profile.threads) for g in graphs[i:i + batch]]
         out += time_sessions(sessions, input_shapes[i:i + batch], warmup=profile.warmup,
                              repeats=profile.repeats, threads=profile.threads,
-                             windows=profile.windows, max_windows=profile.max_windows,
+                             windows=profile.windows, max_wait_s=profile.max_wait_s,
                              pause_ms=profile.window_pause_ms)
     return out
 

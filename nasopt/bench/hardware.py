@@ -209,7 +209,7 @@ therefore the **lowest median among windows taken in the fast mode**: windows of
 timed runs ({cpu.warmup} warm-up runs first, a few more before each window), each between two
 windows of a fixed probe graph; a window counts when both probes are within 10 % of the
 probe's best (fast mode); a graph is measured until {cpu.windows} such windows are in (else,
-after {cpu.max_windows} windows, its timing is *unconfirmed*). Many graphs are measured round
+after {cpu.max_wait_s:g} s, its timing is *unconfirmed*). Many graphs are measured round
 robin, so they share the waits for the fast mode. Interference only slows runs, so the lowest
 fast-window median is the least disturbed figure.
 
