@@ -12,8 +12,12 @@ budget is split in two phases (the search loop tells the sampler its budget thro
    rank, then crowding distance) among the trials at the reference compression, uniform
    crossover, one or two genes mutated.
 2. **compression phase**: a parent drawn uniformly from the Pareto front of *all* trials
-   (feasible ones first), with one or two compression genes changed, so bit-widths, sparsity and
-   rank are explored around architectures that are already good.
+   (feasible ones first); half of the children lower every bit-width one option (8 -> 6 -> 4
+   ...: the whole model a step smaller, usually at little cost in accuracy), the others move one
+   or two compression genes to a neighbouring option (bits, sparsity and rank are ordinal), so
+   the front is explored near architectures that are already good. (The first version drew
+   one gene's new value uniformly: its joint front weakly dominated 60-68 % of the int8
+   front's points at 1000 evaluations; results/compression_mnist1d.md has today's figures.)
 
 Without a known budget the two kinds of move are interleaved at random (``ARCH_SHARE`` each).
 Spaces without compression genes get architecture moves only. State is the study's trials alone
@@ -42,6 +46,8 @@ from .evolution import _minimized
 ARCH_SHARE = 0.5
 INITIAL = 16
 RETRIES = 20
+#: share of compression moves that lower every bit-width one step (the others move 1-2 genes)
+SHIFT_SHARE = 0.5
 
 
 def _points(trials: Sequence[FrozenTrial], directions) -> np.ndarray:
@@ -134,7 +140,11 @@ class StagedSampler(GeneSampler):
             parent = parents[self._rng.randint(len(parents))].params
             child = {n: parent[n] if parent.get(n) in c else random[n]
                      for n, c in choices.items()}
-            self._mutate(child, compression, choices)
+            bits = [g for g in compression if g.endswith(".bits") and len(choices[g]) > 1]
+            if bits and self._rng.rand() < SHIFT_SHARE:
+                self._shift(child, bits, choices)
+            else:
+                self._step(child, compression, choices)
             return child
         child.update({g: v for g, v in self.reference.items() if g in choices})
         return child
@@ -161,6 +171,27 @@ class StagedSampler(GeneSampler):
                  for n, v in child.items()}
         self._mutate(child, genes, choices)
         return child
+
+    def _shift(self, child: dict[str, Any], bits: list[str], choices: dict[str, list]) -> None:
+        """Every bit-width one option lower (where there is one): the whole model a step
+        smaller, at the cost of a little accuracy at most."""
+        for g in bits:
+            i = choices[g].index(child[g])
+            if i > 0:
+                child[g] = choices[g][i - 1]
+
+    def _step(self, child: dict[str, Any], genes: list[str], choices: dict[str, list]) -> None:
+        """One or two genes moved to a neighbouring option (options are ordered: bits,
+        sparsity and rank are ordinal), so a child stays near its parent on the front."""
+        mutable = [g for g in genes if len(choices[g]) > 1]
+        if not mutable:
+            return
+        count = min(len(mutable), 1 + (self._rng.rand() < 1 / 3))
+        for j in self._rng.choice(len(mutable), count, replace=False):
+            gene = mutable[j]
+            i, n = choices[gene].index(child[gene]), len(choices[gene])
+            near = [j for j in (i - 1, i + 1) if 0 <= j < n]
+            child[gene] = choices[gene][near[self._rng.randint(len(near))]]
 
     def _mutate(self, child: dict[str, Any], genes: list[str], choices: dict[str, list]) -> None:
         mutable = [g for g in genes if len(choices[g]) > 1]

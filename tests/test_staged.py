@@ -96,3 +96,29 @@ def test_budget_splits_the_search_into_an_architecture_then_a_compression_phase(
     assert sampler.budget is None
     sampler.plan(10)
     assert sampler.budget == 10
+
+
+def test_compression_moves_shift_every_bit_width_or_step_one_or_two_genes():
+    sp = space()
+    study = run(2, 120)  # budget 120: trials 60.. are compression moves
+    genes = sp.genes
+    compression = list(sp.compression_genes())
+    bits = [g for g in compression if g.endswith(".bits")]
+    kinds = {"shift": 0, "step": 0}
+    for t in study.trials[60:]:
+        parents = [e for e in study.trials[: t.number]
+                   if all(e.params[g] == t.params[g] for g in t.params if g not in compression)]
+        assert parents, t.number
+
+        def offsets(e):
+            return {g: genes[g].index(t.params[g]) - genes[g].index(e.params[g])
+                    for g in compression if t.params[g] != e.params[g]}
+
+        moves = [offsets(e) for e in parents]
+        if any(m and set(m) <= set(bits) and set(m.values()) == {-1} for m in moves):
+            kinds["shift"] += 1  # bit-widths one option lower (those that could go lower)
+        else:  # one or two genes, each to a neighbouring option
+            assert any(1 <= len(m) <= 2 and all(abs(v) == 1 for v in m.values())
+                       for m in moves), (t.number, moves)
+            kinds["step"] += 1
+    assert kinds["shift"] > 10 and kinds["step"] > 10, kinds
