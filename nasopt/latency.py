@@ -276,9 +276,10 @@ def _check(profile: Profile) -> None:
 
 
 def measure_graphs(graphs: Sequence[bytes | str | Path], input_shapes: Sequence[Sequence[int]],
-                   profile: Profile, batch: int = 64) -> list[Timing]:
+                   profile: Profile, batch: int = 128) -> list[Timing]:
     """Latencies of ONNX graphs under ``profile``, measured round robin ``batch`` at a time
-    (see the module doc)."""
+    (see the module doc; one batch is measured over the same seconds, so its figures share the
+    machine's state: a LUT's fit archs and a validation pass are one batch each)."""
     _check(profile)
     out: list[Timing] = []
     for i in range(0, len(graphs), batch):
