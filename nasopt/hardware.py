@@ -145,7 +145,8 @@ def profile_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Profil
         if key in flat and flat[key] < 1:
             raise NasoptError(f"hardware profile {source}: {key} must be at least 1, got "
                               f"{flat[key]}")
-    if (flat.get("runtime.warmup", 0) < 0 or flat.get("runtime.max_wait_s", 1) <= 0 or flat.get("runtime.noise_threshold", 1) <= 0
+    if (flat.get("runtime.warmup", 0) < 0 or flat.get("runtime.max_wait_s", 1) <= 0
+            or flat.get("runtime.noise_threshold", 1) <= 0
             or flat.get("runtime.window_pause_ms", 0) < 0):
         raise NasoptError(f"hardware profile {source}: runtime.warmup and "
                           f"runtime.window_pause_ms must be >= 0, runtime.noise_threshold and "

@@ -32,17 +32,19 @@ in two passes, the lower kept: the same measurement as the validation's; inputs
 standardized, minimum norm where collinear, 0 for an input all fit archs have the same amount of,
 such as the single head's op count: the constant takes it; one refit without outlier archs,
 relative residual > 4 x the median and > 5 %). Measured here (all timings with the fast-mode
-estimator of :mod:`nasopt.latency`; fit on 80 archs, tested on the others, 20 random splits of
-120-200 archs): conv1d 100 % within ±10 % (median error 0.6 %, tau 0.98), mobilenet 100 %
-(0.9 %, 0.97), conv1d int8 100 % (0.8 %, 0.95). Without the isolated timing as an input: 100 %,
-99.9-100 % (median error 1.1 %, 1.7 %, 1.8 %); the former ``scale x sum of isolated timings +
-constant``: 100 %, 99 %, 100 % (1.3 %, 2.4 %, 1.7 %); MACs and a per-unit count alone: 95 %, 69 %,
-98 %. Before the fast-mode estimator, the isolated timings themselves were 1.3-2x off at random
-and the former predictor got 40-50 % within ±10 % on conv1d, 15 % on mobilenet. With fewer than
-3 fit archs (tests, a quick table) the entries are the isolated timings and the constant their
-mean residual. The prediction is linear per unit, so :meth:`LatencyTable.expected_latency`
-gives the expected latency under independent per-gene categorical distributions
-(differentiable in torch), for a gradient-based search.
+estimator of :mod:`nasopt.latency`), ``nasopt bench hardware`` over 4 runs under load 3-8, 100
+held-out archs: conv1d 100 % within ±10 % (median error 0.4-0.7 %), mobilenet 95-100 %
+(0.8-2.9 %), conv1d int8 100 % (0.7-1.2 %). Offline on one set of timings (fit on 80 archs,
+tested on the others, 20 random splits of 120-200 archs): conv1d 100 % (median error 0.6 %,
+tau 0.98), mobilenet 100 % (0.9 %, 0.97), conv1d int8 100 % (0.8 %, 0.95); without the
+isolated timing as an input: 100 %, 99.9-100 % (median error 1.1 %, 1.7 %, 1.8 %); the former
+``scale x sum of isolated timings + constant``: 100 %, 99 %, 100 % (1.3 %, 2.4 %, 1.7 %); MACs
+and a per-unit count alone: 95 %, 69 %, 98 %. Before the fast-mode estimator, the isolated
+timings themselves were 1.3-2x off at random and the former predictor got 40-50 % within ±10 %
+on conv1d, 15 % on mobilenet. With fewer than 3 fit archs (tests, a quick table) the entries
+are the isolated timings and the constant their mean residual. The prediction is linear per
+unit, so :meth:`LatencyTable.expected_latency` gives the expected latency under independent
+per-gene categorical distributions (differentiable in torch), for a gradient-based search.
 
 **Validation** (``nasopt hw validate``) measures random archs (other seed, distinct structures)
 twice, in two passes minutes apart, and reports the share predicted within ±10 % of the lower
@@ -614,7 +616,7 @@ def fit_features(features: Mapping[str, Mapping[str, float]], rows: Sequence[Seq
         keep = error <= limit
     coefficients = {f: float(c) for f, c in zip(names, solution[:-1] / scale)}
     return coefficients, float(solution[-1]), {
-        "model": "sum of unit entries (coefficients . features) + constant",
+        "model": "sum of unit entries (coefficients . features and isolated timing) + constant",
         "used": int(keep.sum()), "outliers": int((~keep).sum()), "features": len(names)}
 
 

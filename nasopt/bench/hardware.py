@@ -222,17 +222,18 @@ unit's graph (fused convs, NCHWc convs and the reorders it inserts where channel
 multiples of 8, adds, Gemm). A unit's entry = fitted coefficients . (its features, its isolated
 timing); prediction = sum of the arch's entries + a fitted constant, coefficients and constant
 fitted by least squares on the relative error over {lut.FIT_ARCHS} random archs (seed
-{args.seed}; each measured twice in two passes, the lower kept; one refit without outliers). For comparison, the former predictor on the same
-timings: scale x sum of the isolated timings + constant, fitted on the same archs.
+{args.seed}; each measured twice in two passes, the lower kept; one refit without outliers).
+For comparison, the former predictor on the same timings: scale x sum of the isolated timings +
+constant, fitted on the same archs.
 
 **Validating.** {args.validate_n} *other* random archs with distinct structures (seed
 {args.seed + 1}), measured twice in two passes minutes apart (measured = the lower). Noise
 columns: repeat spread (median / 90th percentile of the two measurements' relative difference) /
 drift (the median relative change of 10 fit archs' latency between the table's fit and the
-start or the end of the validation, the larger) / unconfirmed timings / share of all windows taken in the fast
-mode. Flagged **too noisy** when the median repeat spread or the drift exceed half the profile's
-noise threshold ({cpu.noise_threshold:.0%}), the 90th percentile exceeds it, or more than 5 % of
-the timings are unconfirmed.
+start or the end of the validation, the larger) / unconfirmed timings / share of all windows
+taken in the fast mode. Flagged **too noisy** when the median repeat spread or the drift exceed
+half the profile's noise threshold ({cpu.noise_threshold:.0%}), the 90th percentile exceeds it,
+or more than 5 % of the timings are unconfirmed.
 
 {table(["space", "profile", "LUT units", "fitted", "archs", "within ±10 %", "Kendall tau",
         "median error", "former predictor: within / tau / median error", "measured range",
