@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ class SearchOutcome:
     space: SearchSpace
     supernet_path: Path | None  # None in tabular mode
     new_trials: int
+    supernet_s: float = 0.0  # seconds spent training (or loading) the supernet in this call
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,8 +145,10 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                STRATEGIES[s.strategy].make_sampler(space, s.seed * 7919 + len(existing.trials)))
     attach_run_folder(sampler, cfg.run_dir, name)  # REINFORCE saves its controller there
     data = data.to(device)
+    start = time.perf_counter()
     supernet, path = train_supernet(space, data, cfg.supernet, Path(cfg.run_dir) / "supernets",
                                     device=device, show_progress=show_progress, log=log)
+    supernet_s = time.perf_counter() - start
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve())})
     _masked(cfg).save(Path(cfg.run_dir) / "configs" / f"{name}.json")
@@ -160,10 +164,10 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                            latency_table=None if hardware is None else hardware[2],
                            sram_dtype=(profile.dtype if profile is not None
                                        and profile.metrics.get("sram") == "counted" else None))
-        return SearchOutcome(study, space, path, new)
+        return SearchOutcome(study, space, path, new, supernet_s)
     new = _run_trials(study, space, evaluator, objectives, s, constraints, show_progress,
                       s.seed * 7919 + len(existing.trials))
-    return SearchOutcome(study, space, path, new)
+    return SearchOutcome(study, space, path, new, supernet_s)
 
 
 def _masked(cfg: Config) -> Config:

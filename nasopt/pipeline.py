@@ -240,6 +240,9 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         torch.set_num_threads(cfg.threads)
     outcome = api.search(cfg.base(), show_progress=show_progress, log=log)
     lap("supernet + search")
+    search_s = timings.pop("supernet + search")
+    timings["supernet"] = round(outcome.supernet_s, 2)  # trained, resumed or loaded
+    timings["search"] = round(search_s - outcome.supernet_s, 2)  # data, study, trials
     study = outcome.study
     number = pick_trial(study, cfg.pick)
     trial = next(tr for tr in study.trials if tr.number == number)

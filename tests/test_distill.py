@@ -297,6 +297,9 @@ def test_nasopt_run_writes_every_artifact_and_the_model_card(pipeline_run):
         assert acc[key] == mem  # every artifact is the fine-tuned model
     assert card["macs"] > 0 and card["params"] > 0 and "largest" in card["teacher_test_accuracy"]
     assert "Test accuracy" in (out / "REPORT.md").read_text()
+    assert set(card["timings_s"]) == {"supernet", "search", "distill", "fine-tune", "export",
+                                      "total"}
+    assert card["timings_s"]["supernet"] > 0 and card["timings_s"]["search"] > 0
     # the search ran in the configured run folder, with the config's sections
     run = pipeline_run / "run"
     assert (run / "studies.db").exists() and list((run / "supernets").glob("conv1d-*.pt"))
@@ -337,3 +340,13 @@ def test_knee_of_a_front():
     acc = np.array([0.10, 0.80, 0.85, 0.88, 0.90])
     assert knee_index(size, acc) == 1
     assert knee_index(size, np.array([0.1, 0.2, 0.3, 0.4, 0.9])) == 4  # convex: no knee
+
+
+def test_load_sampler_says_whether_the_cores_were_shared():
+    from nasopt.bench.report import LoadSampler
+    with LoadSampler(every=0.01, busy=-1.0) as busy:
+        pass
+    assert busy.shared and "other jobs shared the cores" in busy.note()
+    with LoadSampler(every=0.01, busy=1e9) as quiet:
+        pass
+    assert not quiet.shared and "were not shared" in quiet.note() and len(quiet.samples) >= 2

@@ -38,7 +38,7 @@ from ..export import export_model
 from ..finetune import FinetuneConfig, finetune, prepare_qat, reheaded
 from ..supernet import train_supernet
 from ..train import accuracy
-from .report import machine, table
+from .report import LoadSampler, machine, table
 
 #: the student: ~4 KB packed, a point of the joint search's front region (bits 8/6/4, half the
 #: weights pruned)
@@ -200,7 +200,7 @@ stopping) + 5 epochs QAT. {args.seeds} seeds; mean ± sd of **test** accuracy (%
 """
 
 
-def _pipeline_part(args: argparse.Namespace, log) -> str:  # noqa: ANN001
+def _pipeline_part(args: argparse.Namespace, log, load: LoadSampler) -> str:  # noqa: ANN001
     if args.pipeline_card:  # timings recorded by an earlier `nasopt run` (not run again here)
         card = json.loads(Path(args.pipeline_card).read_text())
         steps = ", ".join(f"{k} {v:.0f} s" for k, v in card["timings_s"].items())
@@ -230,9 +230,9 @@ Picked trial {card['trial']}, packed {card['packed_bytes']} B; test accuracy (%)
     return f"""## 3. Pipeline wall time
 
 `nasopt run {args.pipeline_config}` in a fresh run folder (supernet trained, not reused):
-**{wall:.0f} s** wall time on this machine (steps: {steps}). The machine has 2 cores and
-**other sessions were using them at the same time**, so this is an upper bound; re-run on a
-quiet machine for the real figure. Picked trial {card['trial']}, packed {card['packed_bytes']} B;
+**{wall:.0f} s** wall time on this machine (steps: {steps}). {
+    "Other jobs shared the 2 cores during the bench (see the load above), so this is an upper "
+    "bound." if load.shared else "The cores were not shared."} Picked trial {card['trial']}, packed {card['packed_bytes']} B;
 test accuracy (%): {accs}.
 """
 
@@ -243,19 +243,20 @@ def run(args: argparse.Namespace) -> Path:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     parts = []
-    if "kd" in args.parts:
-        parts.append(_kd_part(args, log)[0])
-    if "transfer" in args.parts:
-        parts.append(_transfer_part(args, log))
-    if "pipeline" in args.parts:
-        parts.append(_pipeline_part(args, log))
+    with LoadSampler() as load:
+        if "kd" in args.parts:
+            parts.append(_kd_part(args, log)[0])
+        if "transfer" in args.parts:
+            parts.append(_transfer_part(args, log))
+        if "pipeline" in args.parts:
+            parts.append(_pipeline_part(args, log, load))
     command = "nasopt " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"""# Distillation, QAT fine-tuning, transfer learning, pipeline time
 
 Command: `{command}`
-Machine: {machine()} — shared with other sessions while it ran (timings are upper bounds).
+Machine: {machine()}; {load.note()}
 Torch runs on {torch.get_num_threads()} thread(s): these models are tiny, and on the busy 2-core
 machine one thread trained a conv1d student 10x faster than two (1.7 s vs 17 s for 3 epochs).
 Bench wall time: {time.perf_counter() - start:.0f} s.
