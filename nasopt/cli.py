@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "workers, bad input, torchrun (writes results/reliability.md)")
     from .bench.reliability import add_arguments as add_reliability_arguments
     add_reliability_arguments(q)
+    q = bsub.add_parser("headline", help="the whole pipeline (nasopt run) on MNIST-1D and "
+                        "Fashion-MNIST, several seeds, against the published baselines; ours vs "
+                        "NNI on MNIST-1D (writes results/README.md)")
+    from .bench.headline import add_arguments as add_headline_arguments
+    add_headline_arguments(q)
     from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run
     add_deploy_parsers(sub)
     from .cli_hw import add_bench_parser, add_parsers as add_hw_parsers  # nasopt hw, bench

@@ -1,0 +1,295 @@
+"""``nasopt bench headline``: the whole pipeline, through the public CLI, on MNIST-1D and
+Fashion-MNIST, against the published baselines; writes results/README.md.
+
+Per dataset and seed, ``nasopt run configs/headline_<dataset>.toml`` runs in a fresh run folder
+(supernet trained, searched, picked, distilled, fine-tuned with QAT, exported and verified) with
+every seed of the recipe set to the run's seed (supernet, search, distillation, fine-tuning; the
+data split stays fixed, so the test set is the same). From each model card: the test accuracy of
+the exported artifacts (the packed file loaded by ``nasopt.load``, ONNX fp32 and int8 run in ONNX
+Runtime), packed size, MACs and the wall time of each stage; the latency of ``model.onnx`` and
+``model.int8.onnx`` is measured afterwards in ONNX Runtime under the ``cpu-ort`` /
+``cpu-ort-int8`` profiles (:mod:`nasopt.latency`). Figures are medians over the seeds with min
+and max.
+
+On MNIST-1D it also compares, in the same run, our best strategy against NNI's best multi-trial
+strategy through the bridge (``--ours``, ``--nni``): equal evaluations, the same space, budget,
+supernet and evaluator, several seeds; hypervolume of the feasible front and best validation
+accuracy under the budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from .. import api
+from ..errors import NasoptError
+from .report import LoadSampler, machine, table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Target:
+    dataset: str
+    config: str  # relative to the repository
+    max_bytes: int  # packed-size budget
+    min_accuracy: float  # test accuracy target
+    max_minutes: float  # wall time of one pipeline run
+    baselines: tuple[tuple[str, str, str], ...]  # (model, test accuracy, size) as published
+
+
+TARGETS = {
+    "mnist1d": Target(
+        "mnist1d", "configs/headline_mnist1d.toml", 4096, 0.940, 20,
+        (("CNN (3 conv of 25 channels + linear; Greydanus & Kobak)", "94 %",
+          "5,210 float32 params, ~20 KB"),
+         ("GRU", "91 %", "-"), ("MLP", "68 %", "-"), ("logistic regression", "32 %", "-"))),
+    "fashion-mnist": Target(
+        "fashion-mnist", "configs/headline_fashion-mnist.toml", 32768, 0.915, 60,
+        (("2 Conv with < 100K parameters (Fashion-MNIST README)", "92.5 %",
+          "< 100K params, < 400 KB as float32"),
+         ("2 Conv + pooling", "87.6-91.6 %", "-"), ("MLP 256-128-100", "88.3 %", "-"),
+         ("ResNet18", "94.9 %", "11M params"))),
+}
+ARTIFACTS = (("packed file (nasopt.load)", "model.packed via nasopt.load"),
+             ("ONNX fp32 (ORT)", "model.onnx via ONNX Runtime"),
+             ("ONNX int8 (ORT)", "model.int8.onnx via ONNX Runtime"))
+STAGES = ("supernet", "search", "distill", "fine-tune", "export", "total")
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--datasets", default="mnist1d,fashion-mnist",
+                   help=f"comma-separated among {', '.join(TARGETS)}")
+    q.add_argument("--seeds", type=int, default=3)
+    q.add_argument("--run-root", default="runs/headline", help="run folders (one per dataset "
+                   "and seed; re-running continues them)")
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of every pipeline config")
+    q.add_argument("--ours", default="staged,tpe", help="our strategies in the NNI "
+                   "comparison (comma-separated; default: our best two on MNIST-1D in "
+                   "results/strategies_mnist1d.md)")
+    q.add_argument("--nni", default="nni-evolution", help="NNI's strategies in the comparison "
+                   "(default: NNI's best on MNIST-1D in results/strategies_mnist1d.md)")
+    q.add_argument("--evaluations", type=int, default=300,
+                   help="evaluations per search in the NNI comparison (0: skip it)")
+    q.add_argument("--out", default="results/README.md")
+
+
+def _median(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return format(med, fmt)
+    return f"{format(med, fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
+
+
+def _pipeline(target: Target, seed: int, args: argparse.Namespace, log) -> dict:  # noqa: ANN001
+    """One `nasopt run` (a subprocess, as a user runs it); its model card plus ORT latencies."""
+    folder = Path(args.run_root) / target.dataset / f"seed{seed}"
+    out = folder / "model"
+    command = [sys.executable, "-m", "nasopt.cli", "run", str(ROOT / target.config), "--quiet",
+               "--set", f"run_dir={json.dumps(str(folder / 'run'))}",
+               "--set", f"export.out={json.dumps(str(out))}",
+               *[x for key in ("supernet", "search", "distill", "finetune")
+                 for x in ("--set", f"{key}.seed={seed}")],
+               *[x for item in args.set for x in ("--set", item)]]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise NasoptError(f"`nasopt run` failed for {target.dataset} seed {seed}:\n"
+                          f"{done.stderr[-3000:]}")
+    card = json.loads((out / "metrics.json").read_text())
+    from .. import hardware
+    from ..latency import measure_export
+    latency = {}
+    for profile in ("cpu-ort", "cpu-ort-int8"):
+        timing, what = measure_export(out, hardware.load_profile(profile), api.SPACES)
+        latency[profile] = (timing.median_ms, what)
+    log(f"{target.dataset} seed {seed}: {wall:.0f} s, packed {card['packed_bytes']} B, test "
+        f"{card['test_accuracy'].get('model.packed via nasopt.load', float('nan')):.4f}")
+    return {"seed": seed, "wall_s": wall, "card": card, "latency": latency,
+            "command": "nasopt run " + " ".join(shlex.quote(a) for a in command[4:])}
+
+
+def _dataset_section(target: Target, runs: list[dict]) -> tuple[str, list[str]]:
+    rows = []
+    for r in runs:
+        c = r["card"]
+        rows.append([r["seed"], c["trial"], c["packed_bytes"], f"{c['macs']:,}",
+                     *[f"{100 * c['test_accuracy'][key]:.2f}" if key in c["test_accuracy"]
+                       else "-" for _, key in ARTIFACTS],
+                     f"{r['latency']['cpu-ort'][0] * 1000:.1f}",
+                     f"{r['latency']['cpu-ort-int8'][0] * 1000:.1f}",
+                     *[f"{c['timings_s'].get(s, float('nan')):.0f}" for s in STAGES]])
+
+    def column(get) -> list[float]:  # noqa: ANN001
+        out = []
+        for r in runs:
+            try:
+                out.append(float(get(r)))
+            except KeyError:
+                pass
+        return out
+
+    acc = {label: column(lambda r, k=key: 100 * r["card"]["test_accuracy"][k])
+           for label, key in ARTIFACTS}
+    size = column(lambda r: r["card"]["packed_bytes"])
+    total = column(lambda r: r["card"]["timings_s"]["total"])
+    rows.append(["**median [min, max]**", "", _median(size, ".0f"),
+                 _median(column(lambda r: r["card"]["macs"]), ",.0f"),
+                 *[_median(acc[label], ".2f") for label, _ in ARTIFACTS],
+                 _median(column(lambda r: 1000 * r["latency"]["cpu-ort"][0]), ".1f"),
+                 _median(column(lambda r: 1000 * r["latency"]["cpu-ort-int8"][0]), ".1f"),
+                 *[_median(column(lambda r, s=s: r["card"]["timings_s"][s]), ".0f")
+                   for s in STAGES]])
+    packed = acc["packed file (nasopt.load)"]
+    med_acc, med_size = statistics.median(packed) / 100, statistics.median(size)
+    med_min = statistics.median(total) / 60
+    ok_acc, ok_size = med_acc >= target.min_accuracy, med_size <= target.max_bytes
+    ok_time = med_min <= target.max_minutes
+    verdicts = [
+        f"| test accuracy of the packed model >= {100 * target.min_accuracy:.1f} % | "
+        f"{100 * med_acc:.2f} % | {'met' if ok_acc else f'**missed** by {100 * (target.min_accuracy - med_acc):.2f} points'} |",
+        f"| packed weights <= {target.max_bytes // 1024} KB | {med_size:.0f} B | "
+        f"{'met' if ok_size else '**missed**'} |",
+        f"| whole pipeline <= {target.max_minutes:.0f} min on 2 cores | {med_min:.1f} min | "
+        f"{'met' if ok_time else f'**missed** by {med_min - target.max_minutes:.1f} min'} |"]
+    c0 = runs[0]["card"]
+    text = f"""## {target.dataset}
+
+Config: `{target.config}`; {len(runs)} seeds; data: {c0['dataset']}. One row per seed (the
+seed of the supernet, the search, distillation and fine-tuning), then the median [min, max].
+Test accuracy (%) of each exported artifact, read back from its file; latency: batch 1 in ONNX
+Runtime (`cpu-ort`: fp32, `cpu-ort-int8`: the int8 QDQ graph; 1 thread, `nasopt.latency`);
+wall times in seconds.
+
+{table(["seed", "trial", "packed B", "MACs", *[label for label, _ in ARTIFACTS],
+        "latency fp32 (us)", "latency int8 (us)", *[f"{s} s" for s in STAGES]], rows)}
+
+| target | median | verdict |
+|---|---|---|
+{chr(10).join(verdicts)}
+
+Published baselines (../shared/REFERENCES.md; their figures, not re-run here):
+
+{table(["model", "test accuracy", "size"], target.baselines)}
+
+Picked archs: {"; ".join(f"seed {r['seed']}: `{json.dumps(r['card']['arch'])}`" for r in runs)}.
+Command of seed {runs[0]['seed']}: `{runs[0]['command']}`.
+"""
+    missed = [] if ok_acc and ok_size and ok_time else [target.dataset]
+    return text, missed
+
+
+def _nni_comparison(args: argparse.Namespace, log) -> str:  # noqa: ANN001
+    """Our strategy vs NNI's at equal evaluations on the MNIST-1D space under the 4 KB budget."""
+    from ..evaluate import Evaluator
+    from ..nni_bridge import NNI_STRATEGIES, run_nni_search
+    from ..objectives import get_constraints, get_objectives, hypervolume
+    from ..search import run_search
+    from ..supernet import train_supernet
+    from ..pipeline import load_run_config
+    ours, theirs = args.ours.split(","), args.nni.split(",")
+    if not set(theirs) <= set(NNI_STRATEGIES) or not set(ours) <= set(api.STRATEGIES):
+        raise NasoptError(f"--ours takes {', '.join(api.STRATEGIES)}; --nni takes "
+                          f"{', '.join(NNI_STRATEGIES)}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    budget = TARGETS["mnist1d"].max_bytes
+    # the pipeline's data, space and supernet recipe; seed 0's supernet is reused when cached
+    cfg = load_run_config(ROOT / TARGETS["mnist1d"].config, args.set).base()
+    data = api.load_data(cfg)
+    space = api.make_space(cfg.search.space, data, dict(cfg.search.restrict))
+    supernet, _ = train_supernet(space, data, cfg.supernet,
+                                 Path(args.run_root) / "mnist1d" / "seed0" / "run" / "supernets",
+                                 log=log)
+    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
+    objectives = get_objectives(["accuracy", "size"])
+    constraints = get_constraints({"size": budget})
+    rows = []
+    for name in (*ours, *theirs):
+        hvs, bests, seconds = [], [], []
+        for seed in range(args.seeds):
+            start = time.perf_counter()
+            nni = name in NNI_STRATEGIES
+            study = optuna.create_study(directions=["maximize", "minimize"], sampler=(
+                None if nni else api.STRATEGIES[name].make_sampler(space, seed)))
+            if nni:
+                run_nni_search(study, space, evaluator, objectives, args.evaluations, name, seed,
+                               show_progress=False, constraints=constraints)
+            else:
+                run_search(study, space, evaluator, objectives, args.evaluations,
+                           show_progress=False, constraints=constraints)
+            seconds.append(time.perf_counter() - start)
+            points = [(t.values[0], t.values[1]) for t in study.trials
+                      if t.state == optuna.trial.TrialState.COMPLETE and t.values[1] <= budget]
+            hvs.append(hypervolume(points, budget))
+            bests.append(max((a for a, _ in points), default=0.0))
+            log(f"{name} seed {seed}: HV {hvs[-1]:.4f}, best <= 4 KB {bests[-1]:.4f}")
+        rows.append([name, args.evaluations, args.seeds, _median(hvs, ".4f"),
+                     _median([100 * b for b in bests], ".2f"), f"{statistics.mean(seconds):.0f}"])
+    return f"""## Our strategy against NNI's, same space and budget (MNIST-1D)
+
+`conv1d` space with compression genes on MNIST-1D, objectives validation accuracy and packed
+bytes, budget packed size <= 4 KB; the supernet of the seed-0 pipeline above (its recipe), one
+evaluator; {args.evaluations} evaluations per search, seeds 0..{args.seeds - 1}. Hypervolume of the
+feasible trials with the reference point accuracy 0 at 4 KB (1 = 100 % at 0 bytes); best
+validation accuracy under 4 KB (%). Ours see the budget as an Optuna constraint
+(`trial.set_constraint`); NNI 3.0's strategies ({", ".join(theirs)}) run in NNI's in-process
+engine through `nasopt.nni_bridge` and optimize one scalar, the MnasNet reward
+ACC x (size / 4 KB)^-0.07 (a soft constraint: they have no constraint of their own).
+
+{table(["strategy", "evaluations", "seeds", "hypervolume, median [min, max]",
+        "best val acc <= 4 KB (%)", "s / search"], rows)}
+"""
+
+
+def run(args: argparse.Namespace) -> Path:
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    names = [d for d in args.datasets.split(",") if d]
+    unknown = [d for d in names if d not in TARGETS]
+    if unknown:
+        raise NasoptError(f"unknown datasets {unknown}; the headline covers {', '.join(TARGETS)}")
+    if args.seeds < 1:
+        raise NasoptError("--seeds must be at least 1")
+    start = time.perf_counter()
+    sections, missed = [], []
+    with LoadSampler() as load:
+        for name in names:
+            target = TARGETS[name]
+            if not (ROOT / target.config).exists():
+                raise NasoptError(f"{target.config} is missing: the headline config of {name}")
+            runs = [_pipeline(target, seed, args, log) for seed in range(args.seeds)]
+            text, miss = _dataset_section(target, runs)
+            sections.append(text)
+            missed += miss
+        if "mnist1d" in names and args.evaluations > 0:
+            sections.append(_nni_comparison(args, log))
+    not_run = [d for d in TARGETS if d not in names]
+    command = "nasopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"""# Headline results: the whole nasopt pipeline, end to end
+
+Command: `{command}` ({(time.perf_counter() - start) / 60:.0f} min)
+Machine: {machine()}; {load.note()}
+
+Everything below ran through the public CLI (`nasopt run` with the committed configs): supernet
+training, joint architecture + compression search on the validation split, pick, distillation
+from the supernet's largest subnet, QAT fine-tuning with the arch's compression policy, export
+(each file verified), and one measurement of every artifact on the test split at the end.
+{"**Not in this run:** " + ", ".join(not_run) + " (see the open issue)." if not_run else ""}
+{"Targets missed: " + ", ".join(missed) + " (see each section)." if missed else ""}
+
+""" + "\n".join(sections))
+    return out
