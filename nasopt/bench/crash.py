@@ -131,7 +131,8 @@ def ledger(trials) -> dict[str, Any]:  # noqa: ANN001
     """What the exact-total promise is about, counted from a study's trials:
 
     ``complete``; ``gaps`` (trial numbers missing) and ``duplicates`` (numbers seen twice);
-    ``running`` left; ``incomplete`` COMPLETE trials without metrics or params; ``surplus``
+    ``running`` left, ``waiting`` (retries never run; ``waiting_with_params``: holding an
+    arch that was never evaluated); ``incomplete`` COMPLETE trials without metrics or params; ``surplus``
     trials (FAIL, user attr ``surplus``) and ``surplus_evaluated`` (those with params);
     ``failed`` other FAIL trials; ``died`` those whose worker died (found by its pid: error
     "...died...", or by Optuna's heartbeat: no error recorded), ``unretried`` those without a
@@ -154,6 +155,9 @@ def ledger(trials) -> dict[str, Any]:  # noqa: ANN001
             "gaps": (max(numbers) + 1 - len(set(numbers))) if numbers else 0,
             "duplicates": len(numbers) - len(set(numbers)),
             "running": len(running(trials)),
+            "waiting": sum(t.state == optuna.trial.TrialState.WAITING for t in trials),
+            "waiting_with_params": sum(t.state == optuna.trial.TrialState.WAITING and
+                                       bool(t.params) for t in trials),
             "incomplete": sum(not (t.user_attrs.get("metrics") and t.params) for t in done),
             "surplus": len(surplus), "surplus_evaluated": sum(bool(t.params) for t in surplus),
             "failed": len(failed), "died": len(died),
