@@ -21,7 +21,6 @@ import os
 import random
 import shlex
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,31 +34,15 @@ from ..objectives import get_constraints, get_objectives
 from ..search import run_search
 from ..study import is_feasible
 from ..supernet import train_supernet
-from .report import machine, table
+from .report import LoadSampler, machine, table
 
 LATENCY_QUANTILES = (0.15, 0.35, 0.60)
 MCU_BUDGETS = (("2KB", 0.35), ("4KB", 0.6), ("8KB", 0.85))  # flash, SRAM quantile
 TARGET_WITHIN = 0.90
 
 
-BUSY_LOAD = 2.5  # 1-minute load average above which the 2 cores were shared
-
-
 def _load() -> tuple[float, float, float]:
     return os.getloadavg()
-
-
-class _LoadSampler(threading.Thread):
-    """The 1-minute load average every 5 s while the benchmark runs."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.samples: list[float] = [os.getloadavg()[0]]
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.wait(5.0):
-            self.samples.append(os.getloadavg()[0])
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -68,8 +51,7 @@ def run(args: argparse.Namespace) -> Path:
     start = time.perf_counter()
     timings: dict[str, float] = {}
     loads = {"start": _load()}
-    sampler = _LoadSampler()
-    sampler.start()
+    sampler = LoadSampler().start()
     cpu = hardware.load_profile("cpu-ort")
     mcu = hardware.load_profile("mcu")
 
@@ -176,27 +158,22 @@ def run(args: argparse.Namespace) -> Path:
         timings[f"search, mcu {flash}"] = time.perf_counter() - t0
         log(f"mcu budget {flash} / {sram} B: {row}")
     loads["end"] = _load()
-    sampler.stop.set()
+    sampler.stop()
     total = time.perf_counter() - start
-    busy = max(sampler.samples) > BUSY_LOAD
 
     command = "nasopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     fp32 = [v for (s, p), v in validations.items() if p == "cpu-ort"]
     met = all(v.within >= TARGET_WITHIN for v in fp32)
     noisy = any(v.too_noisy for v in validations.values())
     load_text = "; ".join(f"{k} {a:.1f}/{b:.1f}/{c:.1f}" for k, (a, b, c) in loads.items())
-    share = np.mean([x > BUSY_LOAD for x in sampler.samples])
-    load_note = (f"**Other sessions shared the 2 cores** while this ran (1-minute load above "
-                 f"{BUSY_LOAD} in {share:.0%} of the samples): the measurements waited for the "
-                 f"CPU's fast mode (see below); the noise columns say how well that worked."
-                 if busy else f"The 1-minute load stayed at or below {BUSY_LOAD} (the 2 cores "
-                 f"were not shared much).")
+    load_note = sampler.note() + (" The measurements waited for the CPU's fast mode (see "
+                                  "below); the noise columns say how well that worked."
+                                  if sampler.shared else "")
     text = f"""# Hardware benchmark: latency predictor and hardware-constrained search
 
 Command: `{command}` ({total / 60:.1f} min)
 Machine: {machine()}
-Load average (1/5/15 min) during the run: {load_text}; 1-minute load sampled every 5 s: max
-{max(sampler.samples):.1f}, mean {np.mean(sampler.samples):.1f}. {load_note}
+Load average (1/5/15 min) during the run: {load_text}; {load_note}
 
 ## 1. Latency predictor accuracy on this CPU
 

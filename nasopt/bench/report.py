@@ -42,14 +42,20 @@ class LoadSampler:
         while not self._stop.wait(self.every):
             self.samples.append(os.getloadavg()[0])
 
-    def __enter__(self) -> "LoadSampler":
+    def start(self) -> "LoadSampler":
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
         self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> "LoadSampler":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def shared(self) -> bool:
