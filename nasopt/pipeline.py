@@ -38,8 +38,7 @@ from torch import nn
 
 from .arch import Arch
 from .compress import Policy, compress
-from .config import (Config, DataConfig, EvalConfig, GradientConfig, SearchConfig,
-                     SupernetConfig, _build, load_raw)
+from .config import Config, _build, load_raw
 from .data import Dataset
 from .distill import DistillConfig, Teachers, make_teachers, train_student
 from .errors import NasoptError
@@ -91,17 +90,10 @@ class ExportStep:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Config):
     """A :class:`nasopt.config.Config` (sections data, supernet, eval, search, gradient) plus the
     steps after the search (sections pick, distill, finetune, export)."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    supernet: SupernetConfig = field(default_factory=SupernetConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    gradient: GradientConfig = field(default_factory=GradientConfig)
-    run_dir: str = "runs"
-    device: str = "auto"
     #: torch CPU threads for this run; 0 keeps torch's default. Small models on a shared machine
     #: run far faster on one thread (measured: 10x for a conv1d student on 2 busy cores)
     threads: int = 0
@@ -111,11 +103,8 @@ class RunConfig:
     export: ExportStep = field(default_factory=ExportStep)
 
     def base(self) -> Config:
-        """The search's config: every field of :class:`Config`, taken from this one."""
+        """The search's config: the :class:`Config` fields of this one."""
         return Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Config)})
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
