@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
 from .arch import Arch
@@ -45,6 +44,7 @@ from .objectives import Constraint, Objective
 from .relaxation import relax
 from .search import Evaluate, run_search
 from .space import SearchSpace
+from .strategy import ProposalSampler
 from .study import completed
 from .supernet import Supernet
 
@@ -52,29 +52,19 @@ from .supernet import Supernet
 DEFAULT_LAM = 0.5
 
 
-class DerivedSampler(optuna.samplers.BaseSampler):
+class DerivedSampler(ProposalSampler):
     """Proposes a fixed list of archs, one per trial, in order (the derived archs)."""
 
     def __init__(self, archs: Sequence[Arch]):
         self._archs = list(archs)
         self._given: dict[int, Arch] = {}
-        self._fallback = optuna.samplers.RandomSampler(seed=0)
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
-                                    ) -> dict[str, BaseDistribution]:
-        return {}
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return {}
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def arch_for(self, trial: FrozenTrial) -> Arch:
         if trial._trial_id not in self._given:
             if not self._archs:
                 raise NasoptError("no derived arch left to propose")
             self._given[trial._trial_id] = self._archs.pop(0)
-        return self._given[trial._trial_id][param_name]
+        return self._given[trial._trial_id]
 
 
 def settings_key(variant: str, settings: GradientConfig, supernet_path: Path | str,

@@ -54,7 +54,6 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -64,6 +63,7 @@ from .objectives import MNASNET_W, Constraint, Objective, mnasnet_reward
 from .progress import progress_bar
 from .search import MAX_CONSECUTIVE_FAILURES, measure_trial
 from .space import SearchSpace
+from .strategy import ProposalSampler
 from .study import completed
 
 #: nasopt strategy name -> NNI strategy (nni.nas.strategy.*)
@@ -142,24 +142,15 @@ def scalar_reward(values: Sequence[float], directions: Sequence[StudyDirection],
     return float(reward)
 
 
-class _Proposal(optuna.samplers.BaseSampler):
-    """Optuna sampler that proposes the arch NNI chose (set before each ``study.ask()``)."""
+class _Proposal(ProposalSampler):
+    """Proposes the arch NNI chose (set before each ``study.ask()``)."""
 
     def __init__(self) -> None:
         self.arch: Arch | None = None
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
-                                    ) -> dict[str, BaseDistribution]:
-        return {}
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return {}
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def arch_for(self, trial: FrozenTrial) -> Arch:
         assert self.arch is not None
-        return self.arch[param_name]
+        return self.arch
 
 
 def make_strategy(name: str, seed: int, nni: SimpleNamespace) -> Any:

@@ -7,6 +7,7 @@ resumed search continues where it stopped. Sample-based strategies of our own im
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,28 @@ class Strategy:
     #: "sampler": proposes archs through ``make_sampler``; "gradient": optimizes architecture
     #: logits on the relaxed supernet (nasopt.gradient_run) and records its derived archs
     kind: str = "sampler"
+
+
+class ProposalSampler(optuna.samplers.BaseSampler):
+    """A sampler whose archs are chosen outside Optuna (a gradient search's derived archs, the
+    models an NNI strategy samples): :meth:`arch_for` gives a trial's arch, and every gene of the
+    trial is taken from it."""
+
+    @abc.abstractmethod
+    def arch_for(self, trial: FrozenTrial) -> Any:
+        """The arch (gene -> value) that ``trial`` evaluates."""
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
+                                    ) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.arch_for(trial)[param_name]
 
 
 def attach_run_folder(sampler: optuna.samplers.BaseSampler | None, run_dir: str | Path,
