@@ -5,6 +5,13 @@ A stem (3x3 conv) and three stages of inverted-residual blocks: 1x1 expand -> kx
 downsample (stride 2 while the feature map is larger than 4x4) and changes width; further blocks
 are residual. The head is global average pooling and a linear classifier.
 
+Large inputs (side >= ``STEM_STRIDE_FROM`` = 16, e.g. Fashion-MNIST's 28x28) get a stride-2 stem
+(28 -> 14 -> 7 -> 4 -> 4: about 4x fewer MACs in every layer) and run channels-last after the
+stem: on CPU the depthwise convolutions' backward pass, most of the training time, is 2-5x
+faster in that memory format (same results; ONNX ignores the format). Together: a supernet
+training step about 6x faster on 28x28 (1 thread, measured on a shared machine). Smaller inputs
+(digits 8x8) keep the stride-1 stem and the default memory format.
+
 Genes: ``stem.width``; per stage ``sN``: ``depth`` {1,2,3}, ``k`` {3,5,7} (centre-cropped shared
 kernels), ``expand`` (hidden = expand x input channels), ``width`` (output channels). Every
 channel choice keeps the most L1-important channels (structured pruning). Compression genes:
@@ -31,6 +38,15 @@ DEPTHS = (1, 2, 3)
 KERNELS = (3, 5, 7)
 EXPANDS = (2, 3, 4)
 WIDTHS = ((8, 12, 16), (16, 24, 32), (24, 32, 48))
+
+
+#: inputs at least this large get a stride-2 stem (28x28 -> 14x14); smaller ones (digits 8x8) keep
+#: their resolution
+STEM_STRIDE_FROM = 16
+
+
+def stem_stride(size: int) -> int:
+    return 2 if size >= STEM_STRIDE_FROM else 1
 
 
 class InvertedResidual(nn.Module):
@@ -72,8 +88,12 @@ class MobileNet(nn.Module):
     def __init__(self, in_channels: int, size: int, num_classes: int, dims: Mapping[str, Value]):
         super().__init__()
         stem = int(dims["stem.width"])
-        self.stem = ElasticConv2d(in_channels, stem, 3)
+        stride = stem_stride(size)
+        self.stem = ElasticConv2d(in_channels, stem, 3, stride)
+        size = (size - 1) // stride + 1
         self.stem_bn = ElasticBatchNorm2d(stem)
+        # large inputs run channels-last: depthwise backward on CPU is 2-5x faster that way
+        self.channels_last = stride > 1
         stages, cin = [], stem
         for s in range(1, len(WIDTHS) + 1):
             stride = 2 if size > 4 else 1
@@ -87,6 +107,8 @@ class MobileNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu6(self.stem_bn(self.stem(x)))
+        if self.channels_last:  # the later convs keep the memory format of their input
+            x = x.contiguous(memory_format=torch.channels_last)
         for stage in self.stages:
             x = stage(x)
         return self.head(x.mean(dim=(2, 3)))

@@ -1,0 +1,87 @@
+"""``mobilenet`` on large inputs (Fashion-MNIST's 28x28): stride-2 stem, channels-last; small
+inputs (digits 8x8) keep the stride-1 stem and the default memory format."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nasopt import api
+from nasopt.metrics import count_macs, count_params
+from nasopt.supernet import recalibrate_bn
+
+SHAPE = (1, 28, 28)
+
+
+def _space(shape=SHAPE):
+    return api.SPACES["mobilenet"](shape, 10)
+
+
+def test_small_inputs_keep_the_stride_1_stem_and_memory_format():
+    net = _space((1, 8, 8)).build(_space((1, 8, 8)).smallest())
+    assert net.stem.stride == (1, 1) and not net.channels_last
+
+
+def test_large_inputs_get_a_stride_2_stem_and_the_hand_counted_macs():
+    space = _space()
+    model = space.build(space.smallest())
+    assert model.stem.stride == (2, 2) and model.channels_last
+    # 28 -> 14 (stem) -> 7 (s1) -> 4 (s2) -> 4 (s3, no stride on a 4x4 map). Params as digits'
+    # (HAND_COUNTS in test_spaces.py). MACs: stem 196*8*9; s1 expand 196*8*16, dw 49*16*9,
+    # project 49*16*8; s2 49*8*16, 16*16*9, 16*16*16; s3 16*16*32, 16*32*9, 16*32*24; head 240
+    macs = (14112 + 25088 + 7056 + 6272 + 6272 + 2304 + 4096 + 8192 + 4608 + 12288 + 240)
+    assert count_params(model) == 88 + 480 + 624 + 1744 + 250
+    assert count_macs(model, SHAPE) == macs
+    with torch.no_grad():
+        out = model.eval()(torch.randn(2, *SHAPE))
+    assert out.shape == (2, 10) and out.is_contiguous()
+
+
+def test_extract_matches_the_activated_supernet_and_gradients_match_contiguous():
+    space = _space()
+    supernet = space.supernet()
+    x = torch.randn(64, *SHAPE)
+    recalibrate_bn(supernet, x)
+    supernet.eval()
+    for arch in [space.sample(random.Random(s)) for s in range(3)] + [space.largest()]:
+        model = supernet.extract(arch).eval()
+        with torch.no_grad(), supernet.activate(arch):
+            assert torch.allclose(supernet(x), model(x), atol=1e-4)
+    # channels-last changes speed, not results: the same loss and gradients either way (float64:
+    # float32 rounding differs between the two memory formats' kernels)
+    model = space.build(space.sample(random.Random(7))).train().double()
+    x = x.double()
+    grads = []
+    for channels_last in (True, False):
+        model.channels_last = channels_last
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), torch.arange(64) % 10)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_large_models_export_to_torchscript_and_onnx(tmp_path):
+    from nasopt import onnx_export
+    from nasopt.torchscript import write
+    space = _space()
+    model = space.build(space.sample(random.Random(1))).eval()
+    x = torch.randn(16, *SHAPE)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    write(model, tmp_path / "model.ts", SHAPE)  # verified on a batch of another size
+    got = torch.jit.load(str(tmp_path / "model.ts"))(x).detach().numpy()
+    assert np.abs(ref - got).max() < 1e-4
+    record = onnx_export.write(model, tmp_path, SHAPE, ("onnx",), x, x)
+    assert record["onnx"]["max_abs_diff"] < onnx_export.FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 32, 32)])
+def test_other_large_sizes_build_and_run(shape):
+    space = _space(shape)
+    out = space.build(space.largest())(torch.randn(2, *shape))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
