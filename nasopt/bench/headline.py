@@ -216,7 +216,7 @@ def _nni_comparison(args: argparse.Namespace, log) -> str:  # noqa: ANN001
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     objectives = get_objectives(["accuracy", "size"])
     constraints = get_constraints({"size": budget})
-    rows = []
+    rows, medians = [], {}
     for name in (*ours, *theirs):
         hvs, bests, seconds = [], [], []
         for seed in range(args.seeds):
@@ -238,6 +238,9 @@ def _nni_comparison(args: argparse.Namespace, log) -> str:  # noqa: ANN001
             log(f"{name} seed {seed}: HV {hvs[-1]:.4f}, best <= 4 KB {bests[-1]:.4f}")
         rows.append([name, args.evaluations, args.seeds, _median(hvs, ".4f"),
                      _median([100 * b for b in bests], ".2f"), f"{statistics.mean(seconds):.0f}"])
+        medians[name] = (statistics.median(hvs), statistics.median(bests))
+    top_hv = max(medians, key=lambda n: medians[n][0])
+    top_acc = max(medians, key=lambda n: medians[n][1])
     return f"""## Our strategy against NNI's, same space and budget (MNIST-1D)
 
 `conv1d` space with compression genes on MNIST-1D, objectives validation accuracy and packed
@@ -251,6 +254,10 @@ ACC x (size / 4 KB)^-0.07 (a soft constraint: they have no constraint of their o
 
 {table(["strategy", "evaluations", "seeds", "hypervolume, median [min, max]",
         "best val acc <= 4 KB (%)", "s / search"], rows)}
+
+Highest median hypervolume: `{top_hv}`; highest median best accuracy under 4 KB: `{top_acc}`.
+{"" if top_hv == top_acc else "They differ: a scalar reward aimed at the budget finds the most "
+ "accurate arch near it, a multi-objective search spreads its evaluations over the front."}
 """
 
 
