@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import NasoptError
@@ -58,5 +59,9 @@ def run(args: argparse.Namespace) -> int:
                                     Path(cfg.run_dir) / "supernets", device=device,
                                     show_progress=not args.quiet, log=log, group=group)
     rank = "" if group is None else f"rank {group.rank}/{group.world_size}: "
-    print(f"{rank}supernet {path} weights sha256 {distributed.state_hash(supernet.net.state_dict())}")
+    line = f"{rank}supernet {path} weights sha256 {distributed.state_hash(supernet.net.state_dict())}\n"
+    # one write of the whole line: under torchrun every rank shares this stdout, and print()'s
+    # separate text and newline writes can interleave with another rank's line
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line.encode())
     return 0

@@ -26,7 +26,7 @@ def test_two_ranks_end_with_identical_weights(tmp_path):
          "--run-dir", "runs", "--device", "cpu", "--quiet"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = re.findall(r"rank (\d)/2: supernet (\S+) weights sha256 (\w+)", proc.stdout)
+    lines = re.findall(r"rank (\d)/2: supernet (\S+) weights sha256 ([0-9a-f]{64})", proc.stdout)
     assert sorted(r for r, _, _ in lines) == ["0", "1"], proc.stdout
     hashes = {h for _, _, h in lines}
     assert len(hashes) == 1, lines  # identical weights on both ranks

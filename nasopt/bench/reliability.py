@@ -767,7 +767,7 @@ def distributed_section(folder: Path, log) -> str:  # noqa: ANN001
                            "2", "--standalone", "-m", "nasopt.cli", "train-supernet", *args],
                           cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     wall = time.monotonic() - t0
-    lines = re.findall(r"rank (\d)/2: supernet (\S+) weights sha256 (\w+)", proc.stdout)
+    lines = re.findall(r"rank (\d)/2: supernet (\S+) weights sha256 ([0-9a-f]{64})", proc.stdout)
     hashes = {h for _, _, h in lines}
     identical = len(lines) == 2 and len(hashes) == 1
     file_ok, reuse = "—", "—"
