@@ -3,6 +3,7 @@ report's rows are the model cards' figures, and the verdicts follow the targets.
 from __future__ import annotations
 
 import json
+import os
 
 from nasopt import cli
 
@@ -12,7 +13,9 @@ TINY = ["--set", "supernet.epochs=2", "--set", "supernet.warmup_epochs=1", "--se
 
 def test_headline_report_rows_come_from_the_model_cards(tmp_path, capsys):
     out = tmp_path / "README.md"
+    jobs = min(2, len(os.sched_getaffinity(0)))  # seeds in parallel, each on its own core
     assert cli.main(["bench", "headline", "--datasets", "mnist1d", "--seeds", "2",
+                     "--jobs", str(jobs),
                      "--evaluations", "0", "--run-root", str(tmp_path / "runs"),
                      "--out", str(out), *TINY]) == 0
     text = out.read_text()
@@ -23,6 +26,8 @@ def test_headline_report_rows_come_from_the_model_cards(tmp_path, capsys):
         row = next(line for line in text.splitlines() if line.startswith(f"| {seed} | "))
         assert f"| {card['trial']} | {card['packed_bytes']} |" in row and f"{acc:.2f}" in row
         assert card["config"]["supernet"]["seed"] == seed  # every step's seed is the run's
+    if jobs > 1:
+        assert "`--jobs 2`" in text
     assert "**median [min, max]**" in text and "fashion-mnist" in text  # named as not run
     # two epochs of supernet training cannot reach 94 %: the verdict says by how much
     assert "**missed** by" in text and "Published baselines" in text

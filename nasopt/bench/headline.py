@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import queue
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +73,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--datasets", default="mnist1d,fashion-mnist",
                    help=f"comma-separated among {', '.join(TARGETS)}")
     q.add_argument("--seeds", type=int, default=3)
+    q.add_argument("--jobs", type=int, default=1, help="pipelines run at once, each pinned to "
+                   "its own CPU core (the configs use one torch thread); latencies are measured "
+                   "afterwards, one at a time")
     q.add_argument("--run-root", default="runs/headline", help="run folders (one per dataset "
                    "and seed; re-running continues them)")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -93,8 +99,10 @@ def _median(values: list[float], fmt: str) -> str:
     return f"{format(med, fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
 
 
-def _pipeline(target: Target, seed: int, args: argparse.Namespace, log) -> dict:  # noqa: ANN001
-    """One `nasopt run` (a subprocess, as a user runs it); its model card plus ORT latencies."""
+def _pipeline(target: Target, seed: int, args: argparse.Namespace, log,  # noqa: ANN001
+              cores: set[int] | None = None) -> dict:
+    """One `nasopt run` (a subprocess, as a user runs it, on ``cores`` when given): its model
+    card; :func:`_latency` adds the ORT latencies."""
     folder = Path(args.run_root) / target.dataset / f"seed{seed}"
     out = folder / "model"
     command = [sys.executable, "-m", "nasopt.cli", "run", str(ROOT / target.config), "--quiet",
@@ -103,26 +111,60 @@ def _pipeline(target: Target, seed: int, args: argparse.Namespace, log) -> dict:
                *[x for key in ("supernet", "search", "distill", "finetune")
                  for x in ("--set", f"{key}.seed={seed}")],
                *[x for item in args.set for x in ("--set", item)]]
+    pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=pin)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise NasoptError(f"`nasopt run` failed for {target.dataset} seed {seed}:\n"
                           f"{done.stderr[-3000:]}")
     card = json.loads((out / "metrics.json").read_text())
+    log(f"{target.dataset} seed {seed}: {wall:.0f} s, packed {card['packed_bytes']} B, test "
+        f"{card['test_accuracy'].get('model.packed via nasopt.load', float('nan')):.4f}")
+    return {"seed": seed, "wall_s": wall, "card": card, "out": out,
+            "cores": None if cores is None else sorted(cores),
+            "command": "nasopt run " + " ".join(shlex.quote(a) for a in command[4:])}
+
+
+def _latency(run: dict) -> dict:
+    """The run's exported ONNX files timed in ONNX Runtime (``cpu-ort``, ``cpu-ort-int8``)."""
     from .. import hardware
     from ..latency import measure_export
     latency = {}
     for profile in ("cpu-ort", "cpu-ort-int8"):
-        timing, what = measure_export(out, hardware.load_profile(profile), api.SPACES)
+        timing, what = measure_export(run["out"], hardware.load_profile(profile), api.SPACES)
         latency[profile] = (timing.median_ms, what)
-    log(f"{target.dataset} seed {seed}: {wall:.0f} s, packed {card['packed_bytes']} B, test "
-        f"{card['test_accuracy'].get('model.packed via nasopt.load', float('nan')):.4f}")
-    return {"seed": seed, "wall_s": wall, "card": card, "latency": latency,
-            "command": "nasopt run " + " ".join(shlex.quote(a) for a in command[4:])}
+    return {**run, "latency": latency}
 
 
-def _dataset_section(target: Target, runs: list[dict]) -> tuple[str, list[str]]:
+def _pipelines(targets: list[Target], args: argparse.Namespace, log) -> dict[str, list[dict]]:  # noqa: ANN001
+    """Every (dataset, seed) pipeline, ``args.jobs`` at a time, the longest datasets first, each
+    job pinned to its own core; then the latencies, one run at a time on a quiet machine."""
+    jobs = [(t, seed) for t in targets for seed in range(args.seeds)]
+    if args.jobs == 1:
+        runs = [_pipeline(t, seed, args, log) for t, seed in jobs]
+    else:
+        cores = sorted(os.sched_getaffinity(0))
+        if args.jobs > len(cores):
+            raise NasoptError(f"--jobs {args.jobs} needs as many CPU cores; this process may "
+                              f"use {len(cores)}")
+        free: queue.Queue = queue.Queue()
+        for core in cores[:args.jobs]:
+            free.put(core)
+
+        def one(job: tuple[Target, int]) -> dict:
+            core = free.get()
+            try:
+                return _pipeline(job[0], job[1], args, log, {core})
+            finally:
+                free.put(core)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(one, jobs))
+    runs = [_latency(r) for r in runs]
+    return {t.dataset: [r for (tt, _), r in zip(jobs, runs) if tt is t] for t in targets}
+
+
+def _dataset_section(target: Target, runs: list[dict], jobs: int) -> tuple[str, list[str]]:
     rows = []
     for r in runs:
         c = r["card"]
@@ -172,7 +214,10 @@ Config: `{target.config}`; {len(runs)} seeds; data: {c0['dataset']}. One row per
 seed of the supernet, the search, distillation and fine-tuning), then the median [min, max].
 Test accuracy (%) of each exported artifact, read back from its file; latency: batch 1 in ONNX
 Runtime (`cpu-ort`: fp32, `cpu-ort-int8`: the int8 QDQ graph; 1 thread, `nasopt.latency`);
-wall times in seconds.
+wall times in seconds{
+    f", each pipeline pinned to one core while {jobs - 1} other pipeline(s) ran on the other "
+    f"core(s) (`--jobs {jobs}`); latencies measured after all pipelines, one at a time"
+    if jobs > 1 else ", one pipeline at a time"}.
 
 {table(["seed", "trial", "packed B", "MACs", *[label for label, _ in ARTIFACTS],
         "latency fp32 (us)", "latency int8 (us)", *[f"{s} s" for s in STAGES]], rows)}
@@ -271,13 +316,17 @@ def run(args: argparse.Namespace) -> Path:
         raise NasoptError("--seeds must be at least 1")
     start = time.perf_counter()
     sections, missed = [], []
+    if args.jobs < 1:
+        raise NasoptError("--jobs must be at least 1")
+    for name in names:
+        if not (ROOT / TARGETS[name].config).exists():
+            raise NasoptError(f"{TARGETS[name].config} is missing: the headline config of {name}")
+    # the slowest dataset first, so that the quick ones fill the other cores
+    order = sorted(names, key=lambda n: list(TARGETS).index(n), reverse=True)
     with LoadSampler() as load:
+        results = _pipelines([TARGETS[n] for n in order], args, log)
         for name in names:
-            target = TARGETS[name]
-            if not (ROOT / target.config).exists():
-                raise NasoptError(f"{target.config} is missing: the headline config of {name}")
-            runs = [_pipeline(target, seed, args, log) for seed in range(args.seeds)]
-            text, miss = _dataset_section(target, runs)
+            text, miss = _dataset_section(TARGETS[name], results[name], args.jobs)
             sections.append(text)
             missed += miss
         if "mnist1d" in names and args.evaluations > 0:
