@@ -44,6 +44,15 @@ def resolve_storage(url: str | None, run_dir: str | Path) -> str:
 JOURNAL = "journal:///"
 
 
+#: seconds a SQLite write waits for another process's lock before "database is locked"
+#: (sqlite3's default, 5 s, is too short for several workers and a heartbeat thread under load)
+SQLITE_BUSY_TIMEOUT = 60
+
+
+def _engine_kwargs(url: str) -> dict:
+    return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if url.startswith("sqlite") else {}
+
+
 def open_storage(url: str, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``: ``sqlite:///FILE`` (one machine, one writer at a time),
     ``journal:///FILE`` (a journal file: several processes on one machine), or an RDB URL such
@@ -65,7 +74,7 @@ def open_storage(url: str, heartbeat: int | None = None) -> optuna.storages.Base
             with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=interval,
+                    url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=interval,
                     grace_period=workers.GRACE_FACTOR * interval,
                     heartbeat_stale_trial_callback=workers.retry_callback())
         except ImportError as exc:

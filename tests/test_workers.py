@@ -149,3 +149,32 @@ def test_three_workers_share_a_postgres_study_and_a_killed_one_is_retried(tmp_pa
              and not t.user_attrs.get(workers.SURPLUS_ATTR)]
     assert stale, "the killed worker's trial was not failed"
     assert all(any(r.system_attrs.get("failed_trial") == t.number for r in trials) for t in stale)
+
+
+def test_sqlite_writer_waits_for_another_process_lock(tmp_path):
+    """A SQLite storage waits out a lock held longer than sqlite3's default 5 s busy timeout
+    (another worker's long write, a heartbeat under load) instead of "database is locked"."""
+    import sqlite3
+    import threading
+    import time
+
+    from nasopt.study import open_storage
+    db = tmp_path / "studies.db"
+    storage = open_storage(f"sqlite:///{db}")
+    held = threading.Event()
+
+    def hold_lock() -> None:
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("BEGIN EXCLUSIVE")
+        held.set()
+        time.sleep(6.5)
+        con.execute("COMMIT")
+        con.close()
+    locker = threading.Thread(target=hold_lock)
+    locker.start()
+    held.wait()
+    start = time.monotonic()
+    study = optuna.create_study(storage=storage, study_name="waits")
+    waited = time.monotonic() - start
+    locker.join()
+    assert waited > 5 and study.study_name in optuna.get_all_study_names(storage)
