@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from .arch import Arch
 from .config import GradientConfig
@@ -53,11 +53,21 @@ DEFAULT_LAM = 0.5
 
 
 class DerivedSampler(ProposalSampler):
-    """Proposes a fixed list of archs, one per trial, in order (the derived archs)."""
+    """Proposes a fixed list of archs, one per trial, in order (the derived archs), skipping
+    those another worker's trial already holds (several workers derive the same list)."""
 
     def __init__(self, archs: Sequence[Arch]):
         self._archs = list(archs)
         self._given: dict[int, Arch] = {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):  # noqa: ANN001, ANN201
+        if trial._trial_id not in self._given:
+            held = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(
+                deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+                if t._trial_id != trial._trial_id}
+            while self._archs and json.dumps(dict(self._archs[0]), sort_keys=True) in held:
+                self._archs.pop(0)
+        return super().sample_independent(study, trial, param_name, param_distribution)
 
     def arch_for(self, trial: FrozenTrial) -> Arch:
         if trial._trial_id not in self._given:

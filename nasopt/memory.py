@@ -226,14 +226,16 @@ class ExpectedPeak:
     def __call__(self, probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """max over allocating modules of the expected live bytes under ``probs`` (per gene, over
         its options in the space's order; genes not given: first option)."""
+        device = next(iter(probs.values())).device if probs else torch.device("cpu")
+
         def p(g: str) -> torch.Tensor:
             if g in probs:
                 return probs[g]
-            return F.one_hot(torch.tensor(0), len(self.genes[g])).float()
+            return F.one_hot(torch.tensor(0, device=device), len(self.genes[g])).float()
 
         values = []
         for m, (deps, table) in self.tables.items():
-            e = table
+            e = table.to(device)
             for g in reversed(deps):  # contract the last axis with its gene's probabilities
                 e = e @ p(g).to(e.dtype)
             parts = m.split(".")

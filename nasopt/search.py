@@ -91,7 +91,7 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     getattr(study.sampler, "plan", lambda n: None)(trials)  # samplers that plan over a budget
 
     def objective(trial: optuna.Trial) -> list[float]:
-        trial.set_user_attr(workers.WORKER_ATTR, me)
+        trial.set_user_attr(workers.WORKER_ATTR, {**me, "trial": trial.number})
         if not workers.claim(study, trial, trials):  # exact totals with several workers
             trial.set_user_attr(workers.SURPLUS_ATTR, True)
             trial.set_user_attr("error", f"surplus: the study reached {trials} completed trials "

@@ -45,8 +45,9 @@ JOURNAL = "journal:///"
 
 
 #: seconds a SQLite write waits for another process's lock before "database is locked"
-#: (sqlite3's default, 5 s, is too short for several workers and a heartbeat thread under load)
-SQLITE_BUSY_TIMEOUT = 60
+#: (sqlite3's default, 5 s, is too short for several workers and a heartbeat thread under load;
+#: kept below the default heartbeat grace period, 30 s, so a waiting heartbeat is not stale)
+SQLITE_BUSY_TIMEOUT = 20
 
 
 def _engine_kwargs(url: str) -> dict:
@@ -86,6 +87,11 @@ def open_storage(url: str, heartbeat: int | None = None) -> optuna.storages.Base
             if attempt + 1 < CREATE_ATTEMPTS and any(h in str(exc) for h in _CREATE_RACE):
                 time.sleep(0.2 * (attempt + 1))
                 continue
+            if "database is locked" in str(exc):
+                raise NasoptError(f"the SQLite database {mask_url(url)} stayed locked by another "
+                                  f"process for {SQLITE_BUSY_TIMEOUT} s; for many workers use a "
+                                  f"journal file (journal:///runs/studies.log) or PostgreSQL"
+                                  ) from None
             raise NasoptError(f"cannot open storage {mask_url(url)} ({type(exc).__name__}); "
                               f"check that the database is running and the URL is "
                               f"right") from None
@@ -93,8 +99,7 @@ def open_storage(url: str, heartbeat: int | None = None) -> optuna.storages.Base
 
 
 CREATE_ATTEMPTS = 6
-_CREATE_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key",
-                "database is locked")
+_CREATE_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key")
 
 
 def _journal(path: Path) -> optuna.storages.BaseStorage:

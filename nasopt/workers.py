@@ -76,15 +76,23 @@ def _start_ticks(pid: int) -> str | None:
 def identity() -> dict[str, Any]:
     """This process, as recorded on the trials it runs."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid,
-            "start": _start_ticks(pid) or ""}
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_namespace(),
+            "pid": pid, "start": _start_ticks(pid) or ""}
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (containers on one host share its hostname and boot id)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def is_dead(worker: Any) -> bool:
     """True only when ``worker`` ran on this machine (same host and boot) and is gone."""
     if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
         return False
-    if worker.get("boot", "") != _boot_id():
+    if worker.get("boot", "") != _boot_id() or worker.get("pidns", "") != _pid_namespace():
         return False
     try:
         start = _start_ticks(int(worker["pid"]))
@@ -109,6 +117,10 @@ def recover(study: optuna.Study) -> list[int]:
     now = datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get(WORKER_ATTR)
+        # a retry copies its failed trial's user attrs, so a record naming another trial is the
+        # dead worker's, not the one now running it: unclaimed, like a trial with no record
+        if isinstance(worker, dict) and worker.get("trial", t.number) != t.number:
+            worker = None
         # a worker records itself right after `ask`; none after minutes: it died in between
         orphan = (worker is None and t.datetime_start is not None
                   and (now - t.datetime_start).total_seconds() > ORPHAN_SECONDS)

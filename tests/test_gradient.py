@@ -193,6 +193,10 @@ def test_expected_peak_memory_is_the_peak_at_one_hot_and_a_budget_pulls_it_down(
         assert float(cost["sram"]) == arch_peak_bytes(space, arch, "int8")
     first = float(relaxation.expected_cost(
         {g: torch.full((len(o),), 1 / len(o)) for g, o in relaxation.genes.items()})["sram"])
+    # the cost lives on the logits' device (CUDA in a search with --device auto; meta here)
+    on_meta = relaxation.expected_cost(
+        {g: torch.full((len(o),), 1 / len(o), device="meta") for g, o in relaxation.genes.items()})
+    assert on_meta["sram"].device.type == "meta"
     result = gradient_search(relaxation, data, epochs=3, targets={"sram": 0.5 * first}, seed=0,
                              batch_size=32, max_batches=4, dual_lr=0.5, lr_alpha=0.1)
     last = result.trajectory[-1]
@@ -285,3 +289,19 @@ def test_gradient_strategies_are_listed_and_refused_where_they_cannot_run(tmp_pa
                      "gdas", "--trials", "2", "--quiet", "--run-dir", str(tmp_path)]) != 0
     assert "no relaxation" in capsys.readouterr().err
     assert not (tmp_path / "supernets").exists()  # refused before any training
+
+
+def test_derived_sampler_skips_archs_another_worker_holds():
+    """Workers on one study derive the same list: each takes the archs no trial holds yet."""
+    import optuna
+    from nasopt.arch import Arch
+    from nasopt.gradient_run import DerivedSampler
+    dist = optuna.distributions.CategoricalDistribution([1, 2, 3])
+    archs = [Arch({"a": v}) for v in (1, 2, 3)]
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(params={"a": 1}, distributions={"a": dist},
+                                              value=0.5))  # a finished trial of another worker
+    study.enqueue_trial({"a": 2})
+    assert study.ask({"a": dist}).params == {"a": 2}  # RUNNING, also another worker's
+    study.sampler = DerivedSampler(archs)
+    assert study.ask().suggest_categorical("a", [1, 2, 3]) == 3

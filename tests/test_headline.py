@@ -32,3 +32,20 @@ def test_headline_report_rows_come_from_the_model_cards(tmp_path, capsys):
     # two epochs of supernet training cannot reach 94 %: the verdict says by how much
     assert "**missed** by" in text and "Published baselines" in text
     capsys.readouterr()
+
+
+def test_headline_refuses_bad_arguments_before_any_pipeline(tmp_path, capsys):
+    base = ["bench", "headline", "--datasets", "mnist1d", "--seeds", "1",
+            "--run-root", str(tmp_path / "runs"), "--out", str(tmp_path / "README.md")]
+    (tmp_path / "runs" / "mnist1d" / "seed0").mkdir(parents=True)
+    assert cli.main(base) == 2
+    assert "seed0 exists" in capsys.readouterr().err
+    (tmp_path / "runs" / "mnist1d" / "seed0").rmdir()
+    assert cli.main([*base, "--set", "search.seed=3"]) == 2
+    assert "sets every step's seed" in capsys.readouterr().err
+    assert cli.main([*base, "--nni", "nni-evo"]) == 2
+    assert "--nni takes" in capsys.readouterr().err
+    assert cli.main([*base, "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "mnist1d").exists() or not any(
+        (tmp_path / "runs" / "mnist1d").iterdir())  # nothing ran

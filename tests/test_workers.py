@@ -158,7 +158,9 @@ def test_sqlite_writer_waits_for_another_process_lock(tmp_path):
     import threading
     import time
 
-    from nasopt.study import open_storage
+    from nasopt.study import SQLITE_BUSY_TIMEOUT, open_storage
+    study_lock_seconds = 6.5  # > sqlite3's 5 s default
+    assert SQLITE_BUSY_TIMEOUT > study_lock_seconds
     db = tmp_path / "studies.db"
     storage = open_storage(f"sqlite:///{db}")
     held = threading.Event()
@@ -167,7 +169,7 @@ def test_sqlite_writer_waits_for_another_process_lock(tmp_path):
         con = sqlite3.connect(db, isolation_level=None)
         con.execute("BEGIN EXCLUSIVE")
         held.set()
-        time.sleep(6.5)
+        time.sleep(study_lock_seconds)
         con.execute("COMMIT")
         con.close()
     locker = threading.Thread(target=hold_lock)
@@ -178,3 +180,24 @@ def test_sqlite_writer_waits_for_another_process_lock(tmp_path):
     waited = time.monotonic() - start
     locker.join()
     assert waited > 5 and study.study_name in optuna.get_all_study_names(storage)
+
+
+def test_recover_fails_a_dead_workers_trial_but_not_a_retry_just_claimed(tmp_path):
+    """A RUNNING trial whose record names a dead process is failed and retried; a retry still
+    carrying the dead worker's record (Optuna copies user attrs, so it names the failed trial)
+    is one another worker just asked for, and is left alone."""
+    import subprocess
+    import sys
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = {**workers.identity(), "pid": gone.pid, "start": "1"}
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="r")
+    t = study.ask({"x": optuna.distributions.CategoricalDistribution([1, 2])})
+    t.set_user_attr(workers.WORKER_ATTR, {**dead, "trial": t.number})
+    assert workers.recover(study) == [t.number]
+    retry = study.ask()  # the WAITING retry, now RUNNING in this process
+    assert retry.params == t.params and retry.user_attrs[workers.WORKER_ATTR]["trial"] == t.number
+    assert workers.recover(study) == []
+    states = {tr.number: tr.state for tr in study.get_trials(deepcopy=False)}
+    assert states == {t.number: optuna.trial.TrialState.FAIL,
+                      retry.number: optuna.trial.TrialState.RUNNING}

@@ -23,6 +23,7 @@ import json
 import os
 import queue
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,8 @@ ARTIFACTS = (("packed file (nasopt.load)", "model.packed via nasopt.load"),
              ("ONNX fp32 (ORT)", "model.onnx via ONNX Runtime"),
              ("ONNX int8 (ORT)", "model.int8.onnx via ONNX Runtime"))
 STAGES = ("supernet", "search", "distill", "fine-tune", "export", "total")
+#: the steps whose seed is the run's
+SEEDED = ("supernet", "search", "distill", "finetune")
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -77,7 +80,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    "its own CPU core (the configs use one torch thread); latencies are measured "
                    "afterwards, one at a time")
     q.add_argument("--run-root", default="runs/headline", help="run folders (one per dataset "
-                   "and seed; re-running continues them)")
+                   "and seed; they must not exist yet: a reused supernet or study would make the "
+                   "wall times cover less than the whole pipeline)")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value of every pipeline config")
     q.add_argument("--ours", default="staged,tpe", help="our strategies in the NNI "
@@ -108,12 +112,12 @@ def _pipeline(target: Target, seed: int, args: argparse.Namespace, log,  # noqa:
     command = [sys.executable, "-m", "nasopt.cli", "run", str(ROOT / target.config), "--quiet",
                "--set", f"run_dir={json.dumps(str(folder / 'run'))}",
                "--set", f"export.out={json.dumps(str(out))}",
-               *[x for key in ("supernet", "search", "distill", "finetune")
-                 for x in ("--set", f"{key}.seed={seed}")],
+               *[x for key in SEEDED for x in ("--set", f"{key}.seed={seed}")],
                *[x for item in args.set for x in ("--set", item)]]
-    pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+    # taskset, not preexec_fn: this runs in a thread, where preexec_fn is unsafe
+    pin = [] if cores is None else ["taskset", "-c", ",".join(map(str, sorted(cores)))]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=pin)
+    done = subprocess.run([*pin, *command], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise NasoptError(f"`nasopt run` failed for {target.dataset} seed {seed}:\n"
@@ -144,6 +148,9 @@ def _pipelines(targets: list[Target], args: argparse.Namespace, log) -> dict[str
     if args.jobs == 1:
         runs = [_pipeline(t, seed, args, log) for t, seed in jobs]
     else:
+        if shutil.which("taskset") is None:
+            raise NasoptError("--jobs > 1 pins each pipeline with taskset, which is missing; "
+                              "install util-linux or use --jobs 1")
         cores = sorted(os.sched_getaffinity(0))
         if args.jobs > len(cores):
             raise NasoptError(f"--jobs {args.jobs} needs as many CPU cores; this process may "
@@ -205,7 +212,8 @@ def _dataset_section(target: Target, runs: list[dict], jobs: int) -> tuple[str, 
         f"{100 * med_acc:.2f} % | {'met' if ok_acc else f'**missed** by {100 * (target.min_accuracy - med_acc):.2f} points'} |",
         f"| packed weights <= {target.max_bytes // 1024} KB | {med_size:.0f} B | "
         f"{'met' if ok_size else '**missed**'} |",
-        f"| whole pipeline <= {target.max_minutes:.0f} min on 2 cores | {med_min:.1f} min | "
+        f"| whole pipeline <= {target.max_minutes:.0f} min on 2 cores | {med_min:.1f} min"
+        f"{' (on 1 core each)' if jobs > 1 else ''} | "
         f"{'met' if ok_time else f'**missed** by {med_min - target.max_minutes:.1f} min'} |"]
     c0 = runs[0]["card"]
     text = f"""## {target.dataset}
@@ -230,6 +238,7 @@ Published baselines (../shared/REFERENCES.md; their figures, not re-run here):
 
 {table(["model", "test accuracy", "size"], target.baselines)}
 
+Timed for latency: {", ".join(sorted({f"`{w}`" for r in runs for _, w in r["latency"].values()}))}.
 Picked archs: {"; ".join(f"seed {r['seed']}: `{json.dumps(r['card']['arch'])}`" for r in runs)}.
 Command of seed {runs[0]['seed']}: `{runs[0]['command']}`.
 """
@@ -240,15 +249,12 @@ Command of seed {runs[0]['seed']}: `{runs[0]['command']}`.
 def _nni_comparison(args: argparse.Namespace, log) -> str:  # noqa: ANN001
     """Our strategy vs NNI's at equal evaluations on the MNIST-1D space under the 4 KB budget."""
     from ..evaluate import Evaluator
-    from ..nni_bridge import NNI_STRATEGIES, run_nni_search
+    from ..nni_bridge import run_nni_search
     from ..objectives import get_constraints, get_objectives, hypervolume
     from ..search import run_search
     from ..supernet import train_supernet
     from ..pipeline import load_run_config
-    ours, theirs = args.ours.split(","), args.nni.split(",")
-    if not set(theirs) <= set(NNI_STRATEGIES) or not set(ours) <= set(api.STRATEGIES):
-        raise NasoptError(f"--ours takes {', '.join(api.STRATEGIES)}; --nni takes "
-                          f"{', '.join(NNI_STRATEGIES)}")
+    ours, theirs = args.ours.split(","), args.nni.split(",")  # checked by _check
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     budget = TARGETS["mnist1d"].max_bytes
     # the pipeline's data, space and supernet recipe; seed 0's supernet is reused when cached
@@ -306,6 +312,32 @@ Highest median hypervolume: `{top_hv}`; highest median best accuracy under 4 KB:
 """
 
 
+def _check(args: argparse.Namespace, names: list[str]) -> None:
+    """Every mistake in the arguments found before hours of pipelines, not after."""
+    if args.jobs < 1:
+        raise NasoptError("--jobs must be at least 1")
+    seeded = [item for item in args.set if item.split("=", 1)[0] in {f"{k}.seed" for k in SEEDED}]
+    if seeded:
+        raise NasoptError(f"--set {seeded[0]}: the headline sets every step's seed to the run's "
+                          f"(--seeds N runs seeds 0..N-1); drop it")
+    for name in names:
+        if not (ROOT / TARGETS[name].config).exists():
+            raise NasoptError(f"{TARGETS[name].config} is missing: the headline config of {name}")
+        for seed in range(args.seeds):
+            folder = Path(args.run_root) / name / f"seed{seed}"
+            if folder.exists():
+                raise NasoptError(f"{folder} exists: a re-run would reuse its supernet and trials"
+                                  f" and its wall times would not cover the whole pipeline; "
+                                  f"remove it or pass another --run-root")
+    if "mnist1d" in names and args.evaluations > 0:
+        from ..nni_bridge import NNI_STRATEGIES, import_nni
+        ours, theirs = args.ours.split(","), args.nni.split(",")
+        if not set(theirs) <= set(NNI_STRATEGIES) or not set(ours) <= set(api.STRATEGIES):
+            raise NasoptError(f"--ours takes {', '.join(api.STRATEGIES)}; --nni takes "
+                              f"{', '.join(NNI_STRATEGIES)}")
+        import_nni()  # the NNI extra: a clear error now, not after the pipelines
+
+
 def run(args: argparse.Namespace) -> Path:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     names = [d for d in args.datasets.split(",") if d]
@@ -316,11 +348,7 @@ def run(args: argparse.Namespace) -> Path:
         raise NasoptError("--seeds must be at least 1")
     start = time.perf_counter()
     sections, missed = [], []
-    if args.jobs < 1:
-        raise NasoptError("--jobs must be at least 1")
-    for name in names:
-        if not (ROOT / TARGETS[name].config).exists():
-            raise NasoptError(f"{TARGETS[name].config} is missing: the headline config of {name}")
+    _check(args, names)
     # the slowest dataset first, so that the quick ones fill the other cores
     order = sorted(names, key=lambda n: list(TARGETS).index(n), reverse=True)
     with LoadSampler() as load:
