@@ -92,7 +92,9 @@ def is_dead(worker: Any) -> bool:
     """True only when ``worker`` ran on this machine (same host and boot) and is gone."""
     if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
         return False
-    if worker.get("boot", "") != _boot_id() or worker.get("pidns", "") != _pid_namespace():
+    if worker.get("boot", "") != _boot_id():
+        return False
+    if worker.get("pidns") and worker["pidns"] != _pid_namespace():  # older records lack it
         return False
     try:
         start = _start_ticks(int(worker["pid"]))

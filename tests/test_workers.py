@@ -191,6 +191,8 @@ def test_recover_fails_a_dead_workers_trial_but_not_a_retry_just_claimed(tmp_pat
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     dead = {**workers.identity(), "pid": gone.pid, "start": "1"}
+    assert workers.is_dead(dead) and workers.is_dead({k: v for k, v in dead.items() if k != "pidns"})
+    assert not workers.is_dead({**dead, "pidns": "pid:[1]"})  # another container: can't tell
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="r")
     t = study.ask({"x": optuna.distributions.CategoricalDistribution([1, 2])})
     t.set_user_attr(workers.WORKER_ATTR, {**dead, "trial": t.number})
