@@ -62,10 +62,10 @@ class DerivedSampler(ProposalSampler):
 
     def sample_independent(self, study, trial, param_name, param_distribution):  # noqa: ANN001, ANN201
         if trial._trial_id not in self._given:
-            held = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(
+            held = {Arch(t.params).key for t in study.get_trials(
                 deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
                 if t._trial_id != trial._trial_id}
-            while self._archs and json.dumps(dict(self._archs[0]), sort_keys=True) in held:
+            while self._archs and self._archs[0].key in held:
                 self._archs.pop(0)
         return super().sample_independent(study, trial, param_name, param_distribution)
 

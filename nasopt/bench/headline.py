@@ -125,8 +125,7 @@ def _pipeline(target: Target, seed: int, args: argparse.Namespace, log,  # noqa:
     card = json.loads((out / "metrics.json").read_text())
     log(f"{target.dataset} seed {seed}: {wall:.0f} s, packed {card['packed_bytes']} B, test "
         f"{card['test_accuracy'].get('model.packed via nasopt.load', float('nan')):.4f}")
-    return {"seed": seed, "wall_s": wall, "card": card, "out": out,
-            "cores": None if cores is None else sorted(cores),
+    return {"seed": seed, "card": card, "out": out,
             "command": "nasopt run " + " ".join(shlex.quote(a) for a in command[4:])}
 
 
@@ -314,6 +313,8 @@ Highest median hypervolume: `{top_hv}`; highest median best accuracy under 4 KB:
 
 def _check(args: argparse.Namespace, names: list[str]) -> None:
     """Every mistake in the arguments found before hours of pipelines, not after."""
+    if args.seeds < 1:
+        raise NasoptError("--seeds must be at least 1")
     if args.jobs < 1:
         raise NasoptError("--jobs must be at least 1")
     seeded = [item for item in args.set if item.split("=", 1)[0] in {f"{k}.seed" for k in SEEDED}]
@@ -344,8 +345,6 @@ def run(args: argparse.Namespace) -> Path:
     unknown = [d for d in names if d not in TARGETS]
     if unknown:
         raise NasoptError(f"unknown datasets {unknown}; the headline covers {', '.join(TARGETS)}")
-    if args.seeds < 1:
-        raise NasoptError("--seeds must be at least 1")
     start = time.perf_counter()
     sections, missed = [], []
     _check(args, names)
