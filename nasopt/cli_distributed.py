@@ -55,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
         log(f"data-parallel training on {group.world_size} processes "
             f"({'nccl' if device.type == 'cuda' else 'gloo'}), "
             f"{len(data.x_train) // group.world_size} training samples each")
-    supernet, path = train_supernet(space, data.to(device), cfg.supernet,
-                                    Path(cfg.run_dir) / "supernets", device=device,
-                                    show_progress=not args.quiet, log=log, group=group)
+    try:
+        supernet, path = train_supernet(space, data.to(device), cfg.supernet,
+                                        Path(cfg.run_dir) / "supernets", device=device,
+                                        show_progress=not args.quiet, log=log, group=group)
+    finally:
+        distributed.leave(group)
     rank = "" if group is None else f"rank {group.rank}/{group.world_size}: "
     line = f"{rank}supernet {path} weights sha256 {distributed.state_hash(supernet.net.state_dict())}\n"
     # one write of the whole line: under torchrun every rank shares this stdout, and print()'s

@@ -4,7 +4,9 @@
 trains on its shard of the training split (every N-th sample), gradients are averaged over all
 processes after each backward pass (``all_reduce``, as DistributedDataParallel does; backend
 gloo on CPU, nccl on CUDA) and BatchNorm statistics at the end of each epoch, so every rank holds
-the same weights. Rank 0 alone writes checkpoints. All ranks draw the same subnets in each
+the same weights. Rank 0 alone reads and writes checkpoints (what it read, a finished supernet
+or a partial one to resume, reaches the others through the process group, so the ranks need not
+share a file system). All ranks draw the same subnets in each
 sandwich step: the draws depend on (seed, epoch) only.
 
 Why not the ``DistributedDataParallel`` wrapper: one sandwich step runs several forward passes
@@ -20,6 +22,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -111,6 +114,23 @@ def averaged_gradients(params: list[nn.Parameter], group: Group | None) -> Itera
     finally:
         for h in handles:
             h.remove()
+
+
+def from_main(value: Any, group: Group | None) -> Any:
+    """Rank 0's ``value`` on every rank (pickled: small objects such as a checkpoint's state,
+    with tensors on the CPU). Ranks need not share a file system: what rank 0 read is what all
+    of them use."""
+    if group is None:
+        return value
+    box = [value if group.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def leave(group: Group | None) -> None:
+    """Leave the process group (at the end of a command that joined it)."""
+    if group is not None and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(group: Group | None) -> None:

@@ -273,7 +273,8 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
 
     With ``group`` (several processes under torchrun, :mod:`nasopt.distributed`) each rank trains
     on its shard with averaged gradients and batches of ``batch_size / world_size``; rank 0
-    alone writes the checkpoints (same key: a search reuses them).
+    alone reads and writes the checkpoints (same key: a search reuses them) and sends what it
+    read to the others, so they need not share its file system.
     """
     from . import distributed
     from .train import TrainConfig, fit  # train imports nothing from here; keep the edge one-way
@@ -284,15 +285,23 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     torch.manual_seed(cfg.seed)
     supernet = space.supernet().to(device)
     space = supernet.space  # the architecture genes only
-    if final.exists():
-        state = checkpoint.load(final, device)
+    main = group is None or group.is_main
+
+    def read(path: Path) -> dict | None:
+        """The checkpoint as rank 0 reads it (on the CPU when it travels to the other ranks)."""
+        state = checkpoint.load(path, device if group is None else "cpu") \
+            if main and path.exists() else None
+        return distributed.from_main(state, group)
+
+    state = read(final)
+    if state is not None:
         supernet.net.load_state_dict(state["net"])
         log(f"reusing trained supernet {final}")
         return supernet.eval(), final
 
     start, resume = 0, None
-    if partial.exists():
-        state = checkpoint.load(partial, device)
+    state = read(partial)
+    if state is not None:
         supernet.net.load_state_dict(state["net"])
         start, resume = state["epoch"] + 1, state
         log(f"resuming supernet training at epoch {start + 1} from {partial}")
@@ -316,7 +325,7 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
         distributed.average_buffers_(supernet.net, group)
         if epoch + 1 == cfg.warmup_epochs:
             supernet.sort_channels(optimizer)
-        if group is None or group.is_main:
+        if main:
             checkpoint.save({"epoch": epoch, "net": supernet.net.state_dict(),
                              "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict()}, partial)
@@ -331,10 +340,10 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     with distributed.averaged_gradients(params, group):
         fit(params, loss, x, y, train_cfg, start_epoch=start, resume_state=resume,
             on_epoch_start=on_start, on_epoch_end=on_end, desc=f"supernet {space.name}",
-            show_progress=show_progress and (group is None or group.is_main))
+            show_progress=show_progress and main)
     if cfg.warmup_epochs >= cfg.epochs:  # never reached the sandwich phase: still sort
         supernet.sort_channels()
-    if group is None or group.is_main:
+    if main:
         checkpoint.save({"net": supernet.net.state_dict(), "space": space.describe(),
                          "data": data.fingerprint, "config": dataclasses.asdict(cfg),
                          "world_size": 1 if group is None else group.world_size}, final)

@@ -89,8 +89,11 @@ def front(trials: Sequence[FrozenTrial], directions) -> list[FrozenTrial]:
     if not feasible:
         least = min(excess)
         return [t for t, e in zip(trials, excess) if e == least]
-    rank, _ = ranks_and_crowding(_points(feasible, directions))
-    return [t for t, r in zip(feasible, rank) if r == 0]
+    points = _points(feasible, directions)
+    le = (points[:, None, :] <= points[None, :, :]).all(-1)
+    lt = (points[:, None, :] < points[None, :, :]).any(-1)
+    dominated = (le & lt).any(0)
+    return [t for t, d in zip(feasible, dominated) if not d]
 
 
 class StagedSampler(GeneSampler):

@@ -41,3 +41,46 @@ def test_two_ranks_end_with_identical_weights(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"reusing trained supernet {lines[0][1]}" in proc.stderr
+
+
+def test_ranks_without_a_shared_file_system_resume_from_rank_0s_checkpoint(tmp_path):
+    """Each rank has its own run folder (as on machines without a shared disk): only rank 0's
+    holds the partial checkpoint of a killed training. Both ranks resume from it (rank 0 sends
+    it), end with identical weights, and only rank 0 writes."""
+    import socket
+
+    from nasopt.bench.crash import kill_when
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "nasopt.cli", "train-supernet", *TINY,
+           "--set", "supernet.epochs=4", "--device", "cpu", "--quiet"]
+    first = subprocess.Popen([*cmd, "--run-dir", "rank0"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    folder = tmp_path / "rank0" / "supernets"
+    kill_when(first, lambda: any(folder.glob("*.partial.pt")))
+    partial = next(folder.glob("*.partial.pt"))
+    assert checkpoint.load(partial)["epoch"] < 3  # killed before the end
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen(
+        [*cmd, "--run-dir", f"rank{r}"], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in (0, 1)]
+    outs = []
+    for proc in ranks:
+        try:
+            outs.append(proc.communicate(timeout=180))
+        except subprocess.TimeoutExpired:  # the ranks disagreed on where to start: they hang
+            for p in ranks:
+                p.kill()
+            raise AssertionError("the ranks hung") from None
+        assert proc.returncode == 0, outs[-1][1][-3000:]
+    hashes = [re.search(r"weights sha256 ([0-9a-f]{64})", out).group(1) for out, _ in outs]
+    assert hashes[0] == hashes[1]
+    final = [p for p in folder.iterdir() if not p.name.endswith(".partial.pt")]
+    assert len(final) == 1 and not partial.exists()
+    assert distributed.state_hash(checkpoint.load(final[0])["net"]) == hashes[0]
+    assert not (tmp_path / "rank1").exists() or not any((tmp_path / "rank1").rglob("*.pt"))

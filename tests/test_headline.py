@@ -49,3 +49,34 @@ def test_headline_refuses_bad_arguments_before_any_pipeline(tmp_path, capsys):
     assert "--jobs must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "mnist1d").exists() or not any(
         (tmp_path / "runs" / "mnist1d").iterdir())  # nothing ran
+
+
+def test_a_failed_pipeline_keeps_the_finished_ones_in_the_report(tmp_path, capsys):
+    import argparse
+    import time
+
+    import pytest
+
+    from nasopt.bench import headline
+    from nasopt.errors import NasoptError
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[data]\ndataset = "no-such-dataset"\n')
+    parser = argparse.ArgumentParser()
+    headline.add_arguments(parser)
+    out = tmp_path / "README.md"
+    args = parser.parse_args(["--seeds", "1", "--evaluations", "0", "--run-root",
+                              str(tmp_path / "runs"), "--out", str(out), *TINY])
+    targets = [headline.TARGETS["mnist1d"],
+               headline.Target("broken", str(broken), 1, 0.0, 1, ())]
+    with pytest.raises(NasoptError, match=r"1 pipeline\(s\) failed \(broken seed 0;.*"
+                                          "has the finished ones"):
+        headline._report(targets, args, lambda s: None, time.perf_counter())
+    text = out.read_text()
+    card = json.loads((tmp_path / "runs" / "mnist1d" / "seed0" / "model" /
+                       "metrics.json").read_text())
+    row = next(line for line in text.splitlines() if line.startswith("| 0 | "))
+    assert f"| {card['trial']} | {card['packed_bytes']} |" in row  # the finished run is there
+    failures = text[text.index("## Failed pipelines"):]
+    assert "broken seed 0" in failures and "no-such-dataset" in failures
+    capsys.readouterr()

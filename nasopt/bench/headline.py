@@ -106,7 +106,8 @@ def _median(values: list[float], fmt: str) -> str:
 def _pipeline(target: Target, seed: int, args: argparse.Namespace, log,  # noqa: ANN001
               cores: set[int] | None = None) -> dict:
     """One `nasopt run` (a subprocess, as a user runs it, on ``cores`` when given): its model
-    card; :func:`_latency` adds the ORT latencies."""
+    card, or the end of its stderr under ``error`` when it failed; :func:`_latency` adds the
+    ORT latencies."""
     folder = Path(args.run_root) / target.dataset / f"seed{seed}"
     out = folder / "model"
     command = [sys.executable, "-m", "nasopt.cli", "run", str(ROOT / target.config), "--quiet",
@@ -119,9 +120,8 @@ def _pipeline(target: Target, seed: int, args: argparse.Namespace, log,  # noqa:
     start = time.perf_counter()
     done = subprocess.run([*pin, *command], capture_output=True, text=True)
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise NasoptError(f"`nasopt run` failed for {target.dataset} seed {seed}:\n"
-                          f"{done.stderr[-3000:]}")
+    if done.returncode != 0:  # reported with the finished runs, which are kept
+        return {"seed": seed, "error": done.stderr[-3000:].strip() or f"exit {done.returncode}"}
     card = json.loads((out / "metrics.json").read_text())
     log(f"{target.dataset} seed {seed}: {wall:.0f} s, packed {card['packed_bytes']} B, test "
         f"{card['test_accuracy'].get('model.packed via nasopt.load', float('nan')):.4f}")
@@ -166,7 +166,7 @@ def _pipelines(targets: list[Target], args: argparse.Namespace, log) -> dict[str
                 free.put(core)
         with ThreadPoolExecutor(args.jobs) as pool:
             runs = list(pool.map(one, jobs))
-    runs = [_latency(r) for r in runs]
+    runs = [r if "error" in r else _latency(r) for r in runs]
     return {t.dataset: [r for (tt, _), r in zip(jobs, runs) if tt is t] for t in targets}
 
 
@@ -346,18 +346,35 @@ def run(args: argparse.Namespace) -> Path:
     if unknown:
         raise NasoptError(f"unknown datasets {unknown}; the headline covers {', '.join(TARGETS)}")
     start = time.perf_counter()
-    sections, missed = [], []
     _check(args, names)
-    # the slowest dataset first, so that the quick ones fill the other cores
-    order = sorted(names, key=lambda n: list(TARGETS).index(n), reverse=True)
+    return _report([TARGETS[n] for n in names], args, log, start)
+
+
+def _report(targets: list[Target], args: argparse.Namespace, log, start: float) -> Path:  # noqa: ANN001
+    """Runs the pipelines and writes the report. A failed pipeline does not stop the others;
+    the report shows every finished one, then names the failed ones (with their error), and
+    the command exits with that error after writing it."""
+    sections, missed, failed = [], [], []
+    names = [t.dataset for t in targets]
+    # the slowest dataset (the last in TARGETS) first, so that the quick ones fill the cores
+    order = sorted(targets, key=lambda t: list(TARGETS).index(t.dataset)
+                   if t.dataset in TARGETS else -1, reverse=True)
     with LoadSampler() as load:
-        results = _pipelines([TARGETS[n] for n in order], args, log)
-        for name in names:
-            text, miss = _dataset_section(TARGETS[name], results[name], args.jobs)
-            sections.append(text)
-            missed += miss
+        results = _pipelines(order, args, log)
+        for target in targets:
+            done = [r for r in results[target.dataset] if "error" not in r]
+            failed += [(target.dataset, r) for r in results[target.dataset] if "error" in r]
+            if done:
+                text, miss = _dataset_section(target, done, args.jobs)
+                sections.append(text)
+                missed += miss
         if "mnist1d" in names and args.evaluations > 0:
             sections.append(_nni_comparison(args, log))
+    if failed:
+        sections.append("## Failed pipelines\n\nThese runs failed; the figures above are the "
+                        "other seeds' only (each run's folder under the run root is kept).\n\n"
+                        + "\n".join(f"- {d} seed {r['seed']}:\n\n```\n{r['error']}\n```\n"
+                                     for d, r in failed))
     not_run = [d for d in TARGETS if d not in names]
     command = "nasopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out = Path(args.out)
@@ -375,4 +392,10 @@ from the supernet's largest subnet, QAT fine-tuning with the arch's compression 
 {"Targets missed: " + ", ".join(missed) + " (see each section)." if missed else ""}
 
 """ + "\n".join(sections))
+    if failed:
+        first = failed[0][1]["error"].splitlines()[-1:] or [""]
+        raise NasoptError(f"{len(failed)} pipeline(s) failed ("
+                          + ", ".join(f"{d} seed {r['seed']}" for d, r in failed)
+                          + f"; last line of the first: {first[0]}); {out} has the finished "
+                          "ones and each failure's error")
     return out
