@@ -1,5 +1,5 @@
 """The ``staged`` strategy: architecture moves at the reference compression (int8, dense, full
-rank), compression moves around the front, no repeats; on the conv1d joint space with a cheap
+rank), then architecture and compression moves around the front, no repeats; on the conv1d joint space with a cheap
 closed-form evaluator (the strategy only sees metrics, so no supernet is needed)."""
 from __future__ import annotations
 
@@ -64,10 +64,14 @@ def test_moves_are_architecture_at_int8_or_compression_around_the_front():
         if t in at_ref:
             kinds["arch"] += 1
             continue
-        # a compression move: some earlier trial has the same architecture genes
-        kinds["compression"] += 1
-        assert any(all(e.params[g] == t.params[g] for g in t.params if g not in compression)
-                   for e in earlier), t.number
+        # a compression move (some earlier trial has the same architecture genes) or an
+        # architecture move at an earlier trial's compression (the same compression genes)
+        same_arch = any(all(e.params[g] == t.params[g] for g in t.params if g not in compression)
+                        for e in earlier)
+        same_compression = any(all(e.params[g] == t.params[g] for g in compression)
+                               for e in earlier)
+        assert same_arch or same_compression, t.number
+        kinds["compression" if same_arch else "arch"] += 1
     assert kinds["arch"] > 20 and kinds["compression"] > 20, kinds
     # no arch is evaluated twice
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
@@ -91,24 +95,30 @@ def test_budget_splits_the_search_into_an_architecture_then_a_compression_phase(
     study = run(1, 80)  # run_search tells the sampler its budget: 40 + 40
     ref = reference_compression(sp.compression_genes())
     at_ref = [all(t.params[g] == v for g, v in ref.items()) for t in study.trials]
-    assert all(at_ref[1:40]) and not any(at_ref[40:])
+    # phase 2 moves compression genes, or architecture genes at a front member's compression
+    # (at int8 when that member is: those are the only phase-2 trials at the reference)
+    assert all(at_ref[1:40]) and sum(not r for r in at_ref[40:]) >= 20
     sampler = StagedSampler(sp, seed=0)
     assert sampler.budget is None
     sampler.plan(10)
     assert sampler.budget == 10
 
 
-def test_compression_moves_shift_every_bit_width_or_step_one_or_two_genes():
+def test_compression_phase_moves_architecture_or_shifts_every_bit_width_or_steps_genes():
     sp = space()
-    study = run(2, 120)  # budget 120: trials 60.. are compression moves
+    study = run(2, 160)  # budget 160: trials 80.. are the compression phase
     genes = sp.genes
     compression = list(sp.compression_genes())
     bits = [g for g in compression if g.endswith(".bits")]
-    kinds = {"shift": 0, "step": 0}
-    for t in study.trials[60:]:
+    kinds = {"arch": 0, "shift": 0, "step": 0}
+    for t in study.trials[80:]:
         parents = [e for e in study.trials[: t.number]
                    if all(e.params[g] == t.params[g] for g in t.params if g not in compression)]
-        assert parents, t.number
+        if not parents:  # an architecture move: an earlier trial's compression, a new arch
+            assert any(all(e.params[g] == t.params[g] for g in compression)
+                       for e in study.trials[: t.number]), t.number
+            kinds["arch"] += 1
+            continue
 
         def offsets(e):
             return {g: genes[g].index(t.params[g]) - genes[g].index(e.params[g])
@@ -121,4 +131,4 @@ def test_compression_moves_shift_every_bit_width_or_step_one_or_two_genes():
             assert any(1 <= len(m) <= 2 and all(abs(v) == 1 for v in m.values())
                        for m in moves), (t.number, moves)
             kinds["step"] += 1
-    assert kinds["shift"] > 10 and kinds["step"] > 10, kinds
+    assert kinds["arch"] > 20 and kinds["shift"] > 8 and kinds["step"] > 8, kinds
