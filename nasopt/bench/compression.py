@@ -72,6 +72,17 @@ def dominated_share(front: list, others: list) -> float:
     return hit / len(others) if others else 0.0
 
 
+def misses(front: list, others: list) -> list[tuple[float, float, float | None]]:
+    """The points of ``others`` that no point of ``front`` weakly dominates, each with the best
+    accuracy ``front`` has at that size or less (None: nothing that small)."""
+    out = []
+    for oa, os_, _ in others:
+        if not any(a >= oa and s <= os_ for a, s, _ in front):
+            fit = [a for a, s, _ in front if s <= os_]
+            out.append((oa, os_, max(fit) if fit else None))
+    return out
+
+
 def best_under(points: list, kb: float) -> float | None:
     fit = [a for a, s, _ in points if s <= kb * 1024]
     return max(fit) if fit else None
@@ -143,6 +154,12 @@ def run(args: argparse.Namespace) -> Path:
         seed_rows.append([seed, *[f"{hvs[n]:.4f}" for n in runs],
                           *[f"{dominated_share(pareto(runs[f'joint, {s}'][seed]), int8_front):.0%}"
                             f" of {len(int8_front)}" for s in strategies]])
+    n_val = len(data.y_val)
+    miss_rows = [[seed, f"{a:.4f}", int(size), "none" if b is None else f"{b:.4f}",
+                  "-" if b is None else f"{round((a - b) * n_val)}"]
+                 for seed in seeds
+                 for a, size, b in misses(pareto(runs[f"joint, {args.joint_strategy}"][seed]),
+                                          pareto(runs["int8, nsga2"][seed]))]
     fronts = {"joint (arch + compression)": pareto(joint),
               "architecture-only, int8": pareto(arch_only),
               "reference CNN, quantized/pruned": pareto(baseline)}
@@ -201,6 +218,13 @@ joint front, per seed ({args.evaluations} evaluations per search; the sections a
 
 {table(["seed", *[f"HV {n}" for n in runs], *[f"int8 front dominated by joint {s}"
                                                for s in strategies]], seed_rows)}
+
+The int8 front's points that the `{args.joint_strategy}` front does not weakly dominate, per
+seed, with the joint front's best accuracy at that size or less and the gap in validation
+samples (of {n_val}):
+
+{table(["seed", "int8 val acc", "int8 bytes", "joint best acc at <= bytes", "gap (samples)"],
+       miss_rows) if miss_rows else "none"}
 
 | target | value | verdict |
 |---|---|---|
