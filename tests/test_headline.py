@@ -2,8 +2,10 @@
 report's rows are the model cards' figures, and the verdicts follow the targets."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 
 from nasopt import cli
 
@@ -65,8 +67,12 @@ def test_a_failed_pipeline_keeps_the_finished_ones_in_the_report(tmp_path, capsy
     parser = argparse.ArgumentParser()
     headline.add_arguments(parser)
     out = tmp_path / "README.md"
-    args = parser.parse_args(["--seeds", "1", "--evaluations", "0", "--run-root",
-                              str(tmp_path / "runs"), "--out", str(out), *TINY])
+    # with NNI installed (CI requires it), a tiny NNI comparison runs too
+    nni = importlib.util.find_spec("nni") is not None or bool(os.environ.get("NASOPT_REQUIRE_NNI"))
+    compare = ["--evaluations", "3", "--ours", "staged", "--nni", "nni-random"] if nni else \
+        ["--evaluations", "0"]
+    args = parser.parse_args(["--seeds", "1", *compare, "--run-root", str(tmp_path / "runs"),
+                              "--out", str(out), *TINY])
     targets = [headline.TARGETS["mnist1d"],
                headline.Target("broken", str(broken), 1, 0.0, 1, ())]
     with pytest.raises(NasoptError, match=r"1 pipeline\(s\) failed \(broken seed 0;.*"
@@ -79,4 +85,7 @@ def test_a_failed_pipeline_keeps_the_finished_ones_in_the_report(tmp_path, capsy
     assert f"| {card['trial']} | {card['packed_bytes']} |" in row  # the finished run is there
     failures = text[text.index("## Failed pipelines"):]
     assert "broken seed 0" in failures and "no-such-dataset" in failures
+    if nni:
+        assert "## Our strategy against NNI's" in text
+        assert re.search(r"\| nni-random \| 3 \| 1 \| 0\.\d{4} \|", text), text
     capsys.readouterr()

@@ -248,7 +248,7 @@ Command of seed {runs[0]['seed']}: `{runs[0]['command']}`.
 def _nni_comparison(args: argparse.Namespace, log) -> str:  # noqa: ANN001
     """Our strategy vs NNI's at equal evaluations on the MNIST-1D space under the 4 KB budget."""
     from ..evaluate import Evaluator
-    from ..nni_bridge import run_nni_search
+    from ..nni_bridge import NNI_STRATEGIES, run_nni_search
     from ..objectives import get_constraints, get_objectives, hypervolume
     from ..search import run_search
     from ..supernet import train_supernet
