@@ -388,7 +388,7 @@ Everything below ran through the public CLI (`nasopt run` with the committed con
 training, joint architecture + compression search on the validation split, pick, distillation
 from the supernet's largest subnet, QAT fine-tuning with the arch's compression policy, export
 (each file verified), and one measurement of every artifact on the test split at the end.
-{"**Not in this run:** " + ", ".join(not_run) + " (see the open issue)." if not_run else ""}
+{"**Not in this run:** " + ", ".join(not_run) + " (not measured by this command: `--datasets` chose)." if not_run else ""}
 {"Targets missed: " + ", ".join(missed) + " (see each section)." if missed else ""}
 
 """ + "\n".join(sections))

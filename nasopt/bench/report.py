@@ -24,6 +24,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def cell(text: object) -> str:
+    """Text safe inside a markdown table cell (pipes escaped, one line)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 class LoadSampler:
     """The machine's 1-minute load average every ``every`` seconds while a benchmark runs (a
     context manager), and the sentence a report says about it: timings taken while other jobs
