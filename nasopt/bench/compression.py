@@ -146,20 +146,18 @@ def run(args: argparse.Namespace) -> Path:
                          f"{bits}-bit" + (f", {sparsity:.0%} pruned" if sparsity else "")))
         log(f"reference CNN {baseline[-1][2]}: {baseline[-1][0]:.4f} at {size} B")
 
-    seed_rows = []
+    seed_rows, miss_rows, n_val = [], [], len(data.y_val)
     for seed in seeds:
         int8_front = pareto(runs["int8, nsga2"][seed])
+        miss_rows += [[seed, f"{a:.4f}", int(size), "none" if b is None else f"{b:.4f}",
+                       "-" if b is None else f"{round((a - b) * n_val)}"]
+                      for a, size, b in misses(pareto(runs[f"joint, {args.joint_strategy}"][seed]),
+                                               int8_front)]
         hvs = {name: hypervolume([(a, s) for a, s, _ in pareto(r[seed])], REFERENCE_KB * 1024)
                for name, r in runs.items()}
         seed_rows.append([seed, *[f"{hvs[n]:.4f}" for n in runs],
                           *[f"{dominated_share(pareto(runs[f'joint, {s}'][seed]), int8_front):.0%}"
                             f" of {len(int8_front)}" for s in strategies]])
-    n_val = len(data.y_val)
-    miss_rows = [[seed, f"{a:.4f}", int(size), "none" if b is None else f"{b:.4f}",
-                  "-" if b is None else f"{round((a - b) * n_val)}"]
-                 for seed in seeds
-                 for a, size, b in misses(pareto(runs[f"joint, {args.joint_strategy}"][seed]),
-                                          pareto(runs["int8, nsga2"][seed]))]
     fronts = {"joint (arch + compression)": pareto(joint),
               "architecture-only, int8": pareto(arch_only),
               "reference CNN, quantized/pruned": pareto(baseline)}

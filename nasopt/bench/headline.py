@@ -356,9 +356,8 @@ def _report(targets: list[Target], args: argparse.Namespace, log, start: float) 
     the command exits with that error after writing it."""
     sections, missed, failed = [], [], []
     names = [t.dataset for t in targets]
-    # the slowest dataset (the last in TARGETS) first, so that the quick ones fill the cores
-    order = sorted(targets, key=lambda t: list(TARGETS).index(t.dataset)
-                   if t.dataset in TARGETS else -1, reverse=True)
+    # the slowest dataset first, so that the quick ones fill the cores
+    order = sorted(targets, key=lambda t: t.max_minutes, reverse=True)
     with LoadSampler() as load:
         results = _pipelines(order, args, log)
         for target in targets:
@@ -393,9 +392,9 @@ from the supernet's largest subnet, QAT fine-tuning with the arch's compression 
 
 """ + "\n".join(sections))
     if failed:
-        first = failed[0][1]["error"].splitlines()[-1:] or [""]
+        last = failed[0][1]["error"].splitlines()[-1]  # the error is never empty
         raise NasoptError(f"{len(failed)} pipeline(s) failed ("
                           + ", ".join(f"{d} seed {r['seed']}" for d, r in failed)
-                          + f"; last line of the first: {first[0]}); {out} has the finished "
+                          + f"; last line of the first: {last}); {out} has the finished "
                           "ones and each failure's error")
     return out

@@ -26,7 +26,6 @@ from . import crash
 from .crash import POINTS, TINY
 from .report import cell, table
 
-
 EPOCHS = 6
 KILL_TRIALS = 12
 STUDY = "k"
@@ -36,6 +35,7 @@ SEARCH_POINTS = ("config-write", "before-worker-record:4", "trial-start:4", "mid
                  "before-tell:4", "between-trials:4", "final-print")
 #: a trial killed before it records its worker is failed by age only (nasopt.workers)
 SLOW_POINTS = ("before-worker-record",)
+
 
 def kill_command() -> list[str]:
     return [*TINY, "--set", f"supernet.epochs={EPOCHS}", "--trials", str(KILL_TRIALS),
