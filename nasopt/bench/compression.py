@@ -83,6 +83,10 @@ def misses(front: list, others: list) -> list[tuple[float, float, float | None]]
     return out
 
 
+def _share(front: list, others: list) -> str:
+    return f"{dominated_share(front, others):.0%} of {len(others)}"
+
+
 def best_under(points: list, kb: float) -> float | None:
     fit = [a for a, s, _ in points if s <= kb * 1024]
     return max(fit) if fit else None
@@ -116,16 +120,20 @@ def run(args: argparse.Namespace) -> Path:
     int8_evaluator = Evaluator(int8, supernet, data, cfg.eval.calib_samples)
     strategies = [args.joint_strategy] + [s for s in ("nsga2",) if s != args.joint_strategy]
     runs: dict[str, dict[int, list]] = {f"joint, {s}": {} for s in strategies}
-    runs["int8, nsga2"] = {}
+    # the architecture-only search by NSGA-II (the baseline) and by the joint strategy itself,
+    # so what the strategy gains on any space is not credited to the joint space
+    runs.update({f"int8, {s}": {} for s in reversed(strategies)})
     seeds = list(range(args.seed, args.seed + args.seeds))
     for seed in seeds:
         for s in strategies:
             t0 = time.perf_counter()
             runs[f"joint, {s}"][seed] = _search(space, evaluator, args.evaluations, seed, s)
             timings[f"joint search, {s}, seed {seed}"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        runs["int8, nsga2"][seed] = _search(int8, int8_evaluator, args.evaluations, seed)
-        timings[f"architecture-only int8 search, nsga2, seed {seed}"] = time.perf_counter() - t0
+        for s in reversed(strategies):
+            t0 = time.perf_counter()
+            runs[f"int8, {s}"][seed] = _search(int8, int8_evaluator, args.evaluations, seed, s)
+            timings[f"architecture-only int8 search, {s}, seed {seed}"] = \
+                time.perf_counter() - t0
         log(f"seed {seed} done")
     joint, arch_only = runs[f"joint, {args.joint_strategy}"][seeds[0]], \
         runs["int8, nsga2"][seeds[0]]
@@ -147,6 +155,8 @@ def run(args: argparse.Namespace) -> Path:
         log(f"reference CNN {baseline[-1][2]}: {baseline[-1][0]:.4f} at {size} B")
 
     seed_rows, miss_rows, n_val = [], [], len(data.y_val)
+    # (joint strategy, architecture-only strategy) pairs compared point by point
+    pairs = [(s, "nsga2") for s in strategies] + [(s, s) for s in strategies if s != "nsga2"]
     for seed in seeds:
         int8_front = pareto(runs["int8, nsga2"][seed])
         miss_rows += [[seed, f"{a:.4f}", int(size), "none" if b is None else f"{b:.4f}",
@@ -156,8 +166,8 @@ def run(args: argparse.Namespace) -> Path:
         hvs = {name: hypervolume([(a, s) for a, s, _ in pareto(r[seed])], REFERENCE_KB * 1024)
                for name, r in runs.items()}
         seed_rows.append([seed, *[f"{hvs[n]:.4f}" for n in runs],
-                          *[f"{dominated_share(pareto(runs[f'joint, {s}'][seed]), int8_front):.0%}"
-                            f" of {len(int8_front)}" for s in strategies]])
+                          *[_share(pareto(runs[f"joint, {j}"][seed]),
+                                   pareto(runs[f"int8, {a}"][seed])) for j, a in pairs]])
     fronts = {"joint (arch + compression)": pareto(joint),
               "architecture-only, int8": pareto(arch_only),
               "reference CNN, quantized/pruned": pareto(baseline)}
@@ -168,12 +178,18 @@ def run(args: argparse.Namespace) -> Path:
                      *[(f"{b:.4f}" if (b := best_under(front, kb)) is not None else "none")
                        for kb in BUDGETS_KB]])
     joint_front = fronts["joint (arch + compression)"]
-    dom_rows = [[name, f"{dominated_share(joint_front, front):.0%} of {len(front)}"]
+    dom_rows = [[name, _share(joint_front, front)]
                 for name, front in fronts.items() if not name.startswith("joint")]
     best4 = best_under(joint_front, 4)
     hv = {n: hypervolume([(a, s) for a, s, _ in f], ref) for n, f in fronts.items()}
-    dominates = all(dominated_share(joint_front, f) == 1.0 for n, f in fronts.items()
-                    if not n.startswith("joint"))
+    # the target on every seed: the joint front weakly dominates the NSGA-II int8 front and
+    # the reference CNN's points
+    dominating = [seed for seed in seeds
+                  if dominated_share(pareto(runs[f"joint, {args.joint_strategy}"][seed]),
+                                     pareto(runs["int8, nsga2"][seed])) == 1.0
+                  and dominated_share(pareto(runs[f"joint, {args.joint_strategy}"][seed]),
+                                      fronts["reference CNN, quantized/pruned"]) == 1.0]
+    dominates = len(dominating) == len(seeds)
     verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
 
     plot = Path(args.out).with_suffix(".png")
@@ -210,14 +226,15 @@ Points of each baseline's front weakly dominated by the joint front:
 
 ### Every seed
 
-Hypervolume of each search's front, and the share of the int8 front weakly dominated by each
-joint front, per seed ({args.evaluations} evaluations per search; the sections above show seed
+Hypervolume of each search's front, and the share of each architecture-only int8 front (searched
+by NSGA-II, the baseline, and by the joint strategy itself, so that what the strategy gains on any
+space is not credited to the joint space) weakly dominated by each joint front, per seed ({args.evaluations} evaluations per search; the sections above show seed
 {seeds[0]}):
 
-{table(["seed", *[f"HV {n}" for n in runs], *[f"int8 front dominated by joint {s}"
-                                               for s in strategies]], seed_rows)}
+{table(["seed", *[f"HV {n}" for n in runs], *[f"int8 {a} front dominated by joint {j}"
+                                               for j, a in pairs]], seed_rows)}
 
-The int8 front's points that the `{args.joint_strategy}` front does not weakly dominate, per
+The NSGA-II int8 front's points that the `{args.joint_strategy}` front does not weakly dominate, per
 seed, with the joint front's best accuracy at that size or less and the gap in validation
 samples (of {n_val}):
 
@@ -226,7 +243,7 @@ samples (of {n_val}):
 
 | target | value | verdict |
 |---|---|---|
-| joint front dominates both baselines | {"yes" if dominates else "no"} (HV joint {hv["joint (arch + compression)"]:.4f} vs {hv["architecture-only, int8"]:.4f} / {hv["reference CNN, quantized/pruned"]:.4f}) | {verdict(dominates)} |
+| joint front dominates both baselines, every seed | on {len(dominating)} of {len(seeds)} seeds (seed {seeds[0]}: HV joint {hv["joint (arch + compression)"]:.4f} vs {hv["architecture-only, int8"]:.4f} / {hv["reference CNN, quantized/pruned"]:.4f}) | {verdict(dominates)} |
 | >= {TARGET_ACC_4KB:.0%} val accuracy at <= 4 KB | {best4 if best4 is None else f"{best4:.4f}"} | {verdict(best4 is not None and best4 >= TARGET_ACC_4KB)} |
 
 ## Joint front

@@ -1,0 +1,111 @@
+"""Surrogate screening: predict a candidate arch's objectives from its genes before spending an
+evaluation on it.
+
+A strategy proposes several children, :class:`Surrogate` predicts each one's objectives, and the
+child predicted furthest beyond the current Pareto front (:func:`margin`) is the one evaluated
+(DyNAS-T's and BANANAS's idea: a cheap predictor in the loop, the real evaluation for the pick).
+The predictor is scikit-learn's extremely randomized trees (one forest per objective, and one for
+the constraint excess when a study has constraints), fitted to the study's completed trials;
+genes are encoded as their option's position (genes are ordinal: widths, depths, kernels, bits,
+sparsities, ranks). Objectives whose values are all positive (sizes, MACs, latency: they span
+orders of magnitude) are modelled and compared on a log scale.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from optuna.trial import FrozenTrial
+from sklearn.ensemble import ExtraTreesRegressor
+
+from nasopt.study import constraint_excess
+
+from .evolution import _minimized
+
+#: candidates a strategy proposes per evaluation (the surrogate picks one)
+SCREEN = 24
+#: trees per forest
+TREES = 50
+#: a forest sees the first multiple of REFIT completed trials (by trial number), so the
+#: prediction is a function of the study's trials and is refitted every REFIT trials only
+REFIT = 10
+
+
+def encode(params: Mapping[str, Any], options: Mapping[str, Sequence[Any]]) -> list[float]:
+    """Each gene as its option's position, scaled to [0, 1]."""
+    return [list(opts).index(params[g]) / max(1, len(opts) - 1) for g, opts in options.items()]
+
+
+class Surrogate:
+    """Forests predicting the minimized objectives (and the constraint excess) of an arch."""
+
+    def __init__(self, options: Mapping[str, Sequence[Any]], seed: int = 0):
+        self.options = dict(options)
+        self.seed = seed
+        self.fitted_on = -1
+        self.logged = np.zeros(0, dtype=bool)
+        self.models: list[ExtraTreesRegressor] = []
+        self.excess: ExtraTreesRegressor | None = None
+
+    def transform(self, points: np.ndarray) -> np.ndarray:
+        """Minimized objective values on the scale the forests model (log where positive)."""
+        out = np.array(points, dtype=float)
+        out[:, self.logged] = np.log(np.maximum(out[:, self.logged], 1e-12))
+        return out
+
+    def fit(self, trials: Sequence[FrozenTrial], directions) -> None:
+        """Fit to the first multiple of :data:`REFIT` of ``trials`` (completed ones), unless
+        already fitted to those."""
+        trials = sorted((t for t in trials  # a resumed study may hold options since restricted
+                         if all(t.params.get(g) in o for g, o in self.options.items())),
+                        key=lambda t: t.number)
+        n = len(trials) // REFIT * REFIT
+        if n == self.fitted_on or n == 0:
+            return
+        trials = trials[:n]
+        x = np.array([encode(t.params, self.options) for t in trials])
+        y = np.array([_minimized(t.values, directions) for t in trials], dtype=float)
+        self.logged = (y > 0).all(0)
+        y = self.transform(y)
+        forest = lambda: ExtraTreesRegressor(TREES, min_samples_leaf=2,  # noqa: E731
+                                             random_state=self.seed)
+        self.models = [forest().fit(x, y[:, k]) for k in range(y.shape[1])]
+        excess = np.array([constraint_excess(t) for t in trials])
+        self.excess = forest().fit(x, excess) if excess.any() else None
+        self.fitted_on = n
+
+    @property
+    def ready(self) -> bool:
+        return self.fitted_on > 0
+
+    def predict(self, candidates: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted minimized objectives (on :meth:`transform`'s scale), one row per
+        candidate, and predicted constraint excess (zeros without constraints)."""
+        x = np.array([encode(c, self.options) for c in candidates])
+        points = np.stack([m.predict(x) for m in self.models], 1)
+        excess = self.excess.predict(x) if self.excess is not None else np.zeros(len(x))
+        return points, excess
+
+
+def margin(points: np.ndarray, front: np.ndarray) -> np.ndarray:
+    """How far each point lies beyond ``front`` (all minimized): min over front members f of
+    max over objectives k of (f_k - p_k) / span_k, span_k the front's range in objective k.
+    Positive: no member weakly dominates the point (the larger, the further beyond); zero or
+    negative: some member does."""
+    span = front.max(0) - front.min(0)
+    span[span <= 0] = 1.0
+    return ((front[None, :, :] - points[:, None, :]) / span).max(-1).min(-1)
+
+
+def pick(surrogate: Surrogate, candidates: Sequence[Mapping[str, Any]],
+         trials: Sequence[FrozenTrial], front: Sequence[FrozenTrial], directions) -> int:
+    """Index of the candidate predicted furthest beyond ``front``; candidates predicted to
+    break a constraint come after the others (least excess first)."""
+    surrogate.fit(trials, directions)
+    points, excess = surrogate.predict(candidates)
+    ahead = margin(points, surrogate.transform(
+        np.array([_minimized(t.values, directions) for t in front], dtype=float)))
+    feasible = excess <= 1e-9
+    score = np.where(feasible, ahead, -1e9 - excess)
+    return int(np.argmax(score))
