@@ -10,15 +10,16 @@ each verified in ONNX Runtime after writing.
 - **int8**: ONNX Runtime's ``quantize_static`` in QDQ format, per-channel symmetric int8
   weights, uint8 activations (U8S8, the layout ORT's x86 kernels are fastest with), MinMax
   calibration over ``CALIB_SAMPLES`` training samples fed by :class:`SampleReader`. Weights use
-  ORT's ``reduce_range`` (the int8 grid's 7-bit half, -64..63): on x86 CPUs without VNNI
-  (AVX2, AVX-512 without VNNI) ORT's U8S8 kernels add pairs of uint8 x int8 products in int16,
-  which saturates with full-range weights. Measured on such a CPU (AMD EPYC, AVX2 only), three
-  random conv1d archs of a supernet trained 8 epochs: predicted-class agreement with PyTorch
-  73, 36 and 82 % with full-range weights, 98, 97 and 96 % with the reduced range. The file is meant to run on CPUs nobody knows at export time,
-  so the range is always reduced.
-- **Bit-widths below 8** are not representable in ONNX's QDQ kernels: the float model holds the
-  arch's dequantized weights (exact 2-6-bit grid values as float32), and the int8 file re-quantizes
-  them to an int8 grid. Only the packed file keeps them exactly.
+  ORT's ``reduce_range`` (a 7-bit grid, symmetric -64..64): on x86 CPUs without VNNI (AVX2,
+  AVX-512 without VNNI) ORT's U8S8 kernels add pairs of uint8 x int8 products in int16, which
+  saturates with full-range weights. Measured on such a CPU (AMD EPYC, AVX2 only), three random
+  conv1d archs of a supernet trained 8 epochs: predicted-class agreement with PyTorch 73, 36 and
+  82 % with full-range weights, 98, 97 and 96 % with the reduced range. The file is meant to run
+  on CPUs nobody knows at export time, so the range is always reduced.
+- **The arch's bit-widths** are not kept by the int8 file: the float model holds the arch's
+  dequantized weights (exact 2-8-bit grid values as float32), and the int8 file re-quantizes
+  every layer, 8-bit ones included, to the 7-bit grid above. Only the packed file keeps them
+  exactly.
 
 Verification (real samples, never random ones when data is given):
 
@@ -53,8 +54,9 @@ INT8_MIN_AGREEMENT = 0.90
 INT8_MAX_ACCURACY_DROP = 0.02
 CALIB_SAMPLES = 256
 CALIB_BATCH = 32
-NOTE = ("bit-widths below 8 are dequantized in ONNX (float32 values on the arch's grid; the int8 "
-        "file re-quantizes them to int8); only model.packed stores them exactly")
+NOTE = ("the arch's bit-widths are dequantized in ONNX (float32 values on the arch's grid; the "
+        "int8 file re-quantizes every layer to a 7-bit-range int8 grid); only model.packed "
+        "stores them exactly")
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear)
 

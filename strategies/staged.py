@@ -29,14 +29,16 @@ budget is split in two phases (the search loop tells the sampler its budget thro
 (default ``surrogate.SCREEN``) distinct proposals made by the moves above, by the objectives a
 forest fitted to the completed trials predicts (the proposal predicted furthest beyond the
 front; predicted budget breakers last); a share ``EXPLORE`` of children, and the initial random
-ones, skip the screen. (At 1000 evaluations on MNIST-1D, seeds 0-2, the supernet of that day: the
-joint front's hypervolume 0.924-0.926 with screening vs 0.917-0.919 without, and 3 vs 10 int8-
-front points not weakly dominated.)
+ones, skip the screen. (An ad-hoc run at 1000 evaluations on MNIST-1D, seeds 0-2, on the
+supernet of results/compression_mnist1d.md: the joint front's hypervolume 0.924-0.926 with
+screening vs 0.917-0.919 without, and 3 vs 10 points of the NSGA-II int8 front not weakly
+dominated; that file has the bench's figures.)
 
 Without a known budget the two phases' moves are interleaved at random (``ARCH_SHARE`` each).
 Spaces without compression genes get architecture moves only. State is the study's trials alone
 (plus the budget), so a resumed study continues; the draw sequence follows the seed. A child
-already in the study is re-drawn (up to ``RETRIES`` times), so the budget is not spent on repeats.
+already in the study is re-drawn (up to ``RETRIES`` more proposals than ``screen``), so the budget
+is not spent on repeats.
 """
 from __future__ import annotations
 
@@ -165,14 +167,15 @@ class StagedSampler(GeneSampler):
             return child
         if len(candidates) == 1 or len(done) < self.initial or self._rng.rand() < EXPLORE:
             return candidates[0]
-        if self._surrogate is None or set(self._surrogate.options) != set(choices):
+        if self._surrogate is None or self._surrogate.options != choices:
             self._surrogate = Surrogate(choices, seed=self.seed)
         return candidates[surrogate.pick(self._surrogate, candidates, done, parents,
                                          study.directions)]
 
     def _propose(self, done: list[FrozenTrial], parents: list[FrozenTrial], pool: "_Pool",
                  choices: dict[str, list]) -> dict[str, Any]:
-        compression = [g for g in self.compression if g in choices]
+        # compression genes fixed to one option (``--restrict``) cannot move
+        compression = [g for g in self.compression if len(choices.get(g, ())) > 1]
         random = {n: c[self._rng.randint(len(c))] for n, c in choices.items()}
         if self.budget is not None:  # phases: architecture first, compression at the end
             arch_phase = len(done) < self.arch_share * self.budget

@@ -43,15 +43,16 @@ class Surrogate:
     def __init__(self, options: Mapping[str, Sequence[Any]], seed: int = 0):
         self.options = dict(options)
         self.seed = seed
-        self.fitted_on = -1
+        self.fitted_on: tuple[int, ...] = ()  # numbers of the trials the forests were fitted to
         self.logged = np.zeros(0, dtype=bool)
+        self.floor = np.zeros(0)
         self.models: list[ExtraTreesRegressor] = []
         self.excess: ExtraTreesRegressor | None = None
 
     def transform(self, points: np.ndarray) -> np.ndarray:
         """Minimized objective values on the scale the forests model (log where positive)."""
         out = np.array(points, dtype=float)
-        out[:, self.logged] = np.log(np.maximum(out[:, self.logged], 1e-12))
+        out[:, self.logged] = np.log(np.maximum(out[:, self.logged], self.floor[self.logged]))
         return out
 
     def fit(self, trials: Sequence[FrozenTrial], directions) -> None:
@@ -60,32 +61,37 @@ class Surrogate:
         trials = sorted((t for t in trials  # a resumed study may hold options since restricted
                          if all(t.params.get(g) in o for g, o in self.options.items())),
                         key=lambda t: t.number)
-        n = len(trials) // REFIT * REFIT
-        if n == self.fitted_on or n == 0:
+        trials = trials[:len(trials) // REFIT * REFIT]
+        # keyed by the trials themselves: with several workers, trials finish out of order
+        numbers = tuple(t.number for t in trials)
+        if not trials or numbers == self.fitted_on:
             return
-        trials = trials[:n]
         x = np.array([encode(t.params, self.options) for t in trials])
         y = np.array([_minimized(t.values, directions) for t in trials], dtype=float)
         self.logged = (y > 0).all(0)
+        self.floor = y.min(0)  # log of a later non-positive value: clipped to the fitted range
         y = self.transform(y)
         forest = lambda: ExtraTreesRegressor(TREES, min_samples_leaf=2,  # noqa: E731
                                              random_state=self.seed)
         self.models = [forest().fit(x, y[:, k]) for k in range(y.shape[1])]
         excess = np.array([constraint_excess(t) for t in trials])
         self.excess = forest().fit(x, excess) if excess.any() else None
-        self.fitted_on = n
+        self.fitted_on = numbers
 
     @property
     def ready(self) -> bool:
-        return self.fitted_on > 0
+        return bool(self.fitted_on)
 
     def predict(self, candidates: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """Predicted minimized objectives (on :meth:`transform`'s scale), one row per
-        candidate, and predicted constraint excess (zeros without constraints)."""
+        candidate, and the share of trees that predict a constraint excess (zeros without
+        constraints)."""
         x = np.array([encode(c, self.options) for c in candidates])
         points = np.stack([m.predict(x) for m in self.models], 1)
-        excess = self.excess.predict(x) if self.excess is not None else np.zeros(len(x))
-        return points, excess
+        if self.excess is None:
+            return points, np.zeros(len(x))
+        breaking = np.mean([tree.predict(x) > 0 for tree in self.excess.estimators_], 0)
+        return points, breaking
 
 
 def margin(points: np.ndarray, front: np.ndarray) -> np.ndarray:
@@ -100,12 +106,15 @@ def margin(points: np.ndarray, front: np.ndarray) -> np.ndarray:
 
 def pick(surrogate: Surrogate, candidates: Sequence[Mapping[str, Any]],
          trials: Sequence[FrozenTrial], front: Sequence[FrozenTrial], directions) -> int:
-    """Index of the candidate predicted furthest beyond ``front``; candidates predicted to
-    break a constraint come after the others (least excess first)."""
+    """Index of the candidate predicted furthest beyond ``front`` among those most trees
+    predict within the constraints; if none is, the one fewest trees predict breaking them.
+    0 (the first) while the surrogate cannot be fitted yet (fewer than :data:`REFIT` trials)
+    or there is no front."""
     surrogate.fit(trials, directions)
-    points, excess = surrogate.predict(candidates)
+    if not surrogate.ready or not front:
+        return 0
+    points, breaking = surrogate.predict(candidates)
     ahead = margin(points, surrogate.transform(
         np.array([_minimized(t.values, directions) for t in front], dtype=float)))
-    feasible = excess <= 1e-9
-    score = np.where(feasible, ahead, -1e9 - excess)
+    score = np.where(breaking < 0.5, ahead, -1e9 - breaking)
     return int(np.argmax(score))

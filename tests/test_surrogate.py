@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 from scipy.stats import spearmanr
 
-from nasopt.objectives import get_objectives, hypervolume
+from nasopt.objectives import get_constraints, get_objectives, hypervolume
 from nasopt.search import run_search
 from strategies import surrogate
 from strategies.staged import StagedSampler
@@ -61,18 +61,25 @@ def test_forests_rank_held_out_archs_and_refit_every_refit_trials():
     s = Surrogate(OPTIONS)
     directions = [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
     s.fit([trial(i, a, values(a)) for i, a in enumerate(train)], directions)
-    assert s.fitted_on == 25 // REFIT * REFIT and s.ready
+    assert s.fitted_on == tuple(range(25 // REFIT * REFIT)) and s.ready
     # bytes are positive: modelled on a log scale; -accuracy is not
     assert list(s.logged) == [False, True]
-    points, excess = s.predict(test)
+    points, _ = s.predict(test)
     truth = np.array([values(a) for a in test])
     assert spearmanr(points[:, 0], -truth[:, 0]).statistic > 0.8
     assert spearmanr(points[:, 1], np.log(truth[:, 1])).statistic > 0.8
-    assert (excess == 0).all()
-    # more trials within the same multiple of REFIT: no refit
+    # more trials within the same multiple of REFIT: no refit; the first trials by number are
+    # the ones fitted to, whatever order they come in
     models = s.models
-    s.fit([trial(i, a, values(a)) for i, a in enumerate(train[:REFIT * 2 + 1])], directions)
+    s.fit([trial(i, a, values(a)) for i, a in enumerate(train[:REFIT * 2 + 1])][::-1],
+          directions)
     assert s.models is models
+    # the next multiple: refitted
+    s.fit([trial(i, a, values(a)) for i, a in enumerate(archs)], directions)
+    assert s.models is not models and s.fitted_on == tuple(range(len(archs) // REFIT * REFIT))
+    # not fitted yet: the first candidate
+    assert pick(Surrogate(OPTIONS), test, [trial(0, train[0], values(train[0]))], [],
+                directions) == 0
 
 
 def test_candidates_predicted_infeasible_come_last():
@@ -105,3 +112,23 @@ def test_screening_beats_no_screening_at_the_same_number_of_evaluations():
             points = [(t.values[0], t.values[1]) for t in study.best_trials]
             hv[screen].append(hypervolume(points, 20000))
     assert np.mean(hv[surrogate.SCREEN]) > np.mean(hv[1]), hv
+
+
+def test_staged_screens_with_one_objective_three_objectives_and_a_budget():
+    sp = space()
+    for names, budget in ((["accuracy"], None), (["accuracy", "size", "macs"], None),
+                          (["accuracy", "size"], 3000.0)):
+        objs = get_objectives(names)
+        sampler = StagedSampler(sp, seed=0)
+        study = optuna.create_study(directions=[o.direction for o in objs], sampler=sampler)
+        constraints = get_constraints({"size": budget}) if budget else ()
+        run_search(study, sp, synthetic, objs, 60, show_progress=False,
+                   constraints=constraints)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(done) == 60 and sampler._surrogate is not None, names
+        assert sampler._surrogate.ready and len(sampler._surrogate.models) == len(names)
+        if budget:
+            assert sampler._surrogate.excess is not None
+            feasible = [t for t in done if t.values[1] <= budget]
+            # the screen keeps proposing archs within the budget
+            assert len(feasible) > len(done) / 2, len(feasible)

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> Path:
                           *[_share(pareto(runs[f"joint, {j}"][seed]),
                                    pareto(runs[f"int8, {a}"][seed])) for j, a in pairs]])
     fronts = {"joint (arch + compression)": pareto(joint),
-              "architecture-only, int8": pareto(arch_only),
+              "architecture-only int8 (NSGA-II)": pareto(arch_only),
               "reference CNN, quantized/pruned": pareto(baseline)}
     ref = REFERENCE_KB * 1024
     rows = []
@@ -190,6 +190,15 @@ def run(args: argparse.Namespace) -> Path:
                   and dominated_share(pareto(runs[f"joint, {args.joint_strategy}"][seed]),
                                       fronts["reference CNN, quantized/pruned"]) == 1.0]
     dominates = len(dominating) == len(seeds)
+    # not a target: the same against the int8 front the joint strategy itself finds
+    own_row = ""
+    if args.joint_strategy != "nsga2":
+        own = [seed for seed in seeds
+               if dominated_share(pareto(runs[f"joint, {args.joint_strategy}"][seed]),
+                                  pareto(runs[f"int8, {args.joint_strategy}"][seed])) == 1.0]
+        own_row = (f"| (not a target) joint front dominates the int8 front "
+                   f"`{args.joint_strategy}` finds, every seed | on {len(own)} of {len(seeds)} "
+                   "seeds | - |\n")
     verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
 
     plot = Path(args.out).with_suffix(".png")
@@ -208,7 +217,8 @@ without the ~25-byte header. Models are evaluated with inherited supernet weight
 recalibration and compression; **no distillation or fine-tuning**.
 
 Setup: supernet {cfg.supernet.epochs} epochs (sandwich rule); the joint search uses the
-`{args.joint_strategy}` strategy (`nasopt strategies`), the architecture-only search NSGA-II, each
+`{args.joint_strategy}` strategy (`nasopt strategies`), the architecture-only search NSGA-II (and,
+in "Every seed", the joint strategy too), each
 with {args.evaluations} evaluations (seed {args.seed} below, {args.seeds} seeds in "Every seed"); reference CNN trained with the reference
 recipe (Adam lr 1e-2, batch 100, {args.reference_epochs} epochs, cosine decay), then compressed.
 Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {REFERENCE_KB} KB, so
@@ -243,8 +253,8 @@ samples (of {n_val}):
 
 | target | value | verdict |
 |---|---|---|
-| joint front dominates both baselines, every seed | on {len(dominating)} of {len(seeds)} seeds (seed {seeds[0]}: HV joint {hv["joint (arch + compression)"]:.4f} vs {hv["architecture-only, int8"]:.4f} / {hv["reference CNN, quantized/pruned"]:.4f}) | {verdict(dominates)} |
-| >= {TARGET_ACC_4KB:.0%} val accuracy at <= 4 KB | {best4 if best4 is None else f"{best4:.4f}"} | {verdict(best4 is not None and best4 >= TARGET_ACC_4KB)} |
+| joint front dominates both baselines, every seed | on {len(dominating)} of {len(seeds)} seeds (seed {seeds[0]}: HV joint {hv["joint (arch + compression)"]:.4f} vs {hv["architecture-only int8 (NSGA-II)"]:.4f} / {hv["reference CNN, quantized/pruned"]:.4f}) | {verdict(dominates)} |
+{own_row}| >= {TARGET_ACC_4KB:.0%} val accuracy at <= 4 KB | {best4 if best4 is None else f"{best4:.4f}"} | {verdict(best4 is not None and best4 >= TARGET_ACC_4KB)} |
 
 ## Joint front
 
