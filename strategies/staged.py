@@ -42,7 +42,7 @@ is not spent on repeats.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -153,7 +153,13 @@ class StagedSampler(GeneSampler):
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         seen = {tuple(sorted(t.params.items())) for t in done}
         parents = front(done, study.directions)
-        pool = self._pool(done, study.directions)
+        pools: list[_Pool] = []  # the NSGA-II pool, built once and only when a proposal needs it
+
+        def pool() -> _Pool:
+            if not pools:
+                pools.append(self._pool(done, study.directions))
+            return pools[0]
+
         candidates: list[dict[str, Any]] = []
         for _ in range(RETRIES + self.screen):
             child = self._propose(done, parents, pool, choices)
@@ -172,8 +178,8 @@ class StagedSampler(GeneSampler):
         return candidates[surrogate.pick(self._surrogate, candidates, done, parents,
                                          study.directions)]
 
-    def _propose(self, done: list[FrozenTrial], parents: list[FrozenTrial], pool: "_Pool",
-                 choices: dict[str, list]) -> dict[str, Any]:
+    def _propose(self, done: list[FrozenTrial], parents: list[FrozenTrial],
+                 pool: Callable[[], _Pool], choices: dict[str, list]) -> dict[str, Any]:
         # compression genes fixed to one option (``--restrict``) cannot move
         compression = [g for g in self.compression if len(choices.get(g, ())) > 1]
         random = {n: c[self._rng.randint(len(c))] for n, c in choices.items()}
@@ -184,7 +190,7 @@ class StagedSampler(GeneSampler):
         if len(done) < self.initial:
             child = random
         elif not compression or arch_phase:
-            child = self._architecture_move(pool, choices) or random
+            child = self._architecture_move(pool(), choices) or random
         else:
             pick = lambda: parents[self._rng.randint(len(parents))].params  # noqa: E731
             parent = pick()
@@ -203,7 +209,7 @@ class StagedSampler(GeneSampler):
         child.update({g: v for g, v in self.reference.items() if g in choices})
         return child
 
-    def _pool(self, done: list[FrozenTrial], directions) -> "_Pool":
+    def _pool(self, done: list[FrozenTrial], directions) -> _Pool:
         """The trials at the reference compression, with NSGA-II's tournament key (feasibility,
         then Pareto rank, then crowding) of each."""
         pool = [t for t in done if all(t.params.get(g) == v for g, v in self.reference.items())]
@@ -213,7 +219,7 @@ class StagedSampler(GeneSampler):
         rank, crowd = ranks_and_crowding(_points(pool, directions))
         return _Pool(pool, [(e > 0, e, r, -c) for e, r, c in zip(excess, rank, crowd)])
 
-    def _architecture_move(self, pool: "_Pool", choices: dict[str, list]
+    def _architecture_move(self, pool: _Pool, choices: dict[str, list]
                            ) -> dict[str, Any] | None:
         """NSGA-II's step on the trials at the reference compression: two binary tournaments
         (feasibility, then rank, then crowding), uniform crossover, one-or-two-gene mutation."""
