@@ -27,6 +27,11 @@ Verification (real samples, never random ones when data is given):
 - int8: predicted-class agreement with PyTorch >= ``INT8_MIN_AGREEMENT`` (90 %; near-tie logits of
   a weak model flip under int8 rounding without changing accuracy) and accuracy
   within ``INT8_MAX_ACCURACY_DROP`` (2 points) of PyTorch's on the verification samples.
+
+A file that fails its check is never written. ``nasopt export --format onnx-int8`` then fails
+with the reason; ``nasopt run`` (:func:`pipeline_export`) leaves the int8 file out, records why in
+the model card and REPORT.md, and keeps the run's other files. The int8 graph is a by-product
+there, and a long run should not be thrown away because of it.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +169,11 @@ def verify_fp32(model: nn.Module, onnx_model: bytes, x: Tensor) -> dict[str, Any
     return {"max_abs_diff": diff, "tolerance": FP32_TOLERANCE, "samples": len(x)}
 
 
+class Int8CheckFailed(NasoptError):
+    """The int8 graph is outside the stated tolerances (:func:`verify_int8`): the model's fault,
+    not the user's input, so ``nasopt run`` records it and keeps the other files."""
+
+
 @torch.no_grad()
 def verify_int8(model: nn.Module, onnx_model: bytes, x: Tensor, y: Tensor | None
                 ) -> dict[str, Any]:
@@ -189,7 +199,7 @@ def verify_int8(model: nn.Module, onnx_model: bytes, x: Tensor, y: Tensor | None
                             f"{out['accuracy_onnx_int8']:.2%}; allowed "
                             f"{INT8_MAX_ACCURACY_DROP:.0%})")
     if problems:
-        raise NasoptError("ONNX int8 verification failed: " + "; ".join(problems) + ". Export "
+        raise Int8CheckFailed("ONNX int8 verification failed: " + "; ".join(problems) + ". Export "
                           "--format onnx (float32) instead, or fine-tune the model at 8 bits "
                           "(`nasopt finetune`) first")
     return out
@@ -233,18 +243,28 @@ def write(model: nn.Module, folder: str | Path, input_shape: Sequence[int],
 
 
 def pipeline_export(model: nn.Module, out: Path, space: Any, data: Any,
-                    formats: Sequence[str]) -> dict[str, Any]:
+                    formats: Sequence[str], log: Callable[[str], None] = lambda s: None
+                    ) -> dict[str, Any]:
     """For ``nasopt run`` (:mod:`nasopt.pipeline`): write and verify the ONNX files of
     ``formats`` into the export folder ``out`` (calibration on training samples, verification on
     the validation split) and return the model card's notes plus ``test_accuracy`` of each file
-    in ONNX Runtime."""
+    in ONNX Runtime. An int8 graph that fails its check is not written: the reason goes to the
+    card (``onnx-int8.not_written``) and to ``log``, and the run keeps its other files."""
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
     x_calib = data.x_train[order[:CALIB_SAMPLES].to(data.x_train.device)].cpu()
-    record = write(model, out, space.input_shape, formats, x_calib, data.x_val.cpu(),
-                   data.y_val.cpu())
+    check = (x_calib, data.x_val.cpu(), data.y_val.cpu())
+    record = write(model, out, space.input_shape, [f for f in formats if f != "onnx-int8"],
+                   *check)
+    if "onnx-int8" in formats:
+        try:
+            record.update(write(model, out, space.input_shape, ["onnx-int8"], *check))
+        except Int8CheckFailed as exc:
+            record["onnx-int8"] = {"file": None, "not_written": str(exc)}
+            log(f"{INT8_FILE} not written: {exc}")
     x, y = data.x_test.cpu().numpy(), data.y_test.cpu().numpy()
     test = {}
     for fmt in formats:
-        got = run(session(out / FILES[fmt]), x).argmax(1)
-        test[f"{FILES[fmt]} via ONNX Runtime"] = float((got == y).mean())
+        if (out / FILES[fmt]).exists():
+            got = run(session(out / FILES[fmt]), x).argmax(1)
+            test[f"{FILES[fmt]} via ONNX Runtime"] = float((got == y).mean())
     return {"onnx": record, "test_accuracy": test}

@@ -328,7 +328,13 @@ def _export_onnx(model: nn.Module, out: Path, space, data: Dataset, formats: Seq
     except ImportError:
         log("ONNX export skipped: nasopt.onnx_export is not available in this version")
         return {"onnx": "not written: nasopt.onnx_export is not available in this version"}
-    return onnx_export.pipeline_export(model, out, space, data, wanted)  # type: ignore[attr-defined]
+    return onnx_export.pipeline_export(model, out, space, data, wanted, log)  # type: ignore[attr-defined]
+
+
+def int8_not_written(card: Mapping[str, Any]) -> str | None:
+    """Why the card's run wrote no model.int8.onnx though asked to (it failed its check)."""
+    onnx = card["formats"].get("onnx")
+    return onnx.get("onnx-int8", {}).get("not_written") if isinstance(onnx, dict) else None
 
 
 def report_markdown(card: Mapping[str, Any]) -> str:
@@ -337,6 +343,8 @@ def report_markdown(card: Mapping[str, Any]) -> str:
                          for k, v in card["teacher_test_accuracy"].items())
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in card["timings_s"].items())
     genes = ", ".join(f"{k}={v}" for k, v in card["arch"].items())
+    reason = int8_not_written(card)
+    not_written = f"\n**model.int8.onnx not written**: {reason}" if reason else ""
     return f"""# nasopt run: {card['study']}, trial {card['trial']}
 
 Command: `{card['command']}`
@@ -360,7 +368,7 @@ weights), distilled {card['val_accuracy']['distilled'] or float('nan'):.4f}, fin
 Packed file: {card['packed_bytes']} B (predicted by the search: {card['predicted_bytes']} B);
 float32 model: {card['float_bytes']} B; params {card['params']}, MACs {card['macs']};
 CPU latency (batch 1, PyTorch, 1 thread; noisy on a shared machine): {card['latency_ms_cpu_batch1']:.3f} ms.
-Files: {', '.join(card['files'])}.
+Files: {', '.join(card['files'])}.{not_written}
 
 Time: {timings}.
 """

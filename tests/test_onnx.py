@@ -55,3 +55,29 @@ def test_int8_verification_rejects_a_wrong_graph(trained):
     wrong = onnx_export.to_onnx_bytes(other, space.input_shape)  # another model's graph
     with pytest.raises(NasoptError, match="verification failed"):
         onnx_export.verify_fp32(model, wrong, data.x_val[:64])
+
+
+def test_run_keeps_its_files_when_the_int8_graph_fails_its_check(trained, tmp_path,
+                                                                  monkeypatch):
+    """`nasopt run`'s export step: an int8 graph outside the tolerances is not written, the card
+    says why, and the float32 file (and the run) stay; `nasopt export` still refuses it."""
+    space, supernet, data = trained
+    if space.name != "conv1d":
+        pytest.skip("the rule does not depend on the space")
+    model, _ = Evaluator(space, supernet, data, calib_samples=256).compressed(space.largest())
+    monkeypatch.setattr(onnx_export, "INT8_MIN_AGREEMENT", 1.01)  # no graph can pass
+    said = []
+    got = onnx_export.pipeline_export(model, tmp_path, space, data, ["onnx", "onnx-int8"],
+                                      said.append)
+    assert (tmp_path / onnx_export.FP32_FILE).exists()
+    assert not (tmp_path / onnx_export.INT8_FILE).exists()
+    reason = got["onnx"]["onnx-int8"]["not_written"]
+    assert "int8 verification failed" in reason and "need >= 101%" in reason
+    assert said == [f"{onnx_export.INT8_FILE} not written: {reason}"]
+    assert list(got["test_accuracy"]) == [f"{onnx_export.FP32_FILE} via ONNX Runtime"]
+    from nasopt.pipeline import int8_not_written
+    assert int8_not_written({"formats": {"onnx": got["onnx"]}}) == reason  # REPORT.md's line
+    with pytest.raises(NasoptError, match="int8 verification failed"):
+        onnx_export.write(model, tmp_path / "x", space.input_shape, ["onnx-int8"],
+                          data.x_train[:256], data.x_val, data.y_val)
+    assert not (tmp_path / "x").exists()

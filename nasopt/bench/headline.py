@@ -36,6 +36,7 @@ import optuna
 
 from .. import api
 from ..errors import NasoptError
+from ..pipeline import int8_not_written
 from .report import LoadSampler, machine, table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,6 +136,8 @@ def _latency(run: dict) -> dict:
     from ..latency import measure_export
     latency = {}
     for profile in ("cpu-ort", "cpu-ort-int8"):
+        if profile == "cpu-ort-int8" and not (run["out"] / "model.int8.onnx").exists():
+            continue  # failed its check (the card says why): no int8 latency to report
         timing, what = measure_export(run["out"], hardware.load_profile(profile), api.SPACES)
         latency[profile] = (timing.median_ms, what)
     return {**run, "latency": latency}
@@ -177,8 +180,8 @@ def _dataset_section(target: Target, runs: list[dict], jobs: int) -> tuple[str, 
         rows.append([r["seed"], c["trial"], c["packed_bytes"], f"{c['macs']:,}",
                      *[f"{100 * c['test_accuracy'][key]:.2f}" if key in c["test_accuracy"]
                        else "-" for _, key in ARTIFACTS],
-                     f"{r['latency']['cpu-ort'][0] * 1000:.1f}",
-                     f"{r['latency']['cpu-ort-int8'][0] * 1000:.1f}",
+                     *[f"{r['latency'][p][0] * 1000:.1f}" if p in r["latency"] else "-"
+                       for p in ("cpu-ort", "cpu-ort-int8")],
                      *[f"{c['timings_s'].get(s, float('nan')):.0f}" for s in STAGES]])
 
     def column(get) -> list[float]:  # noqa: ANN001
@@ -237,7 +240,9 @@ Published baselines (../shared/REFERENCES.md; their figures, not re-run here):
 
 {table(["model", "test accuracy", "size"], target.baselines)}
 
-Timed for latency: {", ".join(sorted({f"`{w}`" for r in runs for _, w in r["latency"].values()}))}.
+Timed for latency: {", ".join(sorted({f"`{w}`" for r in runs for _, w in r["latency"].values()}))}.{
+    "".join(f"{chr(10)}Seed {r['seed']}: model.int8.onnx not written ({reason})" for r in runs
+            if (reason := int8_not_written(r["card"])))}
 Picked archs: {"; ".join(f"seed {r['seed']}: `{json.dumps(r['card']['arch'])}`" for r in runs)}.
 Command of seed {runs[0]['seed']}: `{runs[0]['command']}`.
 """
