@@ -3,6 +3,7 @@ rank), then architecture and compression moves around the front, no repeats; on 
 closed-form evaluator (the strategy only sees metrics, so no supernet is needed)."""
 from __future__ import annotations
 
+import numpy as np
 import optuna
 
 from nasopt.arch import Arch
@@ -12,7 +13,8 @@ from nasopt.objectives import get_objectives
 from nasopt.search import run_search
 from search_spaces.conv1d import Conv1dSpace
 from strategies import STRATEGIES
-from strategies.staged import INITIAL, StagedSampler
+from strategies import staged
+from strategies.staged import INITIAL, TOP_PART, StagedSampler, front, leading
 
 
 def space() -> Conv1dSpace:
@@ -132,3 +134,45 @@ def test_compression_phase_moves_architecture_or_shifts_every_bit_width_or_steps
                        for m in moves), (t.number, moves)
             kinds["step"] += 1
     assert kinds["arch"] > 20 and kinds["shift"] > 8 and kinds["step"] > 8, kinds
+
+
+def test_leading_is_the_best_part_of_the_front_by_the_first_objective():
+    maximize, minimize = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+    members = [optuna.trial.create_trial(values=[acc, size]) for acc, size in
+               ((0.5, 100.0), (0.9, 900.0), (0.7, 300.0), (0.8, 500.0), (0.6, 200.0))]
+    assert [t.values[0] for t in leading(members, [maximize, minimize], 0.25)] == [0.9, 0.8]
+    assert [t.values[0] for t in leading(members, [minimize, minimize], 0.25)] == [0.5, 0.6]
+    assert len(leading(members[:1], [maximize, minimize], 0.25)) == 1
+    assert leading([], [maximize, minimize], 0.25) == []
+
+
+def test_compression_phase_draws_half_its_parents_from_the_most_accurate_quarter(monkeypatch):
+    sp = space()
+    study = run(4, 100)
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    parents = front(done, study.directions)
+    top = leading(parents, study.directions, TOP_PART)
+    assert 1 < len(top) < len(parents)
+    architecture = [g for g in sp.genes if g not in set(sp.compression_genes())]
+    archs = lambda members: {tuple(t.params[g] for g in architecture) for t in members}  # noqa
+    choices = {g: list(o) for g, o in sp.genes.items()}
+
+    def share() -> float:
+        """Share of compression-phase proposals with the architecture of a leading member
+        (compression moves keep their parent's architecture; architecture moves change it)."""
+        sampler = StagedSampler(sp, seed=0)
+        sampler.plan(100)  # the study holds 100 trials: the compression phase
+        children = [sampler._propose(done, parents, top, lambda: None, choices)
+                    for _ in range(2000)]
+        return np.mean([tuple(c[g] for g in architecture) in archs(top) for c in children])
+
+    t = staged.TOP_SHARE
+    with_top = share()
+    monkeypatch.setattr(staged, "TOP_SHARE", 0.0)
+    without = share()
+    # compression moves are half the children (ARCH_MOVES); a share TOP_SHARE of their parents
+    # come from the leading part, the others from the whole front (whose members have a
+    # leading member's architecture with probability q)
+    q = np.mean([tuple(p.params[g] for g in architecture) in archs(top) for p in parents])
+    assert t > 0 and abs(without - 0.5 * q) < 0.05, (without, q)
+    assert abs(with_top - 0.5 * (t + (1 - t) * q)) < 0.05, (with_top, t, q)
