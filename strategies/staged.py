@@ -83,6 +83,12 @@ EXPLORE = 0.1
 #: members, best by the first objective: accuracy) instead of the whole front
 TOP_SHARE = 0.5
 TOP_PART = 0.25
+#: share of the architecture phase's children (after the initial ones) chosen by the surrogate
+#: from *every* architecture not yet evaluated at the reference compression, instead of from
+#: ``screen`` NSGA-II proposals; only where the architecture space has at most ``SWEEP_MAX``
+#: members
+SWEEP = 0.9
+SWEEP_MAX = 200_000
 
 
 def _points(trials: Sequence[FrozenTrial], directions) -> np.ndarray:
@@ -159,6 +165,8 @@ class StagedSampler(GeneSampler):
         self.arch_share = arch_share
         self.initial = initial
         self.budget: int | None = None
+        self._grid: tuple | None = None  # (choices, option positions, encoded) of _sweep
+        self._swept: tuple | None = None  # ((trials fitted on, fixed genes), predictions)
 
     def plan(self, trials: int) -> None:
         """Called by the search loop with the number of completed trials the study will hold."""
@@ -180,6 +188,13 @@ class StagedSampler(GeneSampler):
                 pools.append(self._pool(done, study.directions))
             return pools[0]
 
+        if (SWEEP and self.budget is not None and parents
+                and self.initial <= len(done) < self.arch_share * self.budget
+                and self._rng.rand() < SWEEP):
+            child = self._sweep(done, parents, study.directions, choices,
+                                {g: v for g, v in self.reference.items() if g in choices})
+            if child is not None:
+                return child
         candidates: list[dict[str, Any]] = []
         for _ in range(RETRIES + self.screen):
             child = self._propose(done, parents, top, pool, choices)
@@ -193,10 +208,54 @@ class StagedSampler(GeneSampler):
             return child
         if len(candidates) == 1 or len(done) < self.initial or self._rng.rand() < EXPLORE:
             return candidates[0]
+        return candidates[surrogate.pick(self._surrogate_for(choices), candidates, done,
+                                         parents, study.directions)]
+
+    def _surrogate_for(self, choices: dict[str, list]) -> Surrogate:
         if self._surrogate is None or self._surrogate.options != choices:
             self._surrogate = Surrogate(choices, seed=self.seed)
-        return candidates[surrogate.pick(self._surrogate, candidates, done, parents,
-                                         study.directions)]
+        return self._surrogate
+
+    def _sweep(self, done: list[FrozenTrial], parents: list[FrozenTrial], directions,
+               choices: dict[str, list], fixed: dict[str, Any]) -> dict[str, Any] | None:
+        """The architecture, at the reference compression, that the surrogate predicts furthest
+        beyond the front among all those not yet evaluated there (None: the space is larger
+        than ``SWEEP_MAX``, the surrogate is not fitted yet, or all are evaluated)."""
+        genes = [g for g in self.architecture if g in choices]
+        sizes = [len(choices[g]) for g in genes]
+        if not genes or int(np.prod(sizes)) > SWEEP_MAX:
+            return None
+        names = list(choices)
+        if self._grid is None or self._grid[0] != choices:
+            positions = np.indices(sizes).reshape(len(genes), -1).T
+            x = np.zeros((len(positions), len(names)))
+            for j, g in enumerate(genes):
+                x[:, names.index(g)] = positions[:, j] / max(1, sizes[j] - 1)
+            self._grid = (choices, positions, x)
+            self._swept = None
+        _, positions, x = self._grid
+        model = self._surrogate_for(choices)
+        model.fit(done, directions)
+        if not model.ready:
+            return None
+        key = (model.fitted_on, tuple(sorted(fixed.items())))
+        if self._swept is None or self._swept[0] != key:
+            for g, v in fixed.items():
+                x[:, names.index(g)] = choices[g].index(v) / max(1, len(choices[g]) - 1)
+            self._swept = (key, model.predict_encoded(x))
+        score = surrogate.scores(model, *self._swept[1], parents, directions)
+        weights = np.cumprod([1, *sizes[:0:-1]])[::-1]  # flat index of option positions
+        for t in done:
+            if all(t.params.get(g) == v for g, v in fixed.items()) and \
+                    all(t.params.get(g) in choices[g] for g in genes):
+                score[sum(choices[g].index(t.params[g]) * w for g, w in zip(genes, weights))] \
+                    = -np.inf
+        best = int(np.argmax(score))
+        if not np.isfinite(score[best]):
+            return None
+        child = {g: choices[g][positions[best, j]] for j, g in enumerate(genes)}
+        child.update(fixed)
+        return {n: child.get(n, choices[n][0]) for n in choices}
 
     def _propose(self, done: list[FrozenTrial], parents: list[FrozenTrial],
                  top: list[FrozenTrial], pool: Callable[[], _Pool], choices: dict[str, list]

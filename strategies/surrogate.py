@@ -86,7 +86,10 @@ class Surrogate:
         """Predicted minimized objectives (on :meth:`transform`'s scale), one row per
         candidate, and the share of trees that predict a constraint excess (zeros without
         constraints)."""
-        x = np.array([encode(c, self.options) for c in candidates])
+        return self.predict_encoded(np.array([encode(c, self.options) for c in candidates]))
+
+    def predict_encoded(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict` of candidates already encoded (one row each, :func:`encode`)."""
         points = np.stack([m.predict(x) for m in self.models], 1)
         if self.excess is None:
             return points, np.zeros(len(x))
@@ -113,8 +116,14 @@ def pick(surrogate: Surrogate, candidates: Sequence[Mapping[str, Any]],
     surrogate.fit(trials, directions)
     if not surrogate.ready or not front:
         return 0
-    points, breaking = surrogate.predict(candidates)
+    return int(np.argmax(scores(surrogate, *surrogate.predict(candidates), front, directions)))
+
+
+def scores(surrogate: Surrogate, points: np.ndarray, breaking: np.ndarray,
+           front: Sequence[FrozenTrial], directions) -> np.ndarray:
+    """Each candidate's score from its predicted ``points`` and ``breaking`` share
+    (:meth:`Surrogate.predict`): its margin beyond ``front`` if most trees predict it within the
+    constraints, else ``-1e9`` less its breaking share (the larger, the better)."""
     ahead = margin(points, surrogate.transform(
         np.array([_minimized(t.values, directions) for t in front], dtype=float)))
-    score = np.where(breaking < 0.5, ahead, -1e9 - breaking)
-    return int(np.argmax(score))
+    return np.where(breaking < 0.5, ahead, -1e9 - breaking)

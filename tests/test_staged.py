@@ -3,6 +3,8 @@ rank), then architecture and compression moves around the front, no repeats; on 
 closed-form evaluator (the strategy only sees metrics, so no supernet is needed)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import optuna
 
@@ -13,8 +15,9 @@ from nasopt.objectives import get_objectives
 from nasopt.search import run_search
 from search_spaces.conv1d import Conv1dSpace
 from strategies import STRATEGIES
-from strategies import staged
+from strategies import staged, surrogate
 from strategies.staged import INITIAL, TOP_PART, StagedSampler, front, leading
+from strategies.surrogate import Surrogate
 
 
 def space() -> Conv1dSpace:
@@ -129,10 +132,12 @@ def test_compression_phase_moves_architecture_or_shifts_every_bit_width_or_steps
         moves = [offsets(e) for e in parents]
         if any(m and set(m) <= set(bits) and set(m.values()) == {-1} for m in moves):
             kinds["shift"] += 1  # bit-widths one option lower (those that could go lower)
-        else:  # one or two genes, each to a neighbouring option
-            assert any(1 <= len(m) <= 2 and all(abs(v) == 1 for v in m.values())
-                       for m in moves), (t.number, moves)
-            kinds["step"] += 1
+        elif any(1 <= len(m) <= 2 and all(abs(v) == 1 for v in m.values()) for m in moves):
+            kinds["step"] += 1  # one or two genes, each to a neighbouring option
+        else:  # an architecture move onto an architecture evaluated before at another compression
+            assert any(all(e.params[g] == t.params[g] for g in compression)
+                       for e in study.trials[: t.number]), (t.number, moves)
+            kinds["arch"] += 1
     assert kinds["arch"] > 20 and kinds["shift"] > 8 and kinds["step"] > 8, kinds
 
 
@@ -176,3 +181,47 @@ def test_compression_phase_draws_half_its_parents_from_the_most_accurate_quarter
     q = np.mean([tuple(p.params[g] for g in architecture) in archs(top) for p in parents])
     assert t > 0 and abs(without - 0.5 * q) < 0.05, (without, q)
     assert abs(with_top - 0.5 * (t + (1 - t) * q)) < 0.05, (with_top, t, q)
+
+
+def test_sweep_picks_the_unevaluated_int8_arch_the_surrogate_ranks_furthest_beyond_the_front():
+    # a smaller architecture grid (2 x 2 x 2 per stage: 512 archs), so the test can rank every
+    # one of them itself through the surrogate's public predict()
+    sp = space().restrict({f"s{s}.{g}": o for s in (1, 2, 3)
+                           for g, o in (("depth", [1, 2]), ("k", [3, 5]), ("width", [8, 16]))})
+    study = run(5, 60, sp)
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    parents = front(done, study.directions)
+    choices = {g: list(o) for g, o in sorted(sp.genes.items())}
+    ref = reference_compression(sp.compression_genes())
+    architecture = [g for g in choices if g not in ref]
+    evaluated = {tuple(t.params[g] for g in architecture) for t in done
+                 if all(t.params[g] == v for g, v in ref.items())}
+    unevaluated = [dict(zip(architecture, combo), **ref) for combo in
+                   itertools.product(*(choices[g] for g in architecture))
+                   if combo not in evaluated]
+    assert 0 < len(unevaluated) < 512
+    sampler = StagedSampler(sp, seed=5)
+    child = sampler._sweep(done, parents, study.directions, choices, ref)
+    model = Surrogate(choices, seed=5)
+    model.fit(done, study.directions)
+    expected = unevaluated[int(np.argmax(surrogate.scores(
+        model, *model.predict(unevaluated), parents, study.directions)))]
+    assert child == expected
+    # a grid over SWEEP_MAX is not swept (the NSGA-II proposals are screened instead)
+    staged.SWEEP_MAX, old = 511, staged.SWEEP_MAX
+    try:
+        assert StagedSampler(sp, seed=5)._sweep(done, parents, study.directions, choices,
+                                                ref) is None
+    finally:
+        staged.SWEEP_MAX = old
+
+
+def test_architecture_phase_children_are_new_int8_archs_with_or_without_the_sweep(monkeypatch):
+    sp = space()
+    ref = reference_compression(sp.compression_genes())
+    assert staged.SWEEP > 0  # on by default
+    for share in (staged.SWEEP, 0.0):
+        monkeypatch.setattr(staged, "SWEEP", share)
+        trials = run(6, 80).trials  # 40 + 40; trial 0 is Optuna's random first one
+        assert all(all(t.params[g] == v for g, v in ref.items()) for t in trials[1:40])
+        assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
