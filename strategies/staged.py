@@ -1,8 +1,8 @@
 """``staged``: architecture first, then architecture and compression moves around the front
 (for joint spaces).
 
-A joint architecture + compression space is large (conv1d: 3^9 architectures x 5^4 bit-widths x
-4 sparsities x 3 ranks), and a generic sampler spends much of its budget on compressed versions
+A joint architecture + compression space is large (conv1d: 36^3 = 46,656 architectures x 5^4
+bit-widths x 4 sparsities x 3 ranks), and a generic sampler spends much of its budget on compressed versions
 of poor architectures. Compression genes act on an architecture that is already good, so the
 budget is split in two phases (the search loop tells the sampler its budget through ``plan``):
 
@@ -11,7 +11,18 @@ budget is split in two phases (the search loop tells the sampler its budget thro
    full rank: ``compress.reference_compression``, the usual deployment default): ``INITIAL``
    random archs, then two binary tournaments (feasibility first, as Deb's rule, then Pareto
    rank, then crowding distance) among the trials at the reference compression, uniform
-   crossover, one or two genes mutated.
+   crossover, one or two genes mutated. **Sweep**: where the architecture space has at most
+   ``SWEEP_MAX`` members (conv1d: 46,656), a share ``SWEEP`` of these children is instead the
+   architecture, among *all* those not yet evaluated at the reference compression, that the
+   surrogate (below) predicts furthest beyond the front; the forests' predictions for the whole
+   grid are computed once per refit. (Chosen from ad-hoc runs at 1000 evaluations on MNIST-1D,
+   the NSGA-II int8 front's points not weakly dominated by the joint front: on the supernet of
+   results/compression_mnist1d.md, seeds 0-9, 14 with the sweep vs 22 without, every point on
+   2 of 10 seeds either way, hypervolume 0.9257 vs 0.9241; on a second training of that
+   supernet (``supernet.seed=1``), seeds 0-5, 2 vs 4 points, 5 vs 3 of 6 seeds, hypervolume
+   0.9152 vs 0.9157. Also tried, no better within seed noise: 96 proposals per child instead
+   of the sweep, an optimistic sweep (mean minus the trees' spread), a 0.6 architecture phase
+   with the sweep, and sweeps at a front member's compression in the compression phase.)
 2. **compression phase**: a parent drawn from the Pareto front of *all* trials (feasible ones
    first): with probability ``TOP_SHARE`` from its most accurate quarter (``TOP_PART``, by the
    first objective), otherwise uniformly from the whole front. (Uniform draws alone spent a
@@ -178,7 +189,11 @@ class StagedSampler(GeneSampler):
             return {}
         choices = {n: list(d.choices) for n, d in search_space.items()}  # type: ignore[attr-defined]
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        seen = {tuple(sorted(t.params.items())) for t in done}
+        # trials other workers are evaluating now count as seen, so they are not proposed again
+        busy = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,
+                                                                   TrialState.WAITING))
+                if t.params]
+        seen = {tuple(sorted(t.params.items())) for t in (*done, *busy)}
         parents = front(done, study.directions)
         top = leading(parents, study.directions, TOP_PART)
         pools: list[_Pool] = []  # the NSGA-II pool, built once and only when a proposal needs it
@@ -192,7 +207,7 @@ class StagedSampler(GeneSampler):
                 and self.initial <= len(done) < self.arch_share * self.budget
                 and self._rng.rand() < SWEEP):
             child = self._sweep(done, parents, study.directions, choices,
-                                {g: v for g, v in self.reference.items() if g in choices})
+                                {g: v for g, v in self.reference.items() if g in choices}, busy)
             if child is not None:
                 return child
         candidates: list[dict[str, Any]] = []
@@ -217,10 +232,12 @@ class StagedSampler(GeneSampler):
         return self._surrogate
 
     def _sweep(self, done: list[FrozenTrial], parents: list[FrozenTrial], directions,
-               choices: dict[str, list], fixed: dict[str, Any]) -> dict[str, Any] | None:
-        """The architecture, at the reference compression, that the surrogate predicts furthest
-        beyond the front among all those not yet evaluated there (None: the space is larger
-        than ``SWEEP_MAX``, the surrogate is not fitted yet, or all are evaluated)."""
+               choices: dict[str, list], fixed: dict[str, Any],
+               busy: Sequence[FrozenTrial] = ()) -> dict[str, Any] | None:
+        """The architecture, at the compression ``fixed`` (the reference one), that the
+        surrogate predicts furthest beyond the front among all those not yet evaluated (nor
+        being evaluated: ``busy``) there (None: the space is larger than ``SWEEP_MAX``, the
+        surrogate is not fitted yet, or all are evaluated)."""
         genes = [g for g in self.architecture if g in choices]
         sizes = [len(choices[g]) for g in genes]
         if not genes or int(np.prod(sizes)) > SWEEP_MAX:
@@ -245,7 +262,7 @@ class StagedSampler(GeneSampler):
             self._swept = (key, model.predict_encoded(x))
         score = surrogate.scores(model, *self._swept[1], parents, directions)
         weights = np.cumprod([1, *sizes[:0:-1]])[::-1]  # flat index of option positions
-        for t in done:
+        for t in (*done, *busy):
             if all(t.params.get(g) == v for g, v in fixed.items()) and \
                     all(t.params.get(g) in choices[g] for g in genes):
                 score[sum(choices[g].index(t.params[g]) * w for g, w in zip(genes, weights))] \

@@ -220,8 +220,53 @@ def test_architecture_phase_children_are_new_int8_archs_with_or_without_the_swee
     sp = space()
     ref = reference_compression(sp.compression_genes())
     assert staged.SWEEP > 0  # on by default
+    swept, sweep = [], StagedSampler._sweep
+
+    def counted(self, *args, **kwargs):
+        child = sweep(self, *args, **kwargs)
+        swept.append(child is not None)
+        return child
+
+    monkeypatch.setattr(StagedSampler, "_sweep", counted)
+    runs = []
     for share in (staged.SWEEP, 0.0):
         monkeypatch.setattr(staged, "SWEEP", share)
+        swept.clear()
         trials = run(6, 80).trials  # 40 + 40; trial 0 is Optuna's random first one
         assert all(all(t.params[g] == v for g, v in ref.items()) for t in trials[1:40])
         assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
+        runs.append(([t.params for t in trials], sum(swept)))
+    # with the sweep, most of the 24 architecture-phase children after the 16 random ones are
+    # swept; without it, none; and the trials differ
+    assert runs[0][1] >= 15 and runs[1][1] == 0 and runs[0][0] != runs[1][0]
+
+
+def test_sweep_finds_the_one_int8_arch_left_and_skips_those_being_evaluated():
+    # unequal option counts (3, 2 and 1 options), so a wrong flat index cannot go unnoticed
+    sp = space().restrict({f"s{s}.{g}": o for s in (1, 2, 3)
+                           for g, o in (("depth", [1, 2, 3]), ("k", [3, 5]), ("width", [16]))})
+    objs = get_objectives(["accuracy", "size"])
+    study = optuna.create_study(directions=[o.direction for o in objs])
+    choices = {g: list(o) for g, o in sorted(sp.genes.items())}
+    ref = reference_compression(sp.compression_genes())
+    architecture = [g for g in choices if g not in ref]
+    combos = list(itertools.product(*(choices[g] for g in architecture)))
+    assert len(combos) == 216
+    left = combos[137]
+    dists = {g: optuna.distributions.CategoricalDistribution(o) for g, o in choices.items()}
+    for combo in combos:
+        if combo != left:
+            params = {**dict(zip(architecture, combo)), **ref}
+            m = synthetic(sp.validate(params))
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions=dists,
+                values=[m.accuracy, float(m.compressed_bytes)]))
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    parents = front(done, study.directions)
+    sampler = StagedSampler(sp, seed=0)
+    child = sampler._sweep(done, parents, study.directions, choices, ref)
+    assert child == {**dict(zip(architecture, left)), **ref}
+    # the last one being evaluated by another worker: nothing left to sweep
+    busy = optuna.trial.create_trial(params=child, distributions=dists,
+                                     state=optuna.trial.TrialState.RUNNING)
+    assert sampler._sweep(done, parents, study.directions, choices, ref, [busy]) is None
