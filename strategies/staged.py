@@ -17,10 +17,10 @@ budget is split in two phases (the search loop tells the sampler its budget thro
    surrogate (below) predicts furthest beyond the front; the forests' predictions for the whole
    grid are computed once per refit. (Chosen from ad-hoc runs at 1000 evaluations on MNIST-1D,
    the NSGA-II int8 front's points not weakly dominated by the joint front: on the supernet of
-   results/compression_mnist1d.md, seeds 0-9, 14 with the sweep vs 22 without, every point on
-   2 of 10 seeds either way, hypervolume 0.9257 vs 0.9241; on a second training of that
-   supernet (``supernet.seed=1``), seeds 0-5, 2 vs 4 points, 5 vs 3 of 6 seeds, hypervolume
-   0.9152 vs 0.9157. Also tried, no better within seed noise: 96 proposals per child instead
+   results/compression_mnist1d.md, seeds 0-11, 15 with the sweep vs 23 without, every point on
+   3 of 12 seeds either way, hypervolume 0.9259 vs 0.9243; on a second training of that
+   supernet (``supernet.seed=1``), seeds 0-11, 8 vs 12 points, 8 vs 6 of 12 seeds,
+   hypervolume 0.9148 vs 0.9167. Also tried, no better within seed noise: 96 proposals per child instead
    of the sweep, an optimistic sweep (mean minus the trees' spread), a 0.6 architecture phase
    with the sweep, and sweeps at a front member's compression in the compression phase.)
 2. **compression phase**: a parent drawn from the Pareto front of *all* trials (feasible ones
