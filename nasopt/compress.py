@@ -43,18 +43,26 @@ def compression_genes(groups: list[str], rank_groups: list[str]) -> dict[str, tu
     return genes
 
 
-REFERENCE = {"bits": 8, "sparsity": 0.0, "rank": 1.0}  # uniform int8, dense, full rank
+REFERENCE_BITS = 8  # the usual deployment default: uniform int8, dense, full rank
+
+
+def uniform_compression(genes: Mapping[str, tuple[Value, ...]], bits: int
+                        ) -> dict[str, Value]:
+    """The compression genes among ``genes`` set to ``bits``-bit weights everywhere, no sparsity,
+    full rank -- or, where a (restricted) gene lacks that option, its closest one."""
+    target = {"bits": bits, "sparsity": 0.0, "rank": 1.0}
+    out: dict[str, Value] = {}
+    for gene, options in genes.items():
+        kind = gene.rsplit(".", 1)[-1]
+        if kind in target:
+            out[gene] = min(options, key=lambda v: abs(float(v) - target[kind]))
+    return out
 
 
 def reference_compression(genes: Mapping[str, tuple[Value, ...]]) -> dict[str, Value]:
     """The usual deployment default for the compression genes among ``genes``: int8 weights, no
     sparsity, full rank -- or, where a (restricted) gene lacks that option, its closest one."""
-    out: dict[str, Value] = {}
-    for gene, options in genes.items():
-        kind = gene.rsplit(".", 1)[-1]
-        if kind in REFERENCE:
-            out[gene] = min(options, key=lambda v: abs(float(v) - REFERENCE[kind]))
-    return out
+    return uniform_compression(genes, REFERENCE_BITS)
 
 
 @dataclass(frozen=True)

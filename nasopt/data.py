@@ -200,7 +200,9 @@ def _mnist1d():
         # make_dataset generates the data locally; get_dataset() would try to download it
         d = make_dataset(get_dataset_args())
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        # a name of this process's own: two processes making the cache at once must not share
+        # (and rename away) one temporary file
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez_compressed(tmp, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])
         os.replace(tmp, path)
     with np.load(path) as f:

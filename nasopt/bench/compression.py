@@ -1,11 +1,13 @@
 """``nasopt bench compression``: the joint architecture + compression search against baselines.
 
 At the same number of evaluations, compares the Pareto fronts (validation accuracy vs packed
-bytes) of (1) the joint search over architecture *and* compression genes, (2) an
-architecture-only search whose models are all uniformly int8 (compression genes fixed to 8 bits,
-no sparsity, full rank), and (3) the published MNIST-1D CNN (3 conv layers of 25 channels +
-linear, 5,210 parameters) trained with its reference recipe, then uniformly quantized to 8 and 4
-bits and magnitude-pruned. No distillation or fine-tuning: inherited supernet weights only.
+bytes) of the joint search over architecture *and* compression genes against the issue's two
+baselines: (a) the published MNIST-1D CNN (3 conv layers of 25 channels + linear, 5,210
+parameters) trained with its reference recipe, then uniformly quantized to 8 and 4 bits and
+magnitude-pruned; (b) an architecture-only search (float32 weights), then each arch of its front
+uniformly int8. Also reported, as a stronger comparison than the issue names: an
+architecture-only search scored at int8 during the search (compression genes fixed to 8 bits, no
+sparsity, full rank). No distillation or fine-tuning: inherited supernet weights only.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 import torch
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import api
-from ..compress import Policy, compress, reference_compression
+from ..compress import FLOAT_BITS, Policy, compress, reference_compression, uniform_compression
 from ..evaluate import Evaluator
 from ..objectives import get_objectives, hypervolume
 from ..packed import layer_size
@@ -92,14 +95,48 @@ def best_under(points: list, kb: float) -> float | None:
     return max(fit) if fit else None
 
 
-def _search(space, evaluator, evaluations: int, seed: int, strategy: str = "nsga2"
-            ) -> list[tuple[float, float, str]]:
+class Search(NamedTuple):
+    """One search of the bench: its space (``joint``, ``float`` or ``int8``) and strategy."""
+
+    space: str
+    strategy: str
+
+    @property
+    def name(self) -> str:
+        return f"{SPACE_NAMES[self.space]}, {self.strategy}"
+
+
+#: what each space's front is: the joint search's; the architecture-only search's (float
+#: weights), then each of its front's archs uniformly int8 (the issue's baseline b, what a user
+#: of an architecture-only NAS tool deploys); the architecture-only search scored at int8 during
+#: the search (int8-aware, a stronger baseline than the issue names)
+SPACE_NAMES = {"joint": "joint", "float": "arch-only then int8",
+               "int8": "int8-aware arch-only"}
+
+
+def _study(space, evaluator, evaluations: int, seed: int, strategy: str) -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=api.STRATEGIES[strategy].make_sampler(space, seed))
     run_search(study, space, evaluator, get_objectives(["accuracy", "size"]), evaluations,
                show_progress=False)
+    return study
+
+
+def _points(study: optuna.Study) -> list[tuple[float, float, str]]:
     return [(t.values[0], t.values[1], f"trial {t.number}") for t in study.trials
             if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def then_int8(study: optuna.Study, int8_genes: dict, int8_evaluator
+              ) -> list[tuple[float, float, str]]:
+    """An architecture-only (float) search's front, each of its archs then uniformly int8:
+    accuracy and packed bytes of the int8 model (one more evaluation per front member)."""
+    trials = {f"trial {t.number}": t for t in study.trials}
+    out = []
+    for _, _, label in pareto(_points(study)):
+        metrics = int8_evaluator({**trials[label].params, **int8_genes})
+        out.append((metrics.accuracy, float(metrics.compressed_bytes), f"{label}, int8"))
+    return out
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -113,30 +150,37 @@ def run(args: argparse.Namespace) -> Path:
     supernet, _ = train_supernet(space, data, cfg.supernet, Path(args.run_dir) / "supernets",
                                  log=log)
     timings["supernet (trained or reused)"] = time.perf_counter() - t0
-    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
 
-    int8 = space.restrict({g: [v] for g, v in reference_compression(
-        space.compression_genes()).items()})
-    int8_evaluator = Evaluator(int8, supernet, data, cfg.eval.calib_samples)
-    strategies = [args.joint_strategy] + [s for s in ("nsga2",) if s != args.joint_strategy]
-    runs: dict[str, dict[int, list]] = {f"joint, {s}": {} for s in strategies}
-    # the architecture-only search by NSGA-II (the baseline) and by the joint strategy itself,
-    # so what the strategy gains on any space is not credited to the joint space
-    runs.update({f"int8, {s}": {} for s in reversed(strategies)})
+    genes = space.compression_genes()
+    int8_genes = reference_compression(genes)
+    spaces = {"joint": space,
+              "float": space.restrict({g: [v] for g, v in uniform_compression(
+                  genes, FLOAT_BITS).items()}),
+              "int8": space.restrict({g: [v] for g, v in int8_genes.items()})}
+    evaluators = {k: Evaluator(sp, supernet, data, cfg.eval.calib_samples)
+                  for k, sp in spaces.items()}
+    joint_strategy = args.joint_strategy
+    strategies = [joint_strategy] + [s for s in ("nsga2",) if s != joint_strategy]
+    # every space searched by NSGA-II (the baseline) and by the joint strategy itself, so what
+    # the strategy gains on any space is not credited to the joint space
+    searches = [Search(k, s) for k in spaces for s in strategies]
+    runs: dict[Search, dict[int, list]] = {s: {} for s in searches}
+    front_evaluations = 0
     seeds = list(range(args.seed, args.seed + args.seeds))
     for seed in seeds:
-        for s in strategies:
+        for search in searches:
             t0 = time.perf_counter()
-            runs[f"joint, {s}"][seed] = _search(space, evaluator, args.evaluations, seed, s)
-            timings[f"joint search, {s}, seed {seed}"] = time.perf_counter() - t0
-        for s in reversed(strategies):
-            t0 = time.perf_counter()
-            runs[f"int8, {s}"][seed] = _search(int8, int8_evaluator, args.evaluations, seed, s)
-            timings[f"architecture-only int8 search, {s}, seed {seed}"] = \
-                time.perf_counter() - t0
+            study = _study(spaces[search.space], evaluators[search.space], args.evaluations,
+                           seed, search.strategy)
+            if search.space == "float":
+                runs[search][seed] = then_int8(study, int8_genes, evaluators["int8"])
+                front_evaluations = max(front_evaluations, len(runs[search][seed]))
+            else:
+                runs[search][seed] = _points(study)
+            timings[f"{search.name} search, seed {seed}"] = time.perf_counter() - t0
         log(f"seed {seed} done")
-    joint, arch_only = runs[f"joint, {args.joint_strategy}"][seeds[0]], \
-        runs["int8, nsga2"][seeds[0]]
+    joint = Search("joint", joint_strategy)
+    baseline_b, int8_aware = Search("float", "nsga2"), Search("int8", "nsga2")
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -153,61 +197,70 @@ def run(args: argparse.Namespace) -> Path:
         baseline.append((accuracy(model, data.x_val, data.y_val), float(size),
                          f"{bits}-bit" + (f", {sparsity:.0%} pruned" if sparsity else "")))
         log(f"reference CNN {baseline[-1][2]}: {baseline[-1][0]:.4f} at {size} B")
+    reference_front = pareto(baseline)
 
-    seed_rows, miss_rows, n_val = [], [], len(data.y_val)
-    # (joint strategy, architecture-only strategy) pairs compared point by point, and the share
-    # of each int8 front the joint front weakly dominates, per pair and seed
-    pairs = [(s, "nsga2") for s in strategies] + [(s, s) for s in strategies if s != "nsga2"]
-    shares = {(j, a): {seed: dominated_share(pareto(runs[f"joint, {j}"][seed]),
-                                             pareto(runs[f"int8, {a}"][seed])) for seed in seeds}
-              for j, a in pairs}
+    n_val, ref = len(data.y_val), REFERENCE_KB * 1024
+    fronts = {search: {seed: pareto(points) for seed, points in r.items()}
+              for search, r in runs.items()}
+    # (joint search, baseline search) pairs compared point by point: each joint strategy against
+    # both architecture-only baselines by NSGA-II, and the joint strategy against the same
+    # baselines searched by itself
+    pairs = [(Search("joint", j), Search(b, "nsga2")) for b in ("float", "int8") for j in strategies]
+    pairs += [(joint, Search(b, joint_strategy)) for b in ("float", "int8")
+              if joint_strategy != "nsga2"]
+    shares = {(j, b): {seed: dominated_share(fronts[j][seed], fronts[b][seed]) for seed in seeds}
+              for j, b in pairs}
+    seed_rows = []
     for seed in seeds:
-        int8_front = pareto(runs["int8, nsga2"][seed])
-        miss_rows += [[seed, f"{a:.4f}", int(size), "none" if b is None else f"{b:.4f}",
-                       "-" if b is None else f"{round((a - b) * n_val)}"]
-                      for a, size, b in misses(pareto(runs[f"joint, {args.joint_strategy}"][seed]),
-                                               int8_front)]
-        hvs = {name: hypervolume([(a, s) for a, s, _ in pareto(r[seed])], REFERENCE_KB * 1024)
-               for name, r in runs.items()}
-        seed_rows.append([seed, *[f"{hvs[n]:.4f}" for n in runs],
-                          *[f"{shares[p][seed]:.0%} of {len(pareto(runs[f'int8, {p[1]}'][seed]))}"
+        hvs = [hypervolume([(a, s) for a, s, _ in fronts[search][seed]], ref)
+               for search in searches]
+        seed_rows.append([seed, *[f"{hv:.4f}" for hv in hvs],
+                          *[f"{shares[p][seed]:.0%} of {len(fronts[p[1]][seed])}"
                             for p in pairs]])
-    fronts = {"joint (arch + compression)": pareto(joint),
-              "architecture-only int8 (NSGA-II)": pareto(arch_only),
-              "reference CNN, quantized/pruned": pareto(baseline)}
-    ref = REFERENCE_KB * 1024
-    rows = []
-    for name, front in fronts.items():
-        rows.append([name, f"{hypervolume([(a, s) for a, s, _ in front], ref):.4f}",
-                     *[(f"{b:.4f}" if (b := best_under(front, kb)) is not None else "none")
-                       for kb in BUDGETS_KB]])
-    joint_front = fronts["joint (arch + compression)"]
+
+    def miss_rows(base: Search) -> list[list]:
+        return [[seed, f"{a:.4f}", int(size), "none" if b is None else f"{b:.4f}",
+                 "-" if b is None else f"{round((a - b) * n_val)}"]
+                for seed in seeds for a, size, b in misses(fronts[joint][seed], fronts[base][seed])]
+
+    def dominating(base: Search) -> list[int]:
+        """Seeds on which the joint front weakly dominates every point of ``base``'s front and
+        of the reference CNN's."""
+        return [seed for seed in seeds if shares[(joint, base)][seed] == 1.0
+                and dominated_share(fronts[joint][seed], reference_front) == 1.0]
+
+    first = seeds[0]
+    shown = {f"joint (arch + compression), {joint_strategy}": fronts[joint][first],
+             "architecture-only search (NSGA-II), then uniform int8": fronts[baseline_b][first],
+             "int8-aware architecture-only search (NSGA-II)": fronts[int8_aware][first],
+             "reference CNN, quantized/pruned": reference_front}
+    hv = {n: hypervolume([(a, s) for a, s, _ in f], ref) for n, f in shown.items()}
+    rows = [[name, f"{hv[name]:.4f}",
+             *[(f"{b:.4f}" if (b := best_under(front, kb)) is not None else "none")
+               for kb in BUDGETS_KB]] for name, front in shown.items()]
+    joint_front = fronts[joint][first]
     dom_rows = [[name, _share(joint_front, front)]
-                for name, front in fronts.items() if not name.startswith("joint")]
+                for name, front in shown.items() if not name.startswith("joint")]
     best4 = best_under(joint_front, 4)
-    hv = {n: hypervolume([(a, s) for a, s, _ in f], ref) for n, f in fronts.items()}
-    # the target on every seed: the joint front weakly dominates the NSGA-II int8 front and
-    # the reference CNN's points
-    dominating = [seed for seed in seeds
-                  if shares[(args.joint_strategy, "nsga2")][seed] == 1.0
-                  and dominated_share(pareto(runs[f"joint, {args.joint_strategy}"][seed]),
-                                      fronts["reference CNN, quantized/pruned"]) == 1.0]
-    dominates = len(dominating) == len(seeds)
-    # not a target: the same against the int8 front the joint strategy itself finds
-    own_row = ""
-    if args.joint_strategy != "nsga2":
-        own = [s for s, v in shares[(args.joint_strategy, args.joint_strategy)].items()
-               if v == 1.0]
-        own_row = (f"| (not a target) joint front dominates the int8 front "
-                   f"`{args.joint_strategy}` finds, every seed | on {len(own)} of {len(seeds)} "
-                   "seeds | - |\n")
+    target = dominating(baseline_b)
+    stronger = dominating(int8_aware)
     verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    count = lambda ok: f"on {len(ok)} of {len(seeds)} seeds"  # noqa: E731
+    own_rows = ""
+    if joint_strategy != "nsga2":
+        for b in ("float", "int8"):
+            own = [s for s, v in shares[(joint, Search(b, joint_strategy))].items() if v == 1.0]
+            own_rows += (f"| (not a target) joint front dominates the {SPACE_NAMES[b]} front "
+                         f"that `{joint_strategy}` finds, every seed | {count(own)} | - |\n")
 
     plot = Path(args.out).with_suffix(".png")
     plot.parent.mkdir(parents=True, exist_ok=True)
-    _plot(fronts, joint, arch_only, plot)
+    _plot(shown, runs[joint][first], runs[int8_aware][first], plot)
     command = "nasopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     front_rows = [[f"{a:.4f}", int(s), label] for a, s, label in joint_front]
+    miss_b, miss_int8 = miss_rows(baseline_b), miss_rows(int8_aware)
+    miss_header = ["seed", "baseline val acc", "baseline bytes", "joint best acc at <= bytes",
+                   "gap (samples)"]
     text = f"""# Compression benchmark: joint architecture + compression search on `{data.name}`
 
 Command: `{command}`
@@ -218,13 +271,27 @@ scales, biases, sparse masks/indices, header). The reference CNN's sizes use the
 without the ~25-byte header. Models are evaluated with inherited supernet weights after BN
 recalibration and compression; **no distillation or fine-tuning**.
 
-Setup: supernet {cfg.supernet.epochs} epochs (sandwich rule); the joint search uses the
-`{args.joint_strategy}` strategy (`nasopt strategies`), the architecture-only search NSGA-II (and,
-in "Every seed", the joint strategy too), each
-with {args.evaluations} evaluations (seed {args.seed} below, {args.seeds} seeds in "Every seed"); reference CNN trained with the reference
-recipe (Adam lr 1e-2, batch 100, {args.reference_epochs} epochs, cosine decay), then compressed.
-Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {REFERENCE_KB} KB, so
-1.0 would be 100 % at 0 bytes).
+Setup: supernet {cfg.supernet.epochs} epochs (sandwich rule). Each search has {args.evaluations}
+evaluations (seed {first} in the sections up to "Every seed", {args.seeds} seeds there):
+
+- **joint** search over architecture and compression genes, by `{joint_strategy}`
+  (`nasopt strategies`), and by NSGA-II;
+- **baseline (a)**: the reference CNN trained with the reference recipe (Adam lr 1e-2, batch
+  100, {args.reference_epochs} epochs, cosine decay), then quantized to 8 and 4 bits and
+  magnitude-pruned;
+- **baseline (b)**: architecture-only search (float32 weights: compression genes fixed to 32
+  bits, dense, full rank; accuracy vs float32 bytes) by NSGA-II, **then uniform int8**: each arch
+  of its Pareto front is quantized to int8 and evaluated again (at most {front_evaluations} more
+  evaluations per search), the baseline's front is the non-dominated set of those int8 models.
+  This is what a user of an architecture-only NAS tool (NNI, once-for-all) deploys;
+- a **stronger baseline than the issue names**: architecture-only search *scored at int8 during
+  the search* (compression genes fixed to 8 bits, dense, full rank), by NSGA-II ("int8-aware").
+  Not the issue's target; reported so the joint search's gain is not overstated.
+
+To keep a strategy's own gain from being credited to the joint space, "Every seed" also runs
+both architecture-only searches with the joint strategy (`{joint_strategy}`).
+Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {REFERENCE_KB}
+KB, so 1.0 would be 100 % at 0 bytes).
 
 ![fronts]({plot.name})
 
@@ -232,32 +299,35 @@ Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {
 
 {table(["front", "hypervolume", *[f"best acc <= {kb} KB" for kb in BUDGETS_KB]], rows)}
 
-Points of each baseline's front weakly dominated by the joint front:
+Points of each other front weakly dominated by the joint front:
 
-{table(["baseline", "dominated"], dom_rows)}
+{table(["front", "dominated"], dom_rows)}
 
 ### Every seed
 
-Hypervolume of each search's front, and the share of each architecture-only int8 front (searched
-by NSGA-II, the baseline, and by the joint strategy itself, so that what the strategy gains on any
-space is not credited to the joint space) weakly dominated by each joint front, per seed ({args.evaluations} evaluations per search; the sections above show seed
-{seeds[0]}):
+Hypervolume of each search's front, and the share of each architecture-only front (searched by
+NSGA-II, the baseline, and by the joint strategy itself) weakly dominated by each joint front,
+per seed ({args.evaluations} evaluations per search; the sections above show seed {first}):
 
-{table(["seed", *[f"HV {n}" for n in runs], *[f"int8 {a} front dominated by joint {j}"
-                                               for j, a in pairs]], seed_rows)}
+{table(["seed", *[f"HV {s.name}" for s in searches],
+        *[f"{b.name} front dominated by {j.name}" for j, b in pairs]], seed_rows)}
 
-The NSGA-II int8 front's points that the `{args.joint_strategy}` front does not weakly dominate, per
-seed, with the joint front's best accuracy at that size or less and the gap in validation
-samples (of {n_val}):
+Points of baseline (b)'s front (architecture-only NSGA-II search, then int8) that the
+`{joint_strategy}` front does not weakly dominate, per seed, with the joint front's best accuracy
+at that size or less and the gap in validation samples (of {n_val}):
 
-{table(["seed", "int8 val acc", "int8 bytes", "joint best acc at <= bytes", "gap (samples)"],
-       miss_rows) if miss_rows else "none"}
+{table(miss_header, miss_b) if miss_b else "none"}
+
+The same for the int8-aware architecture-only NSGA-II front (not the issue's baseline):
+
+{table(miss_header, miss_int8) if miss_int8 else "none"}
 
 | target | value | verdict |
 |---|---|---|
-| joint front dominates both baselines, every seed | on {len(dominating)} of {len(seeds)} seeds (seed {seeds[0]}: HV joint {hv["joint (arch + compression)"]:.4f} vs {hv["architecture-only int8 (NSGA-II)"]:.4f} / {hv["reference CNN, quantized/pruned"]:.4f}) | {verdict(dominates)} |
-{own_row}| >= {TARGET_ACC_4KB:.0%} val accuracy at <= 4 KB | {best4 if best4 is None else f"{best4:.4f}"} | {verdict(best4 is not None and best4 >= TARGET_ACC_4KB)} |
-
+| joint front dominates both baselines (a: reference CNN; b: architecture-only NSGA-II search, then int8), every seed | {count(target)} (seed {first}: HV joint {hv[next(iter(shown))]:.4f} vs b {hv["architecture-only search (NSGA-II), then uniform int8"]:.4f} / a {hv["reference CNN, quantized/pruned"]:.4f}) | {verdict(len(target) == len(seeds))} |
+| >= {TARGET_ACC_4KB:.0%} val accuracy at <= 4 KB | {best4 if best4 is None else f"{best4:.4f}"} | {verdict(best4 is not None and best4 >= TARGET_ACC_4KB)} |
+| (not a target: stronger than the issue's baseline b) joint front dominates the reference CNN and the int8-aware architecture-only NSGA-II front, every seed | {count(stronger)} | - |
+{own_rows}
 ## Joint front
 
 {table(["val acc", "packed bytes", "trial"], front_rows)}
@@ -270,8 +340,11 @@ samples (of {n_val}):
 
 {table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])}
 
+Evaluations are cached per space across seeds (an arch evaluated by an earlier search is not
+measured again), so later searches can take less time.
 Nondeterminism: everything is seeded; floating-point results can differ across machines and
-thread counts; wall times depend on the machine's load.
+thread counts (a supernet trained in another checkout differs); wall times depend on the
+machine's load.
 """
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,16 +352,17 @@ thread counts; wall times depend on the machine's load.
     return out
 
 
-def _plot(fronts: dict, joint: list, arch_only: list, path: Path) -> None:
+def _plot(fronts: dict, joint: list, int8_aware: list, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([s / 1024 for _, s, _ in joint], [a for a, _, _ in joint], s=6, c="tab:blue",
                alpha=0.25, label="joint: all evaluations")
-    ax.scatter([s / 1024 for _, s, _ in arch_only], [a for a, _, _ in arch_only], s=6,
-               c="tab:orange", alpha=0.25, label="arch-only int8: all evaluations")
-    for (name, front), color in zip(fronts.items(), ("tab:blue", "tab:orange", "tab:green")):
+    ax.scatter([s / 1024 for _, s, _ in int8_aware], [a for a, _, _ in int8_aware], s=6,
+               c="tab:orange", alpha=0.25, label="int8-aware arch-only: all evaluations")
+    for (name, front), color in zip(fronts.items(), ("tab:blue", "tab:red", "tab:orange",
+                                                     "tab:green")):
         ax.step([s / 1024 for _, s, _ in front], [a for a, _, _ in front], where="post",
                 color=color, marker="o", ms=3, label=f"{name} front")
     for kb in BUDGETS_KB:
