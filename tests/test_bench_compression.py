@@ -1,9 +1,12 @@
-"""The front arithmetic of `nasopt bench compression`: Pareto fronts, the share of a baseline's
-front that the joint front weakly dominates, and the points it misses (with the joint front's
-best accuracy at that size)."""
+"""`nasopt bench compression`: the front arithmetic (Pareto fronts, the share of a baseline's
+front that the joint front weakly dominates, the points it misses with the joint front's best
+accuracy at that size) and baseline (b), an architecture-only search then uniform int8."""
 from __future__ import annotations
 
-from nasopt.bench.compression import best_under, dominated_share, misses, pareto
+from nasopt.bench.compression import (_points, _study, best_under, dominated_share, misses,
+                                      pareto, then_int8)
+from nasopt.compress import FLOAT_BITS, reference_compression, uniform_compression
+from nasopt.evaluate import Evaluator
 
 
 def test_pareto_dominated_share_and_misses():
@@ -17,3 +20,30 @@ def test_pareto_dominated_share_and_misses():
     assert misses(joint, int8) == [(0.80, 900, None), (0.96, 4000, 0.95)]
     assert best_under(joint, 2) == 0.90 and best_under(joint, 0.5) is None
     assert dominated_share(joint, []) == 0.0
+
+
+def test_baseline_b_is_the_float_search_front_then_uniform_int8(trained):
+    """Baseline (b): an architecture-only search on float32 weights, then each arch of its front
+    quantized to int8 and evaluated again; the points are exactly the int8 evaluator's."""
+    space, supernet, data = trained
+    genes = space.compression_genes()
+    float_genes = uniform_compression(genes, FLOAT_BITS)
+    assert float_genes == {**{g: 32 for g in genes if g.endswith(".bits")}, "sparsity": 0.0,
+                           **{g: 1.0 for g in genes if g.endswith(".rank")}}
+    int8_genes = reference_compression(genes)
+    float_space = space.restrict({g: [v] for g, v in float_genes.items()})
+    int8_space = space.restrict({g: [v] for g, v in int8_genes.items()})
+    float_eval = Evaluator(float_space, supernet, data, calib_samples=64)
+    int8_eval = Evaluator(int8_space, supernet, data, calib_samples=64)
+    study = _study(float_space, float_eval, 12, 0, "nsga2")
+    float_front = pareto(_points(study))
+    points = then_int8(study, int8_genes, int8_eval)
+    assert [label for *_, label in points] == [f"{label}, int8" for *_, label in float_front]
+    trials = {f"trial {t.number}": t for t in study.trials}
+    for (acc, size, label), (_, float_size, float_label) in zip(points, float_front):
+        arch = trials[float_label].params
+        assert all(arch[g] == 32 for g in arch if g.endswith(".bits"))
+        m = int8_eval({**arch, **int8_genes})
+        assert (acc, size) == (m.accuracy, float(m.compressed_bytes))
+        # the same architecture at 8 instead of 32 bits: well under half the float file
+        assert size < 0.5 * float_size
