@@ -3,8 +3,11 @@ front that the joint front weakly dominates, the points it misses with the joint
 accuracy at that size) and baseline (b), an architecture-only search then uniform int8."""
 from __future__ import annotations
 
+import json
+
 from nasopt.bench.compression import (_points, _study, best_under, dominated_share, misses,
                                       pareto, then_int8)
+from nasopt.cli import main
 from nasopt.compress import FLOAT_BITS, reference_compression, uniform_compression
 from nasopt.evaluate import Evaluator
 
@@ -47,3 +50,38 @@ def test_baseline_b_is_the_float_search_front_then_uniform_int8(trained):
         assert (acc, size) == (m.accuracy, float(m.compressed_bytes))
         # the same architecture at 8 instead of 32 bits: well under half the float file
         assert size < 0.5 * float_size
+
+
+def test_bench_compression_end_to_end_writes_report_plot_and_fronts(tmp_path):
+    """A tiny `nasopt bench compression`: the report states the verdicts, and its JSON holds
+    every search's front on every seed, from which the report's dominance figures follow."""
+    out = tmp_path / "c.md"
+    main(["bench", "compression", "--seeds", "2", "--evaluations", "24",
+          "--reference-epochs", "1", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
+          "--set", "supernet.epochs=1", "--set", "supernet.warmup_epochs=1",
+          "--set", "supernet.n_random=0"])
+    text = out.read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    names = ["joint, staged", "joint, nsga2", "arch-only then int8, staged",
+             "arch-only then int8, nsga2", "int8-aware arch-only, staged",
+             "int8-aware arch-only, nsga2"]
+    assert list(saved["fronts"]) == names
+    fronts = {n: {int(k): [tuple(p) for p in v] for k, v in f.items()}
+              for n, f in saved["fronts"].items()}
+    assert all(list(f) == [0, 1] for f in fronts.values())
+    for f in fronts.values():
+        for front in f.values():
+            assert front == pareto(front)  # saved fronts are non-dominated, by size
+    # baseline (b)'s members are int8 models of the float search's trials
+    assert all(label.endswith(", int8") for *_, label in fronts["arch-only then int8, nsga2"][0])
+    reference = [tuple(p) for p in saved["reference_cnn"]]
+    joint = fronts["joint, staged"]
+    seeds_ok = [s for s in (0, 1)
+                if dominated_share(joint[s], fronts["arch-only then int8, nsga2"][s]) == 1.0
+                and dominated_share(joint[s], pareto(reference)) == 1.0]
+    verdict = "met" if len(seeds_ok) == 2 else "**missed**"
+    assert (f"| joint front dominates both baselines (a: reference CNN; b: architecture-only "
+            f"NSGA-II search, then int8), every seed | on {len(seeds_ok)} of 2 seeds") in text
+    assert text.split("every seed | on", 1)[1].split("\n", 1)[0].endswith(f"| {verdict} |")
+    assert "same* space at the same budget" in text
