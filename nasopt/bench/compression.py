@@ -206,7 +206,8 @@ def run(args: argparse.Namespace) -> Path:
     # (joint search, baseline search) pairs compared point by point: each joint strategy against
     # both architecture-only baselines by NSGA-II, and the joint strategy against the same
     # baselines searched by itself
-    pairs = [(Search("joint", j), Search(b, "nsga2")) for b in ("float", "int8") for j in strategies]
+    pairs = [(Search("joint", j), Search(b, "nsga2")) for b in ("float", "int8")
+             for j in strategies]
     pairs += [(joint, Search(b, joint_strategy)) for b in ("float", "int8")
               if joint_strategy != "nsga2"]
     shares = {(j, b): {seed: dominated_share(fronts[j][seed], fronts[b][seed]) for seed in seeds}
@@ -367,7 +368,7 @@ involved):
 Evaluations are cached per space across seeds (an arch evaluated by an earlier search is not
 measured again), so later searches can take less time.
 Nondeterminism: everything is seeded; floating-point results can differ across machines and
-thread counts (a supernet trained in another checkout differs); wall times depend on the
+thread counts (a supernet trained on another machine can differ); wall times depend on the
 machine's load.
 """
     out = Path(args.out)
