@@ -232,17 +232,19 @@ def run(args: argparse.Namespace) -> Path:
                 and dominated_share(fronts[joint][seed], reference_front) == 1.0]
 
     first = seeds[0]
-    shown = {f"joint (arch + compression), {joint_strategy}": fronts[joint][first],
-             "architecture-only search (NSGA-II), then uniform int8": fronts[baseline_b][first],
+    joint_label = f"joint (arch + compression), {joint_strategy}"
+    b_label = "architecture-only search (NSGA-II), then uniform int8"
+    cnn_label = "reference CNN, quantized/pruned"
+    shown = {joint_label: fronts[joint][first], b_label: fronts[baseline_b][first],
              "int8-aware architecture-only search (NSGA-II)": fronts[int8_aware][first],
-             "reference CNN, quantized/pruned": reference_front}
+             cnn_label: reference_front}
     hv = {n: hypervolume([(a, s) for a, s, _ in f], ref) for n, f in shown.items()}
     rows = [[name, f"{hv[name]:.4f}",
              *[(f"{b:.4f}" if (b := best_under(front, kb)) is not None else "none")
                for kb in BUDGETS_KB]] for name, front in shown.items()]
     joint_front = fronts[joint][first]
     dom_rows = [[name, _share(joint_front, front)]
-                for name, front in shown.items() if not name.startswith("joint")]
+                for name, front in shown.items() if name != joint_label]
     best4 = best_under(joint_front, 4)
     target = dominating(baseline_b)
     stronger = dominating(int8_aware)
@@ -349,7 +351,7 @@ involved):
 
 | target | value | verdict |
 |---|---|---|
-| joint front dominates both baselines (a: reference CNN; b: architecture-only NSGA-II search, then int8), every seed | {count(target)} (seed {first}: HV joint {hv[next(iter(shown))]:.4f} vs b {hv["architecture-only search (NSGA-II), then uniform int8"]:.4f} / a {hv["reference CNN, quantized/pruned"]:.4f}) | {verdict(len(target) == len(seeds))} |
+| joint front dominates both baselines (a: reference CNN; b: architecture-only NSGA-II search, then int8), every seed | {count(target)} (seed {first}: HV joint {hv[joint_label]:.4f} vs b {hv[b_label]:.4f} / a {hv[cnn_label]:.4f}) | {verdict(len(target) == len(seeds))} |
 | >= {TARGET_ACC_4KB:.0%} val accuracy at <= 4 KB | {best4 if best4 is None else f"{best4:.4f}"} | {verdict(best4 is not None and best4 >= TARGET_ACC_4KB)} |
 | (not a target: stronger than the issue's baseline b) joint front dominates the reference CNN and the int8-aware architecture-only NSGA-II front, every seed | {count(stronger)} | - |
 {own_rows}
