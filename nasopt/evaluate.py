@@ -13,7 +13,7 @@ from .errors import NasoptError
 from .metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
 from .packed import predicted_size
 from .supernet import Supernet, recalibrate_bn
-from .train import accuracy
+from .train import accuracy, correct
 
 
 class Evaluator:
@@ -60,6 +60,11 @@ class Evaluator:
                   ) -> tuple[nn.Module, list[StoredLayer]]:
         return compress(float_model, Policy.from_arch(arch, self.pruning), self.space.group_of,
                         inplace=True)
+
+    def correct(self, arch: Mapping[str, Value]) -> torch.Tensor:
+        """Which validation samples the compressed model of ``arch`` classifies right (a bool
+        per sample; its mean is the arch's accuracy), for paired comparisons of two archs."""
+        return correct(self.compressed(arch)[0], self._x_val, self._y_val)
 
     @torch.no_grad()
     def __call__(self, arch: Mapping[str, Value]) -> Metrics:

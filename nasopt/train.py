@@ -99,15 +99,20 @@ def train_model(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, *,
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` in eval mode."""
+def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> Tensor:
+    """Whether ``model`` (in eval mode) classifies each sample right: a bool per sample."""
     if len(x) == 0:
         raise NasoptError("cannot measure accuracy on an empty split; use more data")
     was_training = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start:start + batch_size])
-        correct += (logits.argmax(1) == y[start:start + batch_size]).sum().item()
+    with torch.no_grad():
+        right = torch.cat([model(x[start:start + batch_size]).argmax(1)
+                           == y[start:start + batch_size]
+                           for start in range(0, len(x), batch_size)])
     model.train(was_training)
-    return correct / len(x)
+    return right
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` in eval mode."""
+    return correct(model, x, y, batch_size).sum().item() / len(x)

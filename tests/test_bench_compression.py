@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import json
 
-from nasopt.bench.compression import (_points, _study, best_under, dominated_share, misses,
-                                      pareto, then_int8)
+import random
+from math import comb
+
+import pytest
+import torch
+from scipy.stats import binomtest
+
+from nasopt.bench.compression import (_points, _study, best_under, discordant, dominated_share,
+                                      misses, paired_p, pareto, then_int8)
 from nasopt.cli import main
 from nasopt.compress import FLOAT_BITS, reference_compression, uniform_compression
 from nasopt.evaluate import Evaluator
@@ -20,9 +27,33 @@ def test_pareto_dominated_share_and_misses():
             (0.97, 7000, "same acc, larger")]
     # (0.90, 1200) is weakly dominated by (0.90, 1000); (0.97, 7000) by (0.97, 6000)
     assert dominated_share(joint, int8) == 0.5
-    assert misses(joint, int8) == [(0.80, 900, None), (0.96, 4000, 0.95)]
+    assert misses(joint, int8) == [((0.80, 900, "too small"), None),
+                                   ((0.96, 4000, "better"), (0.95, 3000, "b"))]
     assert best_under(joint, 2) == 0.90 and best_under(joint, 0.5) is None
     assert dominated_share(joint, []) == 0.0
+
+
+def test_paired_test_counts_discordant_samples_and_is_mcnemars_exact_one_sided_p():
+    baseline = torch.tensor([1, 1, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    joint = torch.tensor([1, 0, 0, 0, 1, 0, 1, 0], dtype=torch.bool)
+    assert discordant(baseline, joint) == (3, 1)  # samples 1-3 vs sample 4
+    # 3 or 4 of 4 discordant samples to the baseline, were both equally accurate: 5/16
+    assert paired_p(3, 1) == (comb(4, 3) + comb(4, 4)) / 16 == 0.3125
+    assert paired_p(0, 0) == 1.0 and paired_p(0, 5) == 1.0
+    assert paired_p(5, 0) == 1 / 32
+    # a 4-sample lead among 40 discordant samples is noise; 20 of 20 is not
+    for b, c in ((22, 18), (12, 2), (20, 0), (7, 9)):
+        assert paired_p(b, c) == pytest.approx(binomtest(b, b + c, 0.5, "greater").pvalue)
+    assert paired_p(22, 18) > 0.3 and paired_p(20, 0) < 1e-5
+
+
+def test_evaluator_correct_is_the_per_sample_accuracy(trained):
+    space, supernet, data = trained
+    evaluator = Evaluator(space, supernet, data, calib_samples=64)
+    arch = space.sample(random.Random(3))
+    right = evaluator.correct(arch)
+    assert right.dtype == torch.bool and right.shape == (len(data.y_val),)
+    assert right.sum().item() / len(right) == evaluator(arch).accuracy
 
 
 def test_baseline_b_is_the_float_search_front_then_uniform_int8(trained):
@@ -85,3 +116,15 @@ def test_bench_compression_end_to_end_writes_report_plot_and_fronts(tmp_path):
             f"NSGA-II search, then int8), every seed | on {len(seeds_ok)} of 2 seeds") in text
     assert text.split("every seed | on", 1)[1].split("\n", 1)[0].endswith(f"| {verdict} |")
     assert "same* space at the same budget" in text
+    # the arch of every front member is saved: (b)'s at int8, the float search's genes otherwise
+    for name, per_seed in saved["archs"].items():
+        for seed, archs in per_seed.items():
+            assert set(archs) == {label for *_, label in fronts[name][int(seed)]}
+    assert all(arch[g] == 8 for arch in saved["archs"]["arch-only then int8, nsga2"]["0"].values()
+               for g in arch if g.endswith(".bits"))
+    # every missed point comes with its paired test; the within-noise row counts seeds
+    assert "| seed | baseline val acc | baseline bytes | joint best acc at <= bytes | gap " \
+           "(samples) | only baseline / only joint right | p (paired) |" in text or \
+           text.count("\nnone\n") == 3
+    assert "(not the issue's rule: within validation noise) no point of either baseline " \
+           "significantly more accurate (paired p < 0.05)" in text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -31,12 +32,15 @@ from ..objectives import get_objectives, hypervolume
 from ..packed import layer_size
 from ..search import run_search
 from ..supernet import train_supernet
-from ..train import TrainConfig, accuracy, train_model
+from ..train import TrainConfig, correct, train_model
 from .report import machine, table
 
 BUDGETS_KB = (2, 4, 8)
 REFERENCE_KB = 16  # hypervolume reference point: accuracy 0 at 16 KB
 TARGET_ACC_4KB = 0.92
+#: a missed baseline point counts as significantly more accurate than the joint front below
+#: this one-sided paired p-value (:func:`paired_p`)
+ALPHA = 0.05
 
 
 class ReferenceCNN(nn.Module):
@@ -76,15 +80,32 @@ def dominated_share(front: list, others: list) -> float:
     return hit / len(others) if others else 0.0
 
 
-def misses(front: list, others: list) -> list[tuple[float, float, float | None]]:
-    """The points of ``others`` that no point of ``front`` weakly dominates, each with the best
-    accuracy ``front`` has at that size or less (None: nothing that small)."""
+def misses(front: list, others: list) -> list[tuple[tuple, tuple | None]]:
+    """The points of ``others`` that no point of ``front`` weakly dominates, each with the most
+    accurate point ``front`` has at that size or less (None: nothing that small)."""
     out = []
-    for oa, os_, _ in others:
+    for point in others:
+        oa, os_, _ = point
         if not any(a >= oa and s <= os_ for a, s, _ in front):
-            fit = [a for a, s, _ in front if s <= os_]
-            out.append((oa, os_, max(fit) if fit else None))
+            fit = [p for p in front if p[1] <= os_]
+            out.append((point, max(fit, key=lambda p: p[0]) if fit else None))
     return out
+
+
+def discordant(baseline_right: torch.Tensor, joint_right: torch.Tensor) -> tuple[int, int]:
+    """Of the samples two models classify (bool per sample: right), how many only the
+    baseline gets right, and how many only the joint model does."""
+    return (int((baseline_right & ~joint_right).sum()),
+            int((~baseline_right & joint_right).sum()))
+
+
+def paired_p(only_baseline: int, only_joint: int) -> float:
+    """One-sided exact McNemar test (:func:`discordant`'s counts): the probability, were the
+    two models equally accurate, that of the samples exactly one of them gets right the
+    baseline would get at least ``only_baseline`` (small: the baseline is really more
+    accurate)."""
+    n = only_baseline + only_joint
+    return sum(math.comb(n, k) for k in range(only_baseline, n + 1)) / 2 ** n
 
 
 def _share(front: list, others: list) -> str:
@@ -113,6 +134,9 @@ class Search(NamedTuple):
 #: the search (int8-aware, a stronger baseline than the issue names)
 SPACE_NAMES = {"joint": "joint", "float": "arch-only then int8",
                "int8": "int8-aware arch-only"}
+#: the space whose evaluator scores a front member of each space's search (the float search's
+#: front members are its archs at int8)
+EVALUATED_ON = {"joint": "joint", "float": "int8", "int8": "int8"}
 
 
 def _study(space, evaluator, evaluations: int, seed: int, strategy: str) -> optuna.Study:
@@ -146,7 +170,7 @@ def run(args: argparse.Namespace) -> Path:
     cfg = api.load_config(None, [f"data.dataset={args.dataset}", "search.space=conv1d", *args.set])
     data = api.load_data(cfg)
     space = api.make_space("conv1d", data)
-    timings = {}
+    timings, n_val = {}, len(data.y_val)
     t0 = time.perf_counter()
     supernet, _ = train_supernet(space, data, cfg.supernet, Path(args.run_dir) / "supernets",
                                  log=log)
@@ -166,6 +190,8 @@ def run(args: argparse.Namespace) -> Path:
     # the strategy gains on any space is not credited to the joint space
     searches = [Search(k, s) for k in spaces for s in strategies]
     runs: dict[Search, dict[int, list]] = {s: {} for s in searches}
+    # the arch of each front member, by label, for the paired tests and the JSON
+    archs: dict[Search, dict[int, dict[str, dict]]] = {s: {} for s in searches}
     front_evaluations = 0
     seeds = list(range(args.seed, args.seed + args.seeds))
     for seed in seeds:
@@ -173,11 +199,15 @@ def run(args: argparse.Namespace) -> Path:
             t0 = time.perf_counter()
             study = _study(spaces[search.space], evaluators[search.space], args.evaluations,
                            seed, search.strategy)
+            params = {f"trial {t.number}": t.params for t in study.trials}
             if search.space == "float":
                 runs[search][seed] = then_int8(study, int8_genes, evaluators["int8"])
                 front_evaluations = max(front_evaluations, len(runs[search][seed]))
+                params = {f"{k}, int8": {**v, **int8_genes} for k, v in params.items()}
             else:
                 runs[search][seed] = _points(study)
+            archs[search][seed] = {label: params[label]
+                                   for *_, label in pareto(runs[search][seed])}
             timings[f"{search.name} search, seed {seed}"] = time.perf_counter() - t0
         log(f"seed {seed} done")
     joint = Search("joint", joint_strategy)
@@ -189,18 +219,19 @@ def run(args: argparse.Namespace) -> Path:
     recipe = TrainConfig(epochs=args.reference_epochs, batch_size=100, lr=1e-2, seed=0)
     train_model(reference, data.x_train, data.y_train, recipe)
     timings["reference CNN training"] = time.perf_counter() - t0
-    baseline = []
+    baseline, cnn_right = [], {}
     for bits, sparsity in ((32, 0.0), (8, 0.0), (4, 0.0), (8, 0.5), (8, 0.75), (4, 0.5),
                            (8, 0.9)):
         model, stored = compress(reference, Policy(bits={"all": bits}, sparsity=sparsity),
                                  lambda name: "all")
         size = sum(layer_size(layer) for layer in stored)
-        baseline.append((accuracy(model, data.x_val, data.y_val), float(size),
-                         f"{bits}-bit" + (f", {sparsity:.0%} pruned" if sparsity else "")))
+        label = f"{bits}-bit" + (f", {sparsity:.0%} pruned" if sparsity else "")
+        cnn_right[label] = correct(model, data.x_val, data.y_val)
+        baseline.append((cnn_right[label].sum().item() / n_val, float(size), label))
         log(f"reference CNN {baseline[-1][2]}: {baseline[-1][0]:.4f} at {size} B")
     reference_front = pareto(baseline)
 
-    n_val, ref = len(data.y_val), REFERENCE_KB * 1024
+    ref = REFERENCE_KB * 1024
     fronts = {search: {seed: pareto(points) for seed, points in r.items()}
               for search, r in runs.items()}
     # (joint search, baseline search) pairs compared point by point: each joint strategy against
@@ -220,16 +251,43 @@ def run(args: argparse.Namespace) -> Path:
                           *[f"{shares[p][seed]:.0%} of {len(fronts[p[1]][seed])}"
                             for p in pairs]])
 
-    def miss_rows(base: Search) -> list[list]:
-        return [[seed, f"{a:.4f}", int(size), "none" if b is None else f"{b:.4f}",
-                 "-" if b is None else f"{round((a - b) * n_val)}"]
-                for seed in seeds for a, size, b in misses(fronts[joint][seed], fronts[base][seed])]
+    def right(search: Search | None, seed: int, label: str) -> torch.Tensor:
+        """Which validation samples a front member (``search`` None: the reference CNN's)
+        gets right."""
+        if search is None:
+            return cnn_right[label]
+        return evaluators[EVALUATED_ON[search.space]].correct(archs[search][seed][label])
+
+    # each point of a baseline's front the joint front misses, with the joint front's most
+    # accurate point at that size or less and the paired test of the two (p 0: nothing that small)
+    missed: dict[Search | None, dict[int, list]] = {}
+    for base in (baseline_b, int8_aware, None):
+        missed[base] = {}
+        for seed in seeds:
+            rows = missed[base][seed] = []
+            for point, best in misses(fronts[joint][seed],
+                                      reference_front if base is None else fronts[base][seed]):
+                counts = None if best is None else discordant(right(base, seed, point[2]),
+                                                              right(joint, seed, best[2]))
+                rows.append((point, best, counts, 0.0 if counts is None else paired_p(*counts)))
+
+    def miss_rows(base: Search | None) -> list[list]:
+        return [[seed, f"{a:.4f}", int(size),
+                 *(["none", "-", "-", "-"] if best is None else
+                   [f"{best[0]:.4f}", f"{round((a - best[0]) * n_val)}",
+                    f"{counts[0]} / {counts[1]}", f"{p:.3f}" if p >= 0.001 else "< 0.001"])]
+                for seed in seeds for (a, size, _), best, counts, p in missed[base][seed]]
 
     def dominating(base: Search) -> list[int]:
         """Seeds on which the joint front weakly dominates every point of ``base``'s front and
         of the reference CNN's."""
-        return [seed for seed in seeds if shares[(joint, base)][seed] == 1.0
-                and dominated_share(fronts[joint][seed], reference_front) == 1.0]
+        return [seed for seed in seeds if not missed[base][seed] and not missed[None][seed]]
+
+    def within_noise(base: Search) -> list[int]:
+        """Seeds on which no point of ``base``'s front or the reference CNN's is significantly
+        more accurate than the joint front's best at its size or less."""
+        return [seed for seed in seeds
+                if all(p >= ALPHA for b in (base, None) for *_, p in missed[b][seed])]
 
     first = seeds[0]
     joint_label = f"joint (arch + compression), {joint_strategy}"
@@ -276,8 +334,10 @@ def run(args: argparse.Namespace) -> Path:
     command = "nasopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     front_rows = [[f"{a:.4f}", int(s), label] for a, s, label in joint_front]
     miss_b, miss_int8 = miss_rows(baseline_b), miss_rows(int8_aware)
+    miss_cnn = miss_rows(None)
     miss_header = ["seed", "baseline val acc", "baseline bytes", "joint best acc at <= bytes",
-                   "gap (samples)"]
+                   "gap (samples)", "only baseline / only joint right", "p (paired)"]
+    noise = within_noise(baseline_b)
     text = f"""# Compression benchmark: joint architecture + compression search on `{data.name}`
 
 Command: `{command}`
@@ -333,9 +393,18 @@ per seed ({args.evaluations} evaluations per search; the sections above show see
 
 Points of baseline (b)'s front (architecture-only NSGA-II search, then int8) that the
 `{joint_strategy}` front does not weakly dominate, per seed, with the joint front's best accuracy
-at that size or less and the gap in validation samples (of {n_val}):
+at that size or less, the gap in validation samples (of {n_val}), and a paired test of the two
+models on those samples: how many samples only one of them gets right, and the one-sided exact
+McNemar p-value (the chance of a lead at least this large, were the two equally accurate; below
+{ALPHA} the baseline point is significantly more accurate). The test takes both models as given;
+each baseline point is the luckiest of many evaluations, which makes a significant result
+*more* likely, not less.
 
 {table(miss_header, miss_b) if miss_b else "none"}
+
+The same for the reference CNN's points (baseline a):
+
+{table(miss_header, miss_cnn) if miss_cnn else "none"}
 
 The same for the int8-aware architecture-only NSGA-II front (not the issue's baseline):
 
@@ -352,6 +421,7 @@ involved):
 | target | value | verdict |
 |---|---|---|
 | joint front dominates both baselines (a: reference CNN; b: architecture-only NSGA-II search, then int8), every seed | {count(target)} (seed {first}: HV joint {hv[joint_label]:.4f} vs b {hv[b_label]:.4f} / a {hv[cnn_label]:.4f}) | {verdict(len(target) == len(seeds))} |
+| (not the issue's rule: within validation noise) no point of either baseline significantly more accurate (paired p < {ALPHA}) than the joint front at its size or less, every seed | {count(noise)} | - |
 | >= {TARGET_ACC_4KB:.0%} val accuracy at <= 4 KB | {best4 if best4 is None else f"{best4:.4f}"} | {verdict(best4 is not None and best4 >= TARGET_ACC_4KB)} |
 | (not a target: stronger than the issue's baseline b) joint front dominates the reference CNN and the int8-aware architecture-only NSGA-II front, every seed | {count(stronger)} | - |
 {own_rows}
@@ -382,7 +452,10 @@ machine's load.
         "fronts": {search.name: {str(seed): [list(p) for p in front]
                                  for seed, front in fronts[search].items()}
                    for search in searches},
-        "reference_cnn": [list(p) for p in baseline]}, indent=1) + "\n")
+        "reference_cnn": [list(p) for p in baseline],
+        # the arch (genes) of every front member, by search, seed and label
+        "archs": {search.name: {str(seed): a for seed, a in archs[search].items()}
+                  for search in searches}}, indent=1) + "\n")
     return out
 
 
