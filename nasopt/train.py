@@ -105,10 +105,8 @@ def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> T
         raise NasoptError("cannot measure accuracy on an empty split; use more data")
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        right = torch.cat([model(x[start:start + batch_size]).argmax(1)
-                           == y[start:start + batch_size]
-                           for start in range(0, len(x), batch_size)])
+    right = torch.cat([model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]
+                       for start in range(0, len(x), batch_size)])
     model.train(was_training)
     return right
 

@@ -79,6 +79,8 @@ def test_baseline_b_is_the_float_search_front_then_uniform_int8(trained):
         assert all(arch[g] == 32 for g in arch if g.endswith(".bits"))
         m = int8_eval({**arch, **int8_genes})
         assert (acc, size) == (m.accuracy, float(m.compressed_bytes))
+        # the paired test's per-sample view of the same int8 model (EVALUATED_ON: "float" -> int8)
+        assert int8_eval.correct({**arch, **int8_genes}).sum().item() / len(data.y_val) == acc
         # the same architecture at 8 instead of 32 bits: well under half the float file
         assert size < 0.5 * float_size
 
@@ -120,11 +122,35 @@ def test_bench_compression_end_to_end_writes_report_plot_and_fronts(tmp_path):
     for name, per_seed in saved["archs"].items():
         for seed, archs in per_seed.items():
             assert set(archs) == {label for *_, label in fronts[name][int(seed)]}
-    assert all(arch[g] == 8 for arch in saved["archs"]["arch-only then int8, nsga2"]["0"].values()
-               for g in arch if g.endswith(".bits"))
-    # every missed point comes with its paired test; the within-noise row counts seeds
-    assert "| seed | baseline val acc | baseline bytes | joint best acc at <= bytes | gap " \
-           "(samples) | only baseline / only joint right | p (paired) |" in text or \
-           text.count("\nnone\n") == 3
-    assert "(not the issue's rule: within validation noise) no point of either baseline " \
-           "significantly more accurate (paired p < 0.05)" in text
+    int8_genes = {"bits": 8, "sparsity": 0.0, "rank": 1.0}  # reference_compression's options
+    for per_seed in saved["archs"]["arch-only then int8, nsga2"].values():
+        for arch in per_seed.values():
+            genes = [(g.rsplit(".", 1)[-1], v) for g, v in arch.items()]
+            assert [v == int8_genes[k] for k, v in genes if k in int8_genes].count(True) >= 5
+            assert all(v == int8_genes[k] for k, v in genes if k in int8_genes)
+    # every missed point comes with its paired test: the discordant counts differ by the gap, the
+    # p-value is theirs, and the row counting seeds without a significant miss follows from them
+    header = ("| seed | baseline val acc | baseline bytes | joint best acc at <= bytes | gap "
+              "(samples) | only baseline / only joint right | p (paired) |")
+    sections = text.split("Points of baseline (b)'s front", 1)[1].split("For scale:", 1)[0]
+    b_cnn, int8_aware = sections.split("The same for the int8-aware", 1)
+    b_cnn_rows, rows = [], 0
+    for part, of_b_or_cnn in ((b_cnn, True), (int8_aware, False)):
+        for table in part.split(header + "\n|---")[1:]:
+            for line in table.split("\n\n", 1)[0].splitlines()[1:]:
+                seed, _, _, best, gap, counts, p = [c.strip() for c in line.strip("|").split("|")]
+                rows += 1
+                if of_b_or_cnn:
+                    b_cnn_rows.append((int(seed), -1.0 if best == "none" else
+                                       0.0 if p == "< 0.001" else float(p)))
+                if best == "none":
+                    continue
+                only_b, only_j = map(int, counts.split(" / "))
+                assert only_b - only_j == int(gap) > 0
+                assert p == (f"{paired_p(only_b, only_j):.3f}"
+                             if paired_p(only_b, only_j) >= 0.001 else "< 0.001")
+    assert rows + sections.count("\n\nnone\n") >= 3
+    clean = [s for s in (0, 1) if all(p >= 0.05 for seed, p in b_cnn_rows if seed == s)
+             and s in {int(k) for k in saved["fronts"]["arch-only then int8, nsga2"]}]
+    assert (f"nor smaller than every joint point, every seed | on {len(clean)} of 2 seeds |"
+            in text)
