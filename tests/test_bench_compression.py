@@ -14,9 +14,11 @@ from scipy.stats import binomtest
 
 from nasopt.bench.compression import (_points, _study, best_under, discordant, dominated_share,
                                       misses, paired_p, pareto, then_int8)
+from nasopt import api
 from nasopt.cli import main
 from nasopt.compress import FLOAT_BITS, reference_compression, uniform_compression
 from nasopt.evaluate import Evaluator
+from nasopt.supernet import supernet_key
 
 
 def test_pareto_dominated_share_and_misses():
@@ -154,3 +156,31 @@ def test_bench_compression_end_to_end_writes_report_plot_and_fronts(tmp_path):
              and s in {int(k) for k in saved["fronts"]["arch-only then int8, nsga2"]}]
     assert (f"nor smaller than every joint point, every seed | on {len(clean)} of 2 seeds |"
             in text)
+
+
+def test_bench_compression_extra_validation_scores_on_more_samples_same_supernet(tmp_path):
+    """`--extra-val N` scores every search on the split's validation samples plus N generated
+    ones, with the supernet trained without them (one checkpoint, keyed by the plain data)."""
+    out, runs = tmp_path / "c.md", tmp_path / "runs"
+    sets = ["supernet.epochs=1", "supernet.warmup_epochs=1", "supernet.n_random=0"]
+    main(["bench", "compression", "--seeds", "1", "--evaluations", "12", "--extra-val", "40",
+          "--reference-epochs", "1", "--run-dir", str(runs), "--out", str(out),
+          *sum((["--set", s] for s in sets), [])])
+    text = out.read_text()
+    assert "3400 train / 640 val / 1000 test" in text
+    assert "the split's 600 samples plus 40 freshly generated" in text
+    assert "the gap in validation samples (of 640)" in text
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert (saved["validation_samples"], saved["extra_validation_samples"]) == (640, 40)
+    # every accuracy is a count of 640 samples
+    for per_seed in saved["fronts"].values():
+        for front in per_seed.values():
+            assert all(abs(a * 640 - round(a * 640)) < 1e-6 for a, *_ in front)
+    cfg = api.load_config(None, ["data.dataset=mnist1d", "search.space=conv1d", *sets])
+    plain = api.load_data(cfg)
+    key = supernet_key(api.make_space("conv1d", plain), plain.fingerprint, cfg.supernet)
+    assert [p.name for p in (runs / "supernets").glob("*.pt")] == [f"conv1d-{key}.pt"]
+    # another dataset: one clear error before any supernet is trained
+    assert main(["bench", "compression", "--dataset", "digits", "--extra-val", "10",
+                 "--run-dir", str(tmp_path / "other"), "--out", str(tmp_path / "d.md")]) == 2
+    assert not (tmp_path / "other").exists() and not (tmp_path / "d.md").exists()

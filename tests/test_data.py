@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nasopt.data import _fashion_mnist, load_dataset
+from nasopt.data import _fashion_mnist, extend_validation, load_dataset
 from nasopt.errors import NasoptError
 
 
@@ -34,6 +34,30 @@ def test_mnist1d_keeps_the_standard_test_set(datasets):
     assert d.input_shape == (1, 40)
     assert len(d.x_test) == 1000
     assert len(d.x_train) + len(d.x_val) == 4000
+
+
+def test_extend_validation_adds_fresh_mnist1d_samples_and_nothing_else(datasets):
+    d = datasets["mnist1d"]
+    more = extend_validation(d, 250)
+    assert len(more.y_val) == len(d.y_val) + 250 and more.x_val.shape[1:] == d.x_val.shape[1:]
+    assert torch.equal(more.x_val[:len(d.y_val)], d.x_val)  # the split's samples come first
+    for split in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(more, split), getattr(d, split))
+    assert more.fingerprint != d.fingerprint and more.name == "mnist1d+250val"
+    added = more.x_val[len(d.y_val):]
+    assert _disjoint(d.x_train, d.x_val, d.x_test, added)  # fresh: none is a built-in sample
+    assert set(more.y_val[len(d.y_val):].tolist()) == set(range(10))
+    # generated like the built-in data: normalized to about zero mean and unit spread
+    assert abs(float(added.mean())) < 0.1 and 0.8 < float(added.std()) < 1.2
+    again = extend_validation(d, 250)
+    assert torch.equal(again.x_val, more.x_val) and again.fingerprint == more.fingerprint
+    assert torch.equal(extend_validation(d, 100).x_val, more.x_val[:len(d.y_val) + 100])
+    assert not torch.equal(extend_validation(d, 250, seed=44).x_val, more.x_val)
+    assert extend_validation(d, 0) is d
+    with pytest.raises(NasoptError, match="mnist1d only.*--dataset mnist1d"):
+        extend_validation(datasets["digits"], 10)
+    with pytest.raises(NasoptError, match=">= 0"):
+        extend_validation(d, -1)
 
 
 def test_npz_with_and_without_test_arrays(tmp_path):

@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 from .. import api
+from .setup import conv1d_supernet
 from ..compress import Policy, compress
 from ..data import load_dataset
 from ..distill import DistillConfig, Teachers, train_student
 from ..evaluate import Evaluator
 from ..export import export_model
 from ..finetune import FinetuneConfig, finetune, prepare_qat, reheaded
-from ..supernet import train_supernet
 from ..train import accuracy
 from .report import LoadSampler, machine, table
 
@@ -60,11 +60,7 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def _kd_part(args: argparse.Namespace, log) -> tuple[str, dict]:  # noqa: ANN001
-    cfg = api.load_config(None, ["data.dataset=mnist1d", "search.space=conv1d", *args.set])
-    data = api.load_data(cfg)
-    space = api.make_space("conv1d", data)
-    supernet, _ = train_supernet(space, data, cfg.supernet, Path(args.run_dir) / "supernets",
-                                 log=log)
+    cfg, data, space, supernet, _ = conv1d_supernet(args.run_dir, args.set, log)
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     arch = space.validate(STUDENT)
     policy = Policy.from_arch(arch)

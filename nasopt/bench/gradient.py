@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import api
+from .setup import conv1d_supernet
 from ..evaluate import Evaluator
 from ..gradient import VARIANTS, gradient_search, plot_trajectory, save_trajectory
 from ..objectives import hypervolume, parse_quantity
 from ..relaxation import relax
-from ..supernet import train_supernet
 from .report import machine, table
 
 REFERENCE_KB = 16  # hypervolume reference: accuracy 0 at 16 KB (as in the other MNIST-1D benches)
@@ -60,11 +59,7 @@ def run(args: argparse.Namespace) -> Path:
         torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
     targets = [(t, parse_quantity(t, "size")) for t in args.targets.split(",") if t]
-    cfg = api.load_config(None, ["data.dataset=mnist1d", "search.space=conv1d", *args.set])
-    data = api.load_data(cfg)
-    space = api.make_space("conv1d", data)
-    supernet, ckpt = train_supernet(space, data, cfg.supernet, Path(args.run_dir) / "supernets",
-                                    log=log)
+    cfg, data, space, supernet, ckpt = conv1d_supernet(args.run_dir, args.set, log)
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,8 @@ from ..hardware_eval import HardwareEvaluator, check_possible, latency_table
 from ..objectives import get_constraints, get_objectives
 from ..search import run_search
 from ..study import is_feasible
-from ..supernet import train_supernet
 from .report import LoadSampler, machine, table
+from .setup import conv1d_supernet
 
 LATENCY_QUANTILES = (0.15, 0.35, 0.60)
 MCU_BUDGETS = (("2KB", 0.35), ("4KB", 0.6), ("8KB", 0.85))  # flash, SRAM quantile
@@ -91,13 +91,8 @@ def run(args: argparse.Namespace) -> Path:
     loads["after predictor"] = _load()
 
     # ---- 2./3. constrained searches on MNIST-1D ---------------------------------------------
-    cfg = api.load_config(None, ["data.dataset=\"mnist1d\"", "search.space=\"conv1d\"",
-                                 *args.set])
-    data = api.load_data(cfg)
-    space = api.make_space("conv1d", data)
     t0 = time.perf_counter()
-    supernet, _ = train_supernet(space, data, cfg.supernet, Path(args.run_dir) / "supernets",
-                                 log=log)
+    cfg, data, space, supernet, _ = conv1d_supernet(args.run_dir, args.set, log)
     timings["supernet (trained or reused)"] = time.perf_counter() - t0
     base = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     table_ = latency_table(space, cpu, args.run_dir, log)

@@ -18,11 +18,11 @@ import numpy as np
 import optuna
 
 from .. import api
+from .setup import conv1d_supernet
 from ..evaluate import Evaluator
 from ..nni_bridge import NNI_STRATEGIES, POPULATION, SAMPLE, run_nni_search
 from ..objectives import MNASNET_W, get_objectives, hypervolume
 from ..search import run_search
-from ..supernet import train_supernet
 from .report import machine, table
 
 REFERENCE_KB = 16  # hypervolume reference: accuracy 0 at 16 KB (as in the compression benchmark)
@@ -41,11 +41,7 @@ def hv_curve(study: optuna.Study, reference: float) -> np.ndarray:
 def run(args: argparse.Namespace, names: list[str]) -> Path:
     """Called by :func:`nasopt.bench.strategies.run`, which checked ``names`` and the budget."""
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    cfg = api.load_config(None, ["data.dataset=mnist1d", "search.space=conv1d", *args.set])
-    data = api.load_data(cfg)
-    space = api.make_space("conv1d", data)
-    supernet, _ = train_supernet(space, data, cfg.supernet, Path(args.run_dir) / "supernets",
-                                 log=log)
+    cfg, data, space, supernet, _ = conv1d_supernet(args.run_dir, args.set, log)
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     objectives = get_objectives(["accuracy", "size"])
     reference = REFERENCE_KB * 1024
