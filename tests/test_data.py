@@ -54,8 +54,11 @@ def test_extend_validation_adds_fresh_mnist1d_samples_and_nothing_else(datasets)
     assert torch.equal(extend_validation(d, 100).x_val, more.x_val[:len(d.y_val) + 100])
     assert not torch.equal(extend_validation(d, 250, seed=44).x_val, more.x_val)
     assert extend_validation(d, 0) is d
-    with pytest.raises(NasoptError, match="mnist1d only.*--dataset mnist1d"):
+    with pytest.raises(NasoptError, match="mnist1d \\(all classes\\) only.*--dataset mnist1d"):
         extend_validation(datasets["digits"], 10)
+    with pytest.raises(NasoptError, match="not 'mnist1d\\[0,1\\]'"):  # renumbered labels
+        extend_validation(load_dataset("mnist1d", classes=[0, 1]), 10)
+    assert len(extend_validation(load_dataset("mnist1d", fraction=0.5), 10).y_val) > 10
     with pytest.raises(NasoptError, match=">= 0"):
         extend_validation(d, -1)
 
