@@ -14,6 +14,8 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +144,9 @@ def check_extra_validation(dataset: str, n: int) -> None:
     (a name), for a command to check before it spends time on a supernet."""
     if n < 0:
         raise NasoptError(f"extra validation samples must be >= 0, got {n}")
-    # all ten classes, numbered as generated: not for a class subset ("mnist1d[...]")
-    if n and not (dataset == "mnist1d" or dataset.startswith("mnist1d@")):
+    # all ten classes, numbered as generated: the built-in data or a fraction of it
+    # ("mnist1d@0.5"), not a class subset ("mnist1d[...]") nor a user file
+    if n and not re.fullmatch(r"mnist1d(@[0-9.]+)?", dataset):
         raise NasoptError(f"extra validation samples are generated for mnist1d (all classes) "
                           f"only, not {dataset!r}; drop the option or use --dataset mnist1d")
 
@@ -154,15 +157,23 @@ def extend_validation(data: Dataset, n: int, seed: int = FRESH_MNIST1D_SEED) -> 
     (the generator's default batch, normalized by its own mean and std as the built-in data is).
     Train and test splits are unchanged; the fingerprint says what was added. For benchmarks
     whose verdicts 600 validation samples cannot resolve."""
-    check_extra_validation(data.name if data.input_shape == (1, 40) else "", n)
+    check_extra_validation(data.name, n)
     if n == 0:
         return data
+    if data.input_shape != (1, 40) or data.num_classes != 10:
+        raise NasoptError(f"{data.name}: inputs {data.input_shape}, {data.num_classes} classes "
+                          f"are not MNIST-1D's (1, 40) and 10; load the built-in mnist1d")
     from mnist1d.data import get_dataset_args, make_dataset  # generates locally, no download
     args = get_dataset_args()
     args.seed = seed
-    classes = 10
-    args.num_samples = max(args.num_samples, -(-n // classes) * classes)
-    generated = make_dataset(args)
+    args.num_samples = max(args.num_samples, -(-n // 10) * 10)  # whole samples per class
+    # the generator seeds Python's and NumPy's global generators: leave them as they were
+    states = random.getstate(), np.random.get_state()
+    try:
+        generated = make_dataset(args)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
     x = np.concatenate([generated["x"], generated["x_test"]])[:n]
     y = np.concatenate([generated["y"], generated["y_test"]])[:n]
     x_val = torch.cat([data.x_val, torch.from_numpy(x.astype(np.float32))[:, None].to(data.x_val)])

@@ -180,7 +180,8 @@ def test_bench_compression_extra_validation_scores_on_more_samples_same_supernet
     plain = api.load_data(cfg)
     key = supernet_key(api.make_space("conv1d", plain), plain.fingerprint, cfg.supernet)
     assert [p.name for p in (runs / "supernets").glob("*.pt")] == [f"conv1d-{key}.pt"]
-    # another dataset: one clear error before any supernet is trained
-    assert main(["bench", "compression", "--dataset", "digits", "--extra-val", "10",
-                 "--run-dir", str(tmp_path / "other"), "--out", str(tmp_path / "d.md")]) == 2
-    assert not (tmp_path / "other").exists() and not (tmp_path / "d.md").exists()
+    # another dataset (by --dataset or by --set): one clear error before any supernet is trained
+    for args in (["--dataset", "digits"], ["--set", "data.dataset=digits"]):
+        assert main(["bench", "compression", *args, "--extra-val", "10", "--run-dir",
+                     str(tmp_path / "other"), "--out", str(tmp_path / "d.md")]) == 2
+        assert not (tmp_path / "other").exists() and not (tmp_path / "d.md").exists()

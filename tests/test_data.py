@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -49,13 +52,23 @@ def test_extend_validation_adds_fresh_mnist1d_samples_and_nothing_else(datasets)
     assert set(more.y_val[len(d.y_val):].tolist()) == set(range(10))
     # generated like the built-in data: normalized to about zero mean and unit spread
     assert abs(float(added.mean())) < 0.1 and 0.8 < float(added.std()) < 1.2
+    # the generator reseeds Python's and NumPy's global generators; the call leaves them be
+    random.seed(7)
+    np.random.seed(7)
+    expected = random.random(), np.random.rand()
+    random.seed(7)
+    np.random.seed(7)
     again = extend_validation(d, 250)
+    assert (random.random(), np.random.rand()) == expected
     assert torch.equal(again.x_val, more.x_val) and again.fingerprint == more.fingerprint
     assert torch.equal(extend_validation(d, 100).x_val, more.x_val[:len(d.y_val) + 100])
     assert not torch.equal(extend_validation(d, 250, seed=44).x_val, more.x_val)
     assert extend_validation(d, 0) is d
-    with pytest.raises(NasoptError, match="mnist1d \\(all classes\\) only.*--dataset mnist1d"):
+    with pytest.raises(NasoptError, match="mnist1d \\(all classes\\) only, not 'digits'.*"
+                       "--dataset mnist1d"):
         extend_validation(datasets["digits"], 10)
+    with pytest.raises(NasoptError, match="not 'mnist1d@x.npz'"):  # a user file so named
+        extend_validation(dataclasses.replace(d, name="mnist1d@x.npz"), 10)
     with pytest.raises(NasoptError, match="not 'mnist1d\\[0,1\\]'"):  # renumbered labels
         extend_validation(load_dataset("mnist1d", classes=[0, 1]), 10)
     assert len(extend_validation(load_dataset("mnist1d", fraction=0.5), 10).y_val) > 10

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import api
-from .setup import conv1d_supernet
+from .setup import bench_config, conv1d_supernet
 from ..compress import FLOAT_BITS, Policy, compress, reference_compression, uniform_compression
 from ..data import FRESH_MNIST1D_SEED, check_extra_validation, extend_validation
 from ..evaluate import Evaluator
@@ -168,15 +168,16 @@ def then_int8(study: optuna.Study, int8_genes: dict, int8_evaluator
 def run(args: argparse.Namespace) -> Path:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
-    check_extra_validation(args.dataset, args.extra_val)  # before the supernet's training
+    # before the supernet's training (``--set data.dataset=...`` overrides ``--dataset``)
+    check_extra_validation(bench_config(args.set, args.dataset).data.dataset, args.extra_val)
     timings = {}
     t0 = time.perf_counter()
     cfg, data, space, supernet, _ = conv1d_supernet(args.run_dir, args.set, log, args.dataset)
+    timings["supernet (trained or reused)"] = time.perf_counter() - t0
     split_val = len(data.y_val)
     # scored on more validation samples; the supernet (trained above) never sees them
     data = extend_validation(data, args.extra_val)
     n_val = len(data.y_val)
-    timings["supernet (trained or reused)"] = time.perf_counter() - t0
 
     genes = space.compression_genes()
     int8_genes = reference_compression(genes)

@@ -22,12 +22,17 @@ class BenchSupernet(NamedTuple):
     checkpoint: Path
 
 
+def bench_config(overrides: Sequence[str] = (), dataset: str = "mnist1d") -> Config:
+    """The config of :func:`conv1d_supernet` (cheap: to check arguments before training)."""
+    return api.load_config(None, [f"data.dataset={dataset}", "search.space=conv1d", *overrides])
+
+
 def conv1d_supernet(run_dir: str | Path, overrides: Sequence[str] = (),
                     log: Callable[[str], None] = print, dataset: str = "mnist1d"
                     ) -> BenchSupernet:
     """Config (``data.dataset``, ``search.space=conv1d``, then ``overrides``), data, space and
     the trained (or cached) supernet."""
-    cfg = api.load_config(None, [f"data.dataset={dataset}", "search.space=conv1d", *overrides])
+    cfg = bench_config(overrides, dataset)
     data = api.load_data(cfg)
     space = api.make_space("conv1d", data)
     supernet, checkpoint = train_supernet(space, data, cfg.supernet, Path(run_dir) / "supernets",
