@@ -104,19 +104,23 @@ def run_workers(tmp_path: Path, url: str, total: int, n: int = 3, kill_one: bool
     procs = [start(tmp_path, *cmd, "--seed", str(i)) for i in range(n)]
     if kill_one:  # a worker dies mid-trial "on another machine": only the heartbeat finds it
         victim = procs[0]
-
-        def running_trial() -> bool:
-            return any(t.state == optuna.trial.TrialState.RUNNING
-                       and (t.user_attrs.get("worker") or {}).get("pid") == victim.pid
-                       for t in trials_of(url, name))
-
-        kill_when(victim, running_trial)
         storage = storage_of(url)
-        for t in trials_of(url, name):
-            if t.state == optuna.trial.TrialState.RUNNING and \
-                    (t.user_attrs.get("worker") or {}).get("pid") == victim.pid:
-                storage.set_trial_user_attr(t._trial_id, "worker",
-                                            {**t.user_attrs["worker"], "host": "elsewhere"})
+
+        def running_trial_moved_elsewhere() -> bool:
+            """The victim's running trial, its record moved to another host *before* the kill
+            (after it, a worker could find the dead PID first and fail the trial under us)."""
+            for t in trials_of(url, name):
+                if t.state == optuna.trial.TrialState.RUNNING and \
+                        (t.user_attrs.get("worker") or {}).get("pid") == victim.pid:
+                    try:
+                        storage.set_trial_user_attr(
+                            t._trial_id, "worker", {**t.user_attrs["worker"], "host": "elsewhere"})
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        return False  # it finished meanwhile: wait for its next trial
+                    return True
+            return False
+
+        kill_when(victim, running_trial_moved_elsewhere)
         procs = procs[1:]
     password = urlparse(url).password
     for p in procs:
