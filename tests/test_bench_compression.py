@@ -15,6 +15,7 @@ from scipy.stats import binomtest
 from nasopt.bench.compression import (_points, _study, best_under, discordant, dominated_share,
                                       misses, paired_p, pareto, then_int8)
 from nasopt import api
+from nasopt.bench.setup import bench_config
 from nasopt.cli import main
 from nasopt.compress import FLOAT_BITS, reference_compression, uniform_compression
 from nasopt.evaluate import Evaluator
@@ -176,7 +177,7 @@ def test_bench_compression_extra_validation_scores_on_more_samples_same_supernet
     for per_seed in saved["fronts"].values():
         for front in per_seed.values():
             assert all(abs(a * 640 - round(a * 640)) < 1e-6 for a, *_ in front)
-    cfg = api.load_config(None, ["data.dataset=mnist1d", "search.space=conv1d", *sets])
+    cfg = bench_config(sets)  # the bench's own config, without the extra samples
     plain = api.load_data(cfg)
     key = supernet_key(api.make_space("conv1d", plain), plain.fingerprint, cfg.supernet)
     assert [p.name for p in (runs / "supernets").glob("*.pt")] == [f"conv1d-{key}.pt"]

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import api
-from .setup import bench_config, conv1d_supernet
 from ..compress import FLOAT_BITS, Policy, compress, reference_compression, uniform_compression
 from ..data import FRESH_MNIST1D_SEED, check_extra_validation, extend_validation
 from ..evaluate import Evaluator
@@ -35,6 +34,7 @@ from ..packed import layer_size
 from ..search import run_search
 from ..train import TrainConfig, correct, train_model
 from .report import machine, table
+from .setup import bench_config, conv1d_supernet
 
 BUDGETS_KB = (2, 4, 8)
 REFERENCE_KB = 16  # hypervolume reference point: accuracy 0 at 16 KB

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from .. import api
-from .setup import conv1d_supernet
 from ..compress import Policy, compress
 from ..data import load_dataset
 from ..distill import DistillConfig, Teachers, train_student
@@ -39,6 +38,7 @@ from ..export import export_model
 from ..finetune import FinetuneConfig, finetune, prepare_qat, reheaded
 from ..train import accuracy
 from .report import LoadSampler, machine, table
+from .setup import conv1d_supernet
 
 #: the student: ~4 KB packed, a point of the joint search's front region (bits 8/6/4, half the
 #: weights pruned)

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .setup import conv1d_supernet
 from ..evaluate import Evaluator
 from ..gradient import VARIANTS, gradient_search, plot_trajectory, save_trajectory
 from ..objectives import hypervolume, parse_quantity
 from ..relaxation import relax
 from .report import machine, table
+from .setup import conv1d_supernet
 
 REFERENCE_KB = 16  # hypervolume reference: accuracy 0 at 16 KB (as in the other MNIST-1D benches)
 

@@ -18,12 +18,12 @@ import numpy as np
 import optuna
 
 from .. import api
-from .setup import conv1d_supernet
 from ..evaluate import Evaluator
 from ..nni_bridge import NNI_STRATEGIES, POPULATION, SAMPLE, run_nni_search
 from ..objectives import MNASNET_W, get_objectives, hypervolume
 from ..search import run_search
 from .report import machine, table
+from .setup import conv1d_supernet
 
 REFERENCE_KB = 16  # hypervolume reference: accuracy 0 at 16 KB (as in the compression benchmark)
 
