@@ -121,6 +121,18 @@ def test_bench_compression_end_to_end_writes_report_plot_and_fronts(tmp_path):
             f"NSGA-II search, then int8), every seed | on {len(seeds_ok)} of 2 seeds") in text
     assert text.split("every seed | on", 1)[1].split("\n", 1)[0].endswith(f"| {verdict} |")
     assert "same* space at the same budget" in text
+    # "Every seed": one table of hypervolumes (a column per search), one of dominated shares
+    hv_header = "| seed | " + " | ".join(names) + " |"
+    assert hv_header in text
+    share_header = next(line for line in text.splitlines()
+                        if line.startswith("| seed | joint, staged / "))
+    column = share_header.strip("|").split("|").index(" joint, staged / arch-only then int8, nsga2 ")
+    share_lines = text.split(share_header, 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    for seed, line in zip((0, 1), share_lines, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        b = fronts["arch-only then int8, nsga2"][seed]
+        assert cells[0] == str(seed)
+        assert cells[column] == f"{dominated_share(joint[seed], b):.0%} of {len(b)}"
     # the arch of every front member is saved: (b)'s at int8, the float search's genes otherwise
     for name, per_seed in saved["archs"].items():
         for seed, archs in per_seed.items():

@@ -246,13 +246,10 @@ def run(args: argparse.Namespace) -> Path:
               if joint_strategy != "nsga2"]
     shares = {(j, b): {seed: dominated_share(fronts[j][seed], fronts[b][seed]) for seed in seeds}
               for j, b in pairs}
-    seed_rows = []
-    for seed in seeds:
-        hvs = [hypervolume([(a, s) for a, s, _ in fronts[search][seed]], ref)
-               for search in searches]
-        seed_rows.append([seed, *[f"{hv:.4f}" for hv in hvs],
-                          *[f"{shares[p][seed]:.0%} of {len(fronts[p[1]][seed])}"
-                            for p in pairs]])
+    hv_rows = [[seed, *[f"{hypervolume([(a, s) for a, s, _ in fronts[search][seed]], ref):.4f}"
+                        for search in searches]] for seed in seeds]
+    share_rows = [[seed, *[f"{shares[p][seed]:.0%} of {len(fronts[p[1]][seed])}" for p in pairs]]
+                  for seed in seeds]
 
     def right(search: Search | None, seed: int, label: str) -> torch.Tensor:
         """Which validation samples a front member (``search`` None: the reference CNN's)
@@ -392,12 +389,16 @@ Points of each other front weakly dominated by the joint front:
 
 ### Every seed
 
-Hypervolume of each search's front, and the share of each architecture-only front (searched by
-NSGA-II, the baseline, and by the joint strategy itself) weakly dominated by each joint front,
-per seed ({args.evaluations} evaluations per search; the sections above show seed {first}):
+Hypervolume of each search's front, per seed ({args.evaluations} evaluations per search; the
+sections above show seed {first}):
 
-{table(["seed", *[f"HV {s.name}" for s in searches],
-        *[f"{b.name} front dominated by {j.name}" for j, b in pairs]], seed_rows)}
+{table(["seed", *[s.name for s in searches]], hv_rows)}
+
+The share of each architecture-only front (searched by NSGA-II, the baseline, and by the joint
+strategy itself) weakly dominated by each joint front, per seed (column: joint front / other
+front):
+
+{table(["seed", *[f"{j.name} / {b.name}" for j, b in pairs]], share_rows)}
 
 Points of baseline (b)'s front (architecture-only NSGA-II search, then int8) that the
 `{joint_strategy}` front does not weakly dominate, per seed, with the joint front's best accuracy
