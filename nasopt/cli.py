@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the supernet of a space on a dataset (cached by a hash "
                        "of space, data and recipe), then run a search recorded in an Optuna "
                        "study. Re-running the same command continues the study.")
-    p.add_argument("--config", help="TOML config file (sections data, supernet, eval, search)")
+    p.add_argument("--config", help="TOML config file (sections data, supernet, eval, search, "
+                   "gradient; top-level run_dir, device)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set supernet.epochs=20")
     p.add_argument("--space", help="search space (see `nasopt spaces`)")
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "without them (default 0)")
     _add_bench_common(q, "report path (default: results/compression_DATASET.md)")
     q = bsub.add_parser("strategies", help="compare search strategies at equal budget over many "
-                        "seeds (NAS-Bench-201 table)")
+                        "seeds (NAS-Bench-201 table, or the conv1d supernet with "
+                        "--part mnist1d)")
     q.add_argument("--part", choices=("nb201", "mnist1d"), default="nb201",
                    help="nb201: tabular NAS-Bench-201; mnist1d: the conv1d supernet space, "
                    "hypervolume of the joint accuracy/size objective (use --trials 150 --seeds 5)")

@@ -74,8 +74,9 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("run", help="the whole pipeline from a TOML config",
                        description="train supernet -> search -> pick -> distill -> fine-tune "
                        "(QAT) -> export -> report (metrics.json and REPORT.md in the export "
-                       "folder). Sections: data, supernet, eval, search, pick, distill, "
-                       "finetune, export (see nasopt/pipeline.py and configs/mnist1d.toml).")
+                       "folder). Sections: data, supernet, eval, search, gradient, pick, "
+                       "distill, finetune, export; top-level run_dir, device (see "
+                       "nasopt/pipeline.py and configs/mnist1d.toml).")
     p.add_argument("config", help="TOML file, e.g. configs/mnist1d.toml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set search.trials=50")

@@ -1,7 +1,8 @@
 """NNI bridge: NNI 3.0's multi-trial NAS strategies searching a nasopt space, recorded in our study.
 
-Optional: needs the extra ``pip install 'nasopt[nni]'`` (NNI pins old dependencies and bundles a
-Node binary, so it is never a core import); :func:`import_nni` is the one place NNI is imported.
+Optional: needs the extra (``pip install -e '.[nni]'`` in the checkout; NNI pins old
+dependencies and bundles a Node binary, so it is never a core import); :func:`import_nni` is the
+one place NNI is imported.
 
 How a search runs (``nasopt search --strategy nni-evolution ...``):
 
@@ -79,7 +80,7 @@ DESCRIPTIONS = {
 #: evolution's population and tournament size: the same as our `evolution` strategy (NNI's
 #: defaults, 100 and 25, would spend most of a 150-trial budget on the random population)
 POPULATION, SAMPLE = 20, 5
-INSTALL = "pip install 'nasopt[nni]'"
+INSTALL = "pip install -e '.[nni]' in the nasopt checkout"
 
 
 def import_nni(importer: Callable[[str], Any] | None = None) -> SimpleNamespace:
@@ -97,7 +98,7 @@ def import_nni(importer: Callable[[str], Any] | None = None) -> SimpleNamespace:
                 execution=importer("nni.nas.execution"), space=importer("nni.nas.space"),
                 strategy=importer("nni.nas.strategy"))
     except ImportError as exc:
-        raise NasoptError(f"the NNI strategies need the optional extra: {INSTALL} "
+        raise NasoptError(f"the NNI strategies need the optional extra nasopt[nni]: {INSTALL} "
                           f"(import failed: {exc})") from None
 
 
@@ -170,8 +171,8 @@ def make_strategy(name: str, seed: int, nni: SimpleNamespace) -> Any:
             warnings.simplefilter("ignore")
             return s.PolicyBasedRL()  # NNI's defaults: 20 samples per PPO update
     except ImportError as exc:  # tianshou or gym missing
-        raise NasoptError(f"nni-rl needs tianshou and gym, part of the extra: {INSTALL} "
-                          f"({exc})") from None
+        raise NasoptError(f"nni-rl needs tianshou and gym, part of the extra nasopt[nni]: "
+                          f"{INSTALL} ({exc})") from None
 
 
 def _sequential_tpe(s: Any) -> type:

@@ -126,7 +126,8 @@ def test_bench_compression_end_to_end_writes_report_plot_and_fronts(tmp_path):
     assert hv_header in text
     share_header = next(line for line in text.splitlines()
                         if line.startswith("| seed | joint, staged / "))
-    column = share_header.strip("|").split("|").index(" joint, staged / arch-only then int8, nsga2 ")
+    column = [c.strip() for c in share_header.strip("|").split("|")].index(
+        "joint, staged / arch-only then int8, nsga2")
     share_lines = text.split(share_header, 1)[1].split("\n\n", 1)[0].splitlines()[2:]
     for seed, line in zip((0, 1), share_lines, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]

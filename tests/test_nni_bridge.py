@@ -23,7 +23,7 @@ try:
 except ImportError:
     HAVE_NNI = False
 needs_nni = pytest.mark.skipif(not HAVE_NNI and not os.environ.get("NASOPT_REQUIRE_NNI"),
-                               reason="NNI is not installed (pip install 'nasopt[nni]'); set "
+                               reason="NNI is not installed (pip install -e '.[nni]'); set "
                                       "NASOPT_REQUIRE_NNI=1 to make this a failure")
 
 NAMES = list(NNI_STRATEGIES)
@@ -155,7 +155,7 @@ def test_without_nni_the_cli_names_the_extra(tmp_path, capsys, monkeypatch):
                      "--trials", "3", "--quiet", "--run-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code != 0
-    assert "pip install 'nasopt[nni]'" in err and "Traceback" not in err
+    assert "pip install -e '.[nni]'" in err and "Traceback" not in err
     assert not (tmp_path / "studies.db").exists()  # checked before any work
     with pytest.raises(NasoptError, match=r"nasopt\[nni\]"):
         nni_bridge.run_nni_search(optuna.create_study(), None, None, [], 3, "nni-rl", 0)

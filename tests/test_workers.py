@@ -3,9 +3,9 @@
 * SIGKILL during supernet training, then mid-search (a trial RUNNING), re-run the same command:
   the training resumes at its partial epoch, every completed trial is kept, the killed trial is
   failed and retried (same params), and the study ends with exactly --trials completed trials.
-* 3 workers in parallel on a journal file and on PostgreSQL (NASOPT_TEST_POSTGRES, started by
-  .ci/run): exact total, distinct trials, Pareto front == the one computed from all trials; on
-  PostgreSQL one worker is killed mid-trial and its trial is found by Optuna's heartbeat.
+* workers in parallel, 3 on a journal file and 4 on PostgreSQL (NASOPT_TEST_POSTGRES, started
+  by .ci/run): exact total, distinct trials, Pareto front == the one computed from all trials;
+  on PostgreSQL one worker is killed mid-trial and its trial is found by Optuna's heartbeat.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ POSTGRES = os.environ.get("NASOPT_TEST_POSTGRES")
 
 @pytest.mark.skipif(not POSTGRES and not os.environ.get("NASOPT_REQUIRE_POSTGRES"),
                     reason="no NASOPT_TEST_POSTGRES (.ci/run starts a PostgreSQL server)")
-def test_three_workers_share_a_postgres_study_and_a_killed_one_is_retried(tmp_path):
+def test_four_workers_share_a_postgres_study_and_a_killed_one_is_retried(tmp_path):
     assert POSTGRES, "NASOPT_REQUIRE_POSTGRES is set but NASOPT_TEST_POSTGRES is not"
     trials = run_workers(tmp_path, POSTGRES, total=40, n=4, kill_one=True)
     stale = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
