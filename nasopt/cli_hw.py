@@ -46,7 +46,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001
         q.add_argument("--dataset", help="dataset whose input shape and classes to use "
                        "(default: mnist1d for conv1d, digits for mobilenet)")
         q.add_argument("--restrict", action="append", default=[], metavar="GENE=OPT[,OPT...]",
-                       help="profile a sub-space, e.g. --restrict s1.rank=1.0")
+                       help="profile a sub-space, e.g. --restrict head.rank=1.0")
         q.add_argument("--fit-archs", type=int, default=FIT_ARCHS,
                        help="random archs measured to fit the feature coefficients and the "
                        f"constant (default {FIT_ARCHS})")

@@ -78,6 +78,13 @@ class SearchConfig:
     table: str | None = None
     table_metric: str = DEFAULT_METRIC  # the table's accuracy column, in percent
 
+    def __post_init__(self) -> None:
+        # the name is also a file name (RUN_DIR/configs/STUDY.json): no path out of the folder
+        if self.study is not None and (not self.study.strip() or self.study in (".", "..")
+                                       or any(c in self.study for c in "/\\\0")):
+            raise NasoptError(f"study name {self.study!r} is not a plain name; give one without "
+                              f"'/', '\\' or '..', e.g. --study conv1d-mnist1d-4kb")
+
 
 @dataclass(frozen=True)
 class GradientConfig:
@@ -131,8 +138,12 @@ def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str
         p = Path(path)
         if not p.exists():
             raise NasoptError(f"config file {p} does not exist; check the path")
+        if not p.is_file():
+            raise NasoptError(f"config {p} is a folder, not a TOML file; give the file's path")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise NasoptError(f"config file {p} is not text (not UTF-8); give a TOML file") from None
         except tomllib.TOMLDecodeError as exc:
             raise NasoptError(f"config file {p} is not valid TOML: {exc}") from None
     for item in overrides:

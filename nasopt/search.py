@@ -53,7 +53,8 @@ def measure_trial(trial: optuna.Trial, space: SearchSpace, evaluate: Evaluate,
 
 
 class _SurplusLog(logging.Filter):
-    """Optuna logs every FAIL with a traceback; a surplus trial is no failure: not logged."""
+    """Optuna logs every FAIL with a traceback; a surplus trial is no failure, and a trial
+    interrupted by Ctrl-C is the user's stop (the CLI says so in one line): neither is logged."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,6 +64,8 @@ class _SurplusLog(logging.Filter):
         found = re.match(r"Trial (\d+) failed with", str(record.msg))
         if not found:
             return True
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            return False
         if "Surplus(" in str(record.msg):
             self.numbers.add(found.group(1))
         return found.group(1) not in self.numbers

@@ -305,6 +305,9 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
         supernet.net.load_state_dict(state["net"])
         start, resume = state["epoch"] + 1, state
         log(f"resuming supernet training at epoch {start + 1} from {partial}")
+    elif main:
+        log(f"training supernet {space.name} ({cfg.epochs} epochs; saved to {final}, reused by "
+            f"later runs with this space, data and recipe)")
     rng = random.Random()
     largest = space.largest()
     sandwich = sandwich_loss(supernet, rng, cfg.n_random, cfg.kd_temperature)

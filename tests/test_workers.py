@@ -57,6 +57,8 @@ def test_sigkill_in_supernet_training_and_mid_search_then_the_same_command_resum
     # (a) killed during supernet training, once the first epoch's checkpoint is written
     proc = start(tmp_path, *cmd)
     kill_when(proc, lambda: any(folder.glob("*.partial.pt")))
+    proc.wait(timeout=60)
+    assert "training supernet conv1d (" in output(proc)[1]  # the user is told what runs
     partial = next(folder.glob("*.partial.pt"))
     epoch = torch_load_epoch(partial)
     assert not list(folder.glob("conv1d-????????????????.pt"))  # not finished
