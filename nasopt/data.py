@@ -117,6 +117,9 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
     if labels.min() < 0 or not np.array_equal(labels, np.arange(labels.max() + 1)):
         raise NasoptError(f"{spec}: labels must be the integers 0..K-1, got {labels[:20]}; "
                           f"map your classes to consecutive integers")
+    if len(labels) < 2:
+        raise NasoptError(f"{spec}: every label is {labels[0]}: classification needs at least two "
+                          f"classes; give samples of every class")
     h = hashlib.sha1()
     for arr in (x, y, xt, yt):
         h.update(np.ascontiguousarray(arr).tobytes())

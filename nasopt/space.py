@@ -48,7 +48,9 @@ class SearchSpace(ABC):
                     3: "images shaped (channels, height, width)"}[self.input_rank]
             raise NasoptError(
                 f"space {self.name!r} takes {kind}, but the dataset's samples are shaped "
-                f"{self.input_shape}; choose a space made for this data (see `nasopt spaces`)")
+                f"{self.input_shape}; choose a space made for this data (see `nasopt spaces`); "
+                f"a data file's x is read as (N, length) one-channel signals, (N, height, width) "
+                f"or (N, channels, height, width) images")
         full = self.full_genes()
         self.genes: Genes = dict(full) if genes is None else self._checked_subset(full, genes)
 

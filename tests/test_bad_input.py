@@ -37,6 +37,8 @@ def make_files(root: Path) -> None:
     x = rng.normal(size=(100, 40)).astype("float32")
     x[3, 7] = np.nan
     np.savez(root / "nans.npz", x=x, y=np.arange(100) % 10)
+    np.savez(root / "one_class.npz", x=rng.normal(size=(100, 40)).astype("float32"),
+             y=np.zeros(100, dtype=int))
     space, arch = _conv1d()
     # an export folder whose packed file is cut short (a real packed file, truncated)
     model, stored = compress(space.build(arch).eval(), Policy.from_arch(arch), space.group_of)
@@ -92,6 +94,8 @@ CASES = [
     ("dataset with wrong shapes", ["search", "--dataset", "shapes.npz", *QUICK],
      "x has 100 samples but y has shape (90,)"),
     ("dataset with NaNs", ["search", "--dataset", "nans.npz", *QUICK], "NaN"),
+    ("dataset of one class", ["search", "--dataset", "one_class.npz", *QUICK],
+     "needs at least two classes"),
     ("corrupt checkpoint", ["finetune", "--from", "corrupt_student", "--out", "out"],
      "is corrupt or not a nasopt checkpoint"),
     ("truncated packed file", ["finetune", "--from", "truncated_export", "--dataset", "mnist1d",
