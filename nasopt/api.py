@@ -254,12 +254,12 @@ def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Co
 
 def studies(storage: str | None = None, run_dir: str | Path = "runs") -> pd.DataFrame:
     """The studies in a storage (as `nasopt studies list`)."""
-    return _study.list_studies(open_storage(storage, run_dir))
+    return _study.list_studies(_study.open_existing_storage(storage, run_dir))
 
 
 def open_study(name: str, storage: str | None = None, run_dir: str | Path = "runs") -> optuna.Study:
     """An existing nasopt study by name (as `nasopt studies show NAME`)."""
-    return _study.load_study(open_storage(storage, run_dir), name)
+    return _study.load_study(_study.open_existing_storage(storage, run_dir), name)
 
 
 def trials(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections.abc import Sequence
@@ -19,7 +20,8 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
 
 
 def _add_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="how rows are printed: an aligned table (default), CSV or JSON")
 
 
 def _add_bench_common(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -80,10 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("studies", help="inspect studies")
     ssub = p.add_subparsers(dest="studies_command", required=True, metavar="SUBCOMMAND")
-    q = ssub.add_parser("list", help="studies in a storage")
+    q = ssub.add_parser("list", help="studies in a storage",
+                        description="The studies in a storage (default: RUN_DIR/studies.db of "
+                        "a search): space, dataset, objectives, completed, failed and running "
+                        "trials, creation time.")
     _add_storage(q)
     _add_format(q)
-    q = ssub.add_parser("show", help="trials of a study with arch, metrics and a Pareto mark")
+    q = ssub.add_parser("show", help="trials of a study with arch, metrics and a Pareto mark",
+                        description="Every trial of a study: state, Pareto and feasible marks "
+                        "(feasible is empty for trials that did not complete), strategy, "
+                        "metrics, constraint values (value - limit) and the arch's genes.")
     q.add_argument("study")
     q.add_argument("--pareto", action="store_true", help="only the Pareto-optimal trials")
     _add_storage(q)
@@ -95,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a trial's deployed (compressed) model")
     p.add_argument("study")
     p.add_argument("--trial", type=int, required=True, help="trial number")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder; a new or empty one unless --force")
+    p.add_argument("--force", action="store_true", help="--out may hold files: replace the nasopt "
+                   "files there (an earlier export, student or model card; other files are kept)")
     p.add_argument("--format", action="append",
                    choices=("pytorch", "packed", "onnx", "onnx-int8"),
                    help="pytorch (weights.pt), packed (model.packed), onnx (model.onnx, float32),"
@@ -103,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "packed")
     _add_storage(p)
 
-    sub.add_parser("spaces", help="list search spaces and their genes")
-    sub.add_parser("strategies", help="list search strategies")
+    sub.add_parser("spaces", help="list search spaces and their genes",
+                   description="Every search space: its genes and their options (restrict them "
+                   "with nasopt search --restrict GENE=OPT[,OPT...]).")
+    sub.add_parser("strategies", help="list search strategies",
+                   description="Every search strategy nasopt search --strategy takes, with what "
+                   "it does (nni-* need the optional extra nasopt[nni]).")
 
     p = sub.add_parser("bench", help="benchmarks that write reports under results/")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -192,9 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]
+                    ) -> argparse.ArgumentParser:
+    """The (sub-)command's parser that ``argv`` names: ``search``, ``studies show``, ..."""
+    for token in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            parser = subs[0].choices[token]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for model cards: the command
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would name the top-level usage: name the command's, and a near miss
+        command = _command_parser(parser, argv)
+        options = [s for a in command._actions for s in a.option_strings]
+        near = [m for u in unknown if u.startswith("-")
+                for m in difflib.get_close_matches(u.split("=")[0], options, 1)]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}"
+                      + (f"; did you mean {', '.join(near)}?" if near else ""))
+    args.argv = argv  # for model cards: the command
     try:
         return _dispatch(args)
     except NasoptError as exc:
@@ -235,7 +268,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .cli_hw import dispatch as hw_dispatch
         return hw_dispatch(args)
     if args.command == "studies":
-        storage = api.open_storage(args.storage, args.run_dir)
+        from .study import open_existing_storage  # read-only: creates nothing
+        storage = open_existing_storage(args.storage, args.run_dir)
         if args.studies_command == "list":
             _print_frame(__import__("nasopt.study", fromlist=["x"]).list_studies(storage),
                          args.format)
@@ -252,11 +286,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import studies_cli
         return studies_cli.run_dashboard(args)
     if args.command == "export":
-        from .study import load_study
-        study = load_study(api.open_storage(args.storage, args.run_dir), args.study)
+        from .export import check_out, files_of
+        from .study import completed, load_study, open_existing_storage
+        study = load_study(open_existing_storage(args.storage, args.run_dir), args.study)
+        if args.trial in {t.number for t in completed(study)}:  # else api.export says why first
+            check_out(args.out, args.force)
         formats = tuple(args.format or ("pytorch", "packed"))
         out = api.export(study, args.trial, args.out, formats)
-        files = ", ".join(sorted(p.name for p in out.iterdir()))
+        files = ", ".join(files_of(out))
         print(f"exported trial {args.trial} of {args.study} to {out}/ ({files}), verified; "
               f"load it with nasopt.load({str(out)!r})")
         return 0

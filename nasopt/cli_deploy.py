@@ -6,6 +6,9 @@ history) and ``student.pt`` (the float model's state dict, BatchNorm not folded)
 takes a student folder, a nasopt export (``--from``) or a study trial (inherited weights), applies
 the arch's compression policy with quantization-aware training and writes an export folder
 (``nasopt.load`` works on it), plus ``metrics.json`` with validation and test accuracy.
+
+Each command's output folder (``--out``, ``export.out``) must be new or empty unless ``--force``
+(:func:`nasopt.export.check_out`, after the inputs are read and before any training).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                    help="> 0: feature distillation (FitNets hint through a 1x1 adapter)")
     p.add_argument("--hint-layer", default="", help="module name (default: the last stage)")
     _add_training(p, epochs=40, lr=3e-3, patience=10)
-    p.add_argument("--out", required=True, help="student folder to write")
+    _add_out(p, "student folder to write")
     _add_storage(p)
 
     p = sub.add_parser("finetune", help="quantization-aware fine-tuning with the arch's "
@@ -68,18 +71,21 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                    help="keep this stratified fraction of train and validation (e.g. 0.1)")
     p.add_argument("--freeze", default="", help="groups to keep fixed, e.g. s1,s2")
     _add_training(p, epochs=20, lr=1e-3, patience=5)
-    p.add_argument("--out", required=True, help="export folder to write")
+    _add_out(p, "export folder to write")
     _add_storage(p)
 
     p = sub.add_parser("run", help="the whole pipeline from a TOML config",
                        description="train supernet -> search -> pick -> distill -> fine-tune "
                        "(QAT) -> export -> report (metrics.json and REPORT.md in the export "
                        "folder). Sections: data, supernet, eval, search, gradient, pick, "
-                       "distill, finetune, export; top-level run_dir, device (see "
-                       "nasopt/pipeline.py and configs/mnist1d.toml).")
+                       f"distill, finetune, export; top-level {', '.join(_top_level_keys())} "
+                       "(see nasopt/pipeline.py and configs/mnist1d.toml). Re-running the same "
+                       "config reuses the trained supernet and the finished trials.")
     p.add_argument("config", help="TOML file, e.g. configs/mnist1d.toml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set search.trials=50")
+    p.add_argument("--force", action="store_true", help="export.out may hold files: replace "
+                   "the nasopt files an earlier run left there (other files are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
@@ -90,6 +96,19 @@ def _add_training(p: argparse.ArgumentParser, epochs: int, lr: float, patience: 
     p.add_argument("--patience", type=int, default=patience,
                    help=f"early stopping on validation accuracy ({patience})")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _top_level_keys() -> list[str]:
+    """The config keys of `nasopt run` outside any section (run_dir, device, threads)."""
+    from .pipeline import RunConfig
+    return [f.name for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING]
+
+
+def _add_out(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=True, help=f"{what}; a new or empty folder unless --force")
+    p.add_argument("--force", action="store_true", help="--out may hold files: replace the "
+                   "nasopt files there (an earlier export, student or model card; other files "
+                   "are kept)")
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:
@@ -113,10 +132,20 @@ def _log(quiet: bool):  # noqa: ANN202
 def _run(args: argparse.Namespace, command: str) -> int:
     from .pipeline import load_run_config, run
     cfg = load_run_config(args.config, args.set)
-    result = run(cfg, command, show_progress=not args.quiet, log=_log(args.quiet))
+    result = run(cfg, command, show_progress=not args.quiet, log=_log(args.quiet),
+                 force=args.force)
     print((result.out / "REPORT.md").read_text(), end="")
     print(f"wrote {result.out}/ ({', '.join(result.card['files'])})")
     return 0
+
+
+def _numbers(text: str | None, kind: type, option: str, example: str) -> list:
+    """A comma-separated option value as a list of ``kind`` (none given: [])."""
+    try:
+        return [kind(v) for v in text.split(",")] if text else []
+    except ValueError:
+        raise NasoptError(f"{option} {text!r}: give comma-separated numbers, e.g. {option} "
+                          f"{example}") from None
 
 
 def _study_evaluator(study_name: str, storage: str | None, run_dir: str):  # noqa: ANN202
@@ -135,11 +164,21 @@ def _trial_arch(study, evaluator, trial: int):  # noqa: ANN001, ANN202
 
 
 def _distill(args: argparse.Namespace) -> int:
+    import io
+
     from . import api
     from .arch import Arch
     from .distill import train_student
+    from .export import check_out, replace_artifacts
     from .pipeline import DistillStep, student_model, teachers_for
     from .study import setup_of
+    weights = _numbers(args.teacher_weights, float, "--teacher-weights", "0.7,0.3")
+    cfg = DistillStep(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      alpha=args.alpha, temperature=args.temperature,
+                      adaptive_temperature=args.adaptive_temperature,
+                      hint_weight=args.hint_weight, hint_layer=args.hint_layer,
+                      patience=args.patience, seed=args.seed, init=args.init,
+                      teachers=tuple(args.teacher or ["largest"]), teacher_weights=tuple(weights))
     study, evaluator, data = _study_evaluator(args.study, args.storage, args.run_dir)
     if args.trial is not None:
         arch = _trial_arch(study, evaluator, args.trial)
@@ -148,33 +187,23 @@ def _distill(args: argparse.Namespace) -> int:
             arch = evaluator.space.validate(Arch.load(args.arch))
         except (OSError, ValueError) as exc:
             raise NasoptError(f"cannot read arch file {args.arch}: {exc}") from None
-    weights = ([float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights
-               else [])
-    cfg = DistillStep(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      alpha=args.alpha, temperature=args.temperature,
-                      adaptive_temperature=args.adaptive_temperature,
-                      hint_weight=args.hint_weight, hint_layer=args.hint_layer,
-                      patience=args.patience, seed=args.seed, init=args.init,
-                      teachers=tuple(args.teacher or ["largest"]), teacher_weights=tuple(weights))
+    out = check_out(args.out, args.force)
     student = student_model(evaluator, arch, cfg.init, cfg.seed)
     teachers = None if args.no_teacher else teachers_for(evaluator, cfg.teachers,
                                                          cfg.teacher_weights, data, api.SPACES)
     history = train_student(student, data, teachers, cfg, show_progress=True)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NasoptError(f"--out {out} is a file; give a folder path")
-    out.mkdir(parents=True, exist_ok=True)
-    from . import checkpoint
-    torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()},
-               out / "student.pt")
-    (out / "arch.json").write_text(arch.to_json() + "\n")
+    weights_file = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, weights_file)
     card = {"space": evaluator.space.describe(), "study": study.study_name,
             "dataset": setup_of(study)["data"], "distill": dataclasses.asdict(cfg)
             | {"teachers": None if args.no_teacher else list(cfg.teachers)},
             "val_accuracy": history.best_val_accuracy, "history": dataclasses.asdict(history)}
-    checkpoint.atomic_write_bytes(out / STUDENT_CARD, (json.dumps(card, indent=2) + "\n").encode())
+    written = replace_artifacts(out, {"student.pt": weights_file.getvalue(),
+                                      "arch.json": (arch.to_json() + "\n").encode(),
+                                      STUDENT_CARD: (json.dumps(card, indent=2) + "\n").encode()},
+                                STUDENT_CARD)
     print(f"distilled {'(no teacher) ' if args.no_teacher else ''}the arch into {out}/ "
-          f"(arch.json, student.json, student.pt): val accuracy "
+          f"({', '.join(written)}): val accuracy "
           f"{history.best_val_accuracy:.4f}; next: nasopt finetune --from {out} --out DIR")
     return 0
 
@@ -184,12 +213,15 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     from .arch import Arch
     from .compress import Policy
     from .data import load_dataset
-    from .export import export_model
+    from .export import check_out, export_model
     from .finetune import FinetuneConfig, finetune, prepare_qat, reheaded
     from .space import space_from_description
     from .torchscript import FILE as TS_FILE
     from .torchscript import write as write_torchscript
     from .train import accuracy
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         patience=args.patience, seed=args.seed,
+                         freeze=tuple(g.strip() for g in args.freeze.split(",") if g.strip()))
     data = None
     deployed = False
     if args.study:
@@ -221,9 +253,9 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     spec = args.dataset or data_setup.get("dataset")
     if spec is None:
         raise NasoptError("the source does not name its dataset; give --dataset")
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
-    if data is None or args.dataset or classes or args.fraction < 1:
-        if args.dataset or classes or args.fraction < 1:
+    classes = _numbers(args.classes, int, "--classes", "5,6,7,8,9") or None
+    if data is None or args.dataset or classes or args.fraction != 1:
+        if args.dataset or classes or args.fraction != 1:  # load_dataset checks the fraction
             data = load_dataset(spec, classes=classes, fraction=args.fraction)
         else:  # the source's own split
             keys = ("seed", "val_fraction", "test_fraction", "label_column", "classes",
@@ -234,17 +266,14 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     if data.input_shape != tuple(space.input_shape):
         raise NasoptError(f"{data.name} samples are shaped {data.input_shape}, the model takes "
                           f"{tuple(space.input_shape)}; transfer needs the same input shape")
+    out = check_out(args.out, args.force)  # the inputs above are read, no training yet
     if data.num_classes != space.num_classes or args.dataset or classes:
         if not deployed:  # re-heading works on the deployed structure
             from .compress import compress
             model, deployed = compress(model, policy, space.group_of)[0], True
         model, space = reheaded(model, space, arch, data.num_classes, args.seed)
-    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         patience=args.patience, seed=args.seed,
-                         freeze=tuple(g.strip() for g in args.freeze.split(",") if g.strip()))
     qat = prepare_qat(model, policy, space.group_of, deployed=deployed, seed=args.seed)
     final, stored, history = finetune(qat, policy, space.group_of, data, cfg, show_progress=True)
-    out = Path(args.out)
     info = {"origin": f"nasopt finetune (QAT) from {args.source or args.study}",
             "dataset": {"dataset": spec, "classes": classes, "fraction": args.fraction}}
     export_model(final, stored, arch, space, out, info, api.SPACES)

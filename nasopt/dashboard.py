@@ -9,27 +9,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 from . import study as _study
 from .errors import NasoptError
 
 HOST = "127.0.0.1"  # never another interface: the dashboard has no authentication
 DEFAULT_PORT = 8080
-
-
-def storage_url(url: str | None, run_dir: str | Path) -> str:
-    """The storage to show: ``url``, else ``RUN_DIR/studies.db``, which must exist (the dashboard
-    would otherwise create an empty database and show nothing)."""
-    if url is None:
-        path = Path(run_dir) / "studies.db"
-        if not path.is_file():
-            raise NasoptError(f"no study database at {path}; give the run folder of a search "
-                              f"with --run-dir, or its storage with --storage URL")
-        return f"sqlite:///{path}"
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise NasoptError(f"no SQLite file at {url[len('sqlite:///'):]}; check the --storage URL")
-    return url
 
 
 def check_port(port: int) -> None:

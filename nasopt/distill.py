@@ -211,8 +211,13 @@ class DistillConfig:
             raise NasoptError(f"distill.alpha must lie in [0, 1], got {self.alpha}")
         if self.temperature <= 0 or not math.isfinite(self.temperature):
             raise NasoptError(f"distill.temperature must be positive, got {self.temperature}")
-        if self.epochs < 1 or self.patience < 1 or self.hint_weight < 0:
-            raise NasoptError("distill.epochs and patience must be >= 1, hint_weight >= 0")
+        if self.epochs < 1:
+            raise NasoptError(f"distill epochs must be >= 1, got {self.epochs}; give --epochs "
+                              f"1 or more (distill.epochs in a run config; distill.enabled = "
+                              f"false skips distillation)")
+        if self.patience < 1 or self.hint_weight < 0:
+            raise NasoptError(f"distill patience must be >= 1 and hint_weight >= 0, got "
+                              f"patience {self.patience}, hint_weight {self.hint_weight}")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(self.epochs, self.batch_size, self.lr, self.weight_decay, self.seed)

@@ -12,6 +12,11 @@ compression policy applied (BN folded, low-rank layers split, pruned, quantize-d
 
 Every export is verified after writing: each written format, loaded back, must reproduce the
 in-memory model's outputs (max abs diff < 1e-6).
+
+The commands that write an output folder (``nasopt export``, ``finetune``, ``distill``, ``run``)
+refuse one that already holds files unless given ``--force`` (:func:`check_out`, before any
+work); the folder then holds one model: the nasopt files (:data:`ARTIFACTS`) an earlier command
+left there are replaced or removed (:func:`replace_artifacts`), every other file is kept.
 """
 from __future__ import annotations
 
@@ -35,7 +40,51 @@ FORMATS = ("pytorch", "packed")  # the default; ONNX on request
 ALL_FORMATS = (*FORMATS, "onnx", "onnx-int8")
 EXPORT_FILES = ("arch.json", "model.json", "weights.pt", "model.packed", "model.onnx",
                 "model.int8.onnx")
+#: every file a nasopt command writes into its output folder: an export, plus what `finetune` /
+#: `run` add (model.ts, metrics.json, REPORT.md) or a `distill` student folder holds
+ARTIFACTS = (*EXPORT_FILES, "model.ts", "metrics.json", "REPORT.md", "student.json",
+             "student.pt")
+#: the commit records (written last): an export's model card, a student folder's card
+RECORDS = ("model.json", "student.json")
 TOLERANCE = 1e-6
+
+
+def check_out(out: str | Path, force: bool = False, option: str = "--out") -> Path:
+    """The output folder ``out`` of a command, checked before any work: not a file, and (unless
+    ``force``) holding no files yet, so that finished work is never replaced silently."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NasoptError(f"{option} {out} is a file; give a folder path")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
+        shown = ", ".join(held[:6]) + (f", ... ({len(held)} in all)" if len(held) > 6 else "")
+        raise NasoptError(f"{option} {out} already holds files ({shown}); choose a new {option}, "
+                          f"or pass --force to replace the nasopt files there (other files are "
+                          f"kept)")
+    return out
+
+
+def replace_artifacts(out: Path, files: Mapping[str, bytes], record: str) -> list[str]:
+    """Make ``files`` (name: bytes) the nasopt files of the folder ``out``; returns their names.
+
+    The commit records go first, then every other nasopt file not in ``files``; then ``files``
+    are written (each atomically), ``record`` last. A process killed midway leaves a folder with
+    no record, which ``load`` and ``finetune --from`` refuse, never one mixing two models. Files
+    that are not :data:`ARTIFACTS` are left alone."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*RECORDS, *ARTIFACTS):
+        if name not in files or name in RECORDS:
+            (out / name).unlink(missing_ok=True)
+    names = sorted(files, key=lambda n: n == record)
+    for name in names:
+        checkpoint.atomic_write_bytes(out / name, files[name])
+    return sorted(names)
+
+
+def files_of(out: Path) -> list[str]:
+    """The files of the export in the folder ``out``: arch.json, model.json and its formats'."""
+    card = json.loads((Path(out) / "model.json").read_text())
+    return sorted(["arch.json", "model.json", *card["files"].values()])
 
 
 def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space: SearchSpace,
@@ -49,9 +98,7 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
     if unknown or not formats:
         raise NasoptError(f"unknown export format(s) {unknown}; choose from "
                           f"{', '.join(ALL_FORMATS)}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NasoptError(f"--out {out} is a file; give a folder path")
+    out = check_out(out, force=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     # write and verify in a temporary folder next to ``out``; only a verified export replaces
     # what was there (files of formats not written this time are removed, never left stale)
@@ -80,23 +127,24 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
             if fmt.startswith("onnx"):
                 continue  # verified by onnx_export.write in ONNX Runtime
             _verify(model, load(tmp / name if fmt == "packed" else tmp, spaces), space, name)
-        out.mkdir(exist_ok=True)
         # model.json is the export's commit record: removed first, replaced last, so a process
         # killed between two files leaves a folder `load` refuses (no model.json), never one
         # that loads the weights of the previous export under this arch.json
-        (out / "model.json").unlink(missing_ok=True)
-        for name in sorted(EXPORT_FILES, key=lambda n: n == "model.json"):
-            if (tmp / name).exists():
-                checkpoint.atomic_write_bytes(out / name, (tmp / name).read_bytes())
-            else:
-                (out / name).unlink(missing_ok=True)
+        replace_artifacts(out, {name: (tmp / name).read_bytes() for name in EXPORT_FILES
+                                if (tmp / name).exists()}, "model.json")
     return out
 
 
 def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]]) -> nn.Module:
     """Load an export: a folder (its weights.pt) or a ``.packed`` file, as a deployed model."""
     path = Path(path)
+    if not path.exists():
+        raise NasoptError(f"{path} does not exist; give an export folder or its model.packed "
+                          f"(write one with `nasopt export STUDY --trial N --out DIR`)")
     if path.is_file():
+        if path.suffix != ".packed" and (path.parent / "model.json").exists():
+            raise NasoptError(f"{path} is a file of the export folder {path.parent}; load the "
+                              f"folder: nasopt.load({str(path.parent)!r})")
         return packed.read(path, spaces)[0]
     card_file = path / "model.json"
     if not card_file.exists():

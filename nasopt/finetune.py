@@ -121,8 +121,12 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.patience < 1 or self.lr <= 0:
-            raise NasoptError("finetune.epochs must be >= 0, patience >= 1, lr > 0")
+        if self.epochs < 1:  # no training: no validation accuracy, nothing to report
+            raise NasoptError(f"finetune epochs must be >= 1, got {self.epochs}; give --epochs "
+                              f"1 or more (finetune.epochs in a run config)")
+        if self.patience < 1 or self.lr <= 0:
+            raise NasoptError(f"finetune patience must be >= 1 and lr > 0, got patience "
+                              f"{self.patience}, lr {self.lr}")
 
 
 def freeze_groups(model: nn.Module, groups: Sequence[str], group_of: GroupOf,
@@ -154,12 +158,10 @@ def finetune(qat_model: nn.Module, policy: Policy, group_of: GroupOf, data: Data
     :func:`finalize`: (deployed model, stored layers, history)."""
     torch.manual_seed(cfg.seed)
     params = freeze_groups(qat_model, cfg.freeze, group_of, model_groups(qat_model, group_of))
-    history = History()
-    if cfg.epochs > 0:
-        train_cfg = TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed)
-        history = train_early_stopping(
-            qat_model, params, lambda x, y: F.cross_entropy(qat_model(x), y), data, train_cfg,
-            cfg.patience, desc=desc, show_progress=show_progress)
+    train_cfg = TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed)
+    history = train_early_stopping(
+        qat_model, params, lambda x, y: F.cross_entropy(qat_model(x), y), data, train_cfg,
+        cfg.patience, desc=desc, show_progress=show_progress)
     model, stored = finalize(qat_model, policy, group_of)
     return model, stored, history
 

@@ -3,9 +3,11 @@ of the strategies inside them), hypervolume settings and curves, gene importance
 all trials to a CSV or JSON file.
 
 Every table is a flat pandas DataFrame with typed columns: ``trial`` int, ``state``/``strategy``
-strings, ``pareto``/``feasible`` bool, ``accuracy`` float, the byte/param/MAC counts nullable
-``Int64`` (empty for trials that failed before measuring), one ``constraint.<budget>`` float per
-budget (Optuna's constraint value ``value - limit``: feasible when <= 0), then one column per gene.
+strings, ``pareto`` bool, ``feasible`` nullable ``boolean`` (empty for trials that did not
+complete), ``accuracy`` float, the byte/param/MAC counts nullable ``Int64`` (empty for trials that
+failed before measuring), one ``constraint.<budget>`` float per budget (Optuna's constraint value
+``value - limit``: feasible when <= 0), then one column per gene, typed by its options (integer
+genes nullable ``Int64``, so a failed trial's empty cells do not turn them into floats).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def trials_table(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame
     ``constraint.<budget>`` per budget, a scalarized objective if any (``mnasnet``), the genes."""
     frame = _study.trials_frame(study, pareto_only=pareto_only)
     budgets = budgets_of(study)
-    genes = list(_study.setup_of(study).get("space", {}).get("genes", {}))
+    genes = dict(_study.setup_of(study).get("space", {}).get("genes", {}))
     scalar = [o for o in _study.setup_of(study).get("objectives", []) if o not in OBJECTIVES]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     numbers = frame["trial"].tolist() if len(frame) else []
@@ -101,9 +103,10 @@ def metric_value(trial: optuna.trial.FrozenTrial, key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _typed(frame: pd.DataFrame, genes: Sequence[str]) -> pd.DataFrame:
+def _typed(frame: pd.DataFrame, genes: dict[str, list]) -> pd.DataFrame:
+    """``genes``: each gene's options (the study's space), which give its column's type."""
     frame = frame.copy()
-    types: dict[str, Any] = {"trial": "int64", "pareto": "bool", "feasible": "bool",
+    types: dict[str, Any] = {"trial": "int64", "pareto": "bool", "feasible": "boolean",
                              "accuracy": "float64", **{c: "Int64" for c in COUNT_COLUMNS}}
     for column in frame.columns:
         if column in types:
@@ -113,7 +116,7 @@ def _typed(frame: pd.DataFrame, genes: Sequence[str]) -> pd.DataFrame:
         elif column in ("state", "strategy", "error", "arch"):
             frame[column] = frame[column].astype("string")
         elif column in genes or frame[column].dtype == object:
-            values = frame[column].dropna()
+            values = genes.get(column) or frame[column].dropna().tolist()
             if len(values) and all(isinstance(v, str) for v in values):
                 frame[column] = frame[column].astype("string")
             elif len(values) and all(isinstance(v, int) and not isinstance(v, bool)
@@ -316,6 +319,10 @@ def to_text(frame: pd.DataFrame, fmt: str) -> str:
         return frame.to_json(orient="records", indent=1, date_format="iso") + "\n"
     if frame.empty:
         return "(no rows)\n"
+    shown = frame.copy()
+    for column in frame.columns:  # na_rep does not reach nullable columns: they print <NA>
+        if isinstance(frame[column].dtype, pd.api.extensions.ExtensionDtype):
+            shown[column] = frame[column].astype(object).where(frame[column].notna(), "-")
     buf = io.StringIO()
-    buf.write(frame.to_string(index=False, float_format=_number, na_rep="-"))
+    buf.write(shown.to_string(index=False, float_format=_number, na_rep="-"))
     return buf.getvalue() + "\n"

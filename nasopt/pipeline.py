@@ -205,10 +205,13 @@ class RunResult:
 
 
 def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
-        log: Log = lambda s: None) -> RunResult:
-    """The whole pipeline (see the module doc). Returns the export folder and the model card."""
+        log: Log = lambda s: None, force: bool = False) -> RunResult:
+    """The whole pipeline (see the module doc). Returns the export folder and the model card.
+
+    ``export.out`` must be new or empty unless ``force`` (checked before any work): then the
+    nasopt files an earlier run left there are replaced, other files kept."""
     from . import api
-    from .export import export_model
+    from .export import ARTIFACTS, check_out, export_model
     from .torchscript import FILE as TS_FILE
     from .torchscript import write as write_torchscript
     timings: dict[str, float] = {}
@@ -220,9 +223,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         timings[name] = round(now - t, 2)
         t = now
 
-    out = Path(cfg.export.out)
-    if out.exists() and not out.is_dir():
-        raise NasoptError(f"export.out {out} is a file; give a folder path")
+    out = check_out(cfg.export.out, force, "export.out")
     if cfg.threads < 0:
         raise NasoptError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     if cfg.threads:
@@ -300,7 +301,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         "float_bytes": count_params(student) * FLOAT32_BYTES,
         "params": count_params(model), "macs": count_macs(model, space.input_shape),
         "latency_ms_cpu_batch1": round(latency_ms(model, space.input_shape), 4),
-        "files": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")),
+        "files": sorted(p.name for p in out.iterdir() if p.name in ARTIFACTS),
         "formats": {"packed": "weights at the arch's bit-widths (2-8 bit or float32) exactly",
                     "weights.pt / model.ts": "float32 tensors holding the dequantized weights",
                     **onnx_note},
@@ -311,7 +312,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     }
     (out / "metrics.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "REPORT.md").write_text(report_markdown(card))
-    card["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    card["files"] = sorted(p.name for p in out.iterdir() if p.name in ARTIFACTS)
     (out / "metrics.json").write_text(json.dumps(card, indent=2) + "\n")
     return RunResult(out, number, card)
 

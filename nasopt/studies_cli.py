@@ -80,7 +80,7 @@ def _add_hv(p: argparse.ArgumentParser) -> None:
 
 def run_dashboard(args: argparse.Namespace) -> int:
     from . import dashboard
-    url = dashboard.storage_url(args.storage, args.run_dir)
+    url = _study.resolve_storage(args.storage, args.run_dir, must_exist=True)
     try:
         dashboard.serve(url, args.port, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
@@ -91,7 +91,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace, storage) -> int:  # noqa: ANN001
     """Handle `nasopt studies COMMAND` for the commands of this module."""
     from . import inspection
-    url = _study.resolve_storage(args.storage, args.run_dir)
+    url = _study.resolve_storage(args.storage, args.run_dir, must_exist=True)
     if args.studies_command == "compare":
         studies = [_study.load_study(storage, name) for name in args.studies]
         frame, setting = inspection.compare(studies, args.hv_cost, args.hv_reference)
@@ -104,8 +104,10 @@ def run(args: argparse.Namespace, storage) -> int:  # noqa: ANN001
         front = inspection.pareto_table(study)
         if front.empty and _study.completed(study):
             closest = inspection.closest_table(study)
+            budgets = {k: inspection.format_limit(k, v)  # as `nasopt search` shows them
+                       for k, v in inspection.budgets_of(study).items()}
             note = (f"no completed trial of {study.study_name!r} meets the budgets "
-                    f"{inspection.budgets_of(study)}; the closest is trial "
+                    f"{budgets}; the closest is trial "
                     f"{int(closest['trial'].iloc[0])} (constraint values: value - limit)")
             if args.format == "table":
                 print(note + ":")

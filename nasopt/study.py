@@ -30,15 +30,30 @@ def mask_url(text: str) -> str:
     return re.sub(r"(password\s*=\s*)('[^']*'|[^&\s]+)", r"\1***", text, flags=re.IGNORECASE)
 
 
-def resolve_storage(url: str | None, run_dir: str | Path) -> str:
-    """The storage URL to use: ``url``, or an SQLite file in ``run_dir``."""
+def resolve_storage(url: str | None, run_dir: str | Path, must_exist: bool = False) -> str:
+    """The storage URL to use: ``url``, or an SQLite file in ``run_dir``. Makes the folder of a
+    new SQLite or journal file; with ``must_exist`` (read-only commands) it makes nothing and
+    raises unless that file exists (a server's URL, e.g. PostgreSQL, is not checked)."""
     if url is None:
-        path = Path(run_dir) / "studies.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    if url.startswith("sqlite:///") or url.startswith(JOURNAL):
-        Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-    return url
+        file: str | None = str(Path(run_dir) / "studies.db")
+    else:
+        # the file of an SQLite or journal URL (an SQLite URL may carry ?query parameters)
+        file = (url.split(":///", 1)[1].split("?", 1)[0] if url.startswith(("sqlite:///", JOURNAL))
+                else None)
+    if file and must_exist and not Path(file).is_file():
+        fix = ("give the run folder of a search with --run-dir, or its storage with --storage URL"
+               if url is None else "check the --storage URL, or give the run folder of a search "
+               "with --run-dir")
+        raise NasoptError(f"no study database at {file}; {fix}")
+    if file is not None and not must_exist:
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{file}" if url is None else url
+
+
+def open_existing_storage(url: str | None, run_dir: str | Path) -> optuna.storages.BaseStorage:
+    """The storage of earlier searches, for commands that only read it: creates no folder and
+    no file (see :func:`resolve_storage` with ``must_exist``)."""
+    return open_storage(resolve_storage(url, run_dir, must_exist=True))
 
 
 JOURNAL = "journal:///"
@@ -212,12 +227,15 @@ def closest_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 def trials_frame(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame:
     """One row per trial: number, state, Pareto mark, strategy, metrics, and the arch genes.
 
-    The objective values are functions of the metrics, so the metrics columns carry them."""
+    The objective values are functions of the metrics, so the metrics columns carry them.
+    ``feasible`` is None for a trial that did not complete (FAIL, RUNNING: nothing measured)."""
     front = pareto_numbers(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
+        done = t.state == optuna.trial.TrialState.COMPLETE
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name,
-                               "pareto": t.number in front, "feasible": is_feasible(t),
+                               "pareto": t.number in front,
+                               "feasible": is_feasible(t) if done else None,
                                "strategy": t.user_attrs.get("strategy"),
                                "error": t.user_attrs.get("error")}
         metrics = t.user_attrs.get("metrics", {})

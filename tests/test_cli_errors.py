@@ -29,8 +29,13 @@ CASES = [
       "postgresql://nasopt:s3cret@127.0.0.1:1/nasopt"], "cannot open storage"),
     (["search", "--dataset", "mnist1d", "--set", "search.trails=3"], "unknown config key"),
     (["search", "--dataset", "mnist1d", "--trials", "0"], "at least 1"),
-    (["studies", "show", "nope"], "no study named 'nope'"),
-    (["export", "nope", "--trial", "0", "--out", "x"], "no study named 'nope'"),
+    # a run folder without a study database: read-only commands create none
+    (["studies", "show", "nope"], "no study database at"),
+    (["export", "nope", "--trial", "0", "--out", "x"], "no study database at"),
+    # the name is a file name too (RUN_DIR/configs/STUDY.json): nothing outside the run folder
+    (["search", "--space", "nb201", "--table", "--study", "../../victim"], "not a plain name"),
+    (["search", "--space", "nb201", "--table", "--study", ""], "not a plain name"),
+    (["search", "--config", "/"], "is a folder, not a TOML file"),
 ]
 
 
@@ -41,6 +46,12 @@ def test_user_errors(tmp_path, capsys, args, message):
     assert code == 2
     assert message in err and err.startswith("nasopt: error:")
     assert "s3cret" not in err  # passwords are masked
+
+
+def test_a_config_file_that_is_not_text(tmp_path, capsys):
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe\x00binary")
+    assert cli.main(["search", "--config", str(tmp_path / "bin.toml"), *QUICK]) == 2
+    assert capsys.readouterr().err.startswith("nasopt: error: config file")
 
 
 def test_no_traceback_from_the_real_command(tmp_path):
@@ -66,3 +77,49 @@ def test_help_on_every_command():
         with pytest.raises(SystemExit) as exc:
             cli.main(args)
         assert exc.value.code == 0
+
+
+def test_ctrl_c_gives_one_line_and_keeps_the_trials(tmp_path):
+    """SIGINT mid-search: exit 130 with the CLI's one line (no traceback: Optuna logs the
+    interrupted trial's failure with one, which is filtered), every finished trial kept."""
+    import signal
+    import time
+
+    import optuna
+
+    db = tmp_path / "studies.db"
+    proc = subprocess.Popen([sys.executable, "-m", "nasopt.cli", "search", "--space", "nb201",
+                             "--table", "--trials", "100000", "--study", "s", "--quiet",
+                             "--run-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def completed() -> int:
+        try:
+            study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+        except Exception:  # not created yet
+            return 0
+        return len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+
+    deadline = time.monotonic() + 120
+    while completed() < 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("nasopt: interrupted; finished trials are kept")
+    assert completed() >= 5
+
+
+def test_a_mistyped_option_names_the_command_and_the_near_miss(capsys):
+    for argv, usage, near in ((["search", "--max-sise", "4KB"], "nasopt search", "--max-size"),
+                              (["studies", "show", "s", "--pareto-only"], "nasopt studies show",
+                               "--pareto")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: {usage} ")
+        assert err.rstrip().endswith(f"{usage}: error: unrecognized arguments: "
+                                     f"{' '.join(argv[-2 if near == '--max-size' else -1:])}; "
+                                     f"did you mean {near}?")

@@ -63,9 +63,10 @@ def test_search_export_load_end_to_end(tmp_path, capsys):
     packed_model = api.load(out_dir / "model.packed")
     assert accuracy(packed_model, data.x_val, data.y_val) == pytest.approx(best.values[0],
                                                                            abs=1e-9)
-    # re-exporting one format into the folder leaves no stale file of the other
+    # re-exporting one format into the folder (--force) leaves no stale file of the other
     assert cli.main(["export", "mobilenet-digits", "--trial", str(best.number), "--format",
-                     "pytorch", "--out", str(out_dir), "--run-dir", str(tmp_path)]) == 0
+                     "pytorch", "--out", str(out_dir), "--run-dir", str(tmp_path),
+                     "--force"]) == 0
     assert not (out_dir / "model.packed").exists()
     capsys.readouterr()
     assert cli.main(["export", "mobilenet-digits", "--trial", str(best.number), "--out",

@@ -243,10 +243,11 @@ def export_row(folder: Path, reference: dict[str, Any], rep: int) -> dict[str, A
     digests: dict[str, dict[str, str]] = {}
     codes = []
     for trial, out in ((b, "only-b"), (a, "export")):  # B alone: the files B's export writes
-        base = [STUDY, "--run-dir", "runs", "--out", out, "--trial", str(trial.number)]
+        base = [STUDY, "--run-dir", "runs", "--out", out, "--trial", str(trial.number), "--force"]
         codes.append(crash.wait(crash.start(folder, *base, command="export"))[0])
         digests[f"#{trial.number}"] = _digests(folder / out)
-    base = [STUDY, "--run-dir", "runs", "--out", "export", "--trial", str(b.number)]
+    # over A's export, so --force (without it the command refuses a folder holding files)
+    base = [STUDY, "--run-dir", "runs", "--out", "export", "--trial", str(b.number), "--force"]
     code, out1, err1, _ = crash.wait(crash.start(folder, *base, command="export",
                                                  kill_at="export-write:3"))
     export = folder / "export"
