@@ -87,6 +87,9 @@ class ExportStep:
         if bad or not self.formats:
             raise NasoptError(f"export.formats: unknown {bad}; choose from "
                               f"{', '.join(EXPORT_FORMATS)}")
+        if not {"pytorch", "packed"} & set(self.formats):  # checked before any work
+            raise NasoptError(f"export.formats {list(self.formats)} needs pytorch or packed too: "
+                              f"the export folder's model, which the other formats join")
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,9 @@ def list_studies(storage: optuna.storages.BaseStorage) -> pd.DataFrame:
         study = optuna.load_study(study_name=s.study_name, storage=storage)
         states = [t.state.name for t in study.get_trials(deepcopy=False)]
         rows.append({"study": s.study_name, "space": setup.get("space", {}).get("name"),
-                     "dataset": setup.get("data", {}).get("dataset"),
+                     # tabular studies have no dataset: the table they were scored from
+                     "dataset": setup.get("data", {}).get("dataset") or (
+                         f"table {Path(setup['table']).name}" if setup.get("table") else None),
                      "objectives": ",".join(setup.get("objectives", [])),
                      "complete": states.count("COMPLETE"), "failed": states.count("FAIL"),
                      "running": states.count("RUNNING"),

@@ -31,6 +31,7 @@ def make_files(root: Path) -> None:
     """The inputs the cases refer to (created once per test, before the snapshot)."""
     (root / "typo.toml").write_text("[supernet]\nepoch = 3\n")
     (root / "broken.toml").write_text("[search\nspace = 'conv1d'\n")
+    (root / "ts_only.toml").write_text("[export]\nformats = ['torchscript']\n")
     rng = np.random.default_rng(0)
     np.savez(root / "shapes.npz", x=rng.normal(size=(100, 40)).astype("float32"),
              y=np.arange(90) % 10)
@@ -77,6 +78,8 @@ CASES = [
     ("typo'd key in a TOML file", ["search", "--config", "typo.toml", *QUICK],
      "unknown config key(s) ['supernet.epoch']"),
     ("TOML syntax error", ["search", "--config", "broken.toml", *QUICK], "is not valid TOML"),
+    ("run exporting TorchScript alone", ["run", "ts_only.toml", "--quiet"],
+     "needs pytorch or packed too"),
     ("wrong type", ["search", "--set", "eval.calib_samples=\"many\"", *QUICK],
      "eval.calib_samples takes an integer"),
     ("negative learning rate", ["search", "--set", "supernet.lr=-0.1", *QUICK],

@@ -192,3 +192,13 @@ def test_an_existing_sqlite_file_with_url_parameters_is_found(tmp_path):
         resolve_storage(url, tmp_path, must_exist=True)
     db.write_bytes(b"")
     assert resolve_storage(url, tmp_path, must_exist=True) == url
+
+
+def test_studies_list_names_the_table_of_a_tabular_study(tmp_path, capsys):
+    assert cli.main(["search", "--space", "nb201", "--table", "--trials", "3", "--study", "t",
+                     "--quiet", "--run-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["studies", "list", "--format", "json", "--run-dir", str(tmp_path)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["study"], r["space"], r["dataset"], r["complete"]) for r in rows] == [
+        ("t", "nb201", "table nb201_cifar10.csv", 3)]
