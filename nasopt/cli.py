@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study")
     p.add_argument("--trial", type=int, required=True, help="trial number")
     p.add_argument("--out", required=True, help="output folder; a new or empty one unless --force")
-    p.add_argument("--force", action="store_true", help="--out may hold files: replace the nasopt "
-                   "files there (an earlier export, student or model card; other files are kept)")
+    p.add_argument("--force", action="store_true", help="--out may hold files: replace or remove "
+                   "those with nasopt's file names (arch.json, model.json, weights.pt, model.*, metrics.json, REPORT.md, student.*), keep "
+                   "the others")
     p.add_argument("--format", action="append",
                    choices=("pytorch", "packed", "onnx", "onnx-int8"),
                    help="pytorch (weights.pt), packed (model.packed), onnx (model.onnx, float32),"

@@ -106,9 +106,9 @@ def _top_level_keys() -> list[str]:
 
 def _add_out(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--out", required=True, help=f"{what}; a new or empty folder unless --force")
-    p.add_argument("--force", action="store_true", help="--out may hold files: replace the "
-                   "nasopt files there (an earlier export, student or model card; other files "
-                   "are kept)")
+    p.add_argument("--force", action="store_true", help="--out may hold files: replace or "
+                   "remove those with nasopt's file names (arch.json, model.json, weights.pt, model.*, metrics.json, REPORT.md, student.*), "
+                   "keep the others")
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:

@@ -138,7 +138,7 @@ def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str
         p = Path(path)
         if not p.exists():
             raise NasoptError(f"config file {p} does not exist; check the path")
-        if not p.is_file():
+        if p.is_dir():
             raise NasoptError(f"config {p} is a folder, not a TOML file; give the file's path")
         try:
             raw = tomllib.loads(p.read_text(encoding="utf-8"))

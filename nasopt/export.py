@@ -55,12 +55,14 @@ def check_out(out: str | Path, force: bool = False, option: str = "--out") -> Pa
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NasoptError(f"{option} {out} is a file; give a folder path")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    # hidden files (.gitkeep, a killed write's .NAME.*.tmp) do not count
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) \
+        if out.is_dir() else []
     if held and not force:
         shown = ", ".join(held[:6]) + (f", ... ({len(held)} in all)" if len(held) > 6 else "")
         raise NasoptError(f"{option} {out} already holds files ({shown}); choose a new {option}, "
-                          f"or pass --force to replace the nasopt files there (other files are "
-                          f"kept)")
+                          f"or pass --force to replace the files with nasopt's names there "
+                          f"(others are kept)")
     return out
 
 
@@ -75,6 +77,8 @@ def replace_artifacts(out: Path, files: Mapping[str, bytes], record: str) -> lis
     for name in (*RECORDS, *ARTIFACTS):
         if name not in files or name in RECORDS:
             (out / name).unlink(missing_ok=True)
+        for stale in out.glob(f".{name}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
     names = sorted(files, key=lambda n: n == record)
     for name in names:
         checkpoint.atomic_write_bytes(out / name, files[name])

@@ -26,7 +26,7 @@ SUPERNET = ["--set", "supernet.epochs=1", "--set", "supernet.warmup_epochs=1",
 EXPORT = ["arch.json", "model.json", "model.packed", "weights.pt"]
 FINETUNED = sorted([*EXPORT, "metrics.json", "model.ts"])
 STUDENT = ["arch.json", "student.json", "student.pt"]
-FIX = "pass --force to replace the nasopt files there (other files are kept)"
+FIX = "pass --force to replace the files with nasopt's names there (others are kept)"
 # the same data, space, supernet recipe and trials as the fixture's search: `nasopt run` reuses
 # its supernet and trials, only distills, fine-tunes and exports
 RUN_CONFIG = """
@@ -135,6 +135,19 @@ def test_export_into_a_new_folder_needs_no_force(root, tmp_path, capsys):
     assert code == 0, err
     assert names(out) == ["arch.json", "model.json", "model.packed"]
     assert f"to {out}/ (arch.json, model.json, model.packed), verified" in printed
+
+
+def test_hidden_files_do_not_count_and_a_killed_writes_temp_files_go(root, tmp_path, capsys):
+    """A folder holding only hidden files (.gitkeep, the .NAME.*.tmp a SIGKILLed write left)
+    takes an export without --force; the stale temp file is removed, .gitkeep kept."""
+    out = tmp_path / "hidden"
+    out.mkdir()
+    (out / ".gitkeep").write_text("")
+    (out / ".weights.pt.k1ll3d.tmp").write_bytes(b"half a file")
+    code, _, err = nasopt(capsys, "export", STUDY, "--trial", "0", "--out", out,
+                          "--run-dir", root / "runs")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted([".gitkeep", *EXPORT])
 
 
 # ---- nasopt finetune ------------------------------------------------------------------------
