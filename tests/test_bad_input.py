@@ -80,6 +80,8 @@ CASES = [
     ("TOML syntax error", ["search", "--config", "broken.toml", *QUICK], "is not valid TOML"),
     ("run exporting TorchScript alone", ["run", "ts_only.toml", "--quiet"],
      "needs pytorch or packed too"),
+    ("bench distill without QAT epochs", ["bench", "distill", "--qat-epochs", "0", "--out",
+                                          "d.md"], "--qat-epochs must be >= 1"),
     ("wrong type", ["search", "--set", "eval.calib_samples=\"many\"", *QUICK],
      "eval.calib_samples takes an integer"),
     ("negative learning rate", ["search", "--set", "supernet.lr=-0.1", *QUICK],

@@ -32,6 +32,7 @@ import torch
 from .. import api
 from ..compress import Policy, compress
 from ..data import load_dataset
+from ..errors import NasoptError
 from ..distill import DistillConfig, Teachers, train_student
 from ..evaluate import Evaluator
 from ..export import export_model
@@ -235,6 +236,11 @@ test accuracy (%): {accs}.
 
 def run(args: argparse.Namespace) -> Path:
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    # before the supernet is trained or loaded, naming this command's options
+    for option in ("epochs", "qat_epochs", "transfer_epochs", "source_epochs"):
+        if getattr(args, option, 1) < 1:
+            raise NasoptError(f"--{option.replace('_', '-')} must be >= 1, got "
+                              f"{getattr(args, option)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
