@@ -32,6 +32,7 @@ def _add_bench_common(p: argparse.ArgumentParser, out_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_deploy import add_out  # --out/--force of every command writing an output folder
     parser = argparse.ArgumentParser(
         prog="nasopt", epilog=EPILOG,
         description="Neural architecture search with compression objectives.")
@@ -103,10 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a trial's deployed (compressed) model")
     p.add_argument("study")
     p.add_argument("--trial", type=int, required=True, help="trial number")
-    p.add_argument("--out", required=True, help="output folder; a new or empty one unless --force")
-    p.add_argument("--force", action="store_true", help="--out may hold files: replace or remove "
-                   "those with nasopt's file names (arch.json, model.json, weights.pt, model.*, metrics.json, REPORT.md, student.*), keep "
-                   "the others")
+    add_out(p, "output folder")
     p.add_argument("--format", action="append",
                    choices=("pytorch", "packed", "onnx", "onnx-int8"),
                    help="pytorch (weights.pt), packed (model.packed), onnx (model.onnx, float32),"

@@ -51,7 +51,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                    help="> 0: feature distillation (FitNets hint through a 1x1 adapter)")
     p.add_argument("--hint-layer", default="", help="module name (default: the last stage)")
     _add_training(p, epochs=40, lr=3e-3, patience=10)
-    _add_out(p, "student folder to write")
+    add_out(p, "student folder to write")
     _add_storage(p)
 
     p = sub.add_parser("finetune", help="quantization-aware fine-tuning with the arch's "
@@ -71,7 +71,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                    help="keep this stratified fraction of train and validation (e.g. 0.1)")
     p.add_argument("--freeze", default="", help="groups to keep fixed, e.g. s1,s2")
     _add_training(p, epochs=20, lr=1e-3, patience=5)
-    _add_out(p, "export folder to write")
+    add_out(p, "export folder to write")
     _add_storage(p)
 
     p = sub.add_parser("run", help="the whole pipeline from a TOML config",
@@ -84,8 +84,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     p.add_argument("config", help="TOML file, e.g. configs/mnist1d.toml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set search.trials=50")
-    p.add_argument("--force", action="store_true", help="export.out may hold files: replace "
-                   "the nasopt files an earlier run left there (other files are kept)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP.format("export.out"))
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
@@ -104,11 +103,16 @@ def _top_level_keys() -> list[str]:
     return [f.name for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING]
 
 
-def _add_out(p: argparse.ArgumentParser, what: str) -> None:
+#: what --force does, for every command that writes an output folder (nasopt.export.check_out)
+FORCE_HELP = ("{} may hold files: replace or remove those with nasopt's file names (arch.json, "
+              "model.json, weights.pt, model.*, metrics.json, REPORT.md, student.*), keep the "
+              "others")
+
+
+def add_out(p: argparse.ArgumentParser, what: str) -> None:
+    """``--out`` and ``--force`` of a command that writes an output folder."""
     p.add_argument("--out", required=True, help=f"{what}; a new or empty folder unless --force")
-    p.add_argument("--force", action="store_true", help="--out may hold files: replace or "
-                   "remove those with nasopt's file names (arch.json, model.json, weights.pt, model.*, metrics.json, REPORT.md, student.*), "
-                   "keep the others")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP.format("--out"))
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:
