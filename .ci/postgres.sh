@@ -1,4 +1,4 @@
-# Source me: starts a throw-away PostgreSQL server (Debian package `postgresql`) for the worker
+# Source me: starts a temporary PostgreSQL server (Debian package `postgresql`) for the worker
 # tests and exports NASOPT_TEST_POSTGRES. Works as root in a container without systemd: the
 # cluster lives in a temp dir owned by the `postgres` user and is started with pg_ctl.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

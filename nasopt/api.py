@@ -35,7 +35,7 @@ from .search import run_search
 from .space import SearchSpace, space_from_description
 from .strategy import attach_run_folder
 from .supernet import Supernet, train_supernet
-from .tabular import TabularEvaluator
+from .tabular import TabularEvaluator, table_name
 
 __all__ = ["Config", "load_config", "search", "open_storage", "studies", "open_study", "pareto",
            "trials", "compare", "importance", "export",
@@ -235,7 +235,7 @@ def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Co
     log(f"table {evaluator.path}, column {s.table_metric}; space {space.name}: "
         f"{space.size():,} archs")
     storage = open_storage(s.storage, cfg.run_dir, heartbeat)
-    name = s.study or f"{space.name}-{evaluator.path.stem}"
+    name = s.study or f"{space.name}-{table_name(evaluator.path)}"
     setup = {"space": space.describe(), "table": str(evaluator.path),
              "table_fingerprint": evaluator.fingerprint, "table_metric": s.table_metric,
              "objectives": list(s.objectives),

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", nargs="?", const=DEFAULT_TABLE, metavar="PATH",
                    help="tabular mode: read accuracy from this CSV (an 'arch' column and an "
                    "accuracy column in percent) instead of training a supernet; without PATH: "
-                   f"{DEFAULT_TABLE} (relative to the working directory or the repository)")
+                   f"the shipped NAS-Bench-201 CIFAR-10 table, {DEFAULT_TABLE}")
     p.add_argument("--table-metric", metavar="COLUMN",
                    help=f"the table's accuracy column (default: {DEFAULT_METRIC})")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite file in --run-dir)")
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reliability_arguments(q)
     q = bsub.add_parser("headline", help="the whole pipeline (nasopt run) on MNIST-1D and "
                         "Fashion-MNIST, several seeds, against the published baselines; ours vs "
-                        "NNI on MNIST-1D (writes results/README.md)")
+                        "NNI on MNIST-1D (writes results/headline.md)")
     from .bench.headline import add_arguments as add_headline_arguments
     add_headline_arguments(q)
     from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run

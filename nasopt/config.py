@@ -14,9 +14,9 @@ from typing import Any
 from .errors import NasoptError
 
 
-#: tabular mode's default table (relative to the working directory, else to the repository root)
-#: and accuracy column; see nasopt.tabular
-DEFAULT_TABLE = "../shared/benchmarks/nb201_cifar10.csv"
+#: tabular mode's default table (a table shipped inside the package, nasopt/tables/) and accuracy
+#: column; see nasopt.tabular
+DEFAULT_TABLE = "nb201_cifar10"
 DEFAULT_METRIC = "cifar10_test_acc"
 
 

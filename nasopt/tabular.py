@@ -12,6 +12,7 @@ cached across archs that share them.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
 from collections.abc import Callable, Mapping
@@ -26,27 +27,43 @@ from .errors import NasoptError
 from .metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
 from .space import SearchSpace
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+#: tables shipped inside the package (credits in nasopt/tables/README.md): name -> file
+BUILTIN_TABLES = {"nb201_cifar10": Path(__file__).resolve().parent / "tables" / "nb201_cifar10.csv.gz"}
 #: beyond this many archs the start-up check that the table covers the space is skipped
 COVERAGE_CHECK_LIMIT = 1_000_000
 
 
 def resolve_table(path: str | Path) -> Path:
-    """The table file: ``path`` if absolute, else relative to the working directory, else to the
-    repository root."""
+    """The table file: ``path`` if it names a file (absolute, or relative to the working
+    directory), else the shipped table of that name (:data:`BUILTIN_TABLES`)."""
     given = Path(path).expanduser()
-    candidates = [given] if given.is_absolute() else [Path.cwd() / given, REPO_ROOT / given]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
-    raise NasoptError(f"table {str(path)!r} not found (looked for "
-                      f"{' and '.join(str(c) for c in candidates)}); give an existing CSV with "
-                      f"--table PATH (an 'arch' column and an accuracy column in percent)")
+    candidate = given if given.is_absolute() else Path.cwd() / given
+    if candidate.is_file():
+        return candidate.resolve()
+    if str(path) in BUILTIN_TABLES:
+        return BUILTIN_TABLES[str(path)]
+    shipped = ", ".join(BUILTIN_TABLES)
+    raise NasoptError(f"table {str(path)!r} not found (no file {candidate}, and no shipped table "
+                      f"of that name: {shipped}); give an existing CSV with --table PATH (an "
+                      f"'arch' column and an accuracy column in percent), or --table alone for "
+                      f"the shipped {shipped}")
+
+
+def table_name(path: Path) -> str:
+    """A table's name: its file name without ``.csv`` / ``.csv.gz`` (used in study names)."""
+    name = path.name
+    for suffix in (".gz", ".csv"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def fingerprint(path: Path) -> str:
-    """A short hash of the table's bytes: a study scored on one table refuses another."""
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+    """A short hash of the table's CSV text (decompressed for ``.gz``): a study scored on one
+    table refuses another, and a table gzipped or not is the same table."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return hashlib.sha1(data).hexdigest()[:16]
 
 
 def load_table(path: Path, metric: str) -> dict[str, float]:

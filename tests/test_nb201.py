@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from nasopt import api, cli
+from nasopt.config import DEFAULT_TABLE
 from nasopt.errors import NasoptError
 from nasopt.metrics import count_macs, count_params
 from nasopt.study import load_study, open_storage
 from nasopt.tabular import TabularEvaluator, resolve_table
 from search_spaces.nb201 import CIFAR10_SHAPE, EDGES, Nb201Space, from_string, to_string
 
-TABLE = resolve_table("../shared/benchmarks/nb201_cifar10.csv")
+TABLE = resolve_table(DEFAULT_TABLE)  # the shipped NAS-Bench-201 CIFAR-10 table
 ROW = ("|avg_pool_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|nor_conv_1x1~0|skip_connect~1|"
        "skip_connect~2|", 85.8633)  # the table's first row
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nasopt.config import DEFAULT_METRIC, DEFAULT_TABLE
 from nasopt.data import Dataset, load_dataset
 from nasopt.errors import NasoptError
 from nasopt.gradient import gradient_search
@@ -65,8 +66,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--seeds", type=int, default=3)
     q.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny "
                    "convolutions gain nothing from more, and lose much on a busy machine)")
-    q.add_argument("--table", default="../shared/benchmarks/nb201_cifar10.csv")
-    q.add_argument("--table-metric", default="cifar10_test_acc")
+    q.add_argument("--table", default=DEFAULT_TABLE,
+                   help=f"default: the shipped {DEFAULT_TABLE}")
+    q.add_argument("--table-metric", default=DEFAULT_METRIC)
     q.add_argument("--out", default="results/darts_nb201.md",
                    help="report path (a PNG and a JSON of the trajectories are written next to it)")
 

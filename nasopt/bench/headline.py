@@ -1,5 +1,5 @@
 """``nasopt bench headline``: the whole pipeline, through the public CLI, on MNIST-1D and
-Fashion-MNIST, against the published baselines; writes results/README.md.
+Fashion-MNIST, against the published baselines; writes results/headline.md.
 
 Per dataset and seed, ``nasopt run configs/headline_<dataset>.toml`` runs in a fresh run folder
 (supernet trained, searched, picked, distilled, fine-tuned with QAT, exported and verified) with
@@ -50,6 +50,7 @@ class Target:
     min_accuracy: float  # test accuracy target
     max_minutes: float  # wall time of one pipeline run
     baselines: tuple[tuple[str, str, str], ...]  # (model, test accuracy, size) as published
+    source: str  # where the baselines were published
 
 
 TARGETS = {
@@ -57,13 +58,15 @@ TARGETS = {
         "mnist1d", "configs/headline_mnist1d.toml", 4096, 0.940, 20,
         (("CNN (3 conv of 25 channels + linear; Greydanus & Kobak)", "94 %",
           "5,210 float32 params, ~20 KB"),
-         ("GRU", "91 %", "-"), ("MLP", "68 %", "-"), ("logistic regression", "32 %", "-"))),
+         ("GRU", "91 %", "-"), ("MLP", "68 %", "-"), ("logistic regression", "32 %", "-")),
+        "Greydanus & Kobak, the README of the public repository greydanus/mnist1d"),
     "fashion-mnist": Target(
         "fashion-mnist", "configs/headline_fashion-mnist.toml", 32768, 0.915, 60,
         (("2 Conv with < 100K parameters (Fashion-MNIST README)", "92.5 %",
           "< 100K params, < 400 KB as float32"),
          ("2 Conv + pooling", "87.6-91.6 %", "-"), ("MLP 256-128-100", "88.3 %", "-"),
-         ("ResNet18", "94.9 %", "11M params"))),
+         ("ResNet18", "94.9 %", "11M params")),
+        "the benchmark table in the README of zalandoresearch/fashion-mnist"),
 }
 ARTIFACTS = (("packed file (nasopt.load)", "model.packed via nasopt.load"),
              ("ONNX fp32 (ORT)", "model.onnx via ONNX Runtime"),
@@ -92,7 +95,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    "(default: NNI's best on MNIST-1D in results/strategies_mnist1d.md)")
     q.add_argument("--evaluations", type=int, default=300,
                    help="evaluations per search in the NNI comparison (0: skip it)")
-    q.add_argument("--out", default="results/README.md")
+    q.add_argument("--out", default="results/headline.md")
 
 
 def _median(values: list[float], fmt: str) -> str:
@@ -236,7 +239,7 @@ wall times in seconds{
 |---|---|---|
 {chr(10).join(verdicts)}
 
-Published baselines (../shared/REFERENCES.md; their figures, not re-run here):
+Published baselines ({target.source}; their figures, not re-run here):
 
 {table(["model", "test accuracy", "size"], target.baselines)}
 

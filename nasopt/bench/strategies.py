@@ -30,8 +30,8 @@ from ..search import run_search
 from ..tabular import TabularEvaluator
 from .report import machine, table
 
-EVOLUTION_TARGET = 94.15  # issue 4: regularized evolution, mean best accuracy (%)
-RANDOM_REFERENCE = 93.85  # shared/REFERENCES.md: random search, 100 draws, 500 simulated repeats
+EVOLUTION_TARGET = 94.15  # regularized evolution's target: mean best accuracy (%)
+RANDOM_REFERENCE = 93.85  # random search on the shipped table: 100 draws, 500 simulated repeats
 
 
 def best_so_far(study: optuna.Study, budget: float | None = None) -> np.ndarray:
@@ -202,7 +202,7 @@ seed, random, nsga2 and evolution draw the same initial random archs (each start
 RandomSampler with that seed), so their comparison uses common random numbers. "Distinct archs":
 duplicate proposals spend budget without news. In the plot's right panel, the first points
 average only the runs that have already met a cell within the budget. The random-search reference (93.85) is the mean of
-500 simulated repeats on the same column (shared/REFERENCES.md). Timings include Optuna's
+500 simulated repeats on the same column (the best of 100 random draws). Timings include Optuna's
 in-memory bookkeeping and depend on the machine's load.
 """
 
