@@ -201,4 +201,4 @@ def test_studies_list_names_the_table_of_a_tabular_study(tmp_path, capsys):
     assert cli.main(["studies", "list", "--format", "json", "--run-dir", str(tmp_path)]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["study"], r["space"], r["dataset"], r["complete"]) for r in rows] == [
-        ("t", "nb201", "table nb201_cifar10.csv", 3)]
+        ("t", "nb201", "table nb201_cifar10.csv.gz", 3)]
