@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "of space, data and recipe), then run a search recorded in an Optuna "
                        "study. Re-running the same command continues the study.")
     p.add_argument("--config", help="TOML config file (sections data, supernet, eval, search, "
-                   "gradient; top-level run_dir, device)")
+                   "gradient; top-level run_dir, device); a `nasopt run` config works too (its "
+                   "search sections are used: the same study and supernet)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set supernet.epochs=20")
     p.add_argument("--space", help="search space (see `nasopt spaces`)")
@@ -334,7 +335,11 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    cfg = api.load_config(args.config, overrides)
+    from .pipeline import load_search_config
+    cfg, unused = load_search_config(args.config, overrides)
+    if unused and not args.quiet:
+        print(f"nasopt: note: the search uses the config's search sections; it leaves "
+              f"{', '.join(unused)} to `nasopt run`", file=sys.stderr)
     budgets = {name: value for name, value in (("size", args.max_size), ("params", args.max_params),
                                                ("macs", args.max_macs),
                                                ("latency", args.max_latency),

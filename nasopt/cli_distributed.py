@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    cfg = api.load_config(args.config, overrides)
+    from .pipeline import load_search_config
+    cfg, _ = load_search_config(args.config, overrides)  # a `nasopt run` config works too
     restrict = {**cfg.search.restrict,
                 **{k: tuple(v) for k, v in parse_restrictions(args.restrict).items()}}
     if cfg.search.table is not None:

@@ -115,6 +115,20 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
     return _build(RunConfig, load_raw(path, overrides), "")
 
 
+def load_search_config(path: str | Path | None, overrides: Sequence[str] = ()
+                       ) -> tuple[Config, list[str]]:
+    """The search's config from a search config or a whole `nasopt run` config, and the names of
+    the run-only keys it holds (sections pick, distill, finetune, export; ``threads``), which the
+    search does not use. Those are still checked, so a typo in them fails here too; the search
+    part equals :meth:`RunConfig.base`, so a search run this way continues the pipeline's study
+    on the same supernet."""
+    raw = load_raw(path, overrides)
+    search_keys = {f.name for f in dataclasses.fields(Config)}
+    unused = sorted(k for k in raw if k not in search_keys
+                    and k in {f.name for f in dataclasses.fields(RunConfig)})
+    return _build(RunConfig, raw, "").base(), unused
+
+
 # ---------------------------------------------------------------------------------------------
 def pick_trial(study: optuna.Study, cfg: PickConfig) -> int:
     """The number of the trial to deploy (see the module doc)."""

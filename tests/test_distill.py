@@ -351,3 +351,18 @@ def test_load_sampler_says_whether_the_cores_were_shared():
     with LoadSampler(every=0.01, busy=1e9) as quiet:
         pass
     assert not quiet.shared and "were not shared" in quiet.note() and len(quiet.samples) >= 2
+
+
+def test_a_run_config_drives_nasopt_search(pipeline_run, capsys):
+    """`nasopt search --config` takes the pipeline's own config: the same study continues on the
+    same supernet (no new training), and the run-only sections are named as left to `nasopt run`."""
+    config = str(pipeline_run / "tiny.toml")
+    capsys.readouterr()
+    assert main(["search", "--config", config, "--trials", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert "leaves distill, export, finetune to `nasopt run`" in err
+    assert "reusing trained supernet" in err and "training the supernet" not in err.lower()
+    assert "6 completed trials (2 run now" in out
+    # a typo in a section the search does not use is still refused, before any work
+    assert main(["search", "--config", config, "--set", "distill.epoch=3", "--quiet"]) != 0
+    assert "unknown config key(s) ['distill.epoch']" in capsys.readouterr().err
