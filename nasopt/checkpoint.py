@@ -5,11 +5,12 @@ import os
 import tempfile
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import NasoptError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _umask() -> int:
@@ -43,11 +44,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save(obj: Any, path: Path) -> None:
     """``torch.save`` atomically, as :func:`atomic_write_bytes` writes bytes (fsync, rename)."""
+    import torch  # here, not at import: the read-only commands use this module without torch
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """Load with ``weights_only=True``: tensors and plain containers only, never code."""
+    import torch
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

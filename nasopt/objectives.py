@@ -8,9 +8,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import NasoptError
-from .metrics import Metrics
+
+if TYPE_CHECKING:  # annotations only: the read-only commands import this module without torch
+    from .metrics import Metrics
 
 #: MnasNet soft-constraint exponent (Tan et al. 2019): alpha = beta = -0.07
 MNASNET_W = -0.07

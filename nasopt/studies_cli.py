@@ -6,7 +6,6 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import study as _study
 from .errors import NasoptError
 
 AddOptions = Callable[[argparse.ArgumentParser], None]
@@ -80,6 +79,7 @@ def _add_hv(p: argparse.ArgumentParser) -> None:
 
 def run_dashboard(args: argparse.Namespace) -> int:
     from . import dashboard
+    from . import study as _study
     url = _study.resolve_storage(args.storage, args.run_dir, must_exist=True)
     try:
         dashboard.serve(url, args.port, log=lambda s: print(s, flush=True))
@@ -91,6 +91,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace, storage) -> int:  # noqa: ANN001
     """Handle `nasopt studies COMMAND` for the commands of this module."""
     from . import inspection
+    from . import study as _study
     url = _study.resolve_storage(args.storage, args.run_dir, must_exist=True)
     if args.studies_command == "compare":
         studies = [_study.load_study(storage, name) for name in args.studies]
