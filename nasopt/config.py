@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NasoptError
+from .names import check_plain_name
 
 
 #: tabular mode's default table (a table shipped inside the package, nasopt/tables/) and accuracy
@@ -28,6 +29,9 @@ class DataConfig:
     test_fraction: float = 0.2
     label_column: str = "label"
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise NasoptError(f"data.seed must be 0 or more, got {self.seed}")
 
 @dataclass(frozen=True)
 class SupernetConfig:
@@ -43,8 +47,10 @@ class SupernetConfig:
     def __post_init__(self) -> None:
         _positive("supernet", batch_size=self.batch_size, lr=self.lr,
                   kd_temperature=self.kd_temperature)
-        if self.epochs < 0 or self.warmup_epochs < 0 or self.n_random < 0:
-            raise NasoptError("supernet.epochs, warmup_epochs and n_random must not be negative")
+        if (self.epochs < 0 or self.warmup_epochs < 0 or self.n_random < 0
+                or self.seed < 0):
+            raise NasoptError("supernet.epochs, warmup_epochs, n_random and seed must not be "
+                              "negative")
 
 
 def _positive(section: str, **values: float) -> None:
@@ -79,11 +85,12 @@ class SearchConfig:
     table_metric: str = DEFAULT_METRIC  # the table's accuracy column, in percent
 
     def __post_init__(self) -> None:
-        # the name is also a file name (RUN_DIR/configs/STUDY.json): no path out of the folder
-        if self.study is not None and (not self.study.strip() or self.study in (".", "..")
-                                       or any(c in self.study for c in "/\\\0")):
-            raise NasoptError(f"study name {self.study!r} is not a plain name; give one without "
-                              f"'/', '\\' or '..', e.g. --study conv1d-mnist1d-4kb")
+        if self.study is not None:  # also a file name: RUN_DIR/configs/STUDY.json
+            check_plain_name(self.study, "study name", "--study conv1d-mnist1d-4kb")
+        if self.seed < 0:
+            raise NasoptError(f"search.seed must be 0 or more, got {self.seed}")
+        if self.trials < 0:
+            raise NasoptError(f"search.trials must be 0 or more, got {self.trials}")
 
 
 @dataclass(frozen=True)

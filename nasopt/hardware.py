@@ -30,6 +30,7 @@ from typing import Any
 
 from .errors import NasoptError
 from .memory import DTYPE_BYTES
+from .names import check_plain_name
 from .objectives import parse_quantity
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -141,6 +142,10 @@ def profile_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Profil
                               f"{', '.join(map(repr, _CHOICES[key]))}")
     if "name" not in flat:
         raise NasoptError(f"hardware profile {source}: the top-level key name is missing")
+    try:  # the name is part of the latency table's file name (nasopt.lut.table_path)
+        check_plain_name(flat["name"], "name", 'name = "my-board"')
+    except NasoptError as exc:
+        raise NasoptError(f"hardware profile {source}: {exc}") from None
     for key in ("runtime.threads", "runtime.repeats", "runtime.windows"):
         if key in flat and flat[key] < 1:
             raise NasoptError(f"hardware profile {source}: {key} must be at least 1, got "

@@ -6,7 +6,10 @@ objectives) so a study can be reopened, checked and exported without any other f
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,14 +22,18 @@ from .errors import NasoptError
 
 SETUP_ATTR = "nasopt"
 #: setup keys that may differ when an existing study is continued (they do not change scores)
-#: (a table found at another path is the same table when its fingerprint matches)
-FREE_KEYS = ("supernet_path", "table")
+#: (a table found at another path is the same table when its fingerprint matches; the supernet
+#: check, nasopt.sanity, is measured again by each search;
+#: the data's preprocessing is recorded since exports apply it; studies made before have none,
+#: and its changes change the data fingerprint, which is compared)
+FREE_KEYS = ("supernet_path", "table", "sanity", "preprocess")
 
 
 def mask_url(text: str) -> str:
     """Hide the passwords of storage URLs in ``text`` (``postgresql://user:***@host/db``), also
     ``password=...`` parameters (libpq style). Works on whole messages, e.g. a driver's error."""
-    text = re.sub(r"(://[^:/@\s]+:)\S*@", r"\1***@", text)  # up to the last @: '@' in a password
+    # user (maybe empty) ':' password '@', up to the last '@': an '@' may be in the password
+    text = re.sub(r"(://[^:/@\s]*:)\S*@", r"\1***@", text)
     return re.sub(r"(password\s*=\s*)('[^']*'|[^&\s]+)", r"\1***", text, flags=re.IGNORECASE)
 
 
@@ -34,6 +41,10 @@ def resolve_storage(url: str | None, run_dir: str | Path, must_exist: bool = Fal
     """The storage URL to use: ``url``, or an SQLite file in ``run_dir``. Makes the folder of a
     new SQLite or journal file; with ``must_exist`` (read-only commands) it makes nothing and
     raises unless that file exists (a server's URL, e.g. PostgreSQL, is not checked)."""
+    if url is not None and url.split("?", 1)[0] in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
+        raise NasoptError(f"storage {url!r} is an in-memory SQLite database: its trials would be "
+                          f"lost when the command ends; give a file, e.g. "
+                          f"sqlite:///runs/studies.db")
     if url is None:
         file: str | None = str(Path(run_dir) / "studies.db")
     else:
@@ -125,11 +136,73 @@ def _journal(path: Path) -> optuna.storages.BaseStorage:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # an open(O_EXCL) lock file works on every file system, NFS included
-        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        lock = JournalFileOpenLock(str(path))
+        repair_journal(path, lock)
+        backend = JournalFileBackend(str(path), lock_obj=lock)
         return optuna.storages.JournalStorage(backend)
     except Exception as exc:
         raise NasoptError(f"cannot open the journal file {path} ({type(exc).__name__}: {exc}); "
                           f"check the path and its permissions") from None
+
+
+def repair_journal(path: Path, lock: Any) -> Path | None:
+    """Cut a torn last record off the journal file ``path`` (a full disk or a killed machine
+    leaves a partial line; Optuna reads the records before it, but a record appended after it
+    would make the whole journal unreadable). The file is first copied beside itself
+    (``FILE.torn-N``), then cut back to its last complete record, holding the journal's own
+    ``lock`` so that no worker appends meanwhile. Every complete record is kept. Returns the
+    backup's path, or None when the journal was whole."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    lock.acquire()
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, 2)
+            keep, tail = _last_record_end(f, size)
+            if keep == size:
+                return None
+            n = 1
+            while (backup := path.with_name(f"{path.name}.torn-{n}")).exists():
+                n += 1
+            f.seek(0)
+            with open(backup, "wb") as copy:
+                while chunk := f.read(1 << 20):
+                    copy.write(chunk)
+                copy.flush()
+                os.fsync(copy.fileno())
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        lock.release()
+    print(f"nasopt: warning: the journal {path} ended in a torn record ({size - keep} bytes: "
+          f"{tail[:40]!r}...), cut off; every complete record is kept, the file as it was is "
+          f"in {backup}", file=sys.stderr)
+    return backup
+
+
+def _last_record_end(f: Any, size: int) -> tuple[int, bytes]:
+    """(offset just after the last whole, valid JSON line of the open file ``f``, the bytes
+    after it): a last line without its newline, or one that is not JSON, is torn."""
+    start = size
+    while start > 0:  # find the newline before the last line, reading backwards in blocks
+        block = min(start, 1 << 16)
+        f.seek(start - block)
+        data = f.read(block)
+        cut = data.rfind(b"\n", 0, len(data) - (1 if start == size else 0))
+        if cut >= 0:
+            start = start - block + cut + 1
+            break
+        start -= block
+    f.seek(start)
+    last = f.read(size - start)
+    if last.endswith(b"\n"):
+        try:
+            json.loads(last)
+            return size, b""
+        except ValueError:
+            pass
+    return start, last
 
 
 def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str, Any],

@@ -234,6 +234,9 @@ def test_shipped_profiles_load():
     ('name = "x"\n[runtime]\nwindows = 0\n', "runtime.windows must be at least 1"),
     ('name = "x"\n[runtime]\nmax_wait_s = 0\n', "runtime.max_wait_s > 0"),
     ('name = "x"\n[runtime]\nwindow_pause_ms = -1\n', "window_pause_ms must be >= 0"),
+    # the name is part of the latency table's file name: no way out of RUN_DIR/hardware/
+    ('name = "x/../../../../tmp/ESCAPED"\n', "is not a plain name"),
+    ('name = "' + 'n' * 300 + '"\n', "is too long"),
 ])
 def test_profile_errors_are_clear(tmp_path, text, message):
     path = tmp_path / "my.toml"

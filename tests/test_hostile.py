@@ -1,0 +1,101 @@
+"""Faults and hostile input: a torn journal loses no complete record, an in-memory storage is
+refused, passwords are masked however the URL is written, names that become file names stay
+inside their folder, bad numbers are one clear line."""
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from nasopt import cli
+from nasopt.study import mask_url, open_existing_storage
+
+TABLE = ["--space", "nb201", "--table", "--quiet"]
+
+
+def nasopt(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def completed(storage: str, study: str) -> int:
+    s = optuna.load_study(study_name=study, storage=open_existing_storage(storage, "."))
+    return sum(t.state.name == "COMPLETE" for t in s.trials)
+
+
+def test_a_torn_journal_record_is_cut_off_and_the_study_continues(tmp_path, capsys):
+    journal = tmp_path / "j.log"
+    url = f"journal:///{journal}"
+    run = ["--run-dir", str(tmp_path), "--storage", url, "--study", "s"]
+    assert nasopt(capsys, "search", *TABLE, *run, "--trials", "12")[0] == 0
+    whole = journal.read_bytes()
+    with open(journal, "ab") as f:  # a full disk tears the last record
+        f.write(b'{"op_code":5,"x"')
+    code, out, err = nasopt(capsys, "search", *TABLE, *run, "--trials", "15")
+    assert code == 0, err
+    assert "torn record" in err and "j.log.torn-1" in err
+    assert (tmp_path / "j.log.torn-1").read_bytes() == whole + b'{"op_code":5,"x"'
+    assert "15 completed trials (3 run now" in out
+    assert completed(url, "s") == 15
+    for line in journal.read_bytes().splitlines():  # every record whole again
+        json.loads(line)
+    # a journal ending in a whole record is left alone (no backup, no warning)
+    assert nasopt(capsys, "search", *TABLE, *run, "--trials", "16")[2] == ""
+    assert not (tmp_path / "j.log.torn-2").exists()
+
+
+def test_a_torn_line_with_its_newline_is_cut_too(tmp_path, capsys):
+    journal = tmp_path / "j.log"
+    run = ["--run-dir", str(tmp_path), "--storage", f"journal:///{journal}", "--study", "s"]
+    assert nasopt(capsys, "search", *TABLE, *run, "--trials", "4")[0] == 0
+    with open(journal, "ab") as f:
+        f.write(b'{"op_code":5,\n')
+    code, out, err = nasopt(capsys, "search", *TABLE, *run, "--trials", "6")
+    assert code == 0 and "torn record" in err and "6 completed trials" in out
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+def test_an_in_memory_sqlite_storage_is_refused(tmp_path, capsys, url):
+    code, out, err = nasopt(capsys, "search", *TABLE, "--run-dir", str(tmp_path), "--storage",
+                            url, "--trials", "3")
+    assert code == 2 and "in-memory SQLite database" in err and "sqlite:///runs/studies.db" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("url,masked", [
+    ("postgresql://:PW@127.0.0.1:1/db", "postgresql://:***@127.0.0.1:1/db"),
+    ("postgresql://u:PW@h/db", "postgresql://u:***@h/db"),
+    ("postgresql+psycopg://u:p@ss@h:5432/db", "postgresql+psycopg://u:***@h:5432/db"),
+    ("host=h password=PW dbname=x", "host=h password=*** dbname=x"),
+])
+def test_every_form_of_storage_password_is_masked(url, masked):
+    assert mask_url(f"cannot open {url} now") == f"cannot open {masked} now"
+
+
+def test_study_names_that_are_not_file_names_are_one_line(tmp_path, capsys):
+    run = ["--run-dir", str(tmp_path), "--trials", "2"]
+    code, _, err = nasopt(capsys, "search", *TABLE, *run, "--study", "n" * 300)
+    assert code == 2 and "too long" in err and err.count("\n") == 1
+    code, _, err = nasopt(capsys, "search", *TABLE, *run, "--study", "../x")
+    assert code == 2 and "not a plain name" in err
+    assert not (tmp_path / "studies.db").exists()  # refused before any storage was made
+
+
+def test_non_ascii_names_pass_through(tmp_path, capsys):
+    code, out, err = nasopt(capsys, "search", *TABLE, "--run-dir", str(tmp_path), "--trials",
+                            "2", "--study", "rocket🚀")
+    assert code == 0, err
+    assert "study 'rocket🚀': 2 completed trials" in out
+    assert (tmp_path / "configs" / "rocket🚀.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed", "-1"], "search.seed must be 0 or more"),
+    (["--trials", "-3"], "search.trials must be 0 or more"),
+    (["--set", "data.seed=-2"], "data.seed must be 0 or more"),
+])
+def test_negative_numbers_are_one_line(tmp_path, capsys, args, message):
+    code, _, err = nasopt(capsys, "search", *TABLE, "--run-dir", str(tmp_path), *args)
+    assert code == 2 and message in err and err.count("\n") == 1
