@@ -31,6 +31,7 @@ from .data import Dataset, load_dataset
 from .errors import NasoptError
 from .evaluate import Evaluator
 from .objectives import Constraint, Objective, get_constraints, get_objectives
+from .packed import VERSION as PACKED_VERSION
 from .search import run_search
 from .space import SearchSpace, space_from_description
 from .strategy import attach_run_folder
@@ -134,6 +135,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     setup = {"space": space.describe(), "data": dataclasses.asdict(cfg.data),
              "data_fingerprint": data.fingerprint,
              "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
+             "packed_format": PACKED_VERSION,  # the size objective counts this format's bytes
              "objectives": list(s.objectives),
              "budgets": {c.name: c.limit for c in constraints}}
     if hardware is not None:

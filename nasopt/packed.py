@@ -2,7 +2,7 @@
 
 Layout (little endian)::
 
-    header   b"NSOP", u8 version, u8 len + space name, u8 ndim + u16 per input dim,
+    header   b"NSOP", u8 version (2), u8 len + space name, u8 ndim + u16 per input dim,
              u16 classes, u8 compression flag, u8 gene count + u8 option index per gene
              (the arch, as indices into the space's full option lists)
     layers   for every weight layer of the deployed structure, in module order:
@@ -14,15 +14,19 @@ Layout (little endian)::
                    two's-complement integers, bit-packed, ceil(count * b / 8) bytes
                else: the kept values as f32
                f32 bias per output channel, if the layer has a bias
+    checksum u32 CRC-32 of every byte before it (zlib's): a flipped bit or a cut file is
+             refused on load instead of giving wrong outputs
 
 Everything structural (shapes, bits, which layers are factorized or have a bias) follows from the
 arch, so it is not stored. :func:`predicted_size` counts these bytes from a formula;
-:func:`pack` writes them; a test checks that the two agree.
+:func:`pack` writes them; a test checks that the two agree. Files of version 1 (the same layout
+without the checksum) still load.
 """
 from __future__ import annotations
 
 import math
 import struct
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +41,11 @@ from .errors import NasoptError
 from .space import SearchSpace
 
 MAGIC = b"NSOP"
-VERSION = 1
+VERSION = 2
+#: versions :func:`unpack` reads (1: no checksum)
+READABLE = (1, 2)
+#: the CRC-32 at the end of a version-2 file
+CHECKSUM_BYTES = 4
 
 
 # ---- header ------------------------------------------------------------------------------
@@ -57,8 +65,9 @@ def _read_header(data: bytes, spaces: Mapping[str, type[SearchSpace]]) -> tuple[
         raise NasoptError("not a nasopt packed file (bad magic); export one with "
                           "`nasopt export STUDY --trial N --format packed`")
     version, n = struct.unpack_from("<BB", data, 4)
-    if version != VERSION:
-        raise NasoptError(f"packed file version {version} is not supported (expected {VERSION})")
+    if version not in READABLE:
+        raise NasoptError(f"packed file version {version} is not supported (this nasopt reads "
+                          f"versions {', '.join(map(str, READABLE))}); export it again")
     pos = 6
     name = data[pos:pos + n].decode()
     pos += n
@@ -107,9 +116,14 @@ def layer_size(layer: StoredLayer) -> int:
     return size
 
 
+def fixed_size(space: SearchSpace, arch: Mapping[str, Value]) -> int:
+    """Bytes of the packed file that do not depend on the weights: header and checksum."""
+    return len(header(space, arch)) + CHECKSUM_BYTES
+
+
 def predicted_size(space: SearchSpace, arch: Mapping[str, Value], stored: list[StoredLayer]) -> int:
     """Bytes of the packed file for ``arch`` with these stored layers, from the formula."""
-    return len(header(space, arch)) + sum(layer_size(layer) for layer in stored)
+    return fixed_size(space, arch) + sum(layer_size(layer) for layer in stored)
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -148,7 +162,8 @@ def pack(space: SearchSpace, arch: Mapping[str, Value], stored: list[StoredLayer
             out.append(flat_q.numpy().astype("<f4").tobytes())
         if layer.bias is not None:
             out.append(layer.bias.numpy().astype("<f4").tobytes())
-    return b"".join(out)
+    body = b"".join(out)
+    return body + struct.pack("<I", zlib.crc32(body))
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -162,6 +177,11 @@ def unpack(data: bytes, spaces: Mapping[str, type[SearchSpace]]) -> tuple[nn.Mod
 
 def _unpack(data: bytes, spaces: Mapping[str, type[SearchSpace]]) -> tuple[nn.Module, Arch]:
     space, arch, pos = _read_header(data, spaces)
+    if data[4] >= 2:  # the checksum first: nothing of a damaged file is used
+        data, (crc,) = data[:-CHECKSUM_BYTES], struct.unpack("<I", data[-CHECKSUM_BYTES:])
+        if zlib.crc32(data) != crc:
+            raise NasoptError("packed file is damaged (its checksum does not match: a changed "
+                              "or cut file); export it again")
     policy = Policy.from_arch(arch)
     model = compressed_structure(space.build(arch), policy, space.group_of)
 

@@ -54,7 +54,7 @@ from .compress import (FLOAT_BITS, Policy, StoredLayer, StoredTensor, factorize,
                        fold_batchnorm, weight_layers)
 from .errors import NasoptError
 from .finetune import fake_quantize
-from .packed import header, layer_size
+from .packed import fixed_size, layer_size
 from .space import SearchSpace
 from .supernet import Supernet
 
@@ -88,7 +88,7 @@ class ExpectedSize:
         base = dict(space.largest())
         base.update(self.fixed)
         self._base = base
-        self._header = len(header(space, Arch(base)))
+        self._header = fixed_size(space, Arch(base))  # header and checksum
         self._sparsity = float(self.fixed.get("sparsity", 0.0))
         self._structs: dict[str, dict[str, list[tuple[tuple[int, ...], int]]]] = {}
         # the weight layers that BN folding gives a bias (those followed by a BatchNorm): the same

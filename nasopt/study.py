@@ -225,6 +225,11 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str,
                           f"choose another --study name")
     diffs = [k for k in sorted(set(old) | set(setup)) if k not in FREE_KEYS
              and old.get(k) != setup.get(k)]
+    if "packed_format" in diffs:
+        raise NasoptError(f"study {name!r} measured sizes in packed format "
+                          f"{old.get('packed_format', 1)}, this nasopt writes format "
+                          f"{setup['packed_format']} (with a checksum, 4 bytes more); continue "
+                          f"it with the nasopt that made it, or search into a new --study name")
     if diffs:
         detail = "; ".join(f"{k}: study has {old.get(k)!r}, now {setup.get(k)!r}" for k in diffs)
         raise NasoptError(f"study {name!r} was created with a different setup ({detail}); "

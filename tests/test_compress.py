@@ -134,14 +134,36 @@ def test_compression_shrinks_and_costs_accuracy_in_the_expected_direction():
     assert packed.predicted_size(space, arch, float_stored) > sizes[0] > sizes[1] > sizes[2]
 
 
-def test_truncated_packed_file_is_a_clear_error(tmp_path):
+def test_a_cut_or_changed_packed_file_is_refused(tmp_path):
     space, arch, model = next(_random_models("conv1d", 1))
     data = packed.pack(space, arch, compress(model, Policy.from_arch(arch), space.group_of)[1])
     from nasopt.errors import NasoptError
-    with pytest.raises(NasoptError, match="truncated"):
+    with pytest.raises(NasoptError, match="checksum does not match"):
         packed.unpack(data[:-7], api.SPACES)
     with pytest.raises(NasoptError, match="not a nasopt packed file"):
         packed.unpack(b"garbage" + data, api.SPACES)
+    header = len(packed.header(space, arch))
+    for byte in range(header, len(data), max(1, (len(data) - header) // 40)):
+        for bit in (0, 7):  # every flipped bit of the weights, scales, masks or checksum
+            flipped = bytearray(data)
+            flipped[byte] ^= 1 << bit
+            with pytest.raises(NasoptError, match="checksum does not match"):
+                packed.unpack(bytes(flipped), api.SPACES)
+
+
+def test_a_version_1_packed_file_without_checksum_still_loads():
+    space, arch, model = next(_random_models("conv1d", 1))
+    compressed, stored = compress(model, Policy.from_arch(arch), space.group_of)
+    data = packed.pack(space, arch, stored)
+    v1 = bytearray(data[:-packed.CHECKSUM_BYTES])
+    v1[4] = 1
+    loaded, loaded_arch = packed.unpack(bytes(v1), api.SPACES)
+    x = torch.randn(4, *SHAPES["conv1d"])
+    with torch.no_grad():
+        assert loaded_arch == arch and torch.equal(loaded(x), packed.unpack(data, api.SPACES)[0](x))
+    from nasopt.errors import NasoptError
+    with pytest.raises(NasoptError, match="truncated"):
+        packed.unpack(bytes(v1[:-7]), api.SPACES)
 
 
 def test_fixing_all_compression_genes_equals_the_uncompressed_search(trained):

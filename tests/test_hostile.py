@@ -99,3 +99,15 @@ def test_non_ascii_names_pass_through(tmp_path, capsys):
 def test_negative_numbers_are_one_line(tmp_path, capsys, args, message):
     code, _, err = nasopt(capsys, "search", *TABLE, "--run-dir", str(tmp_path), *args)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_study_sized_in_the_older_packed_format_is_not_continued(tmp_path):
+    from nasopt.errors import NasoptError
+    from nasopt.packed import VERSION
+    from nasopt.study import open_storage, open_study
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    old = {"space": {"name": "conv1d"}, "objectives": ["accuracy", "size"]}  # no packed_format
+    open_study(storage, "s", old, ["maximize", "minimize"])
+    with pytest.raises(NasoptError, match="measured sizes in packed format 1, this nasopt "
+                                          f"writes format {VERSION}"):
+        open_study(storage, "s", {**old, "packed_format": VERSION}, ["maximize", "minimize"])
