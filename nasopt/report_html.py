@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from . import inspection, plots
+from . import inspection, plots, sanity
 from . import study as _study
 from .checkpoint import atomic_write_bytes
 from .errors import NasoptError
@@ -28,6 +28,7 @@ th { background: #f0f0f0; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 .note { color: #555; font-size: 0.9em; }
+.warning { color: #a00; font-weight: bold; }
 """
 STATE_WORDS = {"COMPLETE": "completed", "FAIL": "failed", "RUNNING": "running",
                "PRUNED": "pruned", "WAITING": "waiting"}
@@ -47,6 +48,15 @@ def _image(png: bytes, alt: str) -> str:
 
 def _p(text: str, cls: str = "") -> str:
     return f"<p{f' class={cls!r}' if cls else ''}>{html.escape(text)}</p>"
+
+
+def _sanity_html(study: optuna.Study) -> list[str]:
+    """The supernet check (nasopt.sanity) and its warnings; nothing for tabular studies."""
+    lines = sanity.study_lines(study)
+    if not lines:
+        return []
+    return (["<h3>Supernet check</h3>", _p(lines[0])]
+            + [_p(line, "warning") for line in lines[1:]])
 
 
 def render(study: optuna.Study, storage_url: str) -> str:
@@ -79,6 +89,7 @@ def render(study: optuna.Study, storage_url: str) -> str:
     rows.append(("strategies (seed: trials)", "; ".join(
         f"{s} (seed {seed}): {n}" for (s, seed), n in strategies.items())))
     parts.append(_table(pd.DataFrame(rows, columns=["", "value"])))
+    parts.extend(_sanity_html(study))
     genes = pd.DataFrame([(g, ", ".join(map(str, opts))) for g, opts in
                           space.get("genes", {}).items()], columns=["gene", "options"])
     parts.append("<h3>Genes</h3>" + _table(genes))

@@ -298,6 +298,9 @@ def test_nasopt_run_writes_every_artifact_and_the_model_card(pipeline_run):
         assert acc[key] == mem  # every artifact is the fine-tuned model
     assert card["macs"] > 0 and card["params"] > 0 and "largest" in card["teacher_test_accuracy"]
     assert "Test accuracy" in (out / "REPORT.md").read_text()
+    # the supernet check of the search (nasopt.sanity), in the card and the report
+    assert 0 < card["sanity"]["majority"] < 1 and "warnings" in card["sanity"]
+    assert "Supernet check (validation accuracy)" in (out / "REPORT.md").read_text()
     assert set(card["timings_s"]) == {"supernet", "search", "distill", "fine-tune", "export",
                                       "total"}
     assert card["timings_s"]["supernet"] > 0 and card["timings_s"]["search"] > 0
