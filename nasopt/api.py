@@ -25,7 +25,6 @@ from strategies import GRADIENT_STRATEGIES, NNI_STRATEGIES, STRATEGIES
 
 from . import export as _export
 from . import inspection as _inspection
-from . import sanity as _sanity
 from . import study as _study
 from .config import Config, load_config
 from .data import Dataset, load_dataset
@@ -54,11 +53,6 @@ class SearchOutcome:
     supernet_path: Path | None  # None in tabular mode
     new_trials: int
     supernet_s: float = 0.0  # seconds spent training (or loading) the supernet in this call
-    #: the supernet check (nasopt.sanity.measure: validation accuracy of the largest and smallest
-    #: subnets, the majority-class rate); None in tabular mode
-    sanity: dict | None = None
-    #: one line per problem found (supernet or best trial near chance), with what to try
-    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,6 +134,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     name = s.study or f"{space.name}-{data.name}"
     setup = {"space": space.describe(), "data": dataclasses.asdict(cfg.data),
              "data_fingerprint": data.fingerprint,
+             "preprocess": data.preprocess.to_dict(),  # what the loader did to raw samples
              "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
              "packed_format": PACKED_VERSION,  # the size objective counts this format's bytes
              "objectives": list(s.objectives),
@@ -158,14 +153,9 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                                     device=device, show_progress=show_progress, log=log)
     supernet_s = time.perf_counter() - start
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
-    check = _sanity.measure(evaluator, cfg.supernet.epochs)
-    log(_sanity.summary(check))
-    for line in _sanity.warnings(check):
-        log(f"warning: {line}")
-    study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve()),
-                                            _sanity.KEY: check})
+    study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve())})
     _masked(cfg).save(Path(cfg.run_dir) / "configs" / f"{name}.json")
+    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
     if hardware is not None:
         evaluator = hardware[0](evaluator)
     if gradient:
@@ -177,12 +167,10 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                            latency_table=None if hardware is None else hardware[2],
                            sram_dtype=(profile.dtype if profile is not None
                                        and profile.metrics.get("sram") == "counted" else None))
-        return SearchOutcome(study, space, path, new, supernet_s, check,
-                             _sanity.warnings(check, _sanity.best_trial(study)))
+        return SearchOutcome(study, space, path, new, supernet_s)
     new = _run_trials(study, space, evaluator, objectives, s, constraints, show_progress,
                       s.seed * 7919 + len(existing.trials))
-    return SearchOutcome(study, space, path, new, supernet_s, check,
-                         _sanity.warnings(check, _sanity.best_trial(study)))
+    return SearchOutcome(study, space, path, new, supernet_s)
 
 
 def _masked(cfg: Config) -> Config:
@@ -330,9 +318,30 @@ def rebuild(study: optuna.Study, device: str = "cpu") -> tuple[Evaluator, Datase
     return Evaluator(space, supernet.eval(), data, setup["eval"]["calib_samples"]), data
 
 
-def export(study: optuna.Study, trial: int, out: str | Path,
-           formats: tuple[str, ...] = _export.FORMATS) -> Path:
-    """Export trial ``trial`` of ``study`` to the folder ``out`` (see :mod:`nasopt.export`)."""
+def best_trial(study: optuna.Study) -> int:
+    """The number of the most accurate feasible completed trial (all the study's constraints
+    met; ties: the smaller packed size): ``nasopt run``'s ``pick.rule = "best"``."""
+    from .pipeline import PickConfig, pick_trial
+    return pick_trial(study, PickConfig(rule="best"))
+
+
+def export(study: optuna.Study, trial: int | str, out: str | Path,
+           formats: tuple[str, ...] = _export.FORMATS, force: bool = False) -> Path:
+    """Export trial ``trial`` of ``study`` to the folder ``out`` (see :mod:`nasopt.export`).
+
+    ``trial``: a trial number, or ``"best"`` (:func:`best_trial`; ``model.json``'s ``trial``
+    says which). ``out`` must be new or hold no files unless ``force`` (checked before any work,
+    as `nasopt export --force`): then the nasopt files there are replaced, others kept.
+
+    The weights are the supernet's, inherited (BN recalibrated), not retrained: ``model.json``
+    records ``"weights": "inherited"``; `nasopt finetune`, `nasopt distill` or `nasopt run`
+    train them. Every model file takes raw samples (the dataset's preprocessing is applied
+    inside; ``model.json``'s ``input`` says the layout)."""
+    picked = trial == "best"
+    if picked:
+        trial = best_trial(study)
+    elif isinstance(trial, bool) or not isinstance(trial, int):
+        raise NasoptError(f"trial must be a trial number or 'best', got {trial!r}")
     found = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
     if not found:
         raise NasoptError(f"study {study.study_name!r} has no trial {trial} "
@@ -341,6 +350,7 @@ def export(study: optuna.Study, trial: int, out: str | Path,
     if t.state != optuna.trial.TrialState.COMPLETE:
         raise NasoptError(f"trial {trial} of study {study.study_name!r} is {t.state.name}, not "
                           f"COMPLETE; export a completed trial (see `nasopt studies show`)")
+    out = _export.check_out(out, force)  # before any work
     evaluator, data = rebuild(study)
     arch = evaluator.space.validate(t.params)
     recorded = t.user_attrs.get("metrics", {})
@@ -353,17 +363,24 @@ def export(study: optuna.Study, trial: int, out: str | Path,
             f"{again.accuracy}, {again.compressed_bytes} B): the supernet checkpoint or the "
             f"device differs from the search's; export where the search ran")
     model, stored = evaluator.compressed(arch)
-    info = {"study": study.study_name, "trial": trial, "metrics": t.user_attrs.get("metrics"),
+    info = {"study": study.study_name, "trial": trial,
+            **({"picked": "best: the most accurate feasible trial"} if picked else {}),
+            "weights": _export.INHERITED,
+            "weights_note": "inherited from the supernet (BN recalibrated), not retrained; "
+                            "train them with `nasopt finetune`, `nasopt distill` or `nasopt run`",
+            "metrics": t.user_attrs.get("metrics"),
             "dataset": _study.setup_of(study)["data"]}
     samples = None
     if any(f.startswith("onnx") for f in formats):  # ONNX: calibrate on train, verify on val
         from .onnx_export import CALIB_SAMPLES
         samples = (evaluator.calibration_samples[:CALIB_SAMPLES].cpu(), data.x_val.cpu(),
                    data.y_val.cpu())
-    return _export.export_model(model, stored, arch, evaluator.space, Path(out), info, SPACES,
-                                formats, samples)
+    return _export.export_model(model, stored, arch, evaluator.space, out, info, SPACES,
+                                formats, samples, data.preprocess)
 
 
-def load(path: str | Path) -> nn.Module:
-    """Load an export folder back into a standalone ``nn.Module`` (eval mode)."""
-    return _export.load(path, SPACES)
+def load(path: str | Path, raw_input: bool = True) -> nn.Module:
+    """Load an export folder (or its model.packed) back into a standalone ``nn.Module`` (eval
+    mode) that takes raw samples: the preprocessing ``model.json`` records is applied inside
+    (``raw_input=False``: the bare network, taking preprocessed inputs)."""
+    return _export.load(path, SPACES, raw_input)

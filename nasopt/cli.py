@@ -93,10 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser("show", help="trials of a study with arch, metrics and a Pareto mark",
                         description="Every trial of a study: state, Pareto and feasible marks "
                         "(feasible is empty for trials that did not complete), strategy, "
-                        "metrics, constraint values (value - limit) and the arch's genes; "
-                        "then the supernet check (validation accuracy of its largest and "
-                        "smallest subnets against the majority class) and a warning when the "
-                        "supernet or the best trial is near chance.")
+                        "metrics, constraint values (value - limit) and the arch's genes.")
     q.add_argument("study")
     q.add_argument("--pareto", action="store_true", help="only the Pareto-optimal trials")
     _add_storage(q)
@@ -107,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a trial's deployed (compressed) model")
     p.add_argument("study")
-    p.add_argument("--trial", type=int, required=True, help="trial number")
+    p.add_argument("--trial", type=_trial_arg, required=True, metavar="N|best",
+                   help="trial number, or best: the most accurate feasible completed trial "
+                   "(all budgets met)")
     add_out(p, "output folder")
     p.add_argument("--format", action="append",
                    choices=("pytorch", "packed", "onnx", "onnx-int8"),
@@ -209,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _trial_arg(text: str) -> int | str:
+    """``--trial`` of `nasopt export`: a trial number or ``best``."""
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a trial number or 'best'") from None
+
+
 def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]
                     ) -> argparse.ArgumentParser:
     """The (sub-)command's parser that ``argv`` names: ``search``, ``studies show``, ..."""
@@ -284,25 +293,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             study = load_study(storage, args.study)
             frame = api.trials(study, pareto_only=args.pareto)
             _print_frame(frame, args.format)
-            from .sanity import study_lines  # the supernet check: after the table, on stderr
-            for line in study_lines(study):  # when stdout must stay parseable (csv, json)
-                print(line if args.format == "table" else f"nasopt: {line}",
-                      file=sys.stdout if args.format == "table" else sys.stderr)
         return 0
     if args.command == "dashboard":
         from . import studies_cli
         return studies_cli.run_dashboard(args)
     if args.command == "export":
-        from .export import check_out, files_of
-        from .study import completed, load_study, open_existing_storage
+        from .cli_deploy import export_summary
+        from .study import load_study, open_existing_storage
         study = load_study(open_existing_storage(args.storage, args.run_dir), args.study)
-        if args.trial in {t.number for t in completed(study)}:  # else api.export says why first
-            check_out(args.out, args.force)
         formats = tuple(args.format or ("pytorch", "packed"))
-        out = api.export(study, args.trial, args.out, formats)
-        files = ", ".join(files_of(out))
-        print(f"exported trial {args.trial} of {args.study} to {out}/ ({files}), verified; "
-              f"load it with nasopt.load({str(out)!r})")
+        # the trial first, then the output folder (api.export checks it before any work)
+        out = api.export(study, args.trial, args.out, formats, force=args.force)
+        print(export_summary(out, args))
         return 0
     if args.command == "spaces":
         for name, cls in api.SPACES.items():
@@ -374,12 +376,10 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
         t = closest_trial(study)
         print(f"no completed trial meets the budgets {dict(cfg.search.budgets)}; the closest is "
               f"trial {t.number} (constraint excess {t.user_attrs.get('constraints')})")
-    else:
-        print("Pareto front" + (f" (budgets {dict(cfg.search.budgets)})" if cfg.search.budgets
-                                else "") + ":")
-        _print_frame(front, "table")
-    for line in outcome.warnings:  # supernet or best trial near chance (nasopt.sanity), last
-        print(f"nasopt: warning: {line}", file=sys.stderr)
+        return 0
+    print("Pareto front" + (f" (budgets {dict(cfg.search.budgets)})" if cfg.search.budgets
+                            else "") + ":")
+    _print_frame(front, "table")
     return 0
 
 

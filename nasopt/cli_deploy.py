@@ -143,6 +143,42 @@ def _run(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def export_summary(out: Path, args: argparse.Namespace) -> str:
+    """What `nasopt export` prints: the files written (verified), the trial picked, how to load
+    each model file and the inputs it takes; last, that the weights are inherited from the
+    supernet, not retrained, and the commands that train them."""
+    from .export import files_of, loaders
+    from .study import mask_url
+    card = json.loads((Path(out) / "model.json").read_text())
+    trial, study = card["trial"], card["study"]
+    accuracy = (card.get("metrics") or {}).get("accuracy")
+    lines = []
+    if "picked" in card:
+        lines.append(f"picked trial {trial} of {study}: the most accurate feasible completed "
+                     f"trial (validation accuracy {accuracy:.4f})")
+    shape = ", ".join(str(d) for d in card["space"]["input_shape"])
+    pre = (card.get("input") or {}).get("preprocess")
+    formula = "" if not pre else (f"x / {pre['std']:g}" if pre["mean"] == 0 else
+                                  f"(x - {pre['mean']:g}) / {pre['std']:g}")
+    inside = ("" if not pre or (pre["mean"] == 0 and pre["std"] == 1) else
+              f"; the preprocessing {formula} is applied inside")
+    lines.append(f"exported trial {trial} of {study} to {out}/ ({', '.join(files_of(out))}), "
+                 f"verified; load it with {' or '.join(loaders(out))}; inputs: raw samples as "
+                 f"the dataset gives them, float32, reshaped to (N, {shape}){inside} "
+                 f"(model.json: input)")
+    where = "".join(f" {flag} {shlex.quote(mask_url(str(value)))}" for flag, value in
+                    (("--run-dir", args.run_dir), ("--storage", args.storage))
+                    if value is not None and not (flag == "--run-dir" and value == "runs"))
+    acc = f" (validation accuracy {accuracy:.4f} as searched)" if accuracy is not None else ""
+    lines.append(f"weights: inherited from the supernet, not retrained{acc}; next, train them: "
+                 f"`nasopt finetune --study {shlex.quote(study)} --trial {trial}{where} --out "
+                 f"DIR` (quantization-aware fine-tuning), or `nasopt distill "
+                 f"{shlex.quote(study)} --trial {trial}{where} --out STUDENT` then `nasopt "
+                 f"finetune --from STUDENT --out DIR`, or the whole pipeline with `nasopt run "
+                 f"CONFIG.toml`")
+    return "\n".join(lines)
+
+
 def _numbers(text: str | None, kind: type, option: str, example: str) -> list:
     """A comma-separated option value as a list of ``kind`` (none given: [])."""
     try:
@@ -217,7 +253,7 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     from .arch import Arch
     from .compress import Policy
     from .data import load_dataset
-    from .export import check_out, export_model
+    from .export import check_out, export_model, with_preprocess
     from .finetune import FinetuneConfig, finetune, prepare_qat, reheaded
     from .space import space_from_description
     from .torchscript import FILE as TS_FILE
@@ -249,7 +285,8 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
             card = json.loads((src / "model.json").read_text())
             space = space_from_description(card["space"], api.SPACES)
             arch = space.validate(Arch.load(src / "arch.json"))
-            model, deployed = api.load(src), True
+            # the network itself: it is trained on preprocessed inputs, as the data gives them
+            model, deployed = api.load(src, raw_input=False), True
         else:
             raise NasoptError(f"--from {src}: not a student folder (student.json) or an export "
                               f"folder (model.json)")
@@ -278,11 +315,15 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
         model, space = reheaded(model, space, arch, data.num_classes, args.seed)
     qat = prepare_qat(model, policy, space.group_of, deployed=deployed, seed=args.seed)
     final, stored, history = finetune(qat, policy, space.group_of, data, cfg, show_progress=True)
+    distilled = args.source is not None and (Path(args.source) / STUDENT_CARD).exists()
     info = {"origin": f"nasopt finetune (QAT) from {args.source or args.study}",
+            "weights": "distilled, fine-tuned" if distilled else "fine-tuned",
             "dataset": {"dataset": spec, "classes": classes, "fraction": args.fraction}}
-    export_model(final, stored, arch, space, out, info, api.SPACES)
-    write_torchscript(final, out / TS_FILE, space.input_shape)
-    test = accuracy(api.load(out / "model.packed"), data.x_test, data.y_test)
+    export_model(final, stored, arch, space, out, info, api.SPACES, preprocess=data.preprocess)
+    # model.ts takes raw samples too (the preprocessing inside), as every model file there
+    write_torchscript(with_preprocess(final, data.preprocess), out / TS_FILE, space.input_shape)
+    test = accuracy(api.load(out / "model.packed"), data.preprocess.raw(data.x_test.cpu()),
+                    data.y_test.cpu())
     metrics = {"command": command, "dataset": data.summary(),
                "val_accuracy": history.best_val_accuracy, "test_accuracy_packed": test,
                "packed_bytes": (out / "model.packed").stat().st_size,

@@ -142,7 +142,7 @@ def _measure(args: argparse.Namespace, profile) -> int:  # noqa: ANN001
         timing, what = latency.measure_export(args.export, profile, api.SPACES)
         card = json.loads((Path(args.export) / "model.json").read_text())
         space = api.space_from_description(card["space"], api.SPACES)
-        model = api.load(args.export)
+        model = api.load(args.export, raw_input=False)  # the network's own activations
         sram = memory.peak_bytes(model, space.input_shape, profile.dtype)
         source = f"export {args.export} ({what})"
     else:

@@ -7,6 +7,14 @@ cached in the user cache directory; never downloaded), ``fashion-mnist`` (the De
 signal).
 
 Search sees train and validation only; the test split is for final reports.
+
+**Preprocessing** (:class:`Preprocess`, one record per dataset, ``Dataset.preprocess``): what the
+loader does to the raw samples, element-wise, ``(x - mean) / std``. ``digits`` divides
+``sklearn.datasets.load_digits().images`` (0..16) by 16, ``fashion-mnist`` the image bytes
+(0..255) by 255; ``mnist1d`` (the samples as the ``mnist1d`` generator makes them) and user
+``.npz`` / ``.csv`` files are used as given. Besides, samples shaped (N, L) or (N, H, W) get a
+channel axis: the models take (N, 1, L) / (N, 1, H, W). Exports apply the preprocessing inside
+the model (:mod:`nasopt.export`), so they take raw samples (reshaped to the model's input shape).
 """
 from __future__ import annotations
 
@@ -31,6 +39,59 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass(frozen=True)
+class Preprocess:
+    """The loader's element-wise preprocessing of raw samples: ``(x - mean) / std`` (float32;
+    ``x / 255`` in float32 equals the loader's float64 ``x / 255`` rounded to float32, which
+    ``x * (1 / 255)`` does not always). ``integers``: the raw samples are whole numbers (pixel
+    counts, bytes), so :meth:`raw` rounds when it recovers them from model inputs."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    integers: bool = False
+
+    @property
+    def identity(self) -> bool:
+        return self.mean == 0 and self.std == 1
+
+    def apply(self, x):  # noqa: ANN001, ANN201 - a Tensor or a NumPy array
+        """Raw samples -> model inputs (no op skipped that changes a value)."""
+        if self.mean != 0:
+            x = x - self.mean
+        if self.std != 1:
+            x = x / self.std
+        return x
+
+    def raw(self, x: Tensor) -> Tensor:
+        """Model inputs -> the raw samples they were made from (the inverse of :meth:`apply`)."""
+        if self.identity:
+            return x
+        x = x * self.std + self.mean
+        return torch.round(x) if self.integers else x
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "integers": self.integers,
+                "formula": "(x - mean) / std"}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Preprocess":
+        d = d or {}
+        return cls(float(d.get("mean", 0.0)), float(d.get("std", 1.0)),
+                   bool(d.get("integers", False)))
+
+
+#: the built-in datasets that scale their raw samples; every other dataset is used as given
+PREPROCESS = {"digits": Preprocess(std=16.0, integers=True),
+              "fashion-mnist": Preprocess(std=255.0, integers=True)}
+
+
+def preprocess_of(dataset: str) -> Preprocess:
+    """The preprocessing of the dataset ``dataset``: a spec (built-in name or file path) or a
+    ``Dataset.name`` (``digits[1,2]@0.5``, ``mnist1d+600val``); for records written without one."""
+    base = re.match(r"[^\[@+]*", Path(str(dataset)).name).group(0)
+    return PREPROCESS.get(base, Preprocess())
+
+
+@dataclass(frozen=True)
 class Dataset:
     """Tensors of one dataset, already split. ``x`` is float32 shaped (N, C, L) or (N, C, H, W)."""
 
@@ -43,6 +104,8 @@ class Dataset:
     y_test: Tensor
     num_classes: int
     fingerprint: str = field(default="")
+    #: what the loader did to the raw samples (exports undo nothing: they apply it inside)
+    preprocess: Preprocess = field(default_factory=Preprocess)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -52,7 +115,7 @@ class Dataset:
         moved = {k: getattr(self, k).to(device) for k in
                  ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
         return Dataset(self.name, num_classes=self.num_classes, fingerprint=self.fingerprint,
-                       **moved)
+                       preprocess=self.preprocess, **moved)
 
     def summary(self) -> str:
         return (f"{self.name}: inputs {self.input_shape}, {self.num_classes} classes, "
@@ -134,7 +197,8 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
     if fraction < 1:
         name += f"@{fraction:g}"
     return Dataset(name, as_x(x[train_idx]), as_y(y[train_idx]), as_x(x[val_idx]),
-                   as_y(y[val_idx]), as_x(xt), as_y(yt), int(labels.max() + 1), h.hexdigest()[:16])
+                   as_y(y[val_idx]), as_x(xt), as_y(yt), int(labels.max() + 1), h.hexdigest()[:16],
+                   preprocess_of(spec))
 
 
 #: the MNIST-1D generator's seed for :func:`extend_validation` (the built-in data uses the
@@ -242,7 +306,7 @@ def _checked(spec: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
 def _digits():
     from sklearn.datasets import load_digits
     d = load_digits()
-    return d.images / 16.0, d.target, None, None
+    return PREPROCESS["digits"].apply(d.images.astype(np.float64)), d.target, None, None
 
 
 def _mnist1d():
@@ -276,7 +340,8 @@ def _fashion_mnist(root: Path = FASHION_DIR):
     if missing:
         raise NasoptError("Fashion-MNIST is not installed (missing " + ", ".join(missing) +
                           "); install it with: sudo apt-get install dataset-fashion-mnist")
-    images = lambda p: _read_idx(p, 16).reshape(-1, 28, 28) / 255.0  # noqa: E731
+    images = lambda p: PREPROCESS["fashion-mnist"].apply(  # noqa: E731
+        _read_idx(p, 16).reshape(-1, 28, 28).astype(np.float64))
     labels = lambda p: _read_idx(p, 8).astype(np.int64)  # noqa: E731
     return (images(files["train-images-idx3-ubyte"]), labels(files["train-labels-idx1-ubyte"]),
             images(files["t10k-images-idx3-ubyte"]), labels(files["t10k-labels-idx1-ubyte"]))

@@ -25,8 +25,10 @@ there (true for archs of one space). TorchScript teachers cannot be hooked: no h
 
 **Teachers** (:func:`load_teacher`): ``largest`` (the supernet's largest subnet, with inherited
 weights and recalibrated BatchNorm, the default), a TorchScript file, or a nasopt export
-(a folder or a ``.packed`` file, loaded with ``nasopt.load``). Several teachers: their softmax
-outputs are averaged with selectable weights.
+(a folder or a ``.packed`` file, loaded with ``nasopt.load`` as the bare network). Exports take
+raw samples (the data's preprocessing inside); training feeds preprocessed ones, so an export's
+``model.ts`` is fed them turned back into raw samples (:class:`FromPreprocessed`). Several
+teachers: their softmax outputs are averaged with selectable weights.
 """
 from __future__ import annotations
 
@@ -116,12 +118,42 @@ def load_teacher(spec: str, largest: Callable[[], nn.Module] | None, spaces) -> 
                           f"folder; give a TorchScript file or a nasopt export")
     if path.is_dir() or path.suffix == ".packed":
         from .export import load
-        return load(path, spaces)
+        return load(path, spaces, raw_input=False)  # the network: fed preprocessed inputs
     try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        scripted = torch.jit.load(str(path), map_location="cpu").eval()
     except (RuntimeError, ValueError) as exc:
         raise NasoptError(f"teacher {spec}: not a TorchScript file ({str(exc)[:120]}); save one "
                           f"with torch.jit.save, or give a nasopt export folder") from None
+    return _takes_preprocessed(scripted, path)
+
+
+class FromPreprocessed(nn.Module):
+    """A model that takes raw samples (a nasopt ``model.ts``: the data's preprocessing inside),
+    fed the preprocessed inputs training uses: they are turned back into raw samples first."""
+
+    def __init__(self, model: nn.Module, preprocess):  # noqa: ANN001
+        super().__init__()
+        self.model = model
+        self.preprocess = preprocess
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(self.preprocess.raw(x))
+
+
+def _takes_preprocessed(scripted: nn.Module, path: Path) -> nn.Module:
+    """``scripted`` as a teacher: a nasopt export's ``model.ts`` (its folder's ``model.json``
+    records the preprocessing it applies inside) is wrapped in :class:`FromPreprocessed`; any
+    other TorchScript file is taken as it is (it must take the inputs training feeds)."""
+    import json
+    card_file = path.parent / "model.json"
+    if path.name != "model.ts" or not card_file.exists():
+        return scripted
+    from .export import preprocess_of_card
+    try:
+        pre = preprocess_of_card(json.loads(card_file.read_text()))
+    except (OSError, ValueError):
+        return scripted
+    return scripted if pre is None or pre.identity else FromPreprocessed(scripted, pre)
 
 
 def make_teachers(specs: Sequence[str], weights: Sequence[float], largest, spaces,  # noqa: ANN001
@@ -147,7 +179,8 @@ class Hint(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layer: str, x: Tensor):
         super().__init__()
-        if isinstance(teacher, torch.jit.ScriptModule):
+        if isinstance(teacher.model if isinstance(teacher, FromPreprocessed) else teacher,
+                      torch.jit.ScriptModule):
             raise NasoptError("feature distillation needs a teacher nn.Module (hooks); a "
                               "TorchScript teacher supports logit distillation only: set "
                               "hint_weight = 0")

@@ -10,8 +10,22 @@ compression policy applied (BN folded, low-rank layers split, pruned, quantize-d
 - ``model.onnx`` / ``model.int8.onnx``: ONNX float32 / int8 QDQ (formats ``onnx``,
   ``onnx-int8``, see :mod:`nasopt.onnx_export`), verified in ONNX Runtime against PyTorch.
 
+**Inputs**: every model file takes *raw* samples, as the dataset's file or loader gives them
+(``sklearn.datasets.load_digits().images``: float32 values 0..16), reshaped to the model's input
+shape ``(N, *input_shape)`` (digits: ``images.reshape(-1, 1, 8, 8)``). The dataset's preprocessing
+(:class:`nasopt.data.Preprocess`, e.g. ``/ 16``) is applied inside: as the first nodes of
+``model.onnx`` / ``model.int8.onnx``, in ``model.ts``, and by the module :func:`load` returns
+(:class:`RawInput` around the network). ``model.json`` records both under ``input``. The
+network's own weights (``weights.pt``, ``model.packed``, whose size is the arch's
+``compressed_bytes``) do not change; ``model.packed`` loaded alone, outside its folder, has no
+model card and is the bare network, taking preprocessed inputs.
+
+**Weights**: ``model.json``'s ``weights`` says how they were made: ``inherited`` (``nasopt
+export``: the supernet's weights, BN recalibrated, not retrained), ``fine-tuned`` or ``distilled,
+fine-tuned`` (``nasopt finetune`` / ``nasopt run``).
+
 Every export is verified after writing: each written format, loaded back, must reproduce the
-in-memory model's outputs (max abs diff < 1e-6).
+in-memory model's outputs (max abs diff < 1e-6) on raw samples.
 
 The commands that write an output folder (``nasopt export``, ``finetune``, ``distill``, ``run``)
 refuse one that already holds files unless given ``--force`` (:func:`check_out`, before any
@@ -32,6 +46,7 @@ from torch import nn
 from . import checkpoint, packed
 from .arch import Arch
 from .compress import Policy, StoredLayer, compressed_structure
+from .data import Preprocess
 from .errors import NasoptError
 from .space import SearchSpace, space_from_description
 
@@ -47,6 +62,54 @@ ARTIFACTS = (*EXPORT_FILES, "model.ts", "metrics.json", "REPORT.md", "student.js
 #: the commit records (written last): an export's model card, a student folder's card
 RECORDS = ("model.json", "student.json")
 TOLERANCE = 1e-6
+#: ``model.json``'s ``weights``: how the exported weights were made
+INHERITED = "inherited"
+
+
+class RawInput(nn.Module):
+    """A deployed network behind its dataset's preprocessing: takes raw samples, shaped as the
+    network's inputs. ``net`` is the network itself (what ``weights.pt`` holds)."""
+
+    def __init__(self, net: nn.Module, preprocess: Preprocess):
+        super().__init__()
+        self.net = net
+        self.preprocess = preprocess
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess.apply(x))
+
+
+def with_preprocess(net: nn.Module, preprocess: Preprocess | None) -> nn.Module:
+    """``net`` taking raw samples: wrapped in :class:`RawInput` unless there is nothing to do."""
+    if preprocess is None or preprocess.identity:
+        return net
+    return RawInput(net, preprocess)
+
+
+def input_record(space: SearchSpace, preprocess: Preprocess | None) -> dict[str, Any]:
+    """``model.json``'s ``input``: the layout and the preprocessing the model files apply."""
+    shape = tuple(space.input_shape)
+    record: dict[str, Any] = {
+        "shape": ["N", *shape], "dtype": "float32",
+        "layout": f"raw samples as the dataset's file or loader gives them, reshaped to "
+                  f"(N, {', '.join(map(str, shape))}): x.reshape(-1, "
+                  f"{', '.join(map(str, shape))})"}
+    if preprocess is None:
+        record["preprocess"] = None
+        record["note"] = ("the preprocessing was not recorded: the model takes its inputs as "
+                          "it was trained on them")
+    else:
+        record["preprocess"] = preprocess.to_dict()
+        record["note"] = ("the preprocessing is applied inside every model file of this folder "
+                          "(model.onnx, model.int8.onnx, model.ts, and nasopt.load of the folder "
+                          "or its model.packed): feed raw samples")
+    return record
+
+
+def preprocess_of_card(card: Mapping[str, Any]) -> Preprocess | None:
+    """The preprocessing an export's model card records (None: not recorded, an older export)."""
+    d = (card.get("input") or {}).get("preprocess")
+    return None if d is None else Preprocess.from_dict(d)
 
 
 def check_out(out: str | Path, force: bool = False, option: str = "--out") -> Path:
@@ -85,6 +148,18 @@ def replace_artifacts(out: Path, files: Mapping[str, bytes], record: str) -> lis
     return sorted(names)
 
 
+def loaders(out: Path) -> list[str]:
+    """How to load each model file of the export folder ``out`` (Python expressions), for the
+    formats its ``model.json`` lists: only loaders that work on what was written."""
+    files = json.loads((Path(out) / "model.json").read_text())["files"]
+    found = []
+    if "pytorch" in files or "packed" in files:  # load() takes the folder: weights.pt or packed
+        found.append(f"nasopt.load({str(out)!r})")
+    found += [f"onnxruntime.InferenceSession({str(Path(out) / files[f])!r})"
+              for f in ("onnx", "onnx-int8") if f in files]
+    return found
+
+
 def files_of(out: Path) -> list[str]:
     """The files of the export in the folder ``out``: arch.json, model.json and its formats'."""
     card = json.loads((Path(out) / "model.json").read_text())
@@ -93,11 +168,15 @@ def files_of(out: Path) -> list[str]:
 
 def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space: SearchSpace,
                  out: Path, info: Mapping[str, Any], spaces: Mapping[str, type[SearchSpace]],
-                 formats: Sequence[str] = FORMATS, samples: Sequence[Any] | None = None) -> Path:
+                 formats: Sequence[str] = FORMATS, samples: Sequence[Any] | None = None,
+                 preprocess: Preprocess | None = None) -> Path:
     """Write the deployed ``model`` of ``arch`` (and its ``stored`` layers) to the folder ``out``.
 
     ``samples``: (calibration x, verification x, verification y) for the ONNX formats (training
-    and validation data); without them ONNX files are checked on random inputs."""
+    and validation data, as the model takes them: preprocessed); without them ONNX files are
+    checked on random inputs. ``preprocess``: the dataset's (:class:`nasopt.data.Preprocess`),
+    recorded in ``model.json`` and applied inside the ONNX files and by :func:`load`; every
+    file is verified on raw samples. ``info`` should say ``weights`` (see the module doc)."""
     unknown = [f for f in formats if f not in ALL_FORMATS]
     if unknown or not formats:
         raise NasoptError(f"unknown export format(s) {unknown}; choose from "
@@ -117,20 +196,24 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
         if "packed" in formats:
             (tmp / "model.packed").write_bytes(packed.pack(space, arch, stored))
             files["packed"] = "model.packed"
+        deployed = with_preprocess(model, preprocess)  # takes raw samples
         onnx_formats = [f for f in formats if f.startswith("onnx")]
         if onnx_formats:
             from . import onnx_export
-            info = {**info, "onnx": onnx_export.write(model, tmp, space.input_shape, onnx_formats,
-                                                      *(samples or ()))}
+            raw = ([preprocess.raw(x) if preprocess and i < 2 else x
+                    for i, x in enumerate(samples)] if samples else [])
+            info = {**info, "onnx": onnx_export.write(deployed, tmp, space.input_shape,
+                                                      onnx_formats, *raw)}
             files.update({f: onnx_export.FILES[f] for f in onnx_formats})
         card = {"format_version": FORMAT_VERSION, "space": space.describe(), "files": files,
                 "packed_bytes": ((tmp / "model.packed").stat().st_size if "packed" in formats
-                                 else None), **info}
+                                 else None), "input": input_record(space, preprocess), **info}
         (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n")
         for fmt, name in files.items():
             if fmt.startswith("onnx"):
-                continue  # verified by onnx_export.write in ONNX Runtime
-            _verify(model, load(tmp / name if fmt == "packed" else tmp, spaces), space, name)
+                continue  # verified by onnx_export.write in ONNX Runtime, on raw samples
+            _verify(deployed, load(tmp / name if fmt == "packed" else tmp, spaces), space, name,
+                    preprocess)
         # model.json is the export's commit record: removed first, replaced last, so a process
         # killed between two files leaves a folder `load` refuses (no model.json), never one
         # that loads the weights of the previous export under this arch.json
@@ -139,8 +222,14 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
     return out
 
 
-def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]]) -> nn.Module:
-    """Load an export: a folder (its weights.pt) or a ``.packed`` file, as a deployed model."""
+def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]],
+         raw_input: bool = True) -> nn.Module:
+    """Load an export: a folder (its weights.pt) or a ``.packed`` file, as a deployed model.
+
+    With ``raw_input`` (the default) the model applies the preprocessing its ``model.json``
+    records (:class:`RawInput`), so it takes raw samples; a ``.packed`` file outside an export
+    folder has no model card and loads as the bare network. ``raw_input=False``: the bare
+    network (it takes preprocessed inputs, as the training code feeds them)."""
     path = Path(path)
     if not path.exists():
         raise NasoptError(f"{path} does not exist; give an export folder or its model.packed "
@@ -149,7 +238,9 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]]) -> nn.Module
         if path.suffix != ".packed" and (path.parent / "model.json").exists():
             raise NasoptError(f"{path} is a file of the export folder {path.parent}; load the "
                               f"folder: nasopt.load({str(path.parent)!r})")
-        return packed.read(path, spaces)[0]
+        net = packed.read(path, spaces)[0]
+        card = _card_of_packed(path) if raw_input else None
+        return with_preprocess(net, preprocess_of_card(card)) if card else net
     card_file = path / "model.json"
     if not card_file.exists():
         raise NasoptError(f"{path} is not a nasopt export (no model.json; an export "
@@ -160,9 +251,11 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]]) -> nn.Module
         arch = Arch.load(path / "arch.json")
     except (OSError, ValueError) as exc:
         raise NasoptError(f"{path}: unreadable export files ({exc}); export it again") from None
+    wrap = (lambda net: with_preprocess(net, preprocess_of_card(card))) if raw_input else (  # noqa: E731
+        lambda net: net)
     if not (path / "weights.pt").exists():
         if (path / "model.packed").exists():
-            return packed.read(path / "model.packed", spaces)[0]
+            return wrap(packed.read(path / "model.packed", spaces)[0])
         raise NasoptError(f"{path} holds no weights.pt or model.packed; export it again")
     space = space_from_description(card["space"], spaces)
     model = compressed_structure(space.build(arch), Policy.from_arch(arch), space.group_of)
@@ -171,13 +264,28 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]]) -> nn.Module
     except RuntimeError as exc:
         raise NasoptError(f"{path}/weights.pt does not match arch.json ({str(exc)[:200]}); "
                           f"export it again") from None
-    return model.eval()
+    return wrap(model.eval())
+
+
+def _card_of_packed(path: Path) -> dict[str, Any] | None:
+    """The model card of the export folder holding the packed file ``path``, if any."""
+    card_file = path.parent / "model.json"
+    try:
+        card = json.loads(card_file.read_text()) if card_file.exists() else None
+    except (OSError, ValueError):
+        return None
+    return card if card and card.get("files", {}).get("packed") == path.name else None
 
 
 @torch.no_grad()
-def _verify(model: nn.Module, loaded: nn.Module, space: SearchSpace, name: str) -> None:
+def _verify(model: nn.Module, loaded: nn.Module, space: SearchSpace, name: str,
+            preprocess: Preprocess | None = None) -> None:
+    """``loaded`` against the in-memory ``model`` (both taking raw samples) on random raw
+    samples: model inputs drawn at random, turned into the raw samples they come from."""
     device = next(model.parameters()).device
     x = torch.randn((8, *space.input_shape), generator=torch.Generator().manual_seed(0))
+    if preprocess is not None:
+        x = preprocess.raw(x)
     model.eval()
     diff = (model(x.to(device)).cpu() - loaded(x)).abs().max().item()
     if diff > TOLERANCE:

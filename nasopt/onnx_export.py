@@ -21,6 +21,10 @@ each verified in ONNX Runtime after writing.
   every layer, 8-bit ones included, to the 7-bit grid above. Only the packed file keeps them
   exactly.
 
+The files take raw samples: an export passes its model behind the dataset's preprocessing
+(:class:`nasopt.export.RawInput`), which becomes the graph's first nodes (Sub / Div), and raw
+calibration and verification samples.
+
 Verification (real samples, never random ones when data is given):
 
 - float32: max abs difference of the logits vs PyTorch < ``FP32_TOLERANCE`` (1e-4);
@@ -249,10 +253,16 @@ def pipeline_export(model: nn.Module, out: Path, space: Any, data: Any,
     ``formats`` into the export folder ``out`` (calibration on training samples, verification on
     the validation split) and return the model card's notes plus ``test_accuracy`` of each file
     in ONNX Runtime. An int8 graph that fails its check is not written: the reason goes to the
-    card (``onnx-int8.not_written``) and to ``log``, and the run keeps its other files."""
+    card (``onnx-int8.not_written``) and to ``log``, and the run keeps its other files.
+
+    The files take raw samples: the data's preprocessing is applied inside (see
+    :mod:`nasopt.export`); calibration, verification and test accuracy feed raw samples."""
+    from .export import with_preprocess
+    model = with_preprocess(model, data.preprocess)
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
     x_calib = data.x_train[order[:CALIB_SAMPLES].to(data.x_train.device)].cpu()
-    check = (x_calib, data.x_val.cpu(), data.y_val.cpu())
+    check = (data.preprocess.raw(x_calib), data.preprocess.raw(data.x_val.cpu()),
+             data.y_val.cpu())
     record = write(model, out, space.input_shape, [f for f in formats if f != "onnx-int8"],
                    *check)
     if "onnx-int8" in formats:
@@ -261,7 +271,7 @@ def pipeline_export(model: nn.Module, out: Path, space: Any, data: Any,
         except Int8CheckFailed as exc:
             record["onnx-int8"] = {"file": None, "not_written": str(exc)}
             log(f"{INT8_FILE} not written: {exc}")
-    x, y = data.x_test.cpu().numpy(), data.y_test.cpu().numpy()
+    x, y = data.preprocess.raw(data.x_test.cpu()).numpy(), data.y_test.cpu().numpy()
     test = {}
     for fmt in formats:
         if (out / FILES[fmt]).exists():

@@ -180,17 +180,19 @@ def teachers_for(evaluator, specs: Sequence[str], weights: Sequence[float], data
 # ---------------------------------------------------------------------------------------------
 def artifact_accuracies(out: Path, model: nn.Module, data: Dataset, spaces,  # noqa: ANN001
                         formats: Sequence[str]) -> dict[str, float]:
-    """Test accuracy of every written artifact, loaded back from its file."""
+    """Test accuracy of every written artifact, loaded back from its file and fed raw samples
+    (the files apply the data's preprocessing inside)."""
     from .export import load
     from .torchscript import FILE as TS_FILE
     x, y = data.x_test.cpu(), data.y_test.cpu()
+    raw = data.preprocess.raw(x)
     acc = {"fine-tuned model (in memory)": accuracy(model.cpu(), x, y)}
     if "pytorch" in formats:
-        acc["weights.pt via nasopt.load"] = accuracy(load(out, spaces), x, y)
+        acc["weights.pt via nasopt.load"] = accuracy(load(out, spaces), raw, y)
     if "packed" in formats:
-        acc["model.packed via nasopt.load"] = accuracy(load(out / "model.packed", spaces), x, y)
+        acc["model.packed via nasopt.load"] = accuracy(load(out / "model.packed", spaces), raw, y)
     if "torchscript" in formats:
-        acc["model.ts via torch.jit.load"] = accuracy(torch.jit.load(str(out / TS_FILE)), x, y)
+        acc["model.ts via torch.jit.load"] = accuracy(torch.jit.load(str(out / TS_FILE)), raw, y)
     return acc
 
 
@@ -228,7 +230,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     ``export.out`` must be new or empty unless ``force`` (checked before any work): then the
     nasopt files an earlier run left there are replaced, other files kept."""
     from . import api
-    from .export import ARTIFACTS, check_out, export_model
+    from .export import ARTIFACTS, check_out, export_model, with_preprocess
     from .torchscript import FILE as TS_FILE
     from .torchscript import write as write_torchscript
     timings: dict[str, float] = {}
@@ -251,8 +253,6 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     timings["supernet"] = round(outcome.supernet_s, 2)  # trained, resumed or loaded
     timings["search"] = round(search_s - outcome.supernet_s, 2)  # data, study, trials
     study = outcome.study
-    for line in outcome.warnings:  # supernet or best trial near chance (nasopt.sanity)
-        log(f"warning: {line}")
     number = pick_trial(study, cfg.pick)
     trial = next(tr for tr in study.trials if tr.number == number)
     evaluator, data = api.rebuild(study, str(api.resolve_device(cfg.device)))
@@ -284,12 +284,16 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     lap("fine-tune")
     formats = cfg.export.formats
     info = {"study": study.study_name, "trial": number, "dataset": dataclasses.asdict(cfg.data),
-            "origin": "nasopt run: distilled and fine-tuned (QAT)"}
+            "origin": "nasopt run: distilled and fine-tuned (QAT)" if d.enabled else
+                      "nasopt run: fine-tuned (QAT) from the inherited weights",
+            "weights": "distilled, fine-tuned" if d.enabled else "fine-tuned"}
     model = model.cpu()
     export_model(model, stored, arch, space, out,
-                 info, api.SPACES, [f for f in formats if f in ("pytorch", "packed")])
-    if "torchscript" in formats:
-        write_torchscript(model, out / TS_FILE, space.input_shape)
+                 info, api.SPACES, [f for f in formats if f in ("pytorch", "packed")],
+                 preprocess=data.preprocess)
+    if "torchscript" in formats:  # takes raw samples, as every model file of the folder
+        write_torchscript(with_preprocess(model, data.preprocess), out / TS_FILE,
+                          space.input_shape)
     onnx_note = _export_onnx(model, out, space, data, formats, log)
     lap("export")
 
@@ -310,8 +314,6 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         "study": study.study_name, "trial": number, "arch": dict(arch),
         "pick": dataclasses.asdict(cfg.pick),
         "dataset": data.summary(),
-        # validation accuracy of the supernet's largest / smallest subnets vs the majority class
-        "sanity": {**(outcome.sanity or {}), "warnings": outcome.warnings},
         "test_accuracy": test,
         "teacher_test_accuracy": teacher_acc,
         "val_accuracy": {"searched": searched.accuracy,
@@ -359,15 +361,6 @@ def int8_not_written(card: Mapping[str, Any]) -> str | None:
     return onnx.get("onnx-int8", {}).get("not_written") if isinstance(onnx, dict) else None
 
 
-def _sanity_markdown(record: Mapping[str, Any] | None) -> str:
-    """REPORT.md's supernet check (:mod:`nasopt.sanity`) and its warnings, or nothing."""
-    if not record or "largest" not in record:
-        return ""
-    from .sanity import summary
-    warnings = "".join(f"\n**Warning**: {w}\n" for w in record.get("warnings", []))
-    return f"{summary(record).replace('supernet check', 'Supernet check', 1)}.\n{warnings}\n"
-
-
 def report_markdown(card: Mapping[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in card["test_accuracy"].items())
     teachers = "\n".join(f"| teacher {k} | {v:.4f} |"
@@ -376,7 +369,6 @@ def report_markdown(card: Mapping[str, Any]) -> str:
     genes = ", ".join(f"{k}={v}" for k, v in card["arch"].items())
     reason = int8_not_written(card)
     not_written = f"\n**model.int8.onnx not written**: {reason}" if reason else ""
-    check = _sanity_markdown(card.get("sanity"))
     return f"""# nasopt run: {card['study']}, trial {card['trial']}
 
 Command: `{card['command']}`
@@ -386,7 +378,7 @@ Data: {card['dataset']}
 Picked trial {card['trial']} (rule: {card['pick']['rule'] if card['pick']['trial'] is None
                                      else 'by number'}): {genes}
 
-{check}Validation accuracy: searched {card['val_accuracy']['searched']:.4f} (inherited supernet
+Validation accuracy: searched {card['val_accuracy']['searched']:.4f} (inherited supernet
 weights), distilled {card['val_accuracy']['distilled'] or float('nan'):.4f}, fine-tuned
 {card['val_accuracy']['fine-tuned']:.4f}.
 

@@ -1,7 +1,11 @@
 """TorchScript export of a deployed model: ``torch.jit.trace`` (the networks have no
 data-dependent control flow once built for one arch), saved with ``torch.jit.save`` and verified
 after writing: loaded back, it must reproduce the PyTorch model's outputs (max abs diff <
-``nasopt.export.TOLERANCE``) on a batch of a different size than the one traced."""
+``nasopt.export.TOLERANCE``) on a batch of a different size than the one traced.
+
+The exports pass their model behind the dataset's preprocessing
+(:class:`nasopt.export.RawInput`, see :func:`nasopt.export.with_preprocess`), so ``model.ts``
+takes raw samples, as the other model files of the folder."""
 from __future__ import annotations
 
 import warnings

@@ -57,12 +57,13 @@ def test_search_export_load_end_to_end(tmp_path, capsys):
     assert {p.name for p in out_dir.iterdir()} == {"arch.json", "weights.pt", "model.json",
                                                    "model.packed"}
     assert (out_dir / "model.packed").stat().st_size == best.user_attrs["metrics"]["compressed_bytes"]
-    model = api.load(out_dir)
+    model = api.load(out_dir)  # takes raw samples: the data's preprocessing (/ 16) inside
     data = api.load_dataset("digits")
-    assert accuracy(model, data.x_val, data.y_val) == pytest.approx(best.values[0], abs=1e-9)
+    raw_val = data.preprocess.raw(data.x_val)
+    assert accuracy(model, raw_val, data.y_val) == pytest.approx(best.values[0], abs=1e-9)
     packed_model = api.load(out_dir / "model.packed")
-    assert accuracy(packed_model, data.x_val, data.y_val) == pytest.approx(best.values[0],
-                                                                           abs=1e-9)
+    assert accuracy(packed_model, raw_val, data.y_val) == pytest.approx(best.values[0],
+                                                                        abs=1e-9)
     # re-exporting one format into the folder (--force) leaves no stale file of the other
     assert cli.main(["export", "mobilenet-digits", "--trial", str(best.number), "--format",
                      "pytorch", "--out", str(out_dir), "--run-dir", str(tmp_path),
