@@ -25,6 +25,7 @@ from strategies import GRADIENT_STRATEGIES, NNI_STRATEGIES, STRATEGIES
 
 from . import export as _export
 from . import inspection as _inspection
+from . import sanity as _sanity
 from . import study as _study
 from .config import Config, load_config
 from .data import Dataset, load_dataset
@@ -53,6 +54,11 @@ class SearchOutcome:
     supernet_path: Path | None  # None in tabular mode
     new_trials: int
     supernet_s: float = 0.0  # seconds spent training (or loading) the supernet in this call
+    #: the supernet check (nasopt.sanity.measure: validation accuracy of the largest and smallest
+    #: subnets, the majority-class rate); None in tabular mode
+    sanity: dict | None = None
+    #: one line per problem found (supernet or best trial near chance), with what to try
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,9 +159,14 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                                     device=device, show_progress=show_progress, log=log)
     supernet_s = time.perf_counter() - start
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve())})
-    _masked(cfg).save(Path(cfg.run_dir) / "configs" / f"{name}.json")
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
+    check = _sanity.measure(evaluator, cfg.supernet.epochs)
+    log(_sanity.summary(check))
+    for line in _sanity.warnings(check):
+        log(f"warning: {line}")
+    study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve()),
+                                            _sanity.KEY: check})
+    _masked(cfg).save(Path(cfg.run_dir) / "configs" / f"{name}.json")
     if hardware is not None:
         evaluator = hardware[0](evaluator)
     if gradient:
@@ -167,10 +178,12 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                            latency_table=None if hardware is None else hardware[2],
                            sram_dtype=(profile.dtype if profile is not None
                                        and profile.metrics.get("sram") == "counted" else None))
-        return SearchOutcome(study, space, path, new, supernet_s)
+        return SearchOutcome(study, space, path, new, supernet_s, check,
+                             _sanity.warnings(check, _sanity.best_trial(study)))
     new = _run_trials(study, space, evaluator, objectives, s, constraints, show_progress,
                       s.seed * 7919 + len(existing.trials))
-    return SearchOutcome(study, space, path, new, supernet_s)
+    return SearchOutcome(study, space, path, new, supernet_s, check,
+                         _sanity.warnings(check, _sanity.best_trial(study)))
 
 
 def _masked(cfg: Config) -> Config:

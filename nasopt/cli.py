@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser("show", help="trials of a study with arch, metrics and a Pareto mark",
                         description="Every trial of a study: state, Pareto and feasible marks "
                         "(feasible is empty for trials that did not complete), strategy, "
-                        "metrics, constraint values (value - limit) and the arch's genes.")
+                        "metrics, constraint values (value - limit) and the arch's genes; "
+                        "then the supernet check (validation accuracy of its largest and "
+                        "smallest subnets against the majority class) and a warning when the "
+                        "supernet or the best trial is near chance.")
     q.add_argument("study")
     q.add_argument("--pareto", action="store_true", help="only the Pareto-optimal trials")
     _add_storage(q)
@@ -293,6 +296,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             study = load_study(storage, args.study)
             frame = api.trials(study, pareto_only=args.pareto)
             _print_frame(frame, args.format)
+            from .sanity import study_lines  # the supernet check: after the table, on stderr
+            for line in study_lines(study):  # when stdout must stay parseable (csv, json)
+                print(line if args.format == "table" else f"nasopt: {line}",
+                      file=sys.stdout if args.format == "table" else sys.stderr)
         return 0
     if args.command == "dashboard":
         from . import studies_cli
@@ -376,10 +383,12 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
         t = closest_trial(study)
         print(f"no completed trial meets the budgets {dict(cfg.search.budgets)}; the closest is "
               f"trial {t.number} (constraint excess {t.user_attrs.get('constraints')})")
-        return 0
-    print("Pareto front" + (f" (budgets {dict(cfg.search.budgets)})" if cfg.search.budgets
-                            else "") + ":")
-    _print_frame(front, "table")
+    else:
+        print("Pareto front" + (f" (budgets {dict(cfg.search.budgets)})" if cfg.search.budgets
+                                else "") + ":")
+        _print_frame(front, "table")
+    for line in outcome.warnings:  # supernet or best trial near chance (nasopt.sanity), last
+        print(f"nasopt: warning: {line}", file=sys.stderr)
     return 0
 
 

@@ -253,6 +253,8 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     timings["supernet"] = round(outcome.supernet_s, 2)  # trained, resumed or loaded
     timings["search"] = round(search_s - outcome.supernet_s, 2)  # data, study, trials
     study = outcome.study
+    for line in outcome.warnings:  # supernet or best trial near chance (nasopt.sanity)
+        log(f"warning: {line}")
     number = pick_trial(study, cfg.pick)
     trial = next(tr for tr in study.trials if tr.number == number)
     evaluator, data = api.rebuild(study, str(api.resolve_device(cfg.device)))
@@ -314,6 +316,8 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         "study": study.study_name, "trial": number, "arch": dict(arch),
         "pick": dataclasses.asdict(cfg.pick),
         "dataset": data.summary(),
+        # validation accuracy of the supernet's largest / smallest subnets vs the majority class
+        "sanity": {**(outcome.sanity or {}), "warnings": outcome.warnings},
         "test_accuracy": test,
         "teacher_test_accuracy": teacher_acc,
         "val_accuracy": {"searched": searched.accuracy,
@@ -361,6 +365,15 @@ def int8_not_written(card: Mapping[str, Any]) -> str | None:
     return onnx.get("onnx-int8", {}).get("not_written") if isinstance(onnx, dict) else None
 
 
+def _sanity_markdown(record: Mapping[str, Any] | None) -> str:
+    """REPORT.md's supernet check (:mod:`nasopt.sanity`) and its warnings, or nothing."""
+    if not record or "largest" not in record:
+        return ""
+    from .sanity import summary
+    warnings = "".join(f"\n**Warning**: {w}\n" for w in record.get("warnings", []))
+    return f"{summary(record).replace('supernet check', 'Supernet check', 1)}.\n{warnings}\n"
+
+
 def report_markdown(card: Mapping[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in card["test_accuracy"].items())
     teachers = "\n".join(f"| teacher {k} | {v:.4f} |"
@@ -369,6 +382,7 @@ def report_markdown(card: Mapping[str, Any]) -> str:
     genes = ", ".join(f"{k}={v}" for k, v in card["arch"].items())
     reason = int8_not_written(card)
     not_written = f"\n**model.int8.onnx not written**: {reason}" if reason else ""
+    check = _sanity_markdown(card.get("sanity"))
     return f"""# nasopt run: {card['study']}, trial {card['trial']}
 
 Command: `{card['command']}`
@@ -378,7 +392,7 @@ Data: {card['dataset']}
 Picked trial {card['trial']} (rule: {card['pick']['rule'] if card['pick']['trial'] is None
                                      else 'by number'}): {genes}
 
-Validation accuracy: searched {card['val_accuracy']['searched']:.4f} (inherited supernet
+{check}Validation accuracy: searched {card['val_accuracy']['searched']:.4f} (inherited supernet
 weights), distilled {card['val_accuracy']['distilled'] or float('nan'):.4f}, fine-tuned
 {card['val_accuracy']['fine-tuned']:.4f}.
 
