@@ -31,9 +31,11 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # name the file, not the fd
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
 
 

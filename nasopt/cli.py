@@ -31,11 +31,15 @@ def _add_bench_common(p: argparse.ArgumentParser, out_help: str) -> None:
                    help="override a config value, e.g. --set supernet.epochs=20")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """The ``nasopt`` parser; ``with_bench=False`` leaves out the benchmarks' options (their
+    modules import torch), so that ``--help`` and the other commands start quickly."""
+    from . import __version__
     from .cli_deploy import add_out  # --out/--force of every command writing an output folder
     parser = argparse.ArgumentParser(
         prog="nasopt", epilog=EPILOG,
         description="Neural architecture search with compression objectives.")
+    parser.add_argument("--version", action="version", version=f"nasopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("search", help="train (or reuse) a supernet and search it",
@@ -125,7 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Every search strategy nasopt search --strategy takes, with what "
                    "it does (nni-* need the optional extra nasopt[nni]).")
 
-    p = sub.add_parser("bench", help="benchmarks that write reports under results/")
+    p = sub.add_parser("bench", help="benchmarks that write reports under results/",
+                       description="Benchmarks that write reports under results/ (see "
+                       "results/README.md); `nasopt bench BENCHMARK --help` for each.")
+    if with_bench:  # their options come from the benches' modules, which import torch
+        _add_bench_parsers(p)
+    from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run
+    add_deploy_parsers(sub)
+    from .cli_hw import add_parsers as add_hw_parsers  # nasopt hw
+    add_hw_parsers(sub)
+    from . import cli_distributed  # train-supernet (torchrun: data-parallel)
+    cli_distributed.add_parser(sub)
+    return parser
+
+
+def _add_bench_parsers(p: argparse.ArgumentParser) -> None:
+    """The benchmarks under ``nasopt bench`` (built only for a command that names ``bench``)."""
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     q = bsub.add_parser("supernet", help="supernet training time, evaluation throughput, and "
                         "rank correlation of inherited vs stand-alone accuracy")
@@ -201,14 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "NNI on MNIST-1D (writes results/headline.md)")
     from .bench.headline import add_arguments as add_headline_arguments
     add_headline_arguments(q)
-    from .cli_deploy import add_parsers as add_deploy_parsers  # distill, finetune, run
-    add_deploy_parsers(sub)
-    from .cli_hw import add_bench_parser, add_parsers as add_hw_parsers  # nasopt hw, bench
-    add_hw_parsers(sub)
-    from . import cli_distributed  # train-supernet (torchrun: data-parallel)
-    cli_distributed.add_parser(sub)
+    from .cli_hw import add_bench_parser
     add_bench_parser(bsub)
-    return parser
 
 
 def _trial_arg(text: str) -> int | str:
@@ -233,7 +246,7 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(with_bench="bench" in argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would name the top-level usage: name the command's, and a near miss
         command = _command_parser(parser, argv)
@@ -249,18 +262,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .study import mask_url
         print(f"nasopt: error: {mask_url(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except OSError as exc:  # a full disk, a folder that is a file, no permission
+        from .errors import os_error_line
+        print(f"nasopt: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     except Exception as exc:  # the storage went away mid-run: no traceback with its URL
-        if type(exc).__module__.split(".")[0] not in ("sqlalchemy", "psycopg", "psycopg2"):
+        drivers = ("sqlalchemy", "psycopg", "psycopg2")
+        if (type(exc).__module__.split(".")[0] not in drivers
+                and type(exc).__name__ != "StorageInternalError"):  # Optuna's, around a driver's
             raise
         from .study import mask_url
-        detail = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        detail = mask_url(str(cause).strip().splitlines()[0] if str(cause).strip() else "")
+        if "disk is full" in detail or "No space left" in detail:
+            from .errors import os_error_line
+            print(f"nasopt: error: the storage could not write ({detail}); "
+                  f"{os_error_line(OSError(28, 'No space left on device')).split('; ', 1)[1]}",
+                  file=sys.stderr)
+            return 2
         print(f"nasopt: error: lost the connection to the storage ({type(exc).__name__}: "
               f"{detail}); finished trials are kept: check the database and re-run the same "
               f"command to continue", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stderr.close()
-        return 0
     except KeyboardInterrupt:
         print("nasopt: interrupted; finished trials are kept in the study; re-run the same "
               "command to continue", file=sys.stderr)
@@ -270,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.command in ("studies", "dashboard"):  # read-only: neither torch nor the strategies
+        return _inspect(args)
     from . import api
     if args.command == "search":
         return _search(args, api)
@@ -282,28 +310,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "hw":
         from .cli_hw import dispatch as hw_dispatch
         return hw_dispatch(args)
-    if args.command == "studies":
-        from .study import open_existing_storage  # read-only: creates nothing
-        storage = open_existing_storage(args.storage, args.run_dir)
-        if args.studies_command == "list":
-            _print_frame(__import__("nasopt.study", fromlist=["x"]).list_studies(storage),
-                         args.format)
-        elif args.studies_command != "show":
-            from . import studies_cli
-            return studies_cli.run(args, storage)
-        else:
-            from .study import load_study
-            study = load_study(storage, args.study)
-            frame = api.trials(study, pareto_only=args.pareto)
-            _print_frame(frame, args.format)
-            from .sanity import study_lines  # the supernet check: after the table, on stderr
-            for line in study_lines(study):  # when stdout must stay parseable (csv, json)
-                print(line if args.format == "table" else f"nasopt: {line}",
-                      file=sys.stdout if args.format == "table" else sys.stderr)
-        return 0
-    if args.command == "dashboard":
-        from . import studies_cli
-        return studies_cli.run_dashboard(args)
     if args.command == "export":
         from .cli_deploy import export_summary
         from .study import load_study, open_existing_storage
@@ -337,6 +343,35 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    """``nasopt studies ...`` and ``nasopt dashboard``: they read a storage and import neither
+    torch nor the strategies, so they start quickly."""
+    if args.command == "studies":
+        from .study import open_existing_storage  # read-only: creates nothing
+        storage = open_existing_storage(args.storage, args.run_dir)
+        if args.studies_command == "list":
+            _print_frame(__import__("nasopt.study", fromlist=["x"]).list_studies(storage),
+                         args.format)
+        elif args.studies_command != "show":
+            from . import studies_cli
+            return studies_cli.run(args, storage)
+        else:
+            from . import inspection
+            from .study import load_study
+            study = load_study(storage, args.study)
+            frame = inspection.trials_table(study, args.pareto)
+            _print_frame(frame, args.format)
+            from .sanity import study_lines  # the supernet check: after the table, on stderr
+            for line in study_lines(study):  # when stdout must stay parseable (csv, json)
+                print(line if args.format == "table" else f"nasopt: {line}",
+                      file=sys.stdout if args.format == "table" else sys.stderr)
+        return 0
+    if args.command == "dashboard":
+        from . import studies_cli
+        return studies_cli.run_dashboard(args)
+    raise AssertionError(args.command)
+
+
 def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
     from .space import parse_restrictions
     overrides = list(args.set)
@@ -350,7 +385,8 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
                       ("table_metric", "search.table_metric")):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+            text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else value
+            overrides.append(f"{key}={text}")  # non-ASCII names stay as they are
     from .pipeline import load_search_config
     cfg, unused = load_search_config(args.config, overrides)
     if unused and not args.quiet:

@@ -19,8 +19,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from .errors import NasoptError
 
 STUDENT_CARD = "student.json"
@@ -78,7 +76,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                        description="train supernet -> search -> pick -> distill -> fine-tune "
                        "(QAT) -> export -> report (metrics.json and REPORT.md in the export "
                        "folder). Sections: data, supernet, eval, search, gradient, pick, "
-                       f"distill, finetune, export; top-level {', '.join(_top_level_keys())} "
+                       f"distill, finetune, export; top-level {', '.join(RUN_TOP_LEVEL)} "
                        "(see nasopt/pipeline.py and configs/mnist1d.toml). Re-running the same "
                        "config reuses the trained supernet and the finished trials.")
     p.add_argument("config", help="TOML file, e.g. configs/mnist1d.toml")
@@ -97,10 +95,9 @@ def _add_training(p: argparse.ArgumentParser, epochs: int, lr: float, patience: 
     p.add_argument("--seed", type=int, default=0)
 
 
-def _top_level_keys() -> list[str]:
-    """The config keys of `nasopt run` outside any section (run_dir, device, threads)."""
-    from .pipeline import RunConfig
-    return [f.name for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING]
+#: the config keys of `nasopt run` outside any section, for its help without importing the
+#: pipeline (and torch); tests/test_cli_start.py checks them against RunConfig's fields
+RUN_TOP_LEVEL = ("run_dir", "device", "threads")
 
 
 #: what --force does, for every command that writes an output folder (nasopt.export.check_out)
@@ -232,6 +229,7 @@ def _distill(args: argparse.Namespace) -> int:
     teachers = None if args.no_teacher else teachers_for(evaluator, cfg.teachers,
                                                          cfg.teacher_weights, data, api.SPACES)
     history = train_student(student, data, teachers, cfg, show_progress=True)
+    import torch
     weights_file = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, weights_file)
     card = {"space": evaluator.space.describe(), "study": study.study_name,

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                       ("device", "device"), ("run_dir", "run_dir")):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+            overrides.append(f"{key}={json.dumps(value, ensure_ascii=False)}")
     from .pipeline import load_search_config
     cfg, _ = load_search_config(args.config, overrides)  # a `nasopt run` config works too
     restrict = {**cfg.search.restrict,

@@ -80,7 +80,8 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     Completed trials of every worker count, so several processes sharing one study stop together
     at ``trials``. A trial whose evaluation raises or yields a non-finite value is recorded as
     FAIL and the search goes on; after ``MAX_CONSECUTIVE_FAILURES`` failures in a row it stops
-    with an error quoting the last failure. Each constraint's ``value - limit`` is recorded with ``trial.set_constraint``
+    with an error quoting the last failure. A file-system fault (``OSError``: a full disk) stops
+    it at once and is raised again, so the CLI names it. Each constraint's ``value - limit`` is recorded with ``trial.set_constraint``
     (feasible when <= 0) and, for the dashboard, in the user attr ``constraints``.
     Several workers may share the study (see :mod:`nasopt.workers`): trials of dead workers are
     failed and retried, and the study ends with exactly ``trials`` completed trials.
@@ -102,6 +103,10 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
             raise workers.Surplus()
         try:
             return measure(trial)
+        except OSError as exc:  # a full disk fails every trial alike: stop now, say why
+            fault.append(exc)
+            study.stop()
+            raise
         except Exception as exc:  # recorded on the trial (Optuna keeps no reason), then FAIL
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:1000])
             raise
@@ -113,6 +118,7 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
                        enabled=show_progress)
     ran = [0]  # trials this call evaluated (retries of dead workers' trials included)
     failures: list[str] = []
+    fault: list[OSError] = []  # a file-system fault: the search stops at the first one
     me = workers.identity()
 
     def after_trial(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -138,6 +144,8 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     finally:
         optuna_log.removeFilter(quiet)
         bar.close()
+    if fault:
+        raise fault[0]
     if len(failures) >= MAX_CONSECUTIVE_FAILURES:
         raise NasoptError(f"stopped after {len(failures)} failed trials in a row; the last one: "
                           f"{failures[-1][:300]}")

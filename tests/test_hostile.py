@@ -111,3 +111,69 @@ def test_a_study_sized_in_the_older_packed_format_is_not_continued(tmp_path):
     with pytest.raises(NasoptError, match="measured sizes in packed format 1, this nasopt "
                                           f"writes format {VERSION}"):
         open_study(storage, "s", {**old, "packed_format": VERSION}, ["maximize", "minimize"])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (root only: skipped where mounting is not allowed)."""
+    import os
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs",
+                                            str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def fill(folder, leave_blocks: int = 2) -> None:
+    import os
+    free = os.statvfs(folder).f_bavail
+    with open(folder / "fill", "wb") as f:
+        try:
+            f.write(b"\0" * max(0, (free - leave_blocks)) * os.statvfs(folder).f_bsize)
+        except OSError:
+            pass
+
+
+def test_a_full_disk_during_a_search_is_one_line_and_loses_no_trial(small_disk, capsys):
+    run = ["--run-dir", str(small_disk / "R"), "--study", "s"]
+    assert nasopt(capsys, "search", *TABLE, *run, "--trials", "6")[0] == 0
+    fill(small_disk)
+    code, out, err = nasopt(capsys, "search", *TABLE, *run, "--trials", "500")
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "the disk is full" in err and "re-run the same command" in err
+    (small_disk / "fill").unlink()
+    done = completed(f"sqlite:///{small_disk / 'R' / 'studies.db'}", "s")
+    assert done >= 6
+    code, out, _ = nasopt(capsys, "search", *TABLE, *run, "--trials", str(done + 3))
+    assert code == 0 and f"{done + 3} completed trials" in out
+
+
+def test_a_file_system_fault_in_a_trial_stops_the_search_at_once(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from nasopt import tabular
+    real = tabular.TabularEvaluator.accuracy
+    calls = []
+
+    def accuracy(self, arch):  # noqa: ANN001, ANN202 - the fourth evaluation hits a full disk
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+        return real(self, arch)
+
+    monkeypatch.setattr(tabular.TabularEvaluator, "accuracy", accuracy)
+    code, _, err = nasopt(capsys, "search", *TABLE, "--run-dir", str(tmp_path), "--trials", "50",
+                          "--study", "s")
+    assert code == 2 and "the disk is full" in err and len(calls) == 4  # no 20 failures first
+    assert completed(f"sqlite:///{tmp_path / 'studies.db'}", "s") == 3
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code, _, err = nasopt(capsys, "search", *TABLE, "--run-dir", str(tmp_path / "f"),
+                          "--trials", "2")
+    assert code == 2 and "a file stands where a folder is needed" in err
+    assert err.count("\n") == 1
