@@ -118,7 +118,9 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    command = "nasopt " + " ".join(shlex.quote(a) for a in args.argv)
+    from .study import mask_url
+    # model cards record the command: without the password of a storage URL in it
+    command = mask_url("nasopt " + " ".join(shlex.quote(a) for a in args.argv))
     if args.command == "distill":
         return _distill(args)
     if args.command == "finetune":
@@ -326,7 +328,8 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
                "val_accuracy": history.best_val_accuracy, "test_accuracy_packed": test,
                "packed_bytes": (out / "model.packed").stat().st_size,
                "finetune": dataclasses.asdict(cfg), "history": dataclasses.asdict(history)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    from .study import mask_secrets
+    (out / "metrics.json").write_text(json.dumps(mask_secrets(metrics), indent=2) + "\n")
     print(f"fine-tuned (QAT) on {data.summary()}: val accuracy {history.best_val_accuracy:.4f}; "
           f"test accuracy of model.packed {test:.4f} ({metrics['packed_bytes']} B); wrote {out}/ "
           f"(arch.json, model.json, weights.pt, model.packed, model.ts, metrics.json)")

@@ -44,6 +44,7 @@ from .distill import DistillConfig, Teachers, make_teachers, train_student
 from .errors import NasoptError
 from .finetune import FinetuneConfig, finetune, prepare_qat
 from .metrics import FLOAT32_BYTES, count_macs, count_params
+from .study import mask_secrets
 from .train import accuracy
 
 Log = Callable[[str], None]
@@ -337,6 +338,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}, Python {platform.python_version()}",
     }
+    card = mask_secrets(card)  # no storage password in a file (the config, the command)
     (out / "metrics.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "REPORT.md").write_text(report_markdown(card))
     card["files"] = sorted(p.name for p in out.iterdir() if p.name in ARTIFACTS)

@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import html
 import json
+import shlex
 from pathlib import Path
 
 import optuna
@@ -128,14 +129,15 @@ def render(study: optuna.Study, storage_url: str) -> str:
         parts.append(f"<h3>{kind}</h3>{_image(png, kind)}" + _p(caption, "note"))
 
     parts.append("<h2>Commands</h2>")
-    store = f"--storage '{url}'"
-    commands = [f"nasopt studies show {name} {store}",
-                f"nasopt studies pareto {name} {store} --format csv",
-                f"nasopt studies compare {name} {store}",
-                *[f"nasopt studies plot {name} --kind {k} --out {k}.png {store}"
+    # shell-quoted: a study or storage name can hold any character (`a;touch x` stays a name)
+    store, study = f"--storage {shlex.quote(url)}", shlex.quote(name)
+    commands = [f"nasopt studies show {study} {store}",
+                f"nasopt studies pareto {study} {store} --format csv",
+                f"nasopt studies compare {study} {store}",
+                *[f"nasopt studies plot {study} --kind {k} --out {k}.png {store}"
                   for k in plots.KINDS],
-                f"nasopt studies export {name} --to trials.csv {store}",
-                f"nasopt studies report {name} --out report.html {store}",
+                f"nasopt studies export {study} --to trials.csv {store}",
+                f"nasopt studies report {study} --out report.html {store}",
                 f"nasopt dashboard {store}"]
     parts.append("<pre>" + html.escape("\n".join(commands)) + "</pre>")
     parts.append(_p("The search itself: the resolved config of each `nasopt search` run is in "

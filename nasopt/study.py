@@ -37,6 +37,19 @@ def mask_url(text: str) -> str:
     return re.sub(r"(password\s*=\s*)('[^']*'|[^&\s]+)", r"\1***", text, flags=re.IGNORECASE)
 
 
+def mask_secrets(value: Any) -> Any:
+    """``value`` (a JSON-able record: dicts, lists, strings...) with :func:`mask_url` applied to
+    every string: what nasopt writes to a file or prints about a run goes through this, so no
+    storage password reaches the disk or the screen."""
+    if isinstance(value, str):
+        return mask_url(value)
+    if isinstance(value, dict):
+        return {mask_secrets(k): mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(mask_secrets(v) for v in value)
+    return value
+
+
 def resolve_storage(url: str | None, run_dir: str | Path, must_exist: bool = False) -> str:
     """The storage URL to use: ``url``, or an SQLite file in ``run_dir``. Makes the folder of a
     new SQLite or journal file; with ``must_exist`` (read-only commands) it makes nothing and

@@ -124,7 +124,8 @@ def small_disk(tmp_path):
                                             str(mount)], capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root")
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    # lazily: this process may still hold the study database open
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(folder, leave_blocks: int = 2) -> None:
@@ -177,3 +178,76 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
                           "--trials", "2")
     assert code == 2 and "a file stands where a folder is needed" in err
     assert err.count("\n") == 1
+
+
+POSTGRES = __import__("os").environ.get("NASOPT_TEST_POSTGRES")
+
+TINY_RUN = """
+run_dir = "{run}"
+[data]
+dataset = "mnist1d"
+[supernet]
+epochs = 1
+warmup_epochs = 1
+n_random = 1
+[search]
+space = "conv1d"
+strategy = "random"
+trials = 3
+study = "{study}"
+restrict = {{ "s1.depth" = [1], "s2.depth" = [1], "s3.depth" = [1], "s1.width" = [8], "s2.width" = [8], "s3.width" = [8] }}
+[distill]
+epochs = 1
+[finetune]
+epochs = 1
+[export]
+out = "{out}"
+formats = ["pytorch", "packed"]
+"""
+
+
+@pytest.mark.skipif(not POSTGRES and not __import__("os").environ.get("NASOPT_REQUIRE_POSTGRES"),
+                    reason="needs a PostgreSQL server: set NASOPT_TEST_POSTGRES to its URL "
+                    "(.ci/postgres.sh starts one)")
+def test_no_storage_password_in_anything_a_run_or_a_finetune_writes_or_prints(tmp_path, capsys):
+    import uuid
+    from urllib.parse import urlsplit
+    assert POSTGRES, "NASOPT_REQUIRE_POSTGRES is set but NASOPT_TEST_POSTGRES is not"
+    password = urlsplit(POSTGRES).password
+    assert password
+    study = f"secret-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_RUN.format(run=tmp_path / "run", out=tmp_path / "model", study=study))
+    code, out, err = nasopt(capsys, "run", str(config), "--set",
+                            f'search.storage="{POSTGRES}"')
+    assert code == 0, err
+    code, out2, err2 = nasopt(capsys, "finetune", "--study", study, "--trial", "0", "--storage",
+                              POSTGRES, "--out", str(tmp_path / "tuned"), "--epochs", "1",
+                              "--run-dir", str(tmp_path / "run"))
+    assert code == 0, err2
+    code, out3, err3 = nasopt(capsys, "studies", "report", study, "--storage", POSTGRES,
+                              "--out", str(tmp_path / "report.html"))
+    assert code == 0, err3
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "metrics.json" for p in written) and len(written) > 8
+    leaks = [str(p) for p in written if password.encode() in p.read_bytes()]
+    assert not leaks
+    for text in (out, err, out2, err2, out3, err3):
+        assert password not in text
+    card = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert ":***@" in card["config"]["search"]["storage"] and ":***@" in card["command"]
+
+
+def test_the_html_report_quotes_a_study_name_for_the_shell(tmp_path, capsys):
+    import shlex
+    name = "a;touch PWNED;b"
+    assert nasopt(capsys, "search", *TABLE, "--run-dir", str(tmp_path), "--trials", "3",
+                  "--study", name)[0] == 0
+    out = tmp_path / "r.html"
+    assert nasopt(capsys, "studies", "report", name, "--run-dir", str(tmp_path), "--out",
+                  str(out))[0] == 0
+    import html
+    text = html.unescape(out.read_text())
+    show = next(line for line in text.splitlines() if "nasopt studies show" in line)
+    show = show[show.index("nasopt studies show"):]
+    assert shlex.split(show)[3] == name  # one argument, no command separator
