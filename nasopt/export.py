@@ -251,8 +251,10 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]],
         arch = Arch.load(path / "arch.json")
     except (OSError, ValueError) as exc:
         raise NasoptError(f"{path}: unreadable export files ({exc}); export it again") from None
-    wrap = (lambda net: with_preprocess(net, preprocess_of_card(card))) if raw_input else (  # noqa: E731
-        lambda net: net)
+
+    def wrap(net: nn.Module) -> nn.Module:
+        return with_preprocess(net, preprocess_of_card(card)) if raw_input else net
+
     if not (path / "weights.pt").exists():
         if (path / "model.packed").exists():
             return wrap(packed.read(path / "model.packed", spaces)[0])

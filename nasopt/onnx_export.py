@@ -231,7 +231,7 @@ def write(model: nn.Module, folder: str | Path, input_shape: Sequence[int],
     fp32 = to_onnx_bytes(model, input_shape)
     record: dict[str, Any] = {"note": NOTE, "exporter": f"torch.onnx.export(dynamo=False), "
                               f"opset {OPSET}", "verified_on": "random inputs" if random_check
-                              else "real samples (validation split)"}
+                              else "real samples (validation split, as the file takes them)"}
     if "onnx" in formats:
         record["onnx"] = {"file": FP32_FILE, **verify_fp32(model, fp32, x_check)}
         (folder / FP32_FILE).write_bytes(fp32)
