@@ -335,6 +335,9 @@ def best_trial(study: optuna.Study) -> int:
     """The number of the most accurate feasible completed trial (all the study's constraints
     met; ties: the smaller packed size): ``nasopt run``'s ``pick.rule = "best"``."""
     from .pipeline import PickConfig, pick_trial
+    if not _study.completed(study):
+        raise NasoptError(f"study {study.study_name!r} has no completed trial yet; run the "
+                          f"search first (see `nasopt studies show {study.study_name}`)")
     return pick_trial(study, PickConfig(rule="best"))
 
 

@@ -176,3 +176,12 @@ def test_finetune_files_take_raw_samples(runs, tmp_path, capsys):
     teacher = load_teacher(str(out / "model.ts"), None, api.SPACES)
     with torch.no_grad():
         assert torch.equal(teacher(x / 16).argmax(1), ref)
+
+
+def test_trial_best_of_a_study_without_completed_trials_says_so(tmp_path):
+    import optuna
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="empty")
+    study.set_user_attr("nasopt", {})
+    with pytest.raises(NasoptError, match="'empty' has no completed trial yet"):
+        api.export(study, "best", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
