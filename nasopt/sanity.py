@@ -80,7 +80,7 @@ def summary(record: Mapping[str, Any]) -> str:
     return (f"supernet check (validation accuracy): largest subnet {_pct(record['largest'])}, "
             f"smallest {_pct(record['smallest'])} (float"
             + (f"; compressed {_pct(compressed)}" if compressed is not None else "")
-            + f"); majority class {_pct(record['majority'])} of {record['val_samples']} samples"
+            + f"); majority class {_pct(record['majority'])} ({record['val_samples']} samples)"
             + ("; NEAR CHANCE" if supernet_near_chance(record) else ""))
 
 
@@ -131,9 +131,9 @@ def warnings(record: Mapping[str, Any] | None, best: tuple[int, float] | None = 
     if untrained:
         out.append(f"the supernet is near chance: its largest subnet scores "
                    f"{_pct(record['largest'])} on validation, always answering the majority "
-                   f"class {_pct(majority)}, so every trial will score about that; train it "
-                   f"longer (--set supernet.epochs=N; it had {record.get('supernet_epochs')}) "
-                   f"and check the data's labels and scale")
+                   f"class scores {_pct(majority)}, and every trial will score about that; "
+                   f"train it longer (--set supernet.epochs=N; it had "
+                   f"{record.get('supernet_epochs')}) and check the data's labels and scale")
     if best is not None and near_chance(best[1], majority):
         if untrained:
             why = "the supernet itself is near chance (see above)"
@@ -143,8 +143,8 @@ def warnings(record: Mapping[str, Any] | None, best: tuple[int, float] | None = 
                    f"searched archs are too small or too compressed: "
                    + (f"restrict the compression genes, e.g. {advice}, " if advice else "")
                    + "or restrict architecture genes to their larger options")
-        out.append(f"the search's best trial ({best[0]}) scores {_pct(best[1])}, near chance "
-                   f"(majority class {_pct(majority)}): {why}")
+        out.append(f"the search's best trial (trial {best[0]}) scores {_pct(best[1])}, near "
+                   f"chance (majority class {_pct(majority)}): {why}")
     return out
 
 

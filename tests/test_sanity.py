@@ -20,7 +20,8 @@ NARROW = ["--space", "mobilenet", "--dataset", "digits", "--quiet",
           *[arg for s in (1, 2, 3) for arg in ("--restrict", f"s{s}.expand=2", "--restrict",
                                                f"s{s}.k=3", "--restrict", f"s{s}.depth=1,2")]]
 GROUPS = ("stem", "s1", "s2", "s3", "head")
-MILD = ["--restrict", "sparsity=0.0", *[a for g in GROUPS for a in ("--restrict", f"{g}.bits=8,32")],
+MILD = ["--restrict", "sparsity=0.0",
+        *[a for g in GROUPS for a in ("--restrict", f"{g}.bits=8,32")],
         *[a for g in GROUPS[1:] for a in ("--restrict", f"{g}.rank=1.0")]]
 HARSH = ["--restrict", "sparsity=0.9", *[a for g in GROUPS for a in ("--restrict", f"{g}.bits=2")]]
 
@@ -153,5 +154,5 @@ def test_thresholds_and_advice():
     assert sanity.restrict_advice(rec) == "--restrict s1.bits=8,32 --restrict head.rank=1.0"
     assert sanity.warnings(rec, (3, 0.8)) == []
     (line,) = sanity.warnings(rec, (3, 0.12))
-    assert "trial (3) scores 12.0 %" in line and "--restrict s1.bits=8,32" in line
+    assert "best trial (trial 3) scores 12.0 %" in line and "--restrict s1.bits=8,32" in line
     assert sanity.warnings(None, (3, 0.1)) == []
