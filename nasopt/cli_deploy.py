@@ -148,7 +148,8 @@ def export_summary(out: Path, args: argparse.Namespace) -> str:
     supernet, not retrained, and the commands that train them."""
     from .export import files_of, loaders
     from .study import mask_url
-    card = json.loads((Path(out) / "model.json").read_text())
+    from .export import read_card
+    card = read_card(out)
     trial, study = card["trial"], card["study"]
     accuracy = (card.get("metrics") or {}).get("accuracy")
     lines = []
@@ -253,7 +254,7 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     from .arch import Arch
     from .compress import Policy
     from .data import load_dataset
-    from .export import check_out, export_model, with_preprocess
+    from .export import check_out, export_model, read_card, with_preprocess
     from .finetune import FinetuneConfig, finetune, prepare_qat, reheaded
     from .space import space_from_description
     from .torchscript import FILE as TS_FILE
@@ -275,14 +276,14 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     else:
         src = Path(args.source)
         if (src / STUDENT_CARD).exists():
-            card = json.loads((src / STUDENT_CARD).read_text())
+            card = read_card(src, STUDENT_CARD)
             space = space_from_description(card["space"], api.SPACES)
             arch = space.validate(Arch.load(src / "arch.json"))
             model = space.build(arch)
             from . import checkpoint
             model.load_state_dict(checkpoint.load(src / "student.pt"))
         elif (src / "model.json").exists():
-            card = json.loads((src / "model.json").read_text())
+            card = read_card(src)
             space = space_from_description(card["space"], api.SPACES)
             arch = space.validate(Arch.load(src / "arch.json"))
             # the network itself: it is trained on preprocessed inputs, as the data gives them

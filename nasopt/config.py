@@ -176,7 +176,9 @@ def _parse_value(text: str) -> Any:
 
 def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
     if not isinstance(raw, Mapping):
-        raise NasoptError(f"config section {where or 'top level'} must be a table")
+        name = where.rstrip(".")
+        raise NasoptError(f"config key {name!r} must be a section ([{name}] with keys under it), "
+                          f"got {raw!r}" if name else "the config must be a TOML table of keys")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))

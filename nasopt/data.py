@@ -176,8 +176,8 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
     if fraction < 1:
         train_idx = train_idx[_stratified_split(y[train_idx], fraction, rng)[1]]
         val_idx = val_idx[_stratified_split(y[val_idx], fraction, rng)[1]]
-    labels = np.unique(np.concatenate([y, yt]))
-    if labels.min() < 0 or not np.array_equal(labels, np.arange(labels.max() + 1)):
+    labels = np.unique(np.concatenate([y, yt]))  # sorted, distinct: 0..K-1 iff these two hold
+    if labels.min() < 0 or labels.max() != len(labels) - 1:
         raise NasoptError(f"{spec}: labels must be the integers 0..K-1, got {labels[:20]}; "
                           f"map your classes to consecutive integers")
     if len(labels) < 2:
@@ -291,9 +291,17 @@ def _checked(spec: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
     if len(x) != len(y) or y.ndim != 1:
         raise NasoptError(f"{spec}: x has {len(x)} samples but y has shape {y.shape}; "
                           f"give one integer label per sample")
+    if len(x) == 0:
+        raise NasoptError(f"{spec}: the file holds no samples; give at least a few per class")
+    if np.issubdtype(x.dtype, np.complexfloating):
+        raise NasoptError(f"{spec}: x holds complex numbers; give real values (for example the "
+                          f"magnitude, or real and imaginary parts as separate features)")
     if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x.astype(np.float64)).all():
         raise NasoptError(f"{spec}: x contains NaN, infinite or non-numeric values; "
                           f"clean or impute them first")
+    if np.abs(x).max() > np.finfo(np.float32).max:
+        raise NasoptError(f"{spec}: x holds values up to {np.abs(x).max():.3g}, beyond float32 "
+                          f"(the models' number type); scale the inputs first, e.g. to [0, 1]")
     if not np.issubdtype(y.dtype, np.number) or np.any(np.asarray(y) != np.round(y)):
         raise NasoptError(f"{spec}: labels must be integers 0..K-1")
     if x.ndim == 2:  # (N, L) signals -> one channel

@@ -151,7 +151,7 @@ def replace_artifacts(out: Path, files: Mapping[str, bytes], record: str) -> lis
 def loaders(out: Path) -> list[str]:
     """How to load each model file of the export folder ``out`` (Python expressions), for the
     formats its ``model.json`` lists: only loaders that work on what was written."""
-    files = json.loads((Path(out) / "model.json").read_text())["files"]
+    files = read_card(out).get("files", {})
     found = []
     if "pytorch" in files or "packed" in files:  # load() takes the folder: weights.pt or packed
         found.append(f"nasopt.load({str(out)!r})")
@@ -162,8 +162,7 @@ def loaders(out: Path) -> list[str]:
 
 def files_of(out: Path) -> list[str]:
     """The files of the export in the folder ``out``: arch.json, model.json and its formats'."""
-    card = json.loads((Path(out) / "model.json").read_text())
-    return sorted(["arch.json", "model.json", *card["files"].values()])
+    return sorted(["arch.json", "model.json", *read_card(out).get("files", {}).values()])
 
 
 def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space: SearchSpace,
@@ -222,6 +221,28 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
     return out
 
 
+def read_card(folder: str | Path, name: str = "model.json") -> dict[str, Any]:
+    """The model card ``name`` of the export (or student) folder ``folder``, checked: a JSON
+    object with a ``space`` description. Anything else is one error that names the file."""
+    file = Path(folder) / name
+    try:
+        card = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise NasoptError(f"{folder} is not a nasopt export (no {name}; an export interrupted "
+                          f"while writing leaves none); export one with `nasopt export STUDY "
+                          f"--trial N --out DIR`") from None
+    except (OSError, ValueError) as exc:
+        raise NasoptError(f"{file} is not readable JSON ({exc}); export the model again") from None
+    if not isinstance(card, dict) or not isinstance(card.get("space"), dict):
+        raise NasoptError(f"{file} is not a nasopt model card (a JSON object with the model's "
+                          f"space); export the model again")
+    files = card.get("files", {})
+    if not isinstance(files, dict):
+        raise NasoptError(f"{file}: 'files' is not a table of format -> file; export the model "
+                          f"again")
+    return card
+
+
 def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]],
          raw_input: bool = True) -> nn.Module:
     """Load an export: a folder (its weights.pt) or a ``.packed`` file, as a deployed model.
@@ -241,16 +262,11 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]],
         net = packed.read(path, spaces)[0]
         card = _card_of_packed(path) if raw_input else None
         return with_preprocess(net, preprocess_of_card(card)) if card else net
-    card_file = path / "model.json"
-    if not card_file.exists():
-        raise NasoptError(f"{path} is not a nasopt export (no model.json; an export "
-                          f"interrupted while writing leaves none); export one with "
-                          f"`nasopt export STUDY --trial N --out {path}`")
+    card = read_card(path)
     try:
-        card = json.loads(card_file.read_text())
         arch = Arch.load(path / "arch.json")
     except (OSError, ValueError) as exc:
-        raise NasoptError(f"{path}: unreadable export files ({exc}); export it again") from None
+        raise NasoptError(f"{path}: unreadable arch.json ({exc}); export it again") from None
 
     def wrap(net: nn.Module) -> nn.Module:
         return with_preprocess(net, preprocess_of_card(card)) if raw_input else net

@@ -156,16 +156,25 @@ def export_table(study: optuna.Study) -> pd.DataFrame:
     return frame
 
 
-def write_table(study: optuna.Study, path: str | Path, force: bool = False) -> Path:
-    """Write every trial to ``path`` (.csv or .json: a list of flat records), atomically."""
+def check_out_file(path: str | Path, suffixes: tuple[str, ...], force: bool = False) -> Path:
+    """The rule of every inspection command that writes one file (table, plot, report): the
+    name ends in one of ``suffixes``, is not a folder, and an existing file is replaced only
+    with ``force`` (``--force``)."""
     path = Path(path)
-    if path.suffix.lower() not in (".csv", ".json"):
-        raise NasoptError(f"cannot write {path}: give a file ending in .csv or .json")
+    names = " or ".join(suffixes)
+    if path.suffix.lower() not in suffixes:
+        raise NasoptError(f"cannot write {path}: give a file name ending in {names}")
+    if path.is_dir():
+        raise NasoptError(f"{path} is a folder; give a file name ending in {names}")
     if path.exists() and not force:
         raise NasoptError(f"{path} exists; choose another file name, or add --force to "
                           f"overwrite it")
-    if path.is_dir():
-        raise NasoptError(f"{path} is a folder; give a file name ending in .csv or .json")
+    return path
+
+
+def write_table(study: optuna.Study, path: str | Path, force: bool = False) -> Path:
+    """Write every trial to ``path`` (.csv or .json: a list of flat records), atomically."""
+    path = check_out_file(path, (".csv", ".json"), force)
     frame = export_table(study)
     if path.suffix.lower() == ".csv":
         text = frame.to_csv(index=False)

@@ -308,12 +308,11 @@ def measure_export(folder: str | Path, profile: Profile, spaces) -> tuple[Timing
     """Latency of an export folder: its ``model.onnx`` / ``model.int8.onnx`` for the profile's
     data type when present, else its model loaded with ``nasopt.load`` and exported now.
     Returns the timing and what was timed."""
+    from .export import read_card
+    from .space import space_from_description
     folder = Path(folder)
-    card_file = folder / "model.json"
-    if not card_file.exists():
-        raise NasoptError(f"{folder} is not a nasopt export (no model.json)")
-    card = json.loads(card_file.read_text())
-    input_shape = tuple(card["space"]["input_shape"])
+    card = read_card(folder)
+    input_shape = tuple(space_from_description(card["space"], spaces).input_shape)
     file = folder / (onnx_export.INT8_FILE if profile.dtype == "int8" else onnx_export.FP32_FILE)
     if file.exists():
         return measure_onnx(file, input_shape, profile), file.name

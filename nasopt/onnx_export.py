@@ -150,7 +150,13 @@ def session(model: bytes | str | Path, threads: int = 1, optimize: bool = True):
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 3
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own errors: a damaged or foreign file
+        if isinstance(model, bytes) or type(exc).__module__.split(".")[0] != "onnxruntime":
+            raise
+        raise NasoptError(f"{model} is not an ONNX graph ONNX Runtime can load "
+                          f"({str(exc).splitlines()[0][:160]}); export the model again") from None
 
 
 def run(sess: Any, x: Tensor | np.ndarray, batch: int = 256) -> np.ndarray:

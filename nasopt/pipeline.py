@@ -76,6 +76,13 @@ class DistillStep(DistillConfig):
             raise NasoptError(f"distill.init must be inherit or scratch, got {self.init!r}")
         if not self.enabled and self.init == "scratch":
             raise NasoptError("distill.init = 'scratch' needs distill.enabled = true")
+        if self.enabled and not self.teachers:  # checked before the search, not after it
+            raise NasoptError("distill.teachers is empty; name at least one (\"largest\", a "
+                              "TorchScript file or a nasopt export), or set distill.enabled = "
+                              "false")
+        if self.teacher_weights and len(self.teacher_weights) != len(self.teachers):
+            raise NasoptError(f"distill.teacher_weights has {len(self.teacher_weights)} values "
+                              f"for {len(self.teachers)} teachers; give one per teacher")
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,9 @@ class ExportStep:
     formats: tuple[str, ...] = EXPORT_FORMATS
 
     def __post_init__(self) -> None:
+        if not self.out.strip():  # "" would be the working directory itself
+            raise NasoptError("export.out is empty; name the folder to write, e.g. "
+                              "out = \"results/model\"")
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]
         if bad or not self.formats:
             raise NasoptError(f"export.formats: unknown {bad}; choose from "

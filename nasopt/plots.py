@@ -147,12 +147,9 @@ def render(study: optuna.Study, kind: str, setting: inspection.HvSetting | None 
 
 
 def save(study: optuna.Study, kind: str, out: str | Path,
-         setting: inspection.HvSetting | None = None) -> Path:
-    """Write the plot ``kind`` of ``study`` to the PNG file ``out`` (atomically)."""
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise NasoptError(f"cannot write {out}: plots are PNG files; give a name ending in .png")
-    if out.is_dir():
-        raise NasoptError(f"{out} is a folder; give a file name ending in .png")
+         setting: inspection.HvSetting | None = None, force: bool = False) -> Path:
+    """Write the plot ``kind`` of ``study`` to the PNG file ``out`` (atomically; an existing
+    file only with ``force``)."""
+    out = inspection.check_out_file(out, (".png",), force)
     atomic_write_bytes(out, render(study, kind, setting))
     return out

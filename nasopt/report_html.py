@@ -148,13 +148,9 @@ def render(study: optuna.Study, storage_url: str) -> str:
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write(study: optuna.Study, storage_url: str, out: str | Path) -> Path:
-    """Write the report of ``study`` to ``out`` (an .html file), atomically."""
-    out = Path(out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise NasoptError(f"cannot write {out}: the report is an HTML file; give a name ending "
-                          f"in .html")
-    if out.is_dir():
-        raise NasoptError(f"{out} is a folder; give a file name ending in .html")
+def write(study: optuna.Study, storage_url: str, out: str | Path, force: bool = False) -> Path:
+    """Write the report of ``study`` to ``out`` (an .html file), atomically; an existing file
+    only with ``force``."""
+    out = inspection.check_out_file(out, (".html", ".htm"), force)
     atomic_write_bytes(out, render(study, storage_url).encode("utf-8"))
     return out

@@ -205,15 +205,32 @@ def parse_restrictions(items: Sequence[str]) -> dict[str, list[str]]:
         if not sep or not gene.strip():
             raise NasoptError(f"bad restriction {item!r}; write it as GENE=OPT[,OPT...], "
                               f"e.g. s1.k=3,5")
+        if gene.strip() in out:  # the last one would win in silence
+            raise NasoptError(f"gene {gene.strip()!r} is restricted twice ({item!r} and an "
+                              f"earlier one); give all its options once, e.g. "
+                              f"{gene.strip()}=A,B")
         out[gene.strip()] = [v.strip() for v in values.split(",") if v.strip()]
     return out
 
 
 def space_from_description(desc: Mapping[str, Any],
                            spaces: Mapping[str, type[SearchSpace]]) -> SearchSpace:
-    """Rebuild a (sub-)space from :meth:`SearchSpace.describe` output."""
+    """Rebuild a (sub-)space from :meth:`SearchSpace.describe` output (as a model card or a
+    study records it); a damaged description is one clear error."""
+    if not isinstance(desc, Mapping):
+        raise NasoptError(f"the space description is {type(desc).__name__}, not a table of "
+                          f"name, input_shape, num_classes and genes; the file is damaged")
     name = desc.get("name")
     if name not in spaces:
         raise NasoptError(f"unknown space {name!r}; known: {', '.join(spaces)}")
-    return spaces[name](desc["input_shape"], desc["num_classes"], desc["genes"],
-                        desc.get("compression", True))
+    shape, classes, genes = desc.get("input_shape"), desc.get("num_classes"), desc.get("genes")
+    if (not isinstance(shape, (list, tuple)) or not shape
+            or not all(isinstance(d, int) and d > 0 for d in shape)):
+        raise NasoptError(f"space {name!r}: input_shape {shape!r} is not a list of positive "
+                          f"integers; the file is damaged")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+        raise NasoptError(f"space {name!r}: num_classes {classes!r} is not an integer of 2 or "
+                          f"more; the file is damaged")
+    if genes is not None and not isinstance(genes, Mapping):
+        raise NasoptError(f"space {name!r}: genes {genes!r} is not a table; the file is damaged")
+    return spaces[name](shape, classes, genes, desc.get("compression", True))

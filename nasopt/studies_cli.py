@@ -41,6 +41,7 @@ def add_parsers(ssub: argparse._SubParsersAction, add_storage: AddOptions,
                    "hypervolume: over trials, per strategy; importance: fANOVA importance of "
                    "each gene for accuracy")
     q.add_argument("--out", required=True, help="the PNG file to write")
+    q.add_argument("--force", action="store_true", help="overwrite the file if it exists")
     _add_hv(q)
     add_storage(q)
 
@@ -55,6 +56,7 @@ def add_parsers(ssub: argparse._SubParsersAction, add_storage: AddOptions,
                         "embedded plots, commands)")
     q.add_argument("study")
     q.add_argument("--out", required=True, help="the HTML file to write")
+    q.add_argument("--force", action="store_true", help="overwrite the file if it exists")
     add_storage(q)
 
 
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace, storage) -> int:  # noqa: ANN001
         from . import plots
         setting = (inspection.hv_setting([study], args.hv_cost, args.hv_reference)
                    if args.kind != "importance" else None)
-        out = plots.save(study, args.kind, args.out, setting)
+        out = plots.save(study, args.kind, args.out, setting, args.force)
         if args.kind == "importance":
             what = (f"fANOVA importance of each gene for accuracy, seed "
                     f"{inspection.IMPORTANCE_SEED}")
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace, storage) -> int:  # noqa: ANN001
         return 0
     if args.studies_command == "report":
         from . import report_html
-        out = report_html.write(study, url, args.out)
+        out = report_html.write(study, url, args.out, args.force)
         print(f"wrote {out} (self-contained HTML report of {study.study_name})")
         return 0
     raise NasoptError(f"unknown studies command {args.studies_command!r}")

@@ -29,6 +29,9 @@ class TrainingDiverged(NasoptError):
     """The loss became NaN or infinite."""
 
 
+#: inputs larger than this make a diverged training point at the inputs, not the learning rate
+INPUT_SCALE_WARN = 1e4
+
 def minibatches(x: Tensor, y: Tensor, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Shuffled minibatches whose order depends only on ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -71,9 +74,12 @@ def fit(params: list[nn.Parameter], loss_fn: LossFn, x: Tensor, y: Tensor, cfg: 
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(xb, yb)
                 if not torch.isfinite(loss):
+                    scale = x.abs().max().item()
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} in epoch {epoch}; lower the learning rate "
-                        f"(currently {cfg.lr})")
+                        f"loss became {loss.item()} in epoch {epoch}; "
+                        + (f"the inputs reach {scale:.3g}: scale them first (e.g. to [0, 1] or "
+                           f"standardized)" if scale > INPUT_SCALE_WARN else
+                           f"lower the learning rate (currently {cfg.lr})"))
                 loss.backward()
                 opt.step()
                 sched.step()

@@ -68,6 +68,60 @@ def make_files(root: Path) -> None:
     optuna.create_study(study_name="foreign", storage=storage)
     (root / "out").mkdir()
     (root / "out" / "keep.txt").write_text("do not touch")
+    # data files, one fault each
+    ok_x = rng.normal(size=(100, 40)).astype("float32")
+    ok_y = np.arange(100) % 10
+    np.savez(root / "empty.npz", x=np.zeros((0, 40), "float32"), y=np.zeros(0, int))
+    np.savez(root / "complex.npz", x=ok_x + 1j, y=ok_y)
+    np.savez(root / "huge_label.npz", x=ok_x, y=np.r_[ok_y[:-1], 3_000_000_000])
+    np.savez(root / "negative_label.npz", x=ok_x, y=ok_y - 1)
+    np.savez(root / "fractional_label.npz", x=ok_x, y=ok_y + 0.5)
+    np.savez(root / "huge_x.npz", x=ok_x.astype("float64") * 1e300, y=ok_y)
+    np.savez(root / "no_y.npz", x=ok_x)
+    np.savez(root / "half_test.npz", x=ok_x, y=ok_y, x_test=ok_x)
+    np.savez(root / "test_shape.npz", x=ok_x, y=ok_y, x_test=ok_x[:, :20], y_test=ok_y)
+    (root / "not_an.npz").write_bytes(b"plain text, not a zip archive")
+    (root / "header_only.csv").write_text("a,b,label\n")
+    (root / "text_cells.csv").write_text("a,b,label\n1,x,0\n2,3,1\n")
+    (root / "no_label.csv").write_text("a,b,class\n1,2,0\n2,3,1\n")
+    # configs
+    (root / "section_number.toml").write_text("search = 5\n")
+    (root / "no_teachers.toml").write_text("[distill]\nteachers = []\n")
+    (root / "empty_out.toml").write_text("[export]\nout = \"\"\n")
+    (root / "weights.toml").write_text("[distill]\nteachers = [\"largest\"]\n"
+                                       "teacher_weights = [0.5, 0.5]\n")
+    (root / "escape.toml").write_text('name = "x/../../../../tmp/ESCAPED"\n')
+    # export folders with a damaged model card or model file
+    for name, card in (("card_list", []), ("card_no_space", {"files": {}}),
+                       ("card_classes", {"space": {**space.describe(), "num_classes": -3}})):
+        folder = root / name
+        folder.mkdir()
+        (folder / "arch.json").write_text(arch.to_json() + "\n")
+        (folder / "model.json").write_text(json.dumps(card))
+        (folder / "model.packed").write_bytes(data)
+    flipped = root / "flipped_export"
+    flipped.mkdir()
+    for f in ("arch.json", "model.json"):
+        (flipped / f).write_bytes((export / f).read_bytes())
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0x10
+    (flipped / "model.packed").write_bytes(bytes(damaged))
+    not_onnx = root / "not_onnx_export"
+    not_onnx.mkdir()
+    (not_onnx / "arch.json").write_text(arch.to_json() + "\n")
+    (not_onnx / "model.json").write_text(json.dumps({"space": space.describe(),
+                                                     "files": {"onnx": "model.onnx"}}))
+    (not_onnx / "model.onnx").write_bytes(b"this is not an ONNX graph")
+    extra = root / "extra_gene_student"
+    extra.mkdir()
+    (extra / "arch.json").write_text(json.dumps({**arch, "s9.k": 3}))
+    (extra / "student.json").write_bytes((student / "student.json").read_bytes())
+    (extra / "student.pt").write_bytes(b"never read: the arch is refused first")
+    # finished inspection files that a second command must not overwrite
+    (root / "plot.png").write_bytes(b"a finished plot")
+    (root / "report.html").write_text("a finished report")
+    (root / "trials.csv").write_text("a finished table")
+    (root / "a_file").write_text("a file, not a folder")
 
 
 CLOSED_PG = f"postgresql://nasopt:{PASSWORD}@127.0.0.1:9/nasopt"
@@ -104,7 +158,7 @@ CASES = [
     ("corrupt checkpoint", ["finetune", "--from", "corrupt_student", "--out", "out"],
      "is corrupt or not a nasopt checkpoint"),
     ("truncated packed file", ["finetune", "--from", "truncated_export", "--dataset", "mnist1d",
-                               "--out", "out"], "truncated"),
+                               "--out", "new_out"], "packed file is damaged"),
     ("export of a FAILED trial", ["export", "s", "--trial", "0", "--out", "out"],
      "is FAIL, not COMPLETE"),
     ("export of a missing trial", ["export", "s", "--trial", "7", "--out", "out"],
@@ -119,6 +173,100 @@ CASES = [
      "journal storage needs a file path"),
     ("heartbeat of zero seconds", [*SEARCH_TABLE, "--heartbeat", "0"],
      "at least 1 second"),
+    # data files
+    ("data file without samples", ["search", "--dataset", "empty.npz", *QUICK],
+     "holds no samples"),
+    ("complex-valued x", ["search", "--dataset", "complex.npz", *QUICK], "complex numbers"),
+    ("one huge label (nothing sized by it first)", ["search", "--dataset", "huge_label.npz",
+                                                    *QUICK], "labels must be the integers 0..K-1"),
+    ("negative labels", ["search", "--dataset", "negative_label.npz", *QUICK],
+     "labels must be the integers 0..K-1"),
+    ("fractional labels", ["search", "--dataset", "fractional_label.npz", *QUICK],
+     "labels must be integers"),
+    ("x beyond float32", ["search", "--dataset", "huge_x.npz", *QUICK], "beyond float32"),
+    ("npz without y", ["search", "--dataset", "no_y.npz", *QUICK], "arrays named 'x' and 'y'"),
+    ("x_test without y_test", ["search", "--dataset", "half_test.npz", *QUICK],
+     "give both x_test and y_test"),
+    ("x_test of another shape", ["search", "--dataset", "test_shape.npz", *QUICK],
+     "x_test samples are shaped"),
+    ("npz that is not an npz", ["search", "--dataset", "not_an.npz", *QUICK],
+     "not a readable .npz file"),
+    ("CSV with a header only", ["search", "--dataset", "header_only.csv", *QUICK],
+     "holds no samples"),
+    ("CSV with text cells", ["search", "--dataset", "text_cells.csv", *QUICK],
+     "must be numeric"),
+    ("CSV without the label column", ["search", "--dataset", "no_label.csv", *QUICK],
+     "has no label column 'label'"),
+    ("missing data file", ["search", "--dataset", "nope.npz", *QUICK], "does not exist"),
+    # configs and options
+    ("a section given as a number", ["search", "--config", "section_number.toml", *QUICK],
+     "config key 'search' must be a section"),
+    ("negative search seed", [*SEARCH_TABLE, "--seed", "-1"], "search.seed must be 0 or more"),
+    ("negative trials", [*SEARCH_TABLE, "--trials", "-3"], "search.trials must be 0 or more"),
+    ("negative data seed", [*SEARCH_TABLE, "--set", "data.seed=-2"], "data.seed must be 0"),
+    ("negative supernet seed", ["search", "--set", "supernet.seed=-1", *QUICK],
+     "must not be negative"),
+    ("zero supernet batch size", ["search", "--set", "supernet.batch_size=0", *QUICK],
+     "supernet.batch_size must be positive"),
+    ("validation fraction above 1", ["search", "--set", "data.val_fraction=1.5", *QUICK],
+     "val_fraction and test_fraction must lie strictly between 0 and 1"),
+    ("zero gradient epochs", ["search", "--set", "gradient.epochs=0", *QUICK],
+     "gradient.epochs must be positive"),
+    ("study name of 300 bytes", [*SEARCH_TABLE, "--study", "n" * 300], "is too long"),
+    ("a gene restricted twice", [*SEARCH_TABLE, "--restrict", "e1_0=none", "--restrict",
+                                 "e1_0=skip_connect"], "restricted twice"),
+    ("unknown space", ["search", "--space", "resnet50", *QUICK], "unknown space"),
+    ("missing config file", ["search", "--config", "nope.toml", *QUICK], "does not exist"),
+    ("run config without teachers", ["run", "no_teachers.toml", "--quiet"],
+     "distill.teachers is empty"),
+    ("run config writing into the working folder", ["run", "empty_out.toml", "--quiet"],
+     "export.out is empty"),
+    ("teacher weights that do not match", ["run", "weights.toml", "--quiet"],
+     "teacher_weights has 2 values for 1 teachers"),
+    ("hardware profile escaping its folder", ["hw", "profile", "--hardware", "escape.toml",
+                                              "--space", "conv1d", "--run-dir", "runs"],
+     "is not a plain name"),
+    ("unknown hardware profile", [*SEARCH_TABLE, "--hardware", "cpu-ortt"],
+     "did you mean 'cpu-ort'"),
+    # storages
+    ("in-memory SQLite", [*SEARCH_TABLE, "--storage", "sqlite://"], "in-memory SQLite"),
+    ("in-memory SQLite, three slashes", [*SEARCH_TABLE, "--storage", "sqlite:///"],
+     "in-memory SQLite"),
+    ("in-memory SQLite by name", [*SEARCH_TABLE, "--storage", "sqlite:///:memory:"],
+     "in-memory SQLite"),
+    ("journal path that is a folder", [*SEARCH_TABLE, "--storage", "journal:///out"],
+     "journal storage needs a file path"),
+    ("read-only command on a missing database", ["studies", "list", "--storage",
+                                                 "sqlite:///nope.db"], "no study database"),
+    ("report into a path under a file", ["studies", "report", "s", "--out",
+                                         "a_file/report.html"], "a file stands where a folder"),
+    ("password-bearing URL with an empty user", ["studies", "list", "--storage",
+                                                 f"postgresql://:{PASSWORD}@127.0.0.1:9/x"],
+     "postgresql://:***@127.0.0.1:9/x"),
+    # artifacts
+    ("model card that is a list", ["finetune", "--from", "card_list", "--dataset", "mnist1d",
+                                   "--out", "new_out"], "model.json"),
+    ("model card without a space", ["finetune", "--from", "card_no_space", "--dataset",
+                                    "mnist1d", "--out", "new_out"], "model.json"),
+    ("model card with -3 classes", ["finetune", "--from", "card_classes", "--dataset",
+                                    "mnist1d", "--out", "new_out"], "num_classes -3"),
+    ("packed file with a flipped bit", ["finetune", "--from", "flipped_export", "--dataset",
+                                        "mnist1d", "--out", "new_out"],
+     "checksum does not match"),
+    ("ONNX file that is not ONNX", ["hw", "measure", "--export", "not_onnx_export",
+                                    "--hardware", "cpu-ort"], "model.onnx"),
+    ("arch file with a gene the space lacks", ["finetune", "--from", "extra_gene_student",
+                                               "--out", "new_out"],
+     "unknown gene(s) ['s9.k']"),
+    # finished files of the inspection commands
+    ("plot over an existing file", ["studies", "plot", "s", "--kind", "pareto", "--out",
+                                    "plot.png"], "plot.png exists"),
+    ("report over an existing file", ["studies", "report", "s", "--out", "report.html"],
+     "report.html exists"),
+    ("table over an existing file", ["studies", "export", "s", "--to", "trials.csv"],
+     "trials.csv exists"),
+    ("plot with the wrong suffix", ["studies", "plot", "s", "--kind", "pareto", "--out",
+                                    "plot.jpg"], "ending in .png"),
 ]
 
 
@@ -153,7 +301,7 @@ def test_bad_input(root, monkeypatch, capsys, argv, message):
 
 
 def test_the_table_has_enough_cases():
-    assert len(CASES) >= 15
+    assert len(CASES) >= 80 - len(__import__("test_cli_errors").CASES)
 
 
 @pytest.mark.parametrize("text, hidden", [
