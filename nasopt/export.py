@@ -35,6 +35,8 @@ left there are replaced or removed (:func:`replace_artifacts`), every other file
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -132,20 +134,95 @@ def check_out(out: str | Path, force: bool = False, option: str = "--out") -> Pa
 def replace_artifacts(out: Path, files: Mapping[str, bytes], record: str) -> list[str]:
     """Make ``files`` (name: bytes) the nasopt files of the folder ``out``; returns their names.
 
-    The commit records go first, then every other nasopt file not in ``files``; then ``files``
-    are written (each atomically), ``record`` last. A process killed midway leaves a folder with
-    no record, which ``load`` and ``finetune --from`` refuse, never one mixing two models. Files
-    that are not :data:`ARTIFACTS` are left alone."""
+    The new files are written (each fsynced) into a hidden sibling folder first: a full disk
+    fails there and leaves ``out`` as it was. Then the swap is made of renames, which need no
+    space: the old nasopt files go to another hidden sibling (the commit record first), the
+    new ones come in (``record`` last), and the old ones are deleted. A failure midway puts the
+    old files back; a process killed midway leaves the old files in their sibling folder, and
+    the next command on ``out`` puts them back (:func:`recover`). Files that are not
+    :data:`ARTIFACTS` are left alone."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in (*RECORDS, *ARTIFACTS):
-        if name not in files or name in RECORDS:
+    recover(out)
+    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{NEW}"))
+    try:
+        for name, data in files.items():
+            checkpoint.atomic_write_bytes(staged / name, data)
+        swap_in(out, staged, record)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return sorted(files)
+
+
+#: the hidden siblings of an output folder ``out``: ``.out.new-*`` (files being written or
+#: verified) and ``.out.old-*`` (the files a swap took out, until it is done)
+NEW, OLD = "new-", "old-"
+
+
+def swap_in(out: Path, staged: Path, record: str) -> None:
+    """Move the files of the folder ``staged`` (beside ``out``, same file system) into ``out`` as
+    its nasopt files, by renames (see :func:`replace_artifacts`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{OLD}"))
+    taken: list[str] = []
+    placed: list[str] = []
+    done = False
+    try:
+        for name in (*RECORDS, *ARTIFACTS):  # the commit records first: no half-old export
+            if (out / name).exists() or (out / name).is_symlink():
+                (out / name).replace(old / name)
+                taken.append(name)
+        for name in sorted((p.name for p in staged.iterdir()), key=lambda n: n == record):
+            (staged / name).replace(out / name)
+            placed.append(name)
+        _fsync_dir(out)
+        done = True
+    except BaseException:
+        for name in placed:  # back to the export that was there
             (out / name).unlink(missing_ok=True)
-        for stale in out.glob(f".{name}.*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-    names = sorted(files, key=lambda n: n == record)
-    for name in names:
-        checkpoint.atomic_write_bytes(out / name, files[name])
-    return sorted(names)
+        for name in sorted(taken, key=lambda n: n in RECORDS):
+            (old / name).replace(out / name)
+        raise
+    finally:
+        if done or not any(old.iterdir()):  # never while it holds the only old copy
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(out: Path) -> None:
+    """Clean up after a process killed while writing into ``out``: an unfinished swap's old
+    files go back when ``out`` has lost its commit record, and hidden working folders
+    (``.out.new-*``, ``.out.old-*``) and temp files go."""
+    if not out.parent.is_dir():
+        return
+    for sibling in sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")):
+        if not sibling.is_dir() or sibling.is_symlink():
+            continue
+        kept = [p.name for p in sibling.iterdir()] if sibling.name.startswith(
+            f".{out.name}.{OLD}") else []
+        if kept and not any((out / r).exists() for r in RECORDS) and any(
+                n in RECORDS for n in kept):
+            for name in (*ARTIFACTS,):
+                if name not in RECORDS:
+                    (out / name).unlink(missing_ok=True)
+            for name in sorted(kept, key=lambda n: n in RECORDS):
+                (sibling / name).replace(out / name)
+        shutil.rmtree(sibling, ignore_errors=True)
+    if out.is_dir():
+        for name in ARTIFACTS:
+            for stale in out.glob(f".{name}.*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def loaders(out: Path) -> list[str]:
@@ -182,9 +259,10 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
                           f"{', '.join(ALL_FORMATS)}")
     out = check_out(out, force=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # write and verify in a temporary folder next to ``out``; only a verified export replaces
+    recover(out)
+    # write and verify in a hidden folder next to ``out``; only a verified export replaces
     # what was there (files of formats not written this time are removed, never left stale)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp_name:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.{NEW}") as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "arch.json").write_text(arch.to_json() + "\n")
         files = {}
@@ -213,11 +291,11 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
                 continue  # verified by onnx_export.write in ONNX Runtime, on raw samples
             _verify(deployed, load(tmp / name if fmt == "packed" else tmp, spaces), space, name,
                     preprocess)
-        # model.json is the export's commit record: removed first, replaced last, so a process
-        # killed between two files leaves a folder `load` refuses (no model.json), never one
-        # that loads the weights of the previous export under this arch.json
-        replace_artifacts(out, {name: (tmp / name).read_bytes() for name in EXPORT_FILES
-                                if (tmp / name).exists()}, "model.json")
+        # the verified files come in by renames, model.json (the commit record) last; the old
+        # export stays whole until they are all in (see replace_artifacts)
+        for extra in [p for p in tmp.iterdir() if p.name not in EXPORT_FILES]:
+            extra.unlink()
+        swap_in(out, tmp, "model.json")
     return out
 
 

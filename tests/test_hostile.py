@@ -251,3 +251,93 @@ def test_the_html_report_quotes_a_study_name_for_the_shell(tmp_path, capsys):
     show = next(line for line in text.splitlines() if "nasopt studies show" in line)
     show = show[show.index("nasopt studies show"):]
     assert shlex.split(show)[3] == name  # one argument, no command separator
+
+
+# ---- output folders: only a whole new export replaces the old one ------------------------------
+def old_export(folder):
+    folder.mkdir()
+    for name in ("model.json", "arch.json", "weights.pt", "model.packed"):
+        (folder / name).write_bytes(b"old " + name.encode())
+    (folder / "notes.txt").write_text("the user's")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+NEW = {"model.json": b"new card", "arch.json": b"new arch", "weights.pt": b"new weights"}
+
+
+def test_replacing_an_export_swaps_whole_and_keeps_the_users_files(tmp_path):
+    from nasopt.export import replace_artifacts
+    out = tmp_path / "m"
+    before = old_export(out)
+    assert replace_artifacts(out, NEW, "model.json") == sorted(NEW)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        **NEW, "notes.txt": before["notes.txt"]}  # the old model.packed is gone: one model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no working folder left
+
+
+def test_a_full_disk_while_writing_the_new_export_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    from nasopt import checkpoint
+    from nasopt.export import replace_artifacts
+    out = tmp_path / "m"
+    before = old_export(out)
+    real, calls = checkpoint.atomic_write_bytes, []
+
+    def write(path, data):  # noqa: ANN001, ANN202 - the second file hits a full disk
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", write)
+    with pytest.raises(OSError):
+        replace_artifacts(out, NEW, "model.json")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_failed_swap_puts_the_old_export_back(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from nasopt.export import replace_artifacts
+    out = tmp_path / "m"
+    before = old_export(out)
+    real, moved = Path.replace, []
+
+    def replace(self, target):  # noqa: ANN001, ANN202 - the sixth rename fails
+        moved.append(self)
+        if len(moved) == 6:
+            raise OSError(5, "Input/output error", str(self))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(OSError):
+        replace_artifacts(out, NEW, "model.json")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_swap_killed_midway_is_undone_by_the_next_command(tmp_path):
+    from nasopt.export import recover
+    out = tmp_path / "m"
+    before = old_export(out)
+    # what a kill -9 between the renames leaves: the old record and files in .m.old-*, half the
+    # new files in m, the rest in .m.new-*
+    old, new = tmp_path / ".m.old-x1", tmp_path / ".m.new-x2"
+    old.mkdir(), new.mkdir()
+    for name in ("model.json", "arch.json", "weights.pt", "model.packed"):
+        (out / name).replace(old / name)
+    (out / "arch.json").write_bytes(b"new arch")
+    (new / "weights.pt").write_bytes(b"new weights")
+    (tmp_path / ".m.new-x3").mkdir()  # an export killed while writing its files
+    recover(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    # a swap killed after its last rename (the new record in): the new export stays
+    (tmp_path / ".m.old-x4").mkdir()
+    (tmp_path / ".m.old-x4" / "model.json").write_bytes(b"older")
+    recover(out)
+    assert (out / "model.json").read_bytes() == before["model.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

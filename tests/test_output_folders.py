@@ -304,3 +304,23 @@ def test_load_of_a_file_in_an_export_folder_suggests_the_folder(root):
         assert str(info.value) == (f"{ft / name} is a file of the export folder {ft}; load the "
                                    f"folder: nasopt.load({str(ft)!r})")
     api.load(ft / "model.packed")  # the packed file itself loads
+
+
+def test_a_full_disk_during_export_force_keeps_the_previous_export(root, tmp_path, capsys,
+                                                                   monkeypatch):
+    import errno
+
+    from nasopt import packed
+    folder = user_folder(root, tmp_path, "ft")
+    before = snapshot(folder)
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(packed, "pack", full)  # the new export's packed file cannot be written
+    code, _, err = nasopt(capsys, "export", STUDY, "--trial", "1", "--out", folder, "--force",
+                          "--run-dir", root / "runs")
+    assert code == 2
+    one_error(err, "the disk is full")
+    assert snapshot(folder) == before  # the fine-tuned export, whole, and the user's notes
+    assert names(tmp_path) == ["ft_copy"]  # no hidden working folder left beside it
