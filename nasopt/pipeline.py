@@ -253,7 +253,8 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         timings[name] = round(now - t, 2)
         t = now
 
-    out = check_out(cfg.export.out, force, "export.out")
+    # a run of this same config that was interrupted while exporting may go on over its files
+    out = check_out(cfg.export.out, force or _unfinished_by(cfg), "export.out")
     if cfg.threads < 0:
         raise NasoptError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     if cfg.threads:
@@ -301,6 +302,8 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
                       "nasopt run: fine-tuned (QAT) from the inherited weights",
             "weights": "distilled, fine-tuned" if d.enabled else "fine-tuned"}
     model = model.cpu()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / UNFINISHED).write_text(_config_digest(cfg) + "\n")  # until the card is written
     export_model(model, stored, arch, space, out,
                  info, api.SPACES, [f for f in formats if f in ("pytorch", "packed")],
                  preprocess=data.preprocess)
@@ -353,7 +356,27 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     (out / "REPORT.md").write_text(report_markdown(card))
     card["files"] = sorted(p.name for p in out.iterdir() if p.name in ARTIFACTS)
     (out / "metrics.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / UNFINISHED).unlink(missing_ok=True)
     return RunResult(out, number, card)
+
+
+#: a hidden file in ``export.out`` while `nasopt run` writes it: the digest of the run's config,
+#: so that the same command re-run after an interruption goes on over its own files
+UNFINISHED = ".nasopt-run-unfinished"
+
+
+def _config_digest(cfg: RunConfig) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _unfinished_by(cfg: RunConfig) -> bool:
+    """Whether ``export.out`` holds the unfinished export of a run of this same config."""
+    marker = Path(cfg.export.out) / UNFINISHED
+    try:
+        return marker.read_text().strip() == _config_digest(cfg)
+    except OSError:
+        return False
 
 
 def _export_onnx(model: nn.Module, out: Path, space, data: Dataset, formats: Sequence[str],  # noqa: ANN001

@@ -324,3 +324,29 @@ def test_a_full_disk_during_export_force_keeps_the_previous_export(root, tmp_pat
     one_error(err, "the disk is full")
     assert snapshot(folder) == before  # the fine-tuned export, whole, and the user's notes
     assert names(tmp_path) == ["ft_copy"]  # no hidden working folder left beside it
+
+
+def test_run_goes_on_over_the_export_it_left_unfinished(root, tmp_path, capsys, monkeypatch):
+    """The same `nasopt run` command, re-run after an interruption in its export step, goes on
+    without --force; another config (or a finished run's folder) is still refused."""
+    from nasopt import pipeline
+    folder = tmp_path / "model"
+    config = tmp_path / "tiny.toml"
+    config.write_text(RUN_CONFIG.format(run=root / "runs", out=folder))
+    real = pipeline._export_onnx
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - after the model files
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_export_onnx", killed)
+    code, _, err = nasopt(capsys, "run", config, "--quiet")
+    assert code == 130 and (folder / "model.json").exists()
+    assert not (folder / "metrics.json").exists()
+    monkeypatch.setattr(pipeline, "_export_onnx", real)
+    code, _, err = nasopt(capsys, "run", config, "--quiet", "--set", "finetune.epochs=2")
+    assert code == 2 and "already holds files" in err  # not the interrupted run's config
+    code, out, err = nasopt(capsys, "run", config, "--quiet")
+    assert code == 0, err
+    assert (folder / "metrics.json").exists() and not (folder / pipeline.UNFINISHED).exists()
+    code, _, err = nasopt(capsys, "run", config, "--quiet")
+    assert code == 2 and "already holds files" in err  # finished: never replaced silently
