@@ -36,7 +36,7 @@ from .packed import VERSION as PACKED_VERSION
 from .search import run_search
 from .space import SearchSpace, space_from_description
 from .strategy import attach_run_folder
-from .supernet import Supernet, train_supernet
+from .supernet import Supernet, load_weights, train_supernet
 from .tabular import TabularEvaluator, table_name
 
 __all__ = ["Config", "load_config", "search", "open_storage", "studies", "open_study", "pareto",
@@ -326,7 +326,7 @@ def rebuild(study: optuna.Study, device: str = "cpu") -> tuple[Evaluator, Datase
                           f"missing; re-run the same `nasopt search` command to retrain it")
     from . import checkpoint
     supernet = Supernet(space).to(device)
-    supernet.net.load_state_dict(checkpoint.load(path, device)["net"])
+    load_weights(supernet, checkpoint.load(path, device), path)
     data = data.to(device)
     return Evaluator(space, supernet.eval(), data, setup["eval"]["calib_samples"]), data
 

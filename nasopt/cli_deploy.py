@@ -86,10 +86,21 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
+def _positive_int(text: str) -> int:
+    """An option that must be a whole number of at least 1 (argparse names the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_training(p: argparse.ArgumentParser, epochs: int, lr: float, patience: int) -> None:
     p.add_argument("--epochs", type=int, default=epochs, help=f"maximum epochs ({epochs})")
     p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate, cosine ({lr})")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--patience", type=int, default=patience,
                    help=f"early stopping on validation accuracy ({patience})")
     p.add_argument("--seed", type=int, default=0)

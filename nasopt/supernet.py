@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .arch import Value
+from .errors import NasoptError
 
 if TYPE_CHECKING:
     from .config import SupernetConfig
@@ -253,6 +254,24 @@ def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, tempera
     return loss
 
 
+def load_weights(supernet: "Supernet", state: Any, path: Path,
+                 needs: tuple[str, ...] = ()) -> None:
+    """Load the checkpoint ``state`` (read from ``path``) into ``supernet``; a checkpoint of
+    another space or shape, or one missing ``needs`` (a partial one's optimizer state), is one
+    error that says to delete it (it is retrained or resumed from scratch)."""
+    fix = f"delete {path} and re-run the same command to train it again"
+    if not isinstance(state, dict) or "net" not in state or any(k not in state for k in needs):
+        missing = [k for k in ("net", *needs) if not isinstance(state, dict) or k not in state]
+        raise NasoptError(f"checkpoint {path} is not a whole nasopt supernet checkpoint (no "
+                          f"{', '.join(missing)}); {fix}")
+    try:
+        supernet.net.load_state_dict(state["net"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        detail = str(exc).strip().splitlines()[0][:160]
+        raise NasoptError(f"checkpoint {path} does not fit the supernet of {supernet.space.name} "
+                          f"({detail}); {fix}") from None
+
+
 def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any) -> str:
     """Hash of everything the trained supernet depends on: the (sub-)space, the data, the recipe."""
     payload = json.dumps({"space": space.architecture_space().describe(), "data": data_fingerprint,
@@ -295,14 +314,14 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
 
     state = read(final)
     if state is not None:
-        supernet.net.load_state_dict(state["net"])
+        load_weights(supernet, state, final)
         log(f"reusing trained supernet {final}")
         return supernet.eval(), final
 
     start, resume = 0, None
     state = read(partial)
     if state is not None:
-        supernet.net.load_state_dict(state["net"])
+        load_weights(supernet, state, partial, ("epoch", "optimizer", "scheduler"))
         start, resume = state["epoch"] + 1, state
         log(f"resuming supernet training at epoch {start + 1} from {partial}")
     elif main:

@@ -81,10 +81,18 @@ def load_table(path: Path, metric: str) -> dict[str, float]:
         raise NasoptError(f"table {path} has no column {metric!r}; choose one of its columns "
                           f"with --table-metric COLUMN (its columns: {columns})")
     values = pd.to_numeric(frame[metric], errors="coerce")
+    text = frame[metric][values.isna() & frame[metric].notna()]
+    if len(text):  # an empty cell is a missing value; a word is a mistake
+        raise NasoptError(f"column {metric!r} of table {path} holds text ({text.iloc[0]!r} in "
+                          f"row {text.index[0] + 2}); give numbers (accuracy in percent), or "
+                          f"leave the cell empty for a missing value")
     known = values.dropna()
     if known.empty or (known < 0).any() or (known > 100).any():
         raise NasoptError(f"column {metric!r} of table {path} must hold accuracies in percent "
                           f"(numbers from 0 to 100); choose another with --table-metric COLUMN")
+    if known.max() <= 1:  # 0.94 for 94 %: every trial would score under 1 %
+        raise NasoptError(f"column {metric!r} of table {path} holds fractions (at most "
+                          f"{known.max():g}), not percent; multiply it by 100")
     archs = frame["arch"].astype(str).str.strip()
     repeated = archs[archs.duplicated()]
     if len(repeated):

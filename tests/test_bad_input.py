@@ -122,6 +122,12 @@ def make_files(root: Path) -> None:
     (root / "report.html").write_text("a finished report")
     (root / "trials.csv").write_text("a finished table")
     (root / "a_file").write_text("a file, not a folder")
+    # tables: fractions instead of percent, a word among the numbers
+    rows = [("|none~0|+|none~0|none~1|+|none~0|none~1|none~2|", "0.1")]
+    (root / "fractions.csv").write_text("arch,cifar10_test_acc\n" + "".join(
+        f"{a},{v}\n" for a, v in rows))
+    (root / "words.csv").write_text("arch,cifar10_test_acc\n" + "".join(
+        f"{a},high\n" for a, _ in rows))
 
 
 CLOSED_PG = f"postgresql://nasopt:{PASSWORD}@127.0.0.1:9/nasopt"
@@ -228,6 +234,10 @@ CASES = [
      "is not a plain name"),
     ("unknown hardware profile", [*SEARCH_TABLE, "--hardware", "cpu-ortt"],
      "did you mean 'cpu-ort'"),
+    ("table in fractions, not percent", ["search", "--space", "nb201", "--table",
+                                         "fractions.csv", "--quiet"], "holds fractions"),
+    ("table with a word among the numbers", ["search", "--space", "nb201", "--table",
+                                             "words.csv", "--quiet"], "holds text ('high'"),
     # storages
     ("in-memory SQLite", [*SEARCH_TABLE, "--storage", "sqlite://"], "in-memory SQLite"),
     ("in-memory SQLite, three slashes", [*SEARCH_TABLE, "--storage", "sqlite:///"],

@@ -341,3 +341,31 @@ def test_a_swap_killed_midway_is_undone_by_the_next_command(tmp_path):
     recover(out)
     assert (out / "model.json").read_bytes() == before["model.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_supernet_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys):
+    """A valid torch file of the wrong shape where the supernet is cached, or a partial
+    checkpoint without its optimizer state: one line that says to delete it."""
+    import torch
+    run = ["search", "--space", "conv1d", "--dataset", "mnist1d", "--trials", "1", "--quiet",
+           "--set", "supernet.epochs=1", "--set", "supernet.warmup_epochs=1", "--run-dir",
+           str(tmp_path)]
+    assert nasopt(capsys, *run)[0] == 0
+    final = next((tmp_path / "supernets").glob("conv1d-*.pt"))
+    torch.save({"net": {"stem.weight": torch.zeros(3, 3)}}, final)
+    code, _, err = nasopt(capsys, *run)
+    assert code == 2 and "does not fit the supernet of conv1d" in err and str(final) in err
+    assert err.count("\n") == 1
+    final.unlink()
+    partial = final.with_name(final.name.replace(".pt", ".partial.pt"))
+    torch.save({"net": {}, "epoch": 0}, partial)
+    code, _, err = nasopt(capsys, *run)
+    assert code == 2 and "not a whole nasopt supernet checkpoint (no optimizer, scheduler)" in err
+
+
+def test_a_batch_size_below_one_is_refused_by_the_option(capsys):
+    for command in (["finetune", "--from", "x"], ["distill", "s", "--trial", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*command, "--out", "y", "--batch-size", "-4"])
+        assert exc.value.code == 2
+        assert "--batch-size: must be at least 1, got -4" in capsys.readouterr().err
