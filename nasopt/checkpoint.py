@@ -46,8 +46,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save(obj: Any, path: Path) -> None:
     """``torch.save`` atomically, as :func:`atomic_write_bytes` writes bytes (fsync, rename)."""
+    import io
+
     import torch  # here, not at import: the read-only commands use this module without torch
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    # serialized in memory first: torch's own writer reports a full disk as a RuntimeError,
+    # a plain write as the OSError (ENOSPC) every command turns into one clear line
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> Any:

@@ -267,8 +267,8 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
         (tmp / "arch.json").write_text(arch.to_json() + "\n")
         files = {}
         if "pytorch" in formats:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                       tmp / "weights.pt")
+            checkpoint.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                            tmp / "weights.pt")
             files["pytorch"] = "weights.pt"
         if "packed" in formats:
             (tmp / "model.packed").write_bytes(packed.pack(space, arch, stored))

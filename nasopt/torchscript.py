@@ -8,6 +8,7 @@ The exports pass their model behind the dataset's preprocessing
 takes raw samples, as the other model files of the folder."""
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,9 @@ def write(model: nn.Module, path: str | Path, input_shape: Sequence[int]) -> Pat
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, torch.randn((4, *input_shape), generator=g))
     tmp = path.with_name(path.name + ".tmp")
-    torch.jit.save(traced, str(tmp))
+    buf = io.BytesIO()  # a plain write reports a full disk as OSError (torch's writer does not)
+    torch.jit.save(traced, buf)
+    tmp.write_bytes(buf.getvalue())
     loaded = torch.jit.load(str(tmp))
     x = torch.randn((7, *input_shape), generator=g)
     diff = (model(x) - loaded(x)).abs().max().item()

@@ -349,7 +349,8 @@ POINTS: dict[str, tuple[str, Callable[[int], None]]] = {
     "between-trials": ("after trial N is told COMPLETE, before the next ask",
                        lambda n: _at_call(workers, "wait_for_room", n)),
     "final-print": ("while printing the Pareto front (every trial done)", _final_print),
-    "export-write": ("`nasopt export` while replacing the N-th file of the export folder",
+    "export-write": ("`nasopt export` while moving the N-th new file into the export folder "
+                     "(the swap of renames)",
                      lambda n: _mid_write(n, lambda p: not p.name.startswith(".")
                                           and p.parent.name == "export")),
 }

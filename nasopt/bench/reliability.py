@@ -1,4 +1,4 @@
-"""``nasopt bench reliability``: operating searches (issue 7), measured with real processes.
+"""``nasopt bench reliability``: operating searches, measured with real processes.
 
 1. Kill matrix: ``nasopt search`` on a tiny conv1d/MNIST-1D sub-space, SIGKILLed at named points
    (supernet training, each step of a trial, between trials, config write, final print, export)
@@ -10,6 +10,7 @@
 3. Bad input: the CASES of tests/test_bad_input.py through the CLI, one subprocess each.
 4. Distributed: a 2-process torchrun supernet training: identical weights on both ranks.
 5. Atomic writes: truncated copies of a real checkpoint never load.
+6. Disk faults: a torn journal record, a full disk during a search and during an export.
 
 Parts 1 and 2 live in :mod:`.reliability_kill` and :mod:`.reliability_workers`.
 
@@ -38,10 +39,11 @@ from . import crash
 from .crash import TINY
 from .report import cell, machine, table
 
+from .reliability_faults import faults_section
 from .reliability_kill import kill_section, reference_run
 from .reliability_workers import workers_section
 
-PARTS = ("kill", "workers", "bad-input", "distributed", "atomic")
+PARTS = ("kill", "workers", "bad-input", "distributed", "atomic", "faults")
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -57,7 +59,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    "each several-worker search (default 40)")
     q.add_argument("--postgres", default=os.environ.get("NASOPT_TEST_POSTGRES"),
                    help="PostgreSQL URL for the worker part (default: $NASOPT_TEST_POSTGRES; "
-                   "`source .ci/postgres.sh` starts a throw-away server)")
+                   "`source .ci/postgres.sh` starts a temporary server)")
     q.add_argument("--seed", type=int, default=0, help="seed of the random kill times")
     q.add_argument("--work-dir", help="keep the run folders here (default: a temp folder, "
                    "removed at the end)")
@@ -94,6 +96,8 @@ def run(args: argparse.Namespace) -> Path:
             sections.append(distributed_section(work / "ddp", log))
         if "atomic" in parts:
             sections.append(atomic_section(work / "atomic", reference, log))
+        if "faults" in parts:
+            sections.append(faults_section(work / "faults", log))
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> Path:
         shown = f"NASOPT_TEST_POSTGRES={mask_url(args.postgres)} {shown}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     text = "\n\n".join([
-        "# Reliability: resume after SIGKILL, several workers, bad input (issue 7)",
+        "# Reliability: resume after SIGKILL, several workers, bad input, disk faults",
         f"Command: `{shown}`  \nMachine: {machine()}; this run (and every process it started) "
         f"was allowed {cores} CPU core(s); total {time.monotonic() - t0:.0f} s; load average "
         f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (the machine is shared: "
@@ -245,9 +249,11 @@ Where: `nasopt/checkpoint.py`. `save` (supernet checkpoints, per epoch and final
 `torch.save` to a temp file in the same folder, fsyncs it, then `os.replace`s the target;
 `atomic_write_bytes` (export files, packed files, the run config, REINFORCE controller state,
 LUTs, plots, reports) does the same with bytes. Exports are first written and verified in a
-temp folder, then each file is replaced atomically, `model.json` (the commit record) removed
-first and written last, so a folder killed between two files has none and is refused by
-`nasopt.load` (the export rows of section 1). A reader therefore sees the old file or the new one, never half of one —
+hidden sibling folder, then swapped in by renames: the old files (the commit record `model.json`
+first) move to another hidden sibling, the new ones move in (`model.json` last), the old ones
+are deleted. A folder killed midway has no `model.json` and is refused by `nasopt.load` (the
+export rows of section 1), and the next command on it puts the old export back before its own
+swap; a full disk fails before the swap (section 6). A reader therefore sees the old file or the new one, never half of one —
 the `checkpoint-write` and `final-write` rows of section 1 kill in the middle of that write and
 the re-run resumed from the previous checkpoint. And a file that is cut short anyway (copied
 half, disk full) is refused with a clear message, never half-loaded: `checkpoint.load` on
