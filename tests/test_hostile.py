@@ -182,28 +182,6 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 POSTGRES = __import__("os").environ.get("NASOPT_TEST_POSTGRES")
 
-TINY_RUN = """
-run_dir = "{run}"
-[data]
-dataset = "mnist1d"
-[supernet]
-epochs = 1
-warmup_epochs = 1
-n_random = 1
-[search]
-space = "conv1d"
-strategy = "random"
-trials = 3
-study = "{study}"
-restrict = {{ "s1.depth" = [1], "s2.depth" = [1], "s3.depth" = [1], "s1.width" = [8], "s2.width" = [8], "s3.width" = [8] }}
-[distill]
-epochs = 1
-[finetune]
-epochs = 1
-[export]
-out = "{out}"
-formats = ["pytorch", "packed"]
-"""
 
 
 @pytest.mark.skipif(not POSTGRES and not __import__("os").environ.get("NASOPT_REQUIRE_POSTGRES"),
@@ -217,9 +195,10 @@ def test_no_storage_password_in_anything_a_run_or_a_finetune_writes_or_prints(tm
     assert password
     study = f"secret-{uuid.uuid4().hex[:8]}"
     config = tmp_path / "run.toml"
-    config.write_text(TINY_RUN.format(run=tmp_path / "run", out=tmp_path / "model", study=study))
+    from test_output_folders import RUN_CONFIG  # a tiny pipeline
+    config.write_text(RUN_CONFIG.format(run=tmp_path / "run", out=tmp_path / "model"))
     code, out, err = nasopt(capsys, "run", str(config), "--set",
-                            f'search.storage="{POSTGRES}"')
+                            f'search.storage="{POSTGRES}"', "--set", f'search.study="{study}"')
     assert code == 0, err
     code, out2, err2 = nasopt(capsys, "finetune", "--study", study, "--trial", "0", "--storage",
                               POSTGRES, "--out", str(tmp_path / "tuned"), "--epochs", "1",
