@@ -369,7 +369,11 @@ def export(study: optuna.Study, trial: int | str, out: str | Path,
     out = _export.check_out(out, force)  # before any work
     evaluator, data = rebuild(study)
     arch = evaluator.space.validate(t.params)
-    recorded = t.user_attrs.get("metrics", {})
+    recorded = dict(t.user_attrs.get("metrics", {}))
+    if (_study.setup_of(study).get("packed_format", 1) != PACKED_VERSION
+            and recorded.get("compressed_bytes") is not None):  # sized without the checksum
+        from .packed import CHECKSUM_BYTES
+        recorded["compressed_bytes"] += CHECKSUM_BYTES
     again = evaluator(arch)
     if (again.compressed_bytes != recorded.get("compressed_bytes")
             or abs(again.accuracy - recorded.get("accuracy", -1)) > 1e-9):

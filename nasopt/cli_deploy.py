@@ -32,7 +32,9 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                        "`nasopt finetune --from`.")
     p.add_argument("study", help="the study (its data split and supernet are used)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trial", type=int, help="trial number whose arch to train")
+    src.add_argument("--trial", type=_trial_arg, metavar="N|best",
+                     help="trial number whose arch to train, or best: the most accurate "
+                     "feasible trial")
     src.add_argument("--arch", help="an arch.json of the study's space")
     p.add_argument("--init", choices=("inherit", "scratch"), default="inherit")
     p.add_argument("--teacher", action="append", metavar="SPEC",
@@ -62,7 +64,9 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     src.add_argument("--from", dest="source", metavar="DIR",
                      help="a student folder (nasopt distill) or an export folder")
     src.add_argument("--study", help="start from a study trial's inherited weights")
-    p.add_argument("--trial", type=int, help="with --study: the trial number")
+    p.add_argument("--trial", type=_trial_arg, metavar="N|best",
+                   help="with --study: the trial number, or best: the most accurate feasible "
+                   "trial")
     p.add_argument("--dataset", help="train on this dataset instead of the source's")
     p.add_argument("--classes", help="keep only these labels, e.g. 5,6,7,8,9 (renumbered 0..k-1)")
     p.add_argument("--fraction", type=float, default=1.0,
@@ -84,6 +88,11 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                    help="override a config value, e.g. --set search.trials=50")
     p.add_argument("--force", action="store_true", help=FORCE_HELP.format("export.out"))
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _trial_arg(text: str) -> int | str:
+    from .cli import _trial_arg as trial_arg  # one definition for export, distill, finetune
+    return trial_arg(text)
 
 
 def _positive_int(text: str) -> int:
@@ -206,7 +215,12 @@ def _study_evaluator(study_name: str, storage: str | None, run_dir: str):  # noq
     return study, evaluator, data
 
 
-def _trial_arch(study, evaluator, trial: int):  # noqa: ANN001, ANN202
+def _trial_arch(study, evaluator, trial: int | str):  # noqa: ANN001, ANN202
+    if trial == "best":  # the most accurate feasible trial, as `nasopt export --trial best`
+        from . import api
+        trial = api.best_trial(study)
+        print(f"picked trial {trial} of {study.study_name}: the most accurate feasible "
+              f"completed trial", file=sys.stderr)
     found = [t for t in study.trials if t.number == trial]
     if not found or found[0].state.name != "COMPLETE":
         raise NasoptError(f"study {study.study_name!r} has no completed trial {trial}; see "

@@ -36,8 +36,8 @@ run nasopt search --space nb201 --table --objectives accuracy,params --max-param
 run nasopt studies list
 run nasopt studies pareto nb201-800k
 run nasopt studies compare nb201-800k nb201-800k-evolution
-run nasopt studies plot nb201-800k --kind pareto --out pareto.png
-run nasopt studies report nb201-800k --out report.html
+run nasopt studies plot nb201-800k --kind pareto --out pareto.png --force
+run nasopt studies report nb201-800k --out report.html --force
 
 # 3. Architecture + compression search of a weight-sharing supernet, packed size <= 4 KB
 run nasopt search --space conv1d --dataset mnist1d --strategy staged --max-size 4KB \

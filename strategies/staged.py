@@ -15,7 +15,7 @@ budget is split in two phases (the search loop tells the sampler its budget thro
    ``SWEEP_MAX`` members (conv1d: 46,656), a share ``SWEEP`` of these children is instead the
    architecture, among *all* those not yet evaluated at the reference compression, that the
    surrogate (below) predicts furthest beyond the front; the forests' predictions for the whole
-   grid are computed once per refit. (Chosen from ad-hoc runs at 1000 evaluations on MNIST-1D,
+   grid are computed once per refit. (Chosen from runs at 1000 evaluations on MNIST-1D,
    the NSGA-II int8 front's points not weakly dominated by the joint front: on the supernet of
    results/compression_mnist1d.md, seeds 0-11, 15 with the sweep vs 23 without, every point on
    3 of 12 seeds either way, hypervolume 0.9259 vs 0.9243; on a second training of that
@@ -37,17 +37,17 @@ budget is split in two phases (the search loop tells the sampler its budget thro
    mutated, so the architecture keeps improving where the front is compressed. The other
    children are compression moves: half of them lower every bit-width one option (8 -> 6 -> 4
    ...: the whole model a step smaller), the others move one or two compression genes to a
-   neighbouring option (bits, sparsity and rank are ordinal). (History, at 1000 evaluations on
+   neighbouring option (bits, sparsity and rank are ordinal). (Measured at 1000 evaluations on
    MNIST-1D: with one compression gene redrawn uniformly the joint front weakly dominated
    60-68 % of the int8 front's points; with the ordinal compression moves alone 76-90 %, the
    misses being int8 archs the shorter architecture phase had not found;
-   results/compression_mnist1d.md has today's figures.)
+   results/compression_mnist1d.md has the current figures.)
 
 **Surrogate screening** (``strategies/surrogate.py``): each child is the best of ``screen``
 (default ``surrogate.SCREEN``) distinct proposals made by the moves above, by the objectives a
 forest fitted to the completed trials predicts (the proposal predicted furthest beyond the
 front; predicted budget breakers last); a share ``EXPLORE`` of children, and the initial random
-ones, skip the screen. (An ad-hoc run at 1000 evaluations on MNIST-1D, seeds 0-2, on the
+ones, skip the screen. (A run at 1000 evaluations on MNIST-1D, seeds 0-2, on the
 supernet of results/compression_mnist1d.md: the joint front's hypervolume 0.924-0.926 with
 screening vs 0.917-0.919 without, and 3 vs 10 points of the NSGA-II int8 front not weakly
 dominated; that file has the bench's figures.)

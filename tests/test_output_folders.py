@@ -350,3 +350,11 @@ def test_run_goes_on_over_the_export_it_left_unfinished(root, tmp_path, capsys, 
     assert (folder / "metrics.json").exists() and not (folder / pipeline.UNFINISHED).exists()
     code, _, err = nasopt(capsys, "run", config, "--quiet")
     assert code == 2 and "already holds files" in err  # finished: never replaced silently
+
+
+def test_finetune_and_distill_take_trial_best(root, tmp_path, capsys):
+    for command, extra in (("finetune", ["--study", STUDY]), ("distill", [STUDY, "--no-teacher"])):
+        code, _, err = nasopt(capsys, command, *extra, "--trial", "best", "--epochs", "1",
+                              "--run-dir", root / "runs", "--out", tmp_path / command)
+        assert code == 0, err
+        assert "picked trial" in err and "the most accurate feasible completed trial" in err

@@ -1,11 +1,11 @@
 """``nasopt bench compression``: the joint architecture + compression search against baselines.
 
 At the same number of evaluations, compares the Pareto fronts (validation accuracy vs packed
-bytes) of the joint search over architecture *and* compression genes against the issue's two
+bytes) of the joint search over architecture *and* compression genes against the two
 baselines: (a) the published MNIST-1D CNN (3 conv layers of 25 channels + linear, 5,210
 parameters) trained with its reference recipe, then uniformly quantized to 8 and 4 bits and
 magnitude-pruned; (b) an architecture-only search (float32 weights), then each arch of its front
-uniformly int8. Also reported, as a stronger comparison than the issue names: an
+uniformly int8. Also reported, as a stronger comparison than the target names: an
 architecture-only search scored at int8 during the search (compression genes fixed to 8 bits, no
 sparsity, full rank). No distillation or fine-tuning: inherited supernet weights only.
 """
@@ -130,9 +130,9 @@ class Search(NamedTuple):
 
 
 #: what each space's front is: the joint search's; the architecture-only search's (float
-#: weights), then each of its front's archs uniformly int8 (the issue's baseline b, what a user
+#: weights), then each of its front's archs uniformly int8 (baseline b, what a user
 #: of an architecture-only NAS tool deploys); the architecture-only search scored at int8 during
-#: the search (int8-aware, a stronger baseline than the issue names)
+#: the search (int8-aware, a stronger baseline than the target's)
 SPACE_NAMES = {"joint": "joint", "float": "arch-only then int8",
                "int8": "int8-aware arch-only"}
 #: the space whose evaluator scores a front member of each space's search (the float search's
@@ -366,9 +366,9 @@ evaluations (seed {first} in the sections up to "Every seed", {args.seeds} seeds
   of its Pareto front is quantized to int8 and evaluated again (at most {front_evaluations} more
   evaluations per search), the baseline's front is the non-dominated set of those int8 models.
   This is what a user of an architecture-only NAS tool (NNI, once-for-all) deploys;
-- a **stronger baseline than the issue names**: architecture-only search *scored at int8 during
+- a **stronger baseline than the target names**: architecture-only search *scored at int8 during
   the search* (compression genes fixed to 8 bits, dense, full rank), by NSGA-II ("int8-aware").
-  Not the issue's target; reported so the joint search's gain is not overstated.
+  Not the target; reported so the joint search's gain is not overstated.
 
 To keep a strategy's own gain from being credited to the joint space, "Every seed" also runs
 both architecture-only searches with the joint strategy (`{joint_strategy}`).
@@ -416,7 +416,7 @@ The same for the reference CNN's points (baseline a):
 
 {table(miss_header, miss_cnn) if miss_cnn else "none"}
 
-The same for the int8-aware architecture-only NSGA-II front (not the issue's baseline):
+The same for the int8-aware architecture-only NSGA-II front (not the target's baseline):
 
 {table(miss_header, miss_int8) if miss_int8 else "none"}
 
@@ -431,9 +431,9 @@ involved):
 | target | value | verdict |
 |---|---|---|
 | joint front dominates both baselines (a: reference CNN; b: architecture-only NSGA-II search, then int8), every seed | {count(target)} (seed {first}: HV joint {hv[joint_label]:.4f} vs b {hv[b_label]:.4f} / a {hv[cnn_label]:.4f}) | {verdict(len(target) == len(seeds))} |
-| (not the issue's rule) no point of either baseline significantly more accurate (paired p < {ALPHA}) than the joint front at its size or less, nor smaller than every joint point, every seed | {count(noise)} | - |
+| (not the target's rule) no point of either baseline significantly more accurate (paired p < {ALPHA}) than the joint front at its size or less, nor smaller than every joint point, every seed | {count(noise)} | - |
 | >= {TARGET_ACC_4KB:.0%} val accuracy at <= 4 KB | {best4 if best4 is None else f"{best4:.4f}"} | {verdict(best4 is not None and best4 >= TARGET_ACC_4KB)} |
-| (not a target: stronger than the issue's baseline b) joint front dominates the reference CNN and the int8-aware architecture-only NSGA-II front, every seed | {count(stronger)} | - |
+| (not a target: stronger than baseline b) joint front dominates the reference CNN and the int8-aware architecture-only NSGA-II front, every seed | {count(stronger)} | - |
 {own_rows}
 ## Joint front
 

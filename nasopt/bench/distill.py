@@ -206,7 +206,7 @@ def _pipeline_part(args: argparse.Namespace, log, load: LoadSampler) -> str:  # 
 
 Not re-run by this command: the times below are those recorded in the model card
 `{args.pipeline_card}` of an earlier `{card['command']}` (fresh run folder: the supernet was
-trained, not reused). Steps: {steps}. The machine has 2 cores and **other sessions were using
+trained, not reused). Steps: {steps}. The machine has 2 cores and **other jobs were using
 them heavily at the same time** (load average 7-10), so this is far above the quiet-machine
 figure; re-run `nasopt bench distill --parts pipeline` on a quiet machine for the real one.
 Picked trial {card['trial']}, packed {card['packed_bytes']} B; test accuracy (%): {accs}.

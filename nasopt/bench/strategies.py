@@ -3,7 +3,7 @@
 Part ``nb201``: NAS-Bench-201 in tabular mode. Every strategy runs ``--trials`` evaluations for
 each of ``--seeds`` seeds, twice: once on accuracy alone (best accuracy found), once on
 (accuracy, params) (best accuracy among the archs within a params budget, the median params of
-the whole space). Accuracy is the table's column as the issue defines it (CIFAR-10 *test*
+the whole space). Accuracy is the table's column, as the benchmark defines it (CIFAR-10 *test*
 accuracy: an oracle setting, as in the NAS-Bench-201 paper's comparisons); no strategy setting
 was tuned on it. Studies live in memory: the benchmark measures the strategies, not the storage.
 """
@@ -171,7 +171,7 @@ Command: `{command}`
 Machine: {machine()}
 
 Table: `{evaluator.path.name}` (all 15,625 cells), column `{evaluator.metric}`: CIFAR-10 **test**
-accuracy after 200 epochs. Searching on it directly is the oracle setting that issue 4 defines for
+accuracy after 200 epochs. Searching on it directly is the oracle setting defined for
 this benchmark (as in NAS-Bench-201's own comparisons); it measures how fast a strategy finds good
 cells, not how well a model generalises. No strategy setting was tuned on this column: every
 strategy runs with the defaults in its module (`nasopt strategies`), fixed before this ran.
@@ -191,7 +191,7 @@ Space: optimum {optimum:.2f} %, mean {space_mean:.2f} %; optimum within the budg
 {table(["strategy", f"best after {args.trials}", "s.e.", "median", "runs that found the optimum",
         "best under budget (acc, params)", "distinct archs", "s per run"], rows)}
 
-## Targets (issue 4)
+## Targets
 
 {table(["target", "wanted", "measured", "verdict"], targets)}
 

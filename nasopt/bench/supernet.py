@@ -32,7 +32,7 @@ THROUGHPUT_ARCHS = 200
 
 def spread_archs(space, n: int, seed: int = 0) -> list:
     if n < 4:
-        raise NasoptError("--archs must be at least 4 (the issue asks for >= 15)")
+        raise NasoptError("--archs must be at least 4 (a rank correlation needs several; the report uses 16)")
     """``n`` distinct archs spread over the space: evenly spaced quantiles of parameter count
     among 2000 random draws, plus the smallest and largest arch."""
     rng = random.Random(seed)
