@@ -147,6 +147,7 @@ def bad_input_section(root: Path, log) -> str:  # noqa: ANN001
         warnings.simplefilter("ignore")
         module.make_files(root)
     rows, passed = [], 0
+    totals = {"clear": 0, "tracebacks": 0, "secrets": 0, "lost": 0}
     for case, argv, message in module.CASES:
         log(f"reliability: bad input: {case}")
         before = module.snapshot(root)
@@ -159,10 +160,15 @@ def bad_input_section(root: Path, log) -> str:  # noqa: ANN001
         errors = err.count("nasopt: error:")
         line = err.strip().splitlines()[0] if err.strip() else "(no message)"
         tb = crash.has_traceback(out, err)
-        leak = module.PASSWORD in out + err
-        ok = (code == 2 and errors == 1 and message in err and not tb and unchanged
-              and all(k.startswith("runs/") for k in new) and not leak)
+        written = any(module.PASSWORD.encode() in (root / k).read_bytes() for k in new)
+        leak = module.PASSWORD in out + err or written
+        clear = code == 2 and errors == 1 and message in err and not tb
+        ok = clear and unchanged and all(k.startswith("runs/") for k in new) and not leak
         passed += ok
+        totals["clear"] += clear
+        totals["tracebacks"] += tb
+        totals["secrets"] += leak
+        totals["lost"] += not unchanged
         rows.append([case, code, cell(line[:150] + ("…" if len(line) > 150 else "")),
                      "yes" if message in err else "**no**", "**yes**" if tb else "no",
                      "yes" if unchanged else "**no**",
@@ -179,6 +185,15 @@ allowed), seconds.
 
 **{passed} of {len(module.CASES)} cases passed** (exit 2, exactly one `nasopt: error:` line
 with the expected text, no traceback, no file changed, no password printed).
+
+| cases | clear one-line errors | tracebacks | secrets printed or written | finished work lost (a file that existed changed) |
+|---|---|---|---|---|
+| {len(module.CASES)} | {totals["clear"]} | {totals["tracebacks"]} | {totals["secrets"]} | {totals["lost"]} |
+
+The storage URLs of these cases carry a password (`{module.PASSWORD[:2]}…`); it is looked for in
+every line printed and in every file a case created. Section 6 adds the disk faults; the
+test suite's tests/test_hostile.py checks everything `nasopt run`, `nasopt finetune` and `studies
+report` write and print for a PostgreSQL password.
 """
 
 
