@@ -249,7 +249,7 @@ def _distill(args: argparse.Namespace) -> int:
         arch = _trial_arch(study, evaluator, args.trial)
     else:
         try:
-            arch = evaluator.space.validate(Arch.load(args.arch))
+            arch = evaluator.space.validate(Arch.load(args.arch), strict=True)
         except (OSError, ValueError) as exc:
             raise NasoptError(f"cannot read arch file {args.arch}: {exc}") from None
     out = check_out(args.out, args.force)
@@ -303,14 +303,14 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
         if (src / STUDENT_CARD).exists():
             card = read_card(src, STUDENT_CARD)
             space = space_from_description(card["space"], api.SPACES)
-            arch = space.validate(Arch.load(src / "arch.json"))
+            arch = space.validate(Arch.load(src / "arch.json"), strict=True)
             model = space.build(arch)
             from . import checkpoint
             model.load_state_dict(checkpoint.load(src / "student.pt"))
         elif (src / "model.json").exists():
             card = read_card(src)
             space = space_from_description(card["space"], api.SPACES)
-            arch = space.validate(Arch.load(src / "arch.json"))
+            arch = space.validate(Arch.load(src / "arch.json"), strict=True)
             # the network itself: it is trained on preprocessed inputs, as the data gives them
             model, deployed = api.load(src, raw_input=False), True
         else:

@@ -129,8 +129,10 @@ class SearchSpace(ABC):
             genes[gene] = tuple(o for o in genes[gene] if o in kept)
         return type(self)(self.input_shape, self.num_classes, genes, self.compression)
 
-    def validate(self, arch: Mapping[str, Value]) -> Arch:
-        """Return ``arch`` as an :class:`Arch` after checking every gene and option."""
+    def validate(self, arch: Mapping[str, Value], strict: bool = False) -> Arch:
+        """Return ``arch`` as an :class:`Arch` after checking every gene and option. CLI strings
+        ("5") are parsed to the options' type; with ``strict`` (an arch read from a file) a
+        value must already have that type."""
         unknown = sorted(set(arch) - set(self.genes))
         if unknown:
             raise NasoptError(f"unknown gene(s) {unknown} for space {self.name!r}; "
@@ -140,6 +142,9 @@ class SearchSpace(ABC):
             raise NasoptError(f"arch lacks gene(s) {missing} of space {self.name!r}")
         values = {}
         for gene, opts in self.genes.items():
+            if strict and isinstance(arch[gene], str) and not isinstance(opts[0], str):
+                raise NasoptError(f"gene {gene!r} is the text {arch[gene]!r}, not a number; "
+                                  f"write it without quotes, e.g. {opts[0]!r}")
             value = self._coerce(gene, arch[gene])
             if value not in opts:
                 raise NasoptError(f"value {arch[gene]!r} is not an option of gene {gene!r} in "

@@ -112,6 +112,11 @@ def make_files(root: Path) -> None:
     (not_onnx / "model.json").write_text(json.dumps({"space": space.describe(),
                                                      "files": {"onnx": "model.onnx"}}))
     (not_onnx / "model.onnx").write_bytes(b"this is not an ONNX graph")
+    quoted = root / "quoted_gene_student"
+    quoted.mkdir()
+    (quoted / "arch.json").write_text(json.dumps({**arch, "s1.width": str(arch["s1.width"])}))
+    (quoted / "student.json").write_bytes((student / "student.json").read_bytes())
+    (quoted / "student.pt").write_bytes(b"never read: the arch is refused first")
     extra = root / "extra_gene_student"
     extra.mkdir()
     (extra / "arch.json").write_text(json.dumps({**arch, "s9.k": 3}))
@@ -268,6 +273,9 @@ CASES = [
     ("arch file with a gene the space lacks", ["finetune", "--from", "extra_gene_student",
                                                "--out", "new_out"],
      "unknown gene(s) ['s9.k']"),
+    ("arch file with a number written as text", ["finetune", "--from", "quoted_gene_student",
+                                                  "--out", "new_out"],
+     "gene 's1.width' is the text"),
     ("export --trial best of a study without a completed trial", ["export", "s", "--trial",
                                                                     "best", "--out", "new_out"],
      "has no completed trial yet"),

@@ -348,3 +348,16 @@ def test_a_batch_size_below_one_is_refused_by_the_option(capsys):
             cli.main([*command, "--out", "y", "--batch-size", "-4"])
         assert exc.value.code == 2
         assert "--batch-size: must be at least 1, got -4" in capsys.readouterr().err
+
+
+def test_a_data_file_with_a_non_ascii_name(tmp_path, capsys):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    path = tmp_path / "dätä🚀.npz"
+    np.savez(path, x=rng.normal(size=(120, 40)).astype("float32"), y=np.arange(120) % 2)
+    code, out, err = nasopt(capsys, "search", "--space", "conv1d", "--dataset", str(path),
+                            "--trials", "1", "--quiet", "--set", "supernet.epochs=1",
+                            "--set", "supernet.warmup_epochs=1", "--run-dir",
+                            str(tmp_path / "runs"))
+    assert code == 0, err
+    assert "study 'conv1d-dätä🚀.npz': 1 completed trials" in out
