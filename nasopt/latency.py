@@ -38,7 +38,6 @@ look-up table's validation reports this as drift (:mod:`nasopt.lut`).
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any

@@ -74,7 +74,7 @@ def test_a_failed_pipeline_keeps_the_finished_ones_in_the_report(tmp_path, capsy
     args = parser.parse_args(["--seeds", "1", *compare, "--run-root", str(tmp_path / "runs"),
                               "--out", str(out), *TINY])
     targets = [headline.TARGETS["mnist1d"],
-               headline.Target("broken", str(broken), 1, 0.0, 1, ())]
+               headline.Target("broken", str(broken), 1, 0.0, 1, (), "none")]
     with pytest.raises(NasoptError, match=r"1 pipeline\(s\) failed \(broken seed 0;.*"
                                           "has the finished ones"):
         headline._report(targets, args, lambda s: None, time.perf_counter())
