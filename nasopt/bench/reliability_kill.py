@@ -233,8 +233,8 @@ def _json_ok(path: Path) -> str:
 
 
 def export_row(folder: Path, reference: dict[str, Any], rep: int) -> dict[str, Any]:
-    """`nasopt export` of trial B over an export of trial A, killed while replacing its 3rd
-    file; which trial each file belongs to, what ``nasopt.load`` does with the folder, the re-run.
+    """`nasopt export` of trial B over an export of trial A, killed while moving its 3rd new
+    file into the folder; which trial each file belongs to, what ``nasopt.load`` does with the folder, the re-run.
     """
     from .. import api
     shutil.copytree(reference["folder"] / "runs", folder / "runs")
@@ -393,9 +393,11 @@ re-run waits for it only once the other slots are filled, which sets its wall ti
 
 ### Kill during `nasopt export`
 
-`nasopt export {STUDY} --trial A --out export`, then the same for trial B killed while replacing
-the 3rd file of the folder (`export-write:3`), then `nasopt export` of B again. Which trial each
-file belongs to (by content), and what `nasopt.load` does with the folder after the kill:
+`nasopt export {STUDY} --trial A --out export`, then the same for trial B killed while its verified
+files move into the folder, at the 3rd (`export-write:3`: A's files are already set aside, B's
+`model.json` comes last), then `nasopt export` of B again, which first puts A's export back and
+then makes its own swap. Which trial each file belongs to (by content), and what `nasopt.load`
+does with the folder after the kill:
 
 {table(["rep", "exports", "folder after the kill", "nasopt.load after the kill", "re-run", "problems"], erows)}
 """
