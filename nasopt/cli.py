@@ -413,6 +413,10 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
     print(f"study {study.study_name!r}: {len(completed(study))} completed trials "
           f"({outcome.new_trials} run now, {failed} failed in all); storage "
           f"{mask_url(cfg.search.storage or 'sqlite:///' + cfg.run_dir + '/studies.db')}")
+    if outcome.new_trials == 0 and len(completed(study)) > cfg.search.trials:
+        print(f"nasopt: note: the study already holds {len(completed(study))} completed trials, "
+              f"more than --trials {cfg.search.trials}: nothing to run; --trials is the total "
+              f"the study should hold, so raise it to search more", file=sys.stderr)
     front = api.pareto(study)
     if front.empty and len(completed(study)):
         from .study import closest_trial

@@ -144,15 +144,10 @@ def _takes_preprocessed(scripted: nn.Module, path: Path) -> nn.Module:
     """``scripted`` as a teacher: a nasopt export's ``model.ts`` (its folder's ``model.json``
     records the preprocessing it applies inside) is wrapped in :class:`FromPreprocessed`; any
     other TorchScript file is taken as it is (it must take the inputs training feeds)."""
-    import json
-    card_file = path.parent / "model.json"
-    if path.name != "model.ts" or not card_file.exists():
+    if path.name != "model.ts" or not (path.parent / "model.json").exists():
         return scripted
-    from .export import preprocess_of_card
-    try:
-        pre = preprocess_of_card(json.loads(card_file.read_text()))
-    except (OSError, ValueError):
-        return scripted
+    from .export import preprocess_of_card, read_card
+    pre = preprocess_of_card(read_card(path.parent))  # the one reader: a damaged card is an error
     return scripted if pre is None or pre.identity else FromPreprocessed(scripted, pre)
 
 

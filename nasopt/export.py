@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -109,9 +110,20 @@ def input_record(space: SearchSpace, preprocess: Preprocess | None) -> dict[str,
 
 
 def preprocess_of_card(card: Mapping[str, Any]) -> Preprocess | None:
-    """The preprocessing an export's model card records (None: not recorded, an older export)."""
-    d = (card.get("input") or {}).get("preprocess")
-    return None if d is None else Preprocess.from_dict(d)
+    """The preprocessing an export's model card records (None: not recorded, an older export);
+    a damaged record is one error."""
+    record = card.get("input") or {}
+    d = record.get("preprocess") if isinstance(record, Mapping) else record
+    if d is None:
+        return None
+    try:
+        pre = Preprocess.from_dict(d)
+    except (AttributeError, TypeError, ValueError):
+        pre = None
+    if pre is None or not (pre.std > 0 and abs(pre.mean) < float("inf")):
+        raise NasoptError(f"model.json: input.preprocess {d!r} is not a record of numbers "
+                          f"mean and std (std > 0); export the model again")
+    return pre
 
 
 def check_out(out: str | Path, force: bool = False, option: str = "--out") -> Path:
@@ -134,16 +146,17 @@ def check_out(out: str | Path, force: bool = False, option: str = "--out") -> Pa
 def replace_artifacts(out: Path, files: Mapping[str, bytes], record: str) -> list[str]:
     """Make ``files`` (name: bytes) the nasopt files of the folder ``out``; returns their names.
 
-    The new files are written (each fsynced) into a hidden sibling folder first: a full disk
-    fails there and leaves ``out`` as it was. Then the swap is made of renames, which need no
-    space: the old nasopt files go to another hidden sibling (the commit record first), the
-    new ones come in (``record`` last), and the old ones are deleted. A failure midway puts the
-    old files back; a process killed midway leaves the old files in their sibling folder, and
-    the next command on ``out`` puts them back (:func:`recover`). Files that are not
+    The new files are written (each fsynced) into a hidden working folder inside ``out``
+    (:func:`working_folder`) first: a full disk fails there and leaves the old files as they
+    were. Then the swap is made of renames within ``out``, which need no space and stay on one
+    file system: the old nasopt files go to another hidden folder (the commit record first),
+    the new ones come in (``record`` last), and the old ones are deleted. A failure midway puts
+    the old files back; a process killed midway leaves them in their hidden folder, and the next
+    command that writes into ``out`` puts them back (:func:`recover`). Files that are not
     :data:`ARTIFACTS` are left alone."""
     out.mkdir(parents=True, exist_ok=True)
     recover(out)
-    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{NEW}"))
+    staged = working_folder(out, NEW)
     try:
         for name, data in files.items():
             checkpoint.atomic_write_bytes(staged / name, data)
@@ -153,16 +166,25 @@ def replace_artifacts(out: Path, files: Mapping[str, bytes], record: str) -> lis
     return sorted(files)
 
 
-#: the hidden siblings of an output folder ``out``: ``.out.new-*`` (files being written or
-#: verified) and ``.out.old-*`` (the files a swap took out, until it is done)
-NEW, OLD = "new-", "old-"
+#: nasopt's hidden working folders inside an output folder: ``.nasopt-new-*`` (files being
+#: written or verified), ``.nasopt-old-*`` (the files a swap took out, until it is done); only
+#: names of exactly this form are ever removed
+NEW, OLD = ".nasopt-new-", ".nasopt-old-"
+_WORKING = re.compile(r"\.nasopt-(new|old)-[A-Za-z0-9_]{8}")
+#: written into an old-files folder once every old file is in it: the swap's second phase began
+TAKEN = ".taken"
+
+
+def working_folder(out: Path, kind: str) -> Path:
+    """A new hidden working folder of ``kind`` (:data:`NEW` or :data:`OLD`) inside ``out``."""
+    return Path(tempfile.mkdtemp(dir=out, prefix=kind))
 
 
 def swap_in(out: Path, staged: Path, record: str) -> None:
-    """Move the files of the folder ``staged`` (beside ``out``, same file system) into ``out`` as
+    """Move the files of the folder ``staged`` (a working folder inside ``out``) into ``out`` as
     its nasopt files, by renames (see :func:`replace_artifacts`)."""
     out.mkdir(parents=True, exist_ok=True)
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{OLD}"))
+    old = working_folder(out, OLD)
     taken: list[str] = []
     placed: list[str] = []
     done = False
@@ -171,6 +193,9 @@ def swap_in(out: Path, staged: Path, record: str) -> None:
             if (out / name).exists() or (out / name).is_symlink():
                 (out / name).replace(old / name)
                 taken.append(name)
+        _fsync_dir(old)
+        (old / TAKEN).write_bytes(b"")  # from here on, a nasopt file in out is a new one
+        _fsync_dir(old)
         for name in sorted((p.name for p in staged.iterdir()), key=lambda n: n == record):
             (staged / name).replace(out / name)
             placed.append(name)
@@ -183,33 +208,48 @@ def swap_in(out: Path, staged: Path, record: str) -> None:
             (old / name).replace(out / name)
         raise
     finally:
-        if done or not any(old.iterdir()):  # never while it holds the only old copy
+        if done or not any(p.name != TAKEN for p in old.iterdir()):  # never the only old copy
             shutil.rmtree(old, ignore_errors=True)
 
 
 def recover(out: Path) -> None:
-    """Clean up after a process killed while writing into ``out``: an unfinished swap's old
-    files go back when ``out`` has lost its commit record, and hidden working folders
-    (``.out.new-*``, ``.out.old-*``) and temp files go."""
-    if not out.parent.is_dir():
+    """Undo what a process killed while writing into ``out`` left: a swap's old files go back
+    unless its new commit record was already in (then they go), and nasopt's working folders
+    and temp files are removed. Another hidden file or folder is never touched.
+
+    An old-files folder without :data:`TAKEN` was killed while taking the old files out: every
+    nasopt file still in ``out`` is old too, so its files simply move back. With :data:`TAKEN`
+    the new files were coming in: without the new record they are removed and the old ones
+    move back; with it the swap is complete."""
+    if not out.is_dir():
         return
-    for sibling in sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")):
-        if not sibling.is_dir() or sibling.is_symlink():
+    for folder in sorted(p for p in out.iterdir() if _WORKING.fullmatch(p.name)):
+        if not folder.is_dir() or folder.is_symlink():
             continue
-        kept = [p.name for p in sibling.iterdir()] if sibling.name.startswith(
-            f".{out.name}.{OLD}") else []
-        if kept and not any((out / r).exists() for r in RECORDS) and any(
-                n in RECORDS for n in kept):
-            for name in (*ARTIFACTS,):
-                if name not in RECORDS:
-                    (out / name).unlink(missing_ok=True)
-            for name in sorted(kept, key=lambda n: n in RECORDS):
-                (sibling / name).replace(out / name)
-        shutil.rmtree(sibling, ignore_errors=True)
-    if out.is_dir():
-        for name in ARTIFACTS:
-            for stale in out.glob(f".{name}.*.tmp"):  # left by a process killed mid-write
-                stale.unlink(missing_ok=True)
+        if folder.name.startswith(OLD):
+            kept = [p.name for p in folder.iterdir() if p.name != TAKEN]
+            taken = (folder / TAKEN).exists()
+            if kept and not (taken and any((out / r).exists() for r in RECORDS)):
+                if taken:  # half the new files are in: they go
+                    for name in ARTIFACTS:
+                        (out / name).unlink(missing_ok=True)
+                for name in sorted(kept, key=lambda n: n in RECORDS):
+                    (folder / name).replace(out / name)
+        shutil.rmtree(folder, ignore_errors=True)
+    for name in ARTIFACTS:
+        for stale in out.glob(f".{name}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+
+
+def stranded(out: Path) -> Path | None:
+    """The hidden folder inside ``out`` holding a previous export that a killed swap took out
+    (what :func:`recover` puts back), if any: for messages of commands that only read."""
+    if not out.is_dir():
+        return None
+    for folder in sorted(p for p in out.iterdir() if _WORKING.fullmatch(p.name)):
+        if folder.name.startswith(OLD) and any(p.name in RECORDS for p in folder.iterdir()):
+            return folder
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -258,11 +298,26 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
         raise NasoptError(f"unknown export format(s) {unknown}; choose from "
                           f"{', '.join(ALL_FORMATS)}")
     out = check_out(out, force=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     recover(out)
-    # write and verify in a hidden folder next to ``out``; only a verified export replaces
-    # what was there (files of formats not written this time are removed, never left stale)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.{NEW}") as tmp_name:
+    try:
+        _export_into(out, model, stored, arch, space, info, spaces, formats, samples,
+                     preprocess)
+    except BaseException:
+        if created and not any(out.iterdir()):  # nothing of this export is left behind
+            out.rmdir()
+        raise
+    return out
+
+
+def _export_into(out: Path, model: nn.Module, stored: list[StoredLayer], arch: Arch,
+                 space: SearchSpace, info: Mapping[str, Any],
+                 spaces: Mapping[str, type[SearchSpace]], formats: Sequence[str],
+                 samples: Sequence[Any] | None, preprocess: Preprocess | None) -> None:
+    # write and verify in a hidden working folder inside ``out``; only a verified export
+    # replaces what was there (files of formats not written this time are removed, never stale)
+    with tempfile.TemporaryDirectory(dir=out, prefix=NEW) as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "arch.json").write_text(arch.to_json() + "\n")
         files = {}
@@ -296,7 +351,6 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
         for extra in [p for p in tmp.iterdir() if p.name not in EXPORT_FILES]:
             extra.unlink()
         swap_in(out, tmp, "model.json")
-    return out
 
 
 def read_card(folder: str | Path, name: str = "model.json") -> dict[str, Any]:
@@ -306,6 +360,12 @@ def read_card(folder: str | Path, name: str = "model.json") -> dict[str, Any]:
     try:
         card = json.loads(file.read_text())
     except FileNotFoundError:
+        kept = stranded(Path(folder))
+        if kept is not None:
+            raise NasoptError(f"{folder} holds no {name}: a command writing into it was "
+                              f"stopped midway; its previous export is kept whole in {kept}, "
+                              f"and the next `nasopt export` / `finetune` / `run` into "
+                              f"{folder} puts it back first") from None
         raise NasoptError(f"{folder} is not a nasopt export (no {name}; an export interrupted "
                           f"while writing leaves none); export one with `nasopt export STUDY "
                           f"--trial N --out DIR`") from None
@@ -318,6 +378,7 @@ def read_card(folder: str | Path, name: str = "model.json") -> dict[str, Any]:
     if not isinstance(files, dict):
         raise NasoptError(f"{file}: 'files' is not a table of format -> file; export the model "
                           f"again")
+    preprocess_of_card(card)  # a damaged preprocessing record fails here, not in a model
     return card
 
 
@@ -365,12 +426,10 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]],
 
 def _card_of_packed(path: Path) -> dict[str, Any] | None:
     """The model card of the export folder holding the packed file ``path``, if any."""
-    card_file = path.parent / "model.json"
-    try:
-        card = json.loads(card_file.read_text()) if card_file.exists() else None
-    except (OSError, ValueError):
+    if not (path.parent / "model.json").exists():
         return None
-    return card if card and card.get("files", {}).get("packed") == path.name else None
+    card = read_card(path.parent)  # a damaged card next to the file is an error, not ignored
+    return card if card.get("files", {}).get("packed") == path.name else None
 
 
 @torch.no_grad()

@@ -176,12 +176,15 @@ def unpack(data: bytes, spaces: Mapping[str, type[SearchSpace]]) -> tuple[nn.Mod
 
 
 def _unpack(data: bytes, spaces: Mapping[str, type[SearchSpace]]) -> tuple[nn.Module, Arch]:
-    space, arch, pos = _read_header(data, spaces)
-    if data[4] >= 2:  # the checksum first: nothing of a damaged file is used
-        data, (crc,) = data[:-CHECKSUM_BYTES], struct.unpack("<I", data[-CHECKSUM_BYTES:])
-        if zlib.crc32(data) != crc:
+    if data[:4] == MAGIC and len(data) > 4 + CHECKSUM_BYTES and data[4] >= 2:
+        # the checksum before anything else is read: nothing of a damaged file is used
+        body, (crc,) = data[:-CHECKSUM_BYTES], struct.unpack("<I", data[-CHECKSUM_BYTES:])
+        if zlib.crc32(body) != crc:
             raise NasoptError("packed file is damaged (its checksum does not match: a changed "
                               "or cut file); export it again")
+    space, arch, pos = _read_header(data, spaces)
+    if data[4] >= 2:
+        data = data[:-CHECKSUM_BYTES]
     policy = Policy.from_arch(arch)
     model = compressed_structure(space.build(arch), policy, space.group_of)
 

@@ -348,7 +348,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
                     **onnx_note},
         "timings_s": {**timings, "total": round(time.perf_counter() - start, 2)},
         "config": cfg.to_dict(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
                    f"torch {torch.__version__}, Python {platform.python_version()}",
     }
     card = mask_secrets(card)  # no storage password in a file (the config, the command)

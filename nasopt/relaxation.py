@@ -327,7 +327,7 @@ def check_space(name: str) -> None:
 
 def relax(space: SearchSpace, supernet: Supernet, sparsity: float | None = None,
           latency: Any = None, sram_dtype: str | None = None) -> nn.Module:
-    """The relaxation of ``space``'s supernet for gradient search (``conv1d`` today), with the
+    """The relaxation of ``space``'s supernet for gradient search (``conv1d``), with the
     expected latency of ``latency`` (a :class:`nasopt.lut.LatencyTable`) and the expected peak
     activation memory at ``sram_dtype`` among its costs."""
     check_space(space.name)

@@ -107,10 +107,13 @@ def restrict_advice(record: Mapping[str, Any]) -> str:
 
 
 def best_trial(study: optuna.Study) -> tuple[int, float] | None:
-    """(number, accuracy) of the completed trial with the best accuracy; None without one."""
-    from .study import completed
+    """(number, accuracy) of the completed trial with the best accuracy among those that meet
+    the budgets (among all when none does, or there are no budgets); None without one."""
+    from .study import completed, is_feasible
+    done = completed(study)
+    feasible = [t for t in done if is_feasible(t)]
     scored = [(t.user_attrs.get("metrics", {}).get("accuracy"), t.number)
-              for t in completed(study)]
+              for t in (feasible or done)]
     scored = [(a, n) for a, n in scored if a is not None]
     if not scored:
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -54,7 +55,9 @@ def resolve_storage(url: str | None, run_dir: str | Path, must_exist: bool = Fal
     """The storage URL to use: ``url``, or an SQLite file in ``run_dir``. Makes the folder of a
     new SQLite or journal file; with ``must_exist`` (read-only commands) it makes nothing and
     raises unless that file exists (a server's URL, e.g. PostgreSQL, is not checked)."""
-    if url is not None and url.split("?", 1)[0] in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
+    if url is not None and url.startswith("sqlite:") and (
+            url.split("?", 1)[0] in ("sqlite://", "sqlite:///") or ":memory:" in url
+            or "mode=memory" in url):
         raise NasoptError(f"storage {url!r} is an in-memory SQLite database: its trials would be "
                           f"lost when the command ends; give a file, e.g. "
                           f"sqlite:///runs/studies.db")
@@ -77,7 +80,7 @@ def resolve_storage(url: str | None, run_dir: str | Path, must_exist: bool = Fal
 def open_existing_storage(url: str | None, run_dir: str | Path) -> optuna.storages.BaseStorage:
     """The storage of earlier searches, for commands that only read it: creates no folder and
     no file (see :func:`resolve_storage` with ``must_exist``)."""
-    return open_storage(resolve_storage(url, run_dir, must_exist=True))
+    return open_storage(resolve_storage(url, run_dir, must_exist=True), read_only=True)
 
 
 JOURNAL = "journal:///"
@@ -93,15 +96,16 @@ def _engine_kwargs(url: str) -> dict:
     return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if url.startswith("sqlite") else {}
 
 
-def open_storage(url: str, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+def open_storage(url: str, heartbeat: int | None = None, read_only: bool = False
+                 ) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``: ``sqlite:///FILE`` (one machine, one writer at a time),
     ``journal:///FILE`` (a journal file: several processes on one machine), or an RDB URL such
     as ``postgresql://user:pass@host/db`` (several machines). RDB storages get Optuna's
     heartbeat (``heartbeat`` seconds, default :data:`nasopt.workers.HEARTBEAT_INTERVAL`), so
     trials of a killed worker are failed and retried (see :mod:`nasopt.workers`)."""
     from . import workers
-    if url.startswith(JOURNAL):
-        return _journal(Path(url[len(JOURNAL):]))
+    if url.startswith(JOURNAL):  # read_only: a torn journal is read as it is, not repaired
+        return _journal(Path(url[len(JOURNAL):]), read_only)
     if "://" not in url:
         raise NasoptError(f"storage {mask_url(url)!r} is not a URL; use e.g. "
                           f"sqlite:///runs/studies.db, journal:///runs/studies.log or "
@@ -141,7 +145,7 @@ CREATE_ATTEMPTS = 6
 _CREATE_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key")
 
 
-def _journal(path: Path) -> optuna.storages.BaseStorage:
+def _journal(path: Path, read_only: bool = False) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
     if not str(path) or path.is_dir():
         raise NasoptError(f"journal storage needs a file path: journal:///path/to/studies.log "
@@ -150,7 +154,11 @@ def _journal(path: Path) -> optuna.storages.BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         # an open(O_EXCL) lock file works on every file system, NFS included
         lock = JournalFileOpenLock(str(path))
-        repair_journal(path, lock)
+        if not read_only:
+            repair_journal(path, lock)
+        elif path.is_file() and path.stat().st_size and not _whole(path):
+            print(f"nasopt: warning: the journal {path} ends in a torn record (read up to it); "
+                  f"the next search on it cuts it off, keeping a copy", file=sys.stderr)
         backend = JournalFileBackend(str(path), lock_obj=lock)
         return optuna.storages.JournalStorage(backend)
     except Exception as exc:
@@ -161,28 +169,29 @@ def _journal(path: Path) -> optuna.storages.BaseStorage:
 def repair_journal(path: Path, lock: Any) -> Path | None:
     """Cut a torn last record off the journal file ``path`` (a full disk or a killed machine
     leaves a partial line; Optuna reads the records before it, but a record appended after it
-    would make the whole journal unreadable). The file is first copied beside itself
-    (``FILE.torn-N``), then cut back to its last complete record, holding the journal's own
-    ``lock`` so that no worker appends meanwhile. Every complete record is kept. Returns the
-    backup's path, or None when the journal was whole."""
-    if not path.is_file() or path.stat().st_size == 0:
+    would make the whole journal unreadable). Every complete record is kept. Returns the
+    backup's path, or None when the journal was whole (then nothing is written or locked).
+
+    The file is first copied beside itself (``FILE.torn-N``, before taking the lock, so a large
+    journal does not hold it for long), then, holding the journal's own ``lock`` so that no
+    worker appends meanwhile, checked again and cut back to its last complete record."""
+    if not path.is_file() or path.stat().st_size == 0 or _whole(path):
         return None
+    n = 1
+    while (backup := path.with_name(f"{path.name}.torn-{n}")).exists():
+        n += 1
+    with open(path, "rb") as src, open(backup, "wb") as copy:
+        shutil.copyfileobj(src, copy, 1 << 20)
+        copy.flush()
+        os.fsync(copy.fileno())
     lock.acquire()
     try:
         with open(path, "rb+") as f:
             size = f.seek(0, 2)
             keep, tail = _last_record_end(f, size)
-            if keep == size:
+            if keep == size:  # another process repaired it meanwhile
+                backup.unlink()
                 return None
-            n = 1
-            while (backup := path.with_name(f"{path.name}.torn-{n}")).exists():
-                n += 1
-            f.seek(0)
-            with open(backup, "wb") as copy:
-                while chunk := f.read(1 << 20):
-                    copy.write(chunk)
-                copy.flush()
-                os.fsync(copy.fileno())
             f.truncate(keep)
             f.flush()
             os.fsync(f.fileno())
@@ -192,6 +201,13 @@ def repair_journal(path: Path, lock: Any) -> Path | None:
           f"{tail[:40]!r}...), cut off; every complete record is kept, the file as it was is "
           f"in {backup}", file=sys.stderr)
     return backup
+
+
+def _whole(path: Path) -> bool:
+    """Whether the journal file ``path`` ends in a whole record (read only)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        return _last_record_end(f, size)[0] == size
 
 
 def _last_record_end(f: Any, size: int) -> tuple[int, bytes]:

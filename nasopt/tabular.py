@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import itertools
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -62,7 +63,11 @@ def fingerprint(path: Path) -> str:
     table refuses another, and a table gzipped or not is the same table."""
     data = path.read_bytes()
     if path.suffix == ".gz":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise NasoptError(f"table {path} is not a readable gzip file ({exc}); give the CSV "
+                              f"again (plain or gzipped) with --table PATH") from None
     return hashlib.sha1(data).hexdigest()[:16]
 
 
@@ -70,7 +75,8 @@ def load_table(path: Path, metric: str) -> dict[str, float]:
     """``arch string -> accuracy as a fraction`` from the CSV ``path`` (column ``metric`` in %)."""
     try:
         frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError,
+            OSError, zlib.error) as exc:
         raise NasoptError(f"table {path} is not a readable CSV ({exc}); give a CSV with an "
                           f"'arch' column and an accuracy column via --table PATH") from None
     columns = ", ".join(map(str, frame.columns))

@@ -33,6 +33,11 @@ def test_a_torn_journal_record_is_cut_off_and_the_study_continues(tmp_path, caps
     whole = journal.read_bytes()
     with open(journal, "ab") as f:  # a full disk tears the last record
         f.write(b'{"op_code":5,"x"')
+    # a command that only reads reads the records before the torn one and changes nothing
+    code, out, err = nasopt(capsys, "studies", "list", "--storage", url)
+    assert code == 0 and "12" in out and "ends in a torn record" in err
+    assert journal.read_bytes() == whole + b'{"op_code":5,"x"'
+    assert not any(p.name.endswith((".lock", ".torn-1")) for p in tmp_path.iterdir())
     code, out, err = nasopt(capsys, "search", *TABLE, *run, "--trials", "15")
     assert code == 0, err
     assert "torn record" in err and "j.log.torn-1" in err
@@ -56,7 +61,9 @@ def test_a_torn_line_with_its_newline_is_cut_too(tmp_path, capsys):
     assert code == 0 and "torn record" in err and "6 completed trials" in out
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:",
+                                 "sqlite:///file::memory:?cache=shared",
+                                 "sqlite:///file:x?mode=memory&uri=true"])
 def test_an_in_memory_sqlite_storage_is_refused(tmp_path, capsys, url):
     code, out, err = nasopt(capsys, "search", *TABLE, "--run-dir", str(tmp_path), "--storage",
                             url, "--trials", "3")
@@ -251,7 +258,7 @@ def test_replacing_an_export_swaps_whole_and_keeps_the_users_files(tmp_path):
     assert replace_artifacts(out, NEW, "model.json") == sorted(NEW)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {
         **NEW, "notes.txt": before["notes.txt"]}  # the old model.packed is gone: one model
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no working folder left
+    # (no working folder left in it: the comparison above lists every entry)
 
 
 def test_a_full_disk_while_writing_the_new_export_keeps_the_old_one(tmp_path, monkeypatch):
@@ -299,27 +306,48 @@ def test_a_failed_swap_puts_the_old_export_back(tmp_path, monkeypatch):
 
 
 def test_a_swap_killed_midway_is_undone_by_the_next_command(tmp_path):
-    from nasopt.export import recover
+    from nasopt.export import TAKEN, recover, stranded
+    from nasopt.export import read_card
+    from nasopt.errors import NasoptError
     out = tmp_path / "m"
     before = old_export(out)
-    # what a kill -9 between the renames leaves: the old record and files in .m.old-*, half the
-    # new files in m, the rest in .m.new-*
-    old, new = tmp_path / ".m.old-x1", tmp_path / ".m.new-x2"
-    old.mkdir(), new.mkdir()
+    user = out / ".nasopt-old-keep"  # hidden folders not of nasopt's exact form are never touched
+    user.mkdir()
+    (user / "model.json").write_text("the user's")
+    # killed while taking the old files out (model.json first): they are in .nasopt-old-*, the
+    # rest still in m, nothing new has come in yet
+    old = out / ".nasopt-old-abcd1234"
+    old.mkdir()
+    (out / "model.json").replace(old / "model.json")
+    (out / "weights.pt").replace(old / "weights.pt")
+    with pytest.raises(NasoptError, match="previous export is kept whole in"):
+        read_card(out)  # a command that only reads says where the export is
+    assert stranded(out) == old
+    recover(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # killed while the new files came in: every old file taken out (TAKEN written), half the
+    # new ones in, the new record not yet
+    old = out / ".nasopt-old-efgh5678"
+    old.mkdir()
     for name in ("model.json", "arch.json", "weights.pt", "model.packed"):
         (out / name).replace(old / name)
+    (old / TAKEN).write_bytes(b"")
     (out / "arch.json").write_bytes(b"new arch")
+    new = out / ".nasopt-new-ijkl9012"
+    new.mkdir()
     (new / "weights.pt").write_bytes(b"new weights")
-    (tmp_path / ".m.new-x3").mkdir()  # an export killed while writing its files
     recover(out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
-    # a swap killed after its last rename (the new record in): the new export stays
-    (tmp_path / ".m.old-x4").mkdir()
-    (tmp_path / ".m.old-x4" / "model.json").write_bytes(b"older")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # killed after the new record came in (only the deletion of the old files was left): the
+    # new export stays
+    old = out / ".nasopt-old-mnop3456"
+    old.mkdir()
+    (old / "model.json").write_bytes(b"older")
+    (old / TAKEN).write_bytes(b"")
     recover(out)
     assert (out / "model.json").read_bytes() == before["model.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [".nasopt-old-keep"]
+    assert (user / "model.json").read_text() == "the user's"
 
 
 def test_a_supernet_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys):

@@ -264,8 +264,8 @@ Where: `nasopt/checkpoint.py`. `save` (supernet checkpoints, per epoch and final
 `torch.save` to a temp file in the same folder, fsyncs it, then `os.replace`s the target;
 `atomic_write_bytes` (export files, packed files, the run config, REINFORCE controller state,
 LUTs, plots, reports) does the same with bytes. Exports are first written and verified in a
-hidden sibling folder, then swapped in by renames: the old files (the commit record `model.json`
-first) move to another hidden sibling, the new ones move in (`model.json` last), the old ones
+hidden working folder inside the export folder, then swapped in by renames: the old files (the
+commit record `model.json` first) move to another hidden folder, the new ones move in (`model.json` last), the old ones
 are deleted. A folder killed midway has no `model.json` and is refused by `nasopt.load` (the
 export rows of section 1), and the next command on it puts the old export back before its own
 swap; a full disk fails before the swap (section 6). A reader therefore sees the old file or the new one, never half of one —

@@ -129,7 +129,7 @@ def faults_section(work: Path, log) -> str:  # noqa: ANN001
                                  "--run-dir", str(run_dir), command="export")
             (disk / "fill").unlink()
             whole = _snapshot(export) == old
-            hidden = [p.name for p in disk.iterdir() if p.name.startswith(".model.")]
+            hidden = [p.name for p in export.iterdir() if p.name.startswith(".nasopt-")]
             ok = (code == 2 and "disk is full" in err and not crash.has_traceback(out, err)
                   and whole and not hidden)
             rows.append(["full disk during `nasopt export --force` over an export", code,

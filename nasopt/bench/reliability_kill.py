@@ -265,7 +265,7 @@ def export_row(folder: Path, reference: dict[str, Any], rep: int) -> dict[str, A
         problems.append(f"re-run: exit {code2}, {after}, {load2}")
     if crash.has_traceback(out1, err1, out2, err2):
         problems.append("traceback")
-    hidden = sorted(p.name for p in folder.iterdir() if p.name.startswith(".export."))
+    hidden = sorted(p.name for p in export.iterdir() if p.name.startswith(".nasopt-"))
     if hidden:
         problems.append(f"working folders left after the re-run: {hidden}")
     return {"rep": rep, "a": a.number, "b": b.number, "holds": holds, "load": load,
