@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from search_spaces import SPACES
+from search_spaces import SPACES as SHIPPED_SPACES
 from strategies import GRADIENT_STRATEGIES, NNI_STRATEGIES, STRATEGIES
 
 from . import export as _export
@@ -35,9 +35,14 @@ from .objectives import Constraint, Objective, get_constraints, get_objectives
 from .packed import VERSION as PACKED_VERSION
 from .search import run_search
 from .space import SearchSpace, space_from_description
+from .space_import import Spaces
 from .strategy import attach_run_folder
 from .supernet import Supernet, load_weights, train_supernet
 from .tabular import TabularEvaluator, table_name
+
+#: every space by name: the shipped ones, installed entry points (group ``nasopt.spaces``) and,
+#: as keys, import specs of a user's own class (``path/file.py:Class``, ``module:Class``)
+SPACES = Spaces(SHIPPED_SPACES)
 
 __all__ = ["Config", "load_config", "search", "open_storage", "studies", "open_study", "pareto",
            "trials", "compare", "importance", "export",

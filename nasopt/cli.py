@@ -51,7 +51,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
                    "search sections are used: the same study and supernet)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set supernet.epochs=20")
-    p.add_argument("--space", help="search space (see `nasopt spaces`)")
+    p.add_argument("--space", help="search space: a name (see `nasopt spaces`), or your own "
+                   "class as path/to/file.py:Class or package.module:Class")
     p.add_argument("--dataset", help="digits, mnist1d, fashion-mnist, or a .npz / .csv path")
     p.add_argument("--strategy", help="search strategy (see `nasopt strategies`)")
     p.add_argument("--trials", type=int, help="total completed trials the study should hold")
@@ -320,9 +321,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(export_summary(out, args))
         return 0
     if args.command == "spaces":
-        for name, cls in api.SPACES.items():
+        for name, cls in api.SPACES.items():  # shipped, then installed (entry points)
             doc = (sys.modules[cls.__module__].__doc__ or "").strip()
-            print(doc.splitlines()[0].replace("``", "") if doc else name)
+            line = doc.splitlines()[0].replace("``", "") if doc else ""
+            print(line if line.startswith(f"{name}:") else f"{name}: {line}".rstrip(": "))
             shape = (1, 40) if cls.input_rank == 2 else (1, 28, 28)
             for gene, opts in cls(shape, 10).genes.items():
                 print(f"  {gene:<12} {list(opts)}")

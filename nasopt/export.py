@@ -398,10 +398,12 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]],
         if path.suffix != ".packed" and (path.parent / "model.json").exists():
             raise NasoptError(f"{path} is a file of the export folder {path.parent}; load the "
                               f"folder: nasopt.load({str(path.parent)!r})")
-        net = packed.read(path, spaces)[0]
-        card = _card_of_packed(path) if raw_input else None
+        folder_card = _card_of_packed(path)
+        net = packed.read(path, _spaces_of(folder_card, spaces))[0]
+        card = folder_card if raw_input else None
         return with_preprocess(net, preprocess_of_card(card)) if card else net
     card = read_card(path)
+    spaces = _spaces_of(card, spaces)
     try:
         arch = Arch.load(path / "arch.json")
     except (OSError, ValueError) as exc:
@@ -422,6 +424,18 @@ def load(path: str | Path, spaces: Mapping[str, type[SearchSpace]],
         raise NasoptError(f"{path}/weights.pt does not match arch.json ({str(exc)[:200]}); "
                           f"export it again") from None
     return wrap(model.eval())
+
+
+def _spaces_of(card: Mapping[str, Any] | None, spaces: Mapping[str, type[SearchSpace]]
+               ) -> Mapping[str, type[SearchSpace]]:
+    """``spaces`` plus the user's space a model card records by import spec (a packed file names
+    its space only by name)."""
+    desc = (card or {}).get("space") or {}
+    if not desc.get("import"):
+        return spaces
+    from .space_import import load_space_class
+    return {**{name: spaces[name] for name in spaces},
+            desc["name"]: load_space_class(str(desc["import"]))}
 
 
 def _card_of_packed(path: Path) -> dict[str, Any] | None:

@@ -87,9 +87,15 @@ class SearchSpace(ABC):
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description, enough to rebuild the space with :func:`space_from_description`."""
-        return {"name": self.name, "input_shape": list(self.input_shape),
+        desc = {"name": self.name, "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "compression": self.compression,
                 "genes": {g: list(opts) for g, opts in self.genes.items()}}
+        spec = type(self).__dict__.get("import_spec")
+        if spec:  # a user's space (nasopt.space_import): how a fresh process finds the class
+            from search_spaces import SPACES as SHIPPED
+            if SHIPPED.get(self.name) is not type(self):
+                desc["import"] = spec
+        return desc
 
     def architecture_space(self) -> "SearchSpace":
         """This (sub-)space without compression genes: what the supernet is built and trained on,
@@ -226,7 +232,12 @@ def space_from_description(desc: Mapping[str, Any],
         raise NasoptError(f"the space description is {type(desc).__name__}, not a table of "
                           f"name, input_shape, num_classes and genes; the file is damaged")
     name = desc.get("name")
-    if name not in spaces:
+    if desc.get("import"):  # a user's space: found by the import spec it recorded
+        from .space_import import load_space_class
+        cls = load_space_class(str(desc["import"]))
+    elif name in spaces:
+        cls = spaces[name]
+    else:
         raise NasoptError(f"unknown space {name!r}; known: {', '.join(spaces)}")
     shape, classes, genes = desc.get("input_shape"), desc.get("num_classes"), desc.get("genes")
     if (not isinstance(shape, (list, tuple)) or not shape
@@ -238,4 +249,4 @@ def space_from_description(desc: Mapping[str, Any],
                           f"more; the file is damaged")
     if genes is not None and not isinstance(genes, Mapping):
         raise NasoptError(f"space {name!r}: genes {genes!r} is not a table; the file is damaged")
-    return spaces[name](shape, classes, genes, desc.get("compression", True))
+    return cls(shape, classes, genes, desc.get("compression", True))
