@@ -126,6 +126,16 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     sub.add_parser("spaces", help="list search spaces and their genes",
                    description="Every search space: its genes and their options (restrict them "
                    "with nasopt search --restrict GENE=OPT[,OPT...]).")
+    p = sub.add_parser("check-space", help="check a search space against the space contract",
+                       description="Run the space contract (nasopt.testing: sampling and "
+                       "restriction, build, extract equals the activated supernet, BN "
+                       "recalibration, packed size and round trip, export and load) on a space "
+                       "and print each rule's result; exit status 1 when a rule fails.")
+    p.add_argument("space", help="a space name, or your class: path/to/file.py:Class or "
+                   "package.module:Class")
+    p.add_argument("--input-shape", metavar="C,L|C,H,W", help="the input of one sample, e.g. "
+                   "1,40 or 1,28,28 (default: by the space's input rank)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     sub.add_parser("strategies", help="list search strategies",
                    description="Every search strategy nasopt search --strategy takes, with what "
                    "it does (nni-* need the optional extra nasopt[nni]).")
@@ -329,6 +339,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             for gene, opts in cls(shape, 10).genes.items():
                 print(f"  {gene:<12} {list(opts)}")
         return 0
+    if args.command == "check-space":
+        return _check_space(args, api)
     if args.command == "strategies":
         for name, strategy in {**api.STRATEGIES, **api.GRADIENT_STRATEGIES,
                                **api.NNI_STRATEGIES}.items():
@@ -372,6 +384,28 @@ def _inspect(args: argparse.Namespace) -> int:
         from . import studies_cli
         return studies_cli.run_dashboard(args)
     raise AssertionError(args.command)
+
+
+def _check_space(args: argparse.Namespace, api) -> int:  # noqa: ANN001
+    from .testing import RULES, check_space
+    if args.space not in api.SPACES:
+        raise NasoptError(f"unknown space {args.space!r}; known: {', '.join(api.SPACES)}, or "
+                          f"path/to/file.py:Class")
+    cls = api.SPACES[args.space]
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(d) for d in args.input_shape.split(","))
+        except ValueError:
+            raise NasoptError(f"--input-shape {args.input_shape!r}: give whole numbers, e.g. "
+                              f"1,40") from None
+    failures = check_space(cls, shape, args.classes)
+    failed = {f.rule: f.message for f in failures}
+    for rule in ("construct", *RULES) if "construct" in failed else RULES:
+        print(f"{rule:<12} {'FAIL: ' + failed[rule] if rule in failed else 'ok'}")
+    print(f"{cls.__name__}: {len(failed)} of the contract's rules failed" if failed else
+          f"{cls.__name__}: every rule of the space contract holds")
+    return 1 if failed else 0
 
 
 def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
