@@ -145,6 +145,7 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
     """
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
         raise NasoptError("val_fraction and test_fraction must lie strictly between 0 and 1")
+    signals = False  # (N, C, L) multi-channel signals rather than (N, H, W) images
     if spec == "digits":
         x, y, xt, yt = _digits()
     elif spec == "mnist1d":
@@ -152,13 +153,13 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
     elif spec == "fashion-mnist":
         x, y, xt, yt = _fashion_mnist()
     elif spec.endswith(".npz"):
-        x, y, xt, yt = _npz(Path(spec))
+        x, y, xt, yt, signals = _npz(Path(spec))
     elif spec.endswith(".csv"):
         x, y, xt, yt = _csv(Path(spec), label_column)
     else:
         raise NasoptError(f"unknown dataset {spec!r}; known: {', '.join(BUILTIN)}, "
                           f"or a path to a .npz or .csv file")
-    x, y = _checked(spec, x, y)
+    x, y = _checked(spec, x, y, signals)
     if not 0 < fraction <= 1:
         raise NasoptError(f"fraction must lie in (0, 1], got {fraction}")
     if classes is not None:
@@ -168,7 +169,7 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
         train_idx, test_idx = _stratified_split(y, test_fraction, rng)
         x, y, xt, yt = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     else:
-        xt, yt = _checked(spec + " (test arrays)", xt, yt)
+        xt, yt = _checked(spec + " (test arrays)", xt, yt, signals)
         if xt.shape[1:] != x.shape[1:]:
             raise NasoptError(f"{spec}: x_test samples are shaped {xt.shape[1:]} but x samples "
                               f"{x.shape[1:]}; give both the same shape")
@@ -284,7 +285,8 @@ def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator):
     return keep_idx, held_idx
 
 
-def _checked(spec: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _checked(spec: str, x: np.ndarray, y: np.ndarray, signals: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2:
         raise NasoptError(f"{spec}: x must hold one sample per row, got shape {x.shape}")
@@ -306,8 +308,8 @@ def _checked(spec: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
         raise NasoptError(f"{spec}: labels must be integers 0..K-1")
     if x.ndim == 2:  # (N, L) signals -> one channel
         x = x[:, None, :]
-    elif x.ndim == 3:  # (N, H, W) images -> one channel
-        x = x[:, None, :, :]
+    elif x.ndim == 3 and not signals:  # (N, H, W) images -> one channel
+        x = x[:, None, :, :]  # (N, C, L) signals (layout='signals') stay as they are
     return x.astype(np.float32), y.astype(np.int64)
 
 
@@ -367,7 +369,15 @@ def _npz(path: Path):
         raise NasoptError(f"{path} must contain arrays named 'x' and 'y' (found {sorted(arrays)})")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise NasoptError(f"{path}: give both x_test and y_test, or neither")
-    return arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test")
+    layout = str(arrays["layout"]) if "layout" in arrays else None
+    if layout not in (None, "signals", "images"):
+        raise NasoptError(f"{path}: layout is {layout!r}; save layout='signals' for x shaped "
+                          f"(N, channels, length) or layout='images' for (N, height, width)")
+    if layout == "signals" and arrays["x"].ndim != 3:
+        raise NasoptError(f"{path}: layout='signals' needs x shaped (N, channels, length), got "
+                          f"{arrays['x'].shape}")
+    return (arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"),
+            layout == "signals")
 
 
 def _csv(path: Path, label_column: str):

@@ -50,7 +50,8 @@ class SearchSpace(ABC):
                 f"space {self.name!r} takes {kind}, but the dataset's samples are shaped "
                 f"{self.input_shape}; choose a space made for this data (see `nasopt spaces`); "
                 f"a data file's x is read as (N, length) one-channel signals, (N, height, width) "
-                f"or (N, channels, height, width) images")
+                f"or (N, channels, height, width) images, and as (N, channels, length) signals "
+                f"when the .npz also holds layout='signals'")
         full = self.full_genes()
         self.genes: Genes = dict(full) if genes is None else self._checked_subset(full, genes)
 

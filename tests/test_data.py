@@ -130,3 +130,26 @@ def test_fashion_mnist_from_the_debian_package():
     d = load_dataset("fashion-mnist")
     assert d.input_shape == (1, 28, 28) and len(d.x_test) == 10000
     assert len(d.x_train) + len(d.x_val) == 60000 and d.num_classes == 10
+
+
+def test_multi_channel_signals_from_a_data_file(tmp_path, capsys):
+    """A 3-axis signal file (N, 3, L) saved with layout='signals' is searched with conv1d; the
+    same array without it is read as images, and a wrong layout is one line."""
+    from nasopt import cli
+    rng = np.random.default_rng(0)
+    y = np.arange(240) % 3
+    x = rng.normal(size=(240, 3, 32)).astype("float32")
+    x[np.arange(240), y, :] += 2.0  # the class is the axis that moves
+    path = tmp_path / "accel.npz"
+    np.savez(path, x=x, y=y, layout="signals")
+    d = load_dataset(str(path))
+    assert d.input_shape == (3, 32)
+    np.savez(tmp_path / "as_images.npz", x=x, y=y)
+    assert load_dataset(str(tmp_path / "as_images.npz")).input_shape == (1, 3, 32)
+    np.savez(tmp_path / "bad.npz", x=x, y=y, layout="sideways")
+    with pytest.raises(NasoptError, match="layout='signals'"):
+        load_dataset(str(tmp_path / "bad.npz"))
+    assert cli.main(["search", "--space", "conv1d", "--dataset", str(path), "--trials", "2",
+                     "--quiet", "--set", "supernet.epochs=1", "--set", "supernet.warmup_epochs=1",
+                     "--run-dir", str(tmp_path / "runs")]) == 0
+    assert "study 'conv1d-accel.npz': 2 completed trials" in capsys.readouterr().out
