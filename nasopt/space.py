@@ -36,14 +36,14 @@ class SearchSpace(ABC):
 
     name: ClassVar[str]
     #: rank of the per-sample input tensor the space accepts (2: (C, L) signals; 3: (C, H, W) images)
-    input_rank: ClassVar[int]
+    input_rank: ClassVar[int | None]  # dims of one sample (2: signals, 3: images; None: any)
 
     def __init__(self, input_shape: Sequence[int], num_classes: int,
                  genes: Mapping[str, Sequence[Value]] | None = None, compression: bool = True):
         self.compression = compression
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
-        if len(self.input_shape) != self.input_rank:
+        if self.input_rank is not None and len(self.input_shape) != self.input_rank:
             kind = {2: "1-D signals shaped (channels, length)",
                     3: "images shaped (channels, height, width)"}[self.input_rank]
             raise NasoptError(

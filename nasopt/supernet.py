@@ -136,10 +136,15 @@ class ElasticBatchNorm2d(_ElasticBatchNorm, nn.BatchNorm2d):
 
 
 class ElasticLinear(nn.Linear):
-    """Linear layer whose input features follow the incoming tensor (a prefix of its columns)."""
+    """Linear layer whose input features follow the incoming tensor (a prefix of its columns)
+    and whose outputs are the first ``active_out`` (None: all), as the elastic convolutions."""
+
+    active_out: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight[:, : x.shape[1]], self.bias)
+        out = self.active_out or self.out_features
+        bias = None if self.bias is None else self.bias[:out]
+        return F.linear(x, self.weight[:out, : x.shape[1]], bias)
 
 
 # ---------------------------------------------------------------------------------------------

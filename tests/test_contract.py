@@ -2,9 +2,12 @@
 class, and `nasopt check-space` on a user's space that breaks a rule."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from nasopt import cli
+from nasopt.space_import import load_space_class
 from nasopt.testing import SpaceContract, check_space
 from search_spaces import SPACES
 
@@ -20,6 +23,12 @@ class TestMobileNet(SpaceContract):
 
 class TestNb201(SpaceContract):
     space_class = SPACES["nb201"]
+
+
+class TestTinyMLPExample(SpaceContract):
+    space_class = load_space_class(str(Path(__file__).resolve().parents[1] / "examples" /
+                                       "tiny_mlp_space.py") + ":TinyMLPSpace")
+    input_shape = (1, 8, 8)
 
 
 def test_every_shipped_space_has_a_contract_test():

@@ -153,3 +153,15 @@ def test_multi_channel_signals_from_a_data_file(tmp_path, capsys):
                      "--quiet", "--set", "supernet.epochs=1", "--set", "supernet.warmup_epochs=1",
                      "--run-dir", str(tmp_path / "runs")]) == 0
     assert "study 'conv1d-accel.npz': 2 completed trials" in capsys.readouterr().out
+
+
+def test_the_accelerometer_example_writes_a_file_conv1d_takes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "accelerometer_signals.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "accel.npz")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    d = load_dataset(str(tmp_path / "accel.npz"))
+    assert d.input_shape == (3, 64) and d.num_classes == 4

@@ -114,3 +114,27 @@ def test_a_space_offered_by_an_installed_package_through_its_entry_point(tmp_pat
                            capture_output=True, text=True, timeout=600)
     assert found.returncode == 0, found.stderr
     assert "study 'tiny-conv1d-mnist1d': 3 completed trials" in found.stdout
+
+
+def test_the_tiny_mlp_example_from_a_folder_outside_the_repository(tmp_path):
+    """examples/tiny_mlp_space.py copied to a folder of its own: searched on digits, exported,
+    loaded in a fresh process (the README's promise for a user's own family)."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp_space.py"
+    (tmp_path / "tiny_mlp_space.py").write_text(example.read_text())
+    search = run(tmp_path, "-m", "nasopt.cli", "search", "--space",
+                 "tiny_mlp_space.py:TinyMLPSpace", "--dataset", "digits", "--trials", "4",
+                 "--quiet", "--set", "supernet.epochs=2", "--set", "supernet.warmup_epochs=1",
+                 "--max-size", "8KB", "--run-dir", "runs")
+    assert search.returncode == 0, search.stderr
+    assert "study 'tiny-mlp-digits': 4 completed trials" in search.stdout
+    export = run(tmp_path, "-m", "nasopt.cli", "export", "tiny-mlp-digits", "--trial", "best",
+                 "--out", "model", "--run-dir", "runs", "--format", "pytorch", "--format",
+                 "packed", "--format", "onnx")
+    assert export.returncode == 0, export.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    load = run(elsewhere, "-c", "import nasopt, torch\n"
+               "from sklearn.datasets import load_digits\n"
+               "x = torch.tensor(load_digits().images[:5], dtype=torch.float32)[:, None]\n"
+               "print(tuple(nasopt.load('../model')(x).shape))")
+    assert load.returncode == 0 and load.stdout.strip() == "(5, 10)", load.stderr
