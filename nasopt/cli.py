@@ -35,7 +35,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     """The ``nasopt`` parser; ``with_bench=False`` leaves out the benchmarks' options (their
     modules import torch), so that ``--help`` and the other commands start quickly."""
     from . import __version__
-    from .cli_deploy import add_out  # --out/--force of every command writing an output folder
+    from .cli_deploy import add_out, trial_arg  # --out/--force, --trial of the output commands
     parser = argparse.ArgumentParser(
         prog="nasopt", epilog=EPILOG,
         description="Neural architecture search with compression objectives.")
@@ -112,7 +112,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a trial's deployed (compressed) model")
     p.add_argument("study")
-    p.add_argument("--trial", type=_trial_arg, required=True, metavar="N|best",
+    p.add_argument("--trial", type=trial_arg, required=True, metavar="N|best",
                    help="trial number, or best: the most accurate feasible completed trial "
                    "(all budgets met)")
     add_out(p, "output folder")
@@ -233,16 +233,6 @@ def _add_bench_parsers(p: argparse.ArgumentParser) -> None:
     add_headline_arguments(q)
     from .cli_hw import add_bench_parser
     add_bench_parser(bsub)
-
-
-def _trial_arg(text: str) -> int | str:
-    """``--trial`` of `nasopt export`: a trial number or ``best``."""
-    if text == "best":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a trial number or 'best'") from None
 
 
 def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]

@@ -32,7 +32,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                        "`nasopt finetune --from`.")
     p.add_argument("study", help="the study (its data split and supernet are used)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trial", type=_trial_arg, metavar="N|best",
+    src.add_argument("--trial", type=trial_arg, metavar="N|best",
                      help="trial number whose arch to train, or best: the most accurate "
                      "feasible trial")
     src.add_argument("--arch", help="an arch.json of the study's space")
@@ -64,7 +64,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     src.add_argument("--from", dest="source", metavar="DIR",
                      help="a student folder (nasopt distill) or an export folder")
     src.add_argument("--study", help="start from a study trial's inherited weights")
-    p.add_argument("--trial", type=_trial_arg, metavar="N|best",
+    p.add_argument("--trial", type=trial_arg, metavar="N|best",
                    help="with --study: the trial number, or best: the most accurate feasible "
                    "trial")
     p.add_argument("--dataset", help="train on this dataset instead of the source's")
@@ -90,9 +90,14 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
-def _trial_arg(text: str) -> int | str:
-    from .cli import _trial_arg as trial_arg  # one definition for export, distill, finetune
-    return trial_arg(text)
+def trial_arg(text: str) -> int | str:
+    """``--trial`` of `nasopt export`, `distill` and `finetune`: a trial number or ``best``."""
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a trial number or 'best'") from None
 
 
 def _positive_int(text: str) -> int:

@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from nasopt import cli
+from nasopt.bench.reliability_faults import fill_disk
 from nasopt.study import mask_url, open_existing_storage
 
 TABLE = ["--space", "nb201", "--table", "--quiet"]
@@ -123,32 +124,21 @@ def test_a_study_sized_in_the_older_packed_format_is_not_continued(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MB tmpfs (root only: skipped where mounting is not allowed)."""
-    import os
     import subprocess
+
+    from nasopt.bench.reliability_faults import mount_tmpfs
     mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs",
-                                            str(mount)], capture_output=True).returncode != 0:
+    if not mount_tmpfs(mount, "3M"):
         pytest.skip("mounting a small tmpfs needs root")
     yield mount
     # lazily: this process may still hold the study database open
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def fill(folder, leave_blocks: int = 2) -> None:
-    import os
-    free = os.statvfs(folder).f_bavail
-    with open(folder / "fill", "wb") as f:
-        try:
-            f.write(b"\0" * max(0, (free - leave_blocks)) * os.statvfs(folder).f_bsize)
-        except OSError:
-            pass
-
-
 def test_a_full_disk_during_a_search_is_one_line_and_loses_no_trial(small_disk, capsys):
     run = ["--run-dir", str(small_disk / "R"), "--study", "s"]
     assert nasopt(capsys, "search", *TABLE, *run, "--trials", "6")[0] == 0
-    fill(small_disk)
+    fill_disk(small_disk)
     code, out, err = nasopt(capsys, "search", *TABLE, *run, "--trials", "500")
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
     assert "the disk is full" in err and "re-run the same command" in err

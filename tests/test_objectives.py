@@ -88,7 +88,7 @@ def test_constrained_search_on_digits_reports_only_feasible_winners(tmp_path, ca
 
 def test_unknown_budget_is_a_clear_error():
     with pytest.raises(NasoptError, match="unknown budget"):
-        get_constraints({"energy": "1mJ"})  # latency is a budget since the hardware issue
+        get_constraints({"energy": "1mJ"})  # latency is a budget (hardware profiles), energy is not
 
 
 def test_an_arch_proposed_twice_is_listed_once_on_the_front():

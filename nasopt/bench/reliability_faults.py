@@ -34,7 +34,8 @@ def _first_line(err: str) -> str:
     return (lines[-1] if lines else err.strip().splitlines()[-1] if err.strip() else "—")[:170]
 
 
-def _fill(folder: Path, leave_blocks: int = 2) -> None:
+def fill_disk(folder: Path, leave_blocks: int = 2) -> None:
+    """Fill the file system of ``folder`` with the file ``folder/fill``, but ``leave_blocks``."""
     st = os.statvfs(folder)
     with open(folder / "fill", "wb") as f:
         try:
@@ -51,7 +52,8 @@ def _snapshot(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _mount(folder: Path, size: str) -> bool:
+def mount_tmpfs(folder: Path, size: str) -> bool:
+    """Mount a tmpfs of ``size`` on ``folder`` (root only); whether it worked."""
     folder.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         return False
@@ -92,7 +94,7 @@ def faults_section(work: Path, log) -> str:  # noqa: ANN001
 
     # -- a full disk during a search, then during an export --force
     disk = work / "disk"
-    mounted = _mount(disk, "12M")
+    mounted = mount_tmpfs(disk, "12M")
     if not mounted:
         rows.append(["full disk during a search", "—", "not run: mounting a tmpfs needs root",
                      "—", "—", "—", "not run"])
@@ -104,7 +106,7 @@ def faults_section(work: Path, log) -> str:  # noqa: ANN001
             search = [*TABLE, "--run-dir", str(run_dir), "--study", "d"]
             run(disk, *search, "--trials", "20")
             before = _complete(url, "d")
-            _fill(disk)
+            fill_disk(disk)
             code, out, err = run(disk, *search, "--trials", "5000")
             (disk / "fill").unlink()
             kept = _complete(url, "d")
@@ -124,7 +126,7 @@ def faults_section(work: Path, log) -> str:  # noqa: ANN001
                 command="export")
             (export / "notes.txt").write_text("the user's")
             old = _snapshot(export)
-            _fill(disk, leave_blocks=1)
+            fill_disk(disk, leave_blocks=1)
             code, out, err = run(disk, "e", "--trial", "1", "--out", str(export), "--force",
                                  "--run-dir", str(run_dir), command="export")
             (disk / "fill").unlink()
