@@ -2,7 +2,7 @@
 
 Any input shape (it is flattened): signals, images, a table's rows. Genes: ``depth`` (1-3 hidden
 layers) and each hidden layer's width ``sN.width``; compression genes (bits per layer and for
-the head, global sparsity, the head's rank) come from :func:`nasopt.compress.compression_genes`.
+the head, global sparsity, the head's rank) come from :func:`nasopt.compression.compress.compression_genes`.
 
     nasopt check-space examples/tiny_mlp_space.py:TinyMLPSpace
     nasopt search --space examples/tiny_mlp_space.py:TinyMLPSpace --dataset digits --max-size 2KB
@@ -22,9 +22,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from nasopt.compress import compression_genes
-from nasopt.space import SearchSpace
-from nasopt.supernet import ElasticLinear, importance, permute_
+from nasopt.compression.compress import compression_genes
+from nasopt.core.space import SearchSpace
+from nasopt.supernet.elastic import ElasticLinear, importance, permute_
 
 LAYERS = 3
 WIDTHS = (16, 32, 64)

@@ -20,25 +20,25 @@ import pandas as pd
 import torch
 from torch import nn
 
-from search_spaces import SPACES as SHIPPED_SPACES
-from strategies import GRADIENT_STRATEGIES, NNI_STRATEGIES, STRATEGIES
+from nasopt.spaces import SPACES as SHIPPED_SPACES
+from nasopt.strategies import GRADIENT_STRATEGIES, NNI_STRATEGIES, STRATEGIES
 
-from . import export as _export
-from . import inspection as _inspection
-from . import sanity as _sanity
-from . import study as _study
-from .config import Config, load_config
-from .data import Dataset, load_dataset
-from .errors import NasoptError
-from .evaluate import Evaluator
-from .objectives import Constraint, Objective, get_constraints, get_objectives
-from .packed import VERSION as PACKED_VERSION
-from .search import run_search
-from .space import SearchSpace, space_from_description
-from .space_import import Spaces
-from .strategy import attach_run_folder
-from .supernet import Supernet, load_weights, train_supernet
-from .tabular import TabularEvaluator, table_name
+from nasopt.deploy import export as _export
+from nasopt.inspection import tables as _inspection
+from nasopt.search import sanity as _sanity
+from nasopt.search import study as _study
+from nasopt.core.config import Config, load_config
+from nasopt.core.data import Dataset, load_dataset
+from nasopt.core.errors import NasoptError
+from nasopt.search.evaluate import Evaluator
+from nasopt.core.objectives import Constraint, Objective, get_constraints, get_objectives
+from nasopt.compression.packed import VERSION as PACKED_VERSION
+from nasopt.search.loop import run_search
+from nasopt.core.space import SearchSpace, space_from_description
+from nasopt.core.space_import import Spaces
+from nasopt.core.strategy import attach_run_folder
+from nasopt.supernet.elastic import Supernet, load_weights, train_supernet
+from nasopt.search.tabular import TabularEvaluator, table_name
 
 #: every space by name: the shipped ones, installed entry points (group ``nasopt.spaces``) and,
 #: as keys, import specs of a user's own class (``path/file.py:Class``, ``module:Class``)
@@ -59,7 +59,7 @@ class SearchOutcome:
     supernet_path: Path | None  # None in tabular mode
     new_trials: int
     supernet_s: float = 0.0  # seconds spent training (or loading) the supernet in this call
-    #: the supernet check (nasopt.sanity.measure: validation accuracy of the largest and smallest
+    #: the supernet check (nasopt.search.sanity.measure: validation accuracy of the largest and smallest
     #: subnets, the majority-class rate); None in tabular mode
     sanity: dict | None = None
     #: one line per problem found (supernet or best trial near chance), with what to try
@@ -100,7 +100,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     """Train (or reuse) the supernet, then search; continues the study if it exists.
 
     Any number of processes may call this with the same storage and study: they share the
-    search (:mod:`nasopt.workers`); ``heartbeat`` is the seconds between heartbeats of a running
+    search (:mod:`nasopt.search.workers`); ``heartbeat`` is the seconds between heartbeats of a running
     trial on RDB storages (a killed worker's trial is retried after 3 of them).
 
     In tabular mode (``search.table`` set) accuracy is read from the table instead: no dataset is
@@ -110,14 +110,14 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
         raise NasoptError(f"unknown strategy {s.strategy!r}; known: "
                           f"{', '.join([*STRATEGIES, *GRADIENT_STRATEGIES, *NNI_STRATEGIES])}")
     if s.strategy in NNI_STRATEGIES:  # the optional extra is checked before any work
-        from .nni_bridge import import_nni
+        from nasopt.strategies.nni_bridge import import_nni
         import_nni()
-    gradient = s.strategy in GRADIENT_STRATEGIES  # not a sampler: see nasopt.gradient_run
+    gradient = s.strategy in GRADIENT_STRATEGIES  # not a sampler: see nasopt.gradient.run
     if gradient and s.table is not None:
         raise NasoptError(f"strategy {s.strategy!r} searches by gradient on a trained supernet; "
                           f"tabular mode (--table) has none: use a sampling strategy")
     if gradient:
-        from .relaxation import check_space
+        from nasopt.gradient.relaxation import check_space
         check_space(s.space)
     profile = _hardware_profile(s, log)
     constraints = get_constraints({**(profile.limits if profile else {}), **s.budgets})
@@ -175,7 +175,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     if hardware is not None:
         evaluator = hardware[0](evaluator)
     if gradient:
-        from .gradient_run import run_gradient
+        from nasopt.gradient.run import run_gradient
         new = run_gradient(study, space, supernet, path, data, evaluator, objectives, constraints,
                            variant=s.strategy, trials=s.trials, seed=s.seed, run_dir=cfg.run_dir,
                            timeout=s.timeout, show_progress=show_progress,
@@ -202,7 +202,7 @@ def _masked(cfg: Config) -> Config:
 def _hardware_profile(s, log: Log):  # noqa: ANN001, ANN202
     """The search's hardware profile: ``search.hardware``, or ``cpu-ort`` when a latency or
     sram budget is given without one; None otherwise."""
-    from .hardware import load_profile
+    from nasopt.hardware.profile import load_profile
     name = s.hardware
     if name is None and ({"latency", "sram"} & set(s.budgets)):
         name = "cpu-ort"
@@ -217,7 +217,7 @@ def _hardware_setup(space: SearchSpace, profile, constraints: list[Constraint], 
     profile, after checking that its budgets are possible; None without a profile."""
     if profile is None:
         return None
-    from . import hardware_eval, lut
+    from nasopt.hardware import evaluate as hardware_eval, lut
     table = path = None
     if profile.metrics.get("latency") == "predicted":
         table = hardware_eval.latency_table(space, profile, run_dir, log)
@@ -230,10 +230,10 @@ def _hardware_setup(space: SearchSpace, profile, constraints: list[Constraint], 
 
 def _run_trials(study: optuna.Study, space: SearchSpace, evaluator, objectives, s,  # noqa: ANN001
                 constraints: list[Constraint], show_progress: bool, seed: int) -> int:
-    """The search loop of a sampling strategy, or of an NNI strategy (nasopt.nni_bridge)."""
+    """The search loop of a sampling strategy, or of an NNI strategy (nasopt.strategies.nni_bridge)."""
     attrs = {"strategy": s.strategy, "seed": s.seed}
     if s.strategy in NNI_STRATEGIES:
-        from .nni_bridge import run_nni_search
+        from nasopt.strategies.nni_bridge import run_nni_search
         return run_nni_search(study, space, evaluator, objectives, s.trials, s.strategy, seed,
                               s.timeout, show_progress, attrs, constraints)
     return run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
@@ -285,7 +285,7 @@ def open_study(name: str, storage: str | None = None, run_dir: str | Path = "run
 
 def trials(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame:
     """Every trial (or the Pareto set's) with state, Pareto and feasible marks: flat, typed
-    columns (see :mod:`nasopt.inspection`), constraint values too."""
+    columns (see :mod:`nasopt.inspection.tables`), constraint values too."""
     return _inspection.trials_table(study, pareto_only)
 
 
@@ -329,7 +329,7 @@ def rebuild(study: optuna.Study, device: str = "cpu") -> tuple[Evaluator, Datase
     if not path.exists():
         raise NasoptError(f"the supernet checkpoint {path} of study {study.study_name!r} is "
                           f"missing; re-run the same `nasopt search` command to retrain it")
-    from . import checkpoint
+    from nasopt.core import checkpoint
     supernet = Supernet(space).to(device)
     load_weights(supernet, checkpoint.load(path, device), path)
     data = data.to(device)
@@ -339,7 +339,7 @@ def rebuild(study: optuna.Study, device: str = "cpu") -> tuple[Evaluator, Datase
 def best_trial(study: optuna.Study) -> int:
     """The number of the most accurate feasible completed trial (all the study's constraints
     met; ties: the smaller packed size): ``nasopt run``'s ``pick.rule = "best"``."""
-    from .pipeline import PickConfig, pick_trial
+    from nasopt.pipeline import PickConfig, pick_trial
     if not _study.completed(study):
         raise NasoptError(f"study {study.study_name!r} has no completed trial yet; run the "
                           f"search first (see `nasopt studies show {study.study_name}`)")
@@ -348,7 +348,7 @@ def best_trial(study: optuna.Study) -> int:
 
 def export(study: optuna.Study, trial: int | str, out: str | Path,
            formats: tuple[str, ...] = _export.FORMATS, force: bool = False) -> Path:
-    """Export trial ``trial`` of ``study`` to the folder ``out`` (see :mod:`nasopt.export`).
+    """Export trial ``trial`` of ``study`` to the folder ``out`` (see :mod:`nasopt.deploy.export`).
 
     ``trial``: a trial number, or ``"best"`` (:func:`best_trial`; ``model.json``'s ``trial``
     says which). ``out`` must be new or hold no files unless ``force`` (checked before any work,
@@ -377,7 +377,7 @@ def export(study: optuna.Study, trial: int | str, out: str | Path,
     recorded = dict(t.user_attrs.get("metrics", {}))
     if (_study.setup_of(study).get("packed_format", 1) != PACKED_VERSION
             and recorded.get("compressed_bytes") is not None):  # sized without the checksum
-        from .packed import CHECKSUM_BYTES
+        from nasopt.compression.packed import CHECKSUM_BYTES
         recorded["compressed_bytes"] += CHECKSUM_BYTES
     again = evaluator(arch)
     if (again.compressed_bytes != recorded.get("compressed_bytes")
@@ -397,7 +397,7 @@ def export(study: optuna.Study, trial: int | str, out: str | Path,
             "dataset": _study.setup_of(study)["data"]}
     samples = None
     if any(f.startswith("onnx") for f in formats):  # ONNX: calibrate on train, verify on val
-        from .onnx_export import CALIB_SAMPLES
+        from nasopt.deploy.onnx import CALIB_SAMPLES
         samples = (evaluator.calibration_samples[:CALIB_SAMPLES].cpu(), data.x_val.cpu(),
                    data.y_val.cpu())
     return _export.export_model(model, stored, arch, evaluator.space, out, info, SPACES,

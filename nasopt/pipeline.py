@@ -10,11 +10,11 @@ train supernet → search → pick → distill → fine-tune (QAT) → export �
   ``trial = N`` picks a trial by number.
 - **distill**: the picked arch's float model, from inherited supernet weights (``init =
   "inherit"``) or a fresh seeded initialisation (``"scratch"``), trained with the KD loss from
-  the teacher(s) (:mod:`nasopt.distill`); early stopping on validation.
+  the teacher(s) (:mod:`nasopt.deploy.distill`); early stopping on validation.
 - **fine-tune**: quantization-aware training with the arch's compression policy
-  (:mod:`nasopt.finetune`).
-- **export**: arch.json, model.json, weights.pt, model.packed (:mod:`nasopt.export`, verified),
-  model.ts (:mod:`nasopt.torchscript`, verified), ONNX fp32 / int8 when :mod:`nasopt.onnx_export`
+  (:mod:`nasopt.deploy.finetune`).
+- **export**: arch.json, model.json, weights.pt, model.packed (:mod:`nasopt.deploy.export`, verified),
+  model.ts (:mod:`nasopt.deploy.torchscript`, verified), ONNX fp32 / int8 when :mod:`nasopt.deploy.onnx`
   is available.
 - **report**: ``metrics.json`` (the model card: test accuracy of every artifact, measured once at
   the end, size, MACs, latency, the command) and ``REPORT.md`` in the export folder.
@@ -36,16 +36,16 @@ import optuna
 import torch
 from torch import nn
 
-from .arch import Arch
-from .compress import Policy, compress
-from .config import Config, _build, load_raw
-from .data import Dataset
-from .distill import DistillConfig, Teachers, make_teachers, train_student
-from .errors import NasoptError
-from .finetune import FinetuneConfig, finetune, prepare_qat
-from .metrics import FLOAT32_BYTES, count_macs, count_params
-from .study import mask_secrets
-from .train import accuracy
+from nasopt.core.arch import Arch
+from nasopt.compression.compress import Policy, compress
+from nasopt.core.config import Config, _build, load_raw
+from nasopt.core.data import Dataset
+from nasopt.deploy.distill import DistillConfig, Teachers, make_teachers, train_student
+from nasopt.core.errors import NasoptError
+from nasopt.deploy.finetune import FinetuneConfig, finetune, prepare_qat
+from nasopt.core.metrics import FLOAT32_BYTES, count_macs, count_params
+from nasopt.search.study import mask_secrets
+from nasopt.supernet.train import accuracy
 
 Log = Callable[[str], None]
 PICK_RULES = ("best", "knee")
@@ -105,7 +105,7 @@ class ExportStep:
 
 @dataclass(frozen=True)
 class RunConfig(Config):
-    """A :class:`nasopt.config.Config` (sections data, supernet, eval, search, gradient) plus the
+    """A :class:`nasopt.core.config.Config` (sections data, supernet, eval, search, gradient) plus the
     steps after the search (sections pick, distill, finetune, export)."""
 
     #: torch CPU threads for this run; 0 keeps torch's default. Small models on a shared machine
@@ -143,7 +143,7 @@ def load_search_config(path: str | Path | None, overrides: Sequence[str] = ()
 # ---------------------------------------------------------------------------------------------
 def pick_trial(study: optuna.Study, cfg: PickConfig) -> int:
     """The number of the trial to deploy (see the module doc)."""
-    from .study import trials_frame
+    from nasopt.search.study import trials_frame
     frame = trials_frame(study)
     if cfg.trial is not None:
         if cfg.trial not in set(frame["trial"]):
@@ -193,8 +193,8 @@ def artifact_accuracies(out: Path, model: nn.Module, data: Dataset, spaces,  # n
                         formats: Sequence[str]) -> dict[str, float]:
     """Test accuracy of every written artifact, loaded back from its file and fed raw samples
     (the files apply the data's preprocessing inside)."""
-    from .export import load
-    from .torchscript import FILE as TS_FILE
+    from nasopt.deploy.export import load
+    from nasopt.deploy.torchscript import FILE as TS_FILE
     x, y = data.x_test.cpu(), data.y_test.cpu()
     raw = data.preprocess.raw(x)
     acc = {"fine-tuned model (in memory)": accuracy(model.cpu(), x, y)}
@@ -240,10 +240,10 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
 
     ``export.out`` must be new or empty unless ``force`` (checked before any work): then the
     nasopt files an earlier run left there are replaced, other files kept."""
-    from . import api
-    from .export import ARTIFACTS, check_out, export_model, with_preprocess
-    from .torchscript import FILE as TS_FILE
-    from .torchscript import write as write_torchscript
+    from nasopt import api
+    from nasopt.deploy.export import ARTIFACTS, check_out, export_model, with_preprocess
+    from nasopt.deploy.torchscript import FILE as TS_FILE
+    from nasopt.deploy.torchscript import write as write_torchscript
     timings: dict[str, float] = {}
     start = t = time.perf_counter()
 
@@ -265,7 +265,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     timings["supernet"] = round(outcome.supernet_s, 2)  # trained, resumed or loaded
     timings["search"] = round(search_s - outcome.supernet_s, 2)  # data, study, trials
     study = outcome.study
-    for line in outcome.warnings:  # supernet or best trial near chance (nasopt.sanity)
+    for line in outcome.warnings:  # supernet or best trial near chance (nasopt.search.sanity)
         log(f"warning: {line}")
     number = pick_trial(study, cfg.pick)
     trial = next(tr for tr in study.trials if tr.number == number)
@@ -381,16 +381,16 @@ def _unfinished_by(cfg: RunConfig) -> bool:
 
 def _export_onnx(model: nn.Module, out: Path, space, data: Dataset, formats: Sequence[str],  # noqa: ANN001
                  log: Log) -> dict[str, Any]:
-    """ONNX fp32 / int8 through :mod:`nasopt.onnx_export` (another module's job); skipped with a
+    """ONNX fp32 / int8 through :mod:`nasopt.deploy.onnx` (another module's job); skipped with a
     note in the card when that module is not available."""
     wanted = [f for f in formats if f.startswith("onnx")]
     if not wanted:
         return {}
     try:
-        from . import onnx_export  # noqa: F401
+        from nasopt.deploy import onnx as onnx_export  # noqa: F401
     except ImportError:
-        log("ONNX export skipped: nasopt.onnx_export is not available in this version")
-        return {"onnx": "not written: nasopt.onnx_export is not available in this version"}
+        log("ONNX export skipped: nasopt.deploy.onnx is not available in this version")
+        return {"onnx": "not written: nasopt.deploy.onnx is not available in this version"}
     return onnx_export.pipeline_export(model, out, space, data, wanted, log)  # type: ignore[attr-defined]
 
 
@@ -401,10 +401,10 @@ def int8_not_written(card: Mapping[str, Any]) -> str | None:
 
 
 def _sanity_markdown(record: Mapping[str, Any] | None) -> str:
-    """REPORT.md's supernet check (:mod:`nasopt.sanity`) and its warnings, or nothing."""
+    """REPORT.md's supernet check (:mod:`nasopt.search.sanity`) and its warnings, or nothing."""
     if not record or "largest" not in record:
         return ""
-    from .sanity import summary
+    from nasopt.search.sanity import summary
     warnings = "".join(f"\n**Warning**: {w}\n" for w in record.get("warnings", []))
     return f"{summary(record).replace('supernet check', 'Supernet check', 1)}.\n{warnings}\n"
 

@@ -1,6 +1,6 @@
 """The search-space contract as a shipped check, for the spaces nasopt ships and for yours.
 
-:func:`check_space` runs every rule on a :class:`~nasopt.space.SearchSpace` subclass and returns
+:func:`check_space` runs every rule on a :class:`~nasopt.core.space.SearchSpace` subclass and returns
 what failed; ``nasopt check-space SPEC`` prints it; :class:`SpaceContract` is a pytest base
 class (set ``space_class``; each rule is a test):
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .arch import Arch
-from .space import SearchSpace
+from nasopt.core.arch import Arch
+from nasopt.core.space import SearchSpace
 
 #: outputs of two computations of one model agree within this
 TOLERANCE = 1e-5
@@ -86,7 +86,7 @@ class _Checks:
     def _supernet(self):  # noqa: ANN202
         if not getattr(type(self.space), "weight_sharing", True):
             return None
-        from .supernet import recalibrate_bn
+        from nasopt.supernet.elastic import recalibrate_bn
         supernet = self.space.supernet().eval()
         recalibrate_bn(supernet, self.x)  # non-trivial BN statistics
         return supernet.eval()
@@ -113,21 +113,21 @@ class _Checks:
         supernet = self._supernet()
         if supernet is None:
             return
-        from .supernet import recalibrate_bn
+        from nasopt.supernet.elastic import recalibrate_bn
         model = supernet.extract(self.archs[0])
         recalibrate_bn(model, self.x)
         with torch.no_grad():
             assert torch.isfinite(model.eval()(self.x)).all(), "non-finite after recalibration"
 
     def _compressed(self, arch: Arch):  # noqa: ANN202
-        from .compress import Policy, compress
+        from nasopt.compression.compress import Policy, compress
         model = self.space.build(arch).eval()
-        from .supernet import recalibrate_bn
+        from nasopt.supernet.elastic import recalibrate_bn
         recalibrate_bn(model, self.x)
         return compress(model.eval(), Policy.from_arch(arch), self.space.group_of)
 
     def packed(self) -> None:
-        from . import packed
+        from nasopt.compression import packed
         spaces = {**_shipped(), self.space.name: type(self.space)}
         for arch in self.archs[:4]:
             model, stored = self._compressed(arch)
@@ -142,7 +142,7 @@ class _Checks:
             assert diff < TOLERANCE, f"the packed file loads to outputs off by {diff:.3g}"
 
     def export(self) -> None:
-        from .export import export_model, load
+        from nasopt.deploy.export import export_model, load
         spaces = {**_shipped(), self.space.name: type(self.space)}
         arch = self.archs[0]
         model, stored = self._compressed(arch)
@@ -155,7 +155,7 @@ class _Checks:
 
 
 def _shipped() -> dict[str, type[SearchSpace]]:
-    from search_spaces import SPACES
+    from nasopt.spaces import SPACES
     return dict(SPACES)
 
 

@@ -17,4 +17,4 @@ quiet_pip() {  # pip, without this machine's warnings about absent local index f
 if ! python -c "import torch" 2>/dev/null; then
   quiet_pip "torch==2.13.0" ${NASOPT_TORCH_INDEX:+--index-url "$NASOPT_TORCH_INDEX"}
 fi
-quiet_pip -e ".[dev]"
+quiet_pip -e ".[dev]" -e ./benchmarks  # benchmarks/: the `nasopt bench` harness, a package of its own

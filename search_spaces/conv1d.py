@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nasopt.arch import Value
-from nasopt.compress import compression_genes
-from nasopt.space import Genes, SearchSpace
-from nasopt.supernet import (ElasticBatchNorm1d, ElasticConv1d, ElasticLinear, importance,
-                             permute_, permute_bn_)
+from nasopt.core.arch import Value
+from nasopt.compression.compress import compression_genes
+from nasopt.core.space import Genes, SearchSpace
+from nasopt.supernet.elastic import (
+    ElasticBatchNorm1d, ElasticConv1d, ElasticLinear, importance, permute_, permute_bn_,
+)
 
 STAGES = 3
 DEPTHS = (1, 2, 3)

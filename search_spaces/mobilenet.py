@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nasopt.arch import Value
-from nasopt.compress import compression_genes
-from nasopt.errors import NasoptError
-from nasopt.space import Genes, SearchSpace
-from nasopt.supernet import (ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, importance,
-                             permute_, permute_bn_)
+from nasopt.core.arch import Value
+from nasopt.compression.compress import compression_genes
+from nasopt.core.errors import NasoptError
+from nasopt.core.space import Genes, SearchSpace
+from nasopt.supernet.elastic import (
+    ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, importance, permute_, permute_bn_,
+)
 
 STEM_WIDTHS = (8, 16)
 DEPTHS = (1, 2, 3)

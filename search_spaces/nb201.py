@@ -25,10 +25,10 @@ from typing import NoReturn
 import torch
 from torch import Tensor, nn
 
-from nasopt.arch import Arch, Value
-from nasopt.errors import NasoptError
-from nasopt.metrics import count_macs, count_params
-from nasopt.space import Genes, SearchSpace
+from nasopt.core.arch import Arch, Value
+from nasopt.core.errors import NasoptError
+from nasopt.core.metrics import count_macs, count_params
+from nasopt.core.space import Genes, SearchSpace
 
 #: NB201's canonical op order (an op's index here is its index in the benchmark's own code)
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
@@ -269,7 +269,7 @@ def collapse_of(arch: Mapping[str, Value], probs: Mapping[str, Tensor] | None = 
 class Nb201Relaxation(nn.Module):
     """The DARTS supernet of NB201 (Liu et al. 2019; Dong & Yang 2020): every edge of every cell is
     a :class:`MixedOp` over the edge's options, all cells of the network sharing one set of
-    architecture logits per edge (NB201's search setting). Implements nasopt.gradient's
+    architecture logits per edge (NB201's search setting). Implements nasopt.gradient.search's
     ``Relaxation`` protocol: ``genes``, ``weight_parameters()``, ``forward(x, probs)``,
     ``expected_cost(probs)``.
 

@@ -1,17 +1,17 @@
 """Search strategies, one module per strategy. ``STRATEGIES`` maps a name to its Strategy (Optuna
 samplers); ``GRADIENT_STRATEGIES`` holds the gradient strategies (kind "gradient", run by
-nasopt.gradient_run, not samplers)."""
+nasopt.gradient.run, not samplers)."""
 from __future__ import annotations
 
-from nasopt.strategy import Strategy
+from nasopt.core.strategy import Strategy
 
-from . import darts, evolution, gdas, nsga2, random_search, reinforce, staged, tpe
+from nasopt.strategies import darts, evolution, gdas, nsga2, random_search, reinforce, staged, tpe
 
 STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (
     random_search, nsga2, tpe, evolution, reinforce, staged)}
 GRADIENT_STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (darts, gdas)}
 
-from . import nni  # noqa: E402  (after the samplers: it names no sampler)
+from nasopt.strategies import nni  # noqa: E402  (after the samplers: it names no sampler)
 
-#: NNI's multi-trial strategies through nasopt.nni_bridge (kind "nni"; optional extra nasopt[nni])
+#: NNI's multi-trial strategies through nasopt.strategies.nni_bridge (kind "nni"; optional extra nasopt[nni])
 NNI_STRATEGIES: dict[str, Strategy] = nni.STRATEGIES

@@ -26,9 +26,9 @@ from optuna.distributions import BaseDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from nasopt.space import SearchSpace
-from nasopt.strategy import GeneSampler, Strategy
-from nasopt.study import constraint_excess
+from nasopt.core.space import SearchSpace
+from nasopt.core.strategy import GeneSampler, Strategy
+from nasopt.search.study import constraint_excess
 
 POPULATION = 20
 SAMPLE = 5

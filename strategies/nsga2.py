@@ -1,8 +1,8 @@
 """``nsga2``: Optuna's NSGA-II genetic algorithm (Pareto rank + crowding distance)."""
 import optuna
 
-from nasopt.space import SearchSpace
-from nasopt.strategy import Strategy
+from nasopt.core.space import SearchSpace
+from nasopt.core.strategy import Strategy
 
 POPULATION = 16  # small populations suit the tens-to-hundreds of trials a supernet search runs
 

@@ -1,8 +1,8 @@
 """``random``: uniform random sampling of the space (Optuna's RandomSampler)."""
 import optuna
 
-from nasopt.space import SearchSpace
-from nasopt.strategy import Strategy
+from nasopt.core.space import SearchSpace
+from nasopt.core.strategy import Strategy
 
 
 def _make(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:

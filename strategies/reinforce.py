@@ -56,12 +56,12 @@ from optuna.distributions import BaseDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from nasopt.checkpoint import atomic_write_bytes
-from nasopt.errors import NasoptError
-from nasopt.space import SearchSpace
-from nasopt.objectives import MNASNET_W
-from nasopt.study import constraint_excess
-from nasopt.strategy import GeneSampler, Strategy
+from nasopt.core.checkpoint import atomic_write_bytes
+from nasopt.core.errors import NasoptError
+from nasopt.core.space import SearchSpace
+from nasopt.core.objectives import MNASNET_W
+from nasopt.search.study import constraint_excess
+from nasopt.core.strategy import GeneSampler, Strategy
 
 LR = 0.05
 BASELINE_DECAY = 0.9

@@ -70,14 +70,14 @@ from optuna.distributions import BaseDistribution
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-from nasopt.compress import reference_compression
-from nasopt.space import SearchSpace
-from nasopt.strategy import GeneSampler, Strategy
-from nasopt.study import constraint_excess
+from nasopt.compression.compress import reference_compression
+from nasopt.core.space import SearchSpace
+from nasopt.core.strategy import GeneSampler, Strategy
+from nasopt.search.study import constraint_excess
 
-from . import surrogate
-from .evolution import _minimized
-from .surrogate import Surrogate
+from nasopt.strategies import surrogate
+from nasopt.strategies.evolution import _minimized
+from nasopt.strategies.surrogate import Surrogate
 
 ARCH_SHARE = 0.5
 INITIAL = 16

@@ -19,9 +19,9 @@ import numpy as np
 from optuna.trial import FrozenTrial
 from sklearn.ensemble import ExtraTreesRegressor
 
-from nasopt.study import constraint_excess
+from nasopt.search.study import constraint_excess
 
-from .evolution import _minimized
+from nasopt.strategies.evolution import _minimized
 
 #: candidates a strategy proposes per evaluation (the surrogate picks one)
 SCREEN = 24

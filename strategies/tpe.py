@@ -1,8 +1,8 @@
 """``tpe``: Optuna's (multi-objective) Tree-structured Parzen Estimator."""
 import optuna
 
-from nasopt.space import SearchSpace
-from nasopt.strategy import Strategy
+from nasopt.core.space import SearchSpace
+from nasopt.core.strategy import Strategy
 
 
 def _make(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:

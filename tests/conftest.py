@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from nasopt import api
-from nasopt.config import SupernetConfig
-from nasopt.data import Dataset, load_dataset
-from nasopt.supernet import train_supernet
+from nasopt.core.config import SupernetConfig
+from nasopt.core.data import Dataset, load_dataset
+from nasopt.supernet.elastic import train_supernet
 
 #: a short recipe: enough to make weights and BN statistics non-trivial
 QUICK = SupernetConfig(epochs=2, warmup_epochs=1, batch_size=128, lr=3e-3, n_random=1)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nasopt.arch import Arch
+from nasopt.core.arch import Arch
 
 
 def test_key_is_canonical_and_order_free():

@@ -12,11 +12,11 @@ import numpy as np
 import optuna
 import pytest
 
-from nasopt import cli
-from nasopt import study as nstudy
-from nasopt.compress import Policy, compress
-from nasopt.packed import pack
-from search_spaces import SPACES
+from nasopt.cli import main as cli
+from nasopt.search import study as nstudy
+from nasopt.compression.compress import Policy, compress
+from nasopt.compression.packed import pack
+from nasopt.spaces import SPACES
 
 PASSWORD = "Sup3r-s3cret"
 QUICK = ["--set", "supernet.epochs=1", "--set", "supernet.warmup_epochs=1", "--quiet"]

@@ -12,14 +12,15 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from nasopt.bench.compression import (_points, _study, best_under, discordant, dominated_share,
-                                      misses, paired_p, pareto, then_int8)
+from nasopt_bench.compression import (
+    _points, _study, best_under, discordant, dominated_share, misses, paired_p, pareto, then_int8,
+)
 from nasopt import api
-from nasopt.bench.setup import bench_config
-from nasopt.cli import main
-from nasopt.compress import FLOAT_BITS, reference_compression, uniform_compression
-from nasopt.evaluate import Evaluator
-from nasopt.supernet import supernet_key
+from nasopt_bench.setup import bench_config
+from nasopt.cli.main import main
+from nasopt.compression.compress import FLOAT_BITS, reference_compression, uniform_compression
+from nasopt.search.evaluate import Evaluator
+from nasopt.supernet.elastic import supernet_key
 
 
 def test_pareto_dominated_share_and_misses():

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nasopt import cli
+from nasopt.cli import main as cli
 
 QUICK = ["--set", "supernet.epochs=1", "--set", "supernet.warmup_epochs=1", "--quiet"]
 

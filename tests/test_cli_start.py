@@ -8,14 +8,15 @@ import sys
 
 import pytest
 
-from nasopt import __version__, cli
+from nasopt import __version__
+from nasopt.cli import main as cli
 
-HEAVY = ("torch", "strategies", "search_spaces", "sklearn", "matplotlib")
+HEAVY = ("torch", "nasopt.strategies", "nasopt.spaces", "sklearn", "matplotlib")
 
 #: runs ``nasopt ARGS`` in a fresh interpreter, then prints the heavy modules it imported
 PROBE = """
 import sys
-from nasopt import cli
+from nasopt.cli import main as cli
 try:
     code = cli.main(sys.argv[1:])
 except SystemExit as exc:
@@ -59,7 +60,7 @@ def test_read_only_study_commands_import_neither_torch_nor_the_strategies(tmp_pa
 
 
 def test_nasopt_run_help_names_the_config_top_level_keys():
-    from nasopt.cli_deploy import RUN_TOP_LEVEL
+    from nasopt.cli.deploy import RUN_TOP_LEVEL
     from nasopt.pipeline import RunConfig
     plain = [f.name for f in dataclasses.fields(RunConfig)
              if f.default is not dataclasses.MISSING]

@@ -9,13 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from nasopt import api, packed
-from nasopt.compress import (Policy, compress, dequantize, fold_batchnorm, prune_global,
-                             quantize, svd_factors, weight_layers)
-from nasopt.evaluate import Evaluator
-from nasopt.objectives import get_objectives
-from nasopt.search import run_search
-from nasopt.supernet import recalibrate_bn
+from nasopt import api
+from nasopt.compression import packed
+from nasopt.compression.compress import (
+    Policy, compress, dequantize, fold_batchnorm, prune_global, quantize, svd_factors,
+    weight_layers,
+)
+from nasopt.search.evaluate import Evaluator
+from nasopt.core.objectives import get_objectives
+from nasopt.search.loop import run_search
+from nasopt.supernet.elastic import recalibrate_bn
 
 SHAPES = {"conv1d": (1, 40), "mobilenet": (1, 8, 8)}
 SPACES = sorted(SHAPES)
@@ -137,7 +140,7 @@ def test_compression_shrinks_and_costs_accuracy_in_the_expected_direction():
 def test_a_cut_or_changed_packed_file_is_refused(tmp_path):
     space, arch, model = next(_random_models("conv1d", 1))
     data = packed.pack(space, arch, compress(model, Policy.from_arch(arch), space.group_of)[1])
-    from nasopt.errors import NasoptError
+    from nasopt.core.errors import NasoptError
     with pytest.raises(NasoptError, match="checksum does not match"):
         packed.unpack(data[:-7], api.SPACES)
     with pytest.raises(NasoptError, match="not a nasopt packed file"):
@@ -161,7 +164,7 @@ def test_a_version_1_packed_file_without_checksum_still_loads():
     x = torch.randn(4, *SHAPES["conv1d"])
     with torch.no_grad():
         assert loaded_arch == arch and torch.equal(loaded(x), packed.unpack(data, api.SPACES)[0](x))
-    from nasopt.errors import NasoptError
+    from nasopt.core.errors import NasoptError
     with pytest.raises(NasoptError, match="truncated"):
         packed.unpack(bytes(v1[:-7]), api.SPACES)
 

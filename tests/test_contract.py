@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from nasopt import cli
-from nasopt.space_import import load_space_class
+from nasopt.cli import main as cli
+from nasopt.core.space_import import load_space_class
 from nasopt.testing import SpaceContract, check_space
-from search_spaces import SPACES
+from nasopt.spaces import SPACES
 
 
 class TestConv1d(SpaceContract):
@@ -37,7 +37,7 @@ def test_every_shipped_space_has_a_contract_test():
 
 
 BROKEN = '''import torch
-from search_spaces.conv1d import Conv1dSpace
+from nasopt.spaces.conv1d import Conv1dSpace
 
 
 class Doubled(torch.nn.Module):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from nasopt.data import FASHION_DIR, _fashion_mnist, extend_validation, load_dataset
-from nasopt.errors import NasoptError
+from nasopt.core.data import FASHION_DIR, _fashion_mnist, extend_validation, load_dataset
+from nasopt.core.errors import NasoptError
 
 
 def _disjoint(*splits: torch.Tensor) -> bool:
@@ -135,7 +135,7 @@ def test_fashion_mnist_from_the_debian_package():
 def test_multi_channel_signals_from_a_data_file(tmp_path, capsys):
     """A 3-axis signal file (N, 3, L) saved with layout='signals' is searched with conv1d; the
     same array without it is read as images, and a wrong layout is one line."""
-    from nasopt import cli
+    from nasopt.cli import main as cli
     rng = np.random.default_rng(0)
     y = np.arange(240) % 3
     x = rng.normal(size=(240, 3, 32)).astype("float32")

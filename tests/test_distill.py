@@ -13,18 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from nasopt import api
-from nasopt.cli import main
-from nasopt.compress import Policy, compress, quantize, dequantize, weight_layers
-from nasopt.data import load_dataset
-from nasopt.distill import (DistillConfig, Hint, Teachers, annealed_temperature, default_hint_layer,
-                            kd_loss, train_student)
-from nasopt.errors import NasoptError
-from nasopt.export import export_model
-from nasopt.finetune import (FinetuneConfig, fake_quantize, finalize, finetune, prepare_qat,
-                             reheaded)
-from nasopt.packed import predicted_size
-from nasopt.supernet import recalibrate_bn
-from nasopt.train import TrainConfig, fit
+from nasopt.cli.main import main
+from nasopt.compression.compress import Policy, compress, quantize, dequantize, weight_layers
+from nasopt.core.data import load_dataset
+from nasopt.deploy.distill import (
+    DistillConfig, Hint, Teachers, annealed_temperature, default_hint_layer, kd_loss,
+    train_student,
+)
+from nasopt.core.errors import NasoptError
+from nasopt.deploy.export import export_model
+from nasopt.deploy.finetune import (
+    FinetuneConfig, fake_quantize, finalize, finetune, prepare_qat, reheaded,
+)
+from nasopt.compression.packed import predicted_size
+from nasopt.supernet.elastic import recalibrate_bn
+from nasopt.supernet.train import TrainConfig, fit
 
 
 # ---- the KD loss ------------------------------------------------------------------------------
@@ -189,7 +192,7 @@ def test_early_stopping_reads_validation_never_test(datasets):
                                                  m2.state_dict().values()))
     best = max([h1.initial_val_accuracy] + h1.val_accuracy)
     assert h1.best_val_accuracy == best
-    from nasopt.train import accuracy
+    from nasopt.supernet.train import accuracy
     assert accuracy(m1, data.x_val, data.y_val) == pytest.approx(best)
     # a learning rate too small to change anything: stops after `patience` epochs, weights kept
     torch.manual_seed(0)
@@ -298,7 +301,7 @@ def test_nasopt_run_writes_every_artifact_and_the_model_card(pipeline_run):
         assert acc[key] == mem  # every artifact is the fine-tuned model
     assert card["macs"] > 0 and card["params"] > 0 and "largest" in card["teacher_test_accuracy"]
     assert "Test accuracy" in (out / "REPORT.md").read_text()
-    # the supernet check of the search (nasopt.sanity), in the card and the report
+    # the supernet check of the search (nasopt.search.sanity), in the card and the report
     assert 0 < card["sanity"]["majority"] < 1 and "warnings" in card["sanity"]
     assert "Supernet check (validation accuracy)" in (out / "REPORT.md").read_text()
     assert set(card["timings_s"]) == {"supernet", "search", "distill", "fine-tune", "export",
@@ -313,7 +316,7 @@ def test_nasopt_run_writes_every_artifact_and_the_model_card(pipeline_run):
 
 
 def test_run_config_base_carries_every_search_section():
-    from nasopt.config import Config
+    from nasopt.core.config import Config
     from nasopt.pipeline import load_run_config
     cfg = load_run_config(Path(__file__).parents[1] / "configs" / "mnist1d.toml",
                           ["gradient.epochs=5", "run_dir=\"elsewhere\""])
@@ -347,7 +350,7 @@ def test_knee_of_a_front():
 
 
 def test_load_sampler_says_whether_the_cores_were_shared():
-    from nasopt.bench.report import LoadSampler
+    from nasopt_bench.report import LoadSampler
     with LoadSampler(every=0.01, busy=-1.0) as busy:
         pass
     assert busy.shared and "other jobs shared the cores" in busy.note()

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nasopt import checkpoint, distributed
+from nasopt.core import checkpoint
+from nasopt.supernet import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--space", "conv1d", "--dataset", "mnist1d", "--set", "supernet.epochs=2",
@@ -49,7 +50,7 @@ def test_ranks_without_a_shared_file_system_resume_from_rank_0s_checkpoint(tmp_p
     it), end with identical weights, and only rank 0 writes."""
     import socket
 
-    from nasopt.bench.crash import kill_when
+    from nasopt_bench.crash import kill_when
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "nasopt.cli", "train-supernet", *TINY,

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from nasopt import api, cli
-from nasopt.errors import NasoptError
-from nasopt.study import completed, is_feasible
-from nasopt.train import accuracy
+from nasopt import api
+from nasopt.cli import main as cli
+from nasopt.core.errors import NasoptError
+from nasopt.search.study import completed, is_feasible
+from nasopt.supernet.train import accuracy
 
 # a small, lightly compressed sub-space: accurate enough that predictions mean something
 FAST = ["--set", "supernet.epochs=2", "--set", "supernet.warmup_epochs=1",
@@ -172,7 +173,7 @@ def test_finetune_files_take_raw_samples(runs, tmp_path, capsys):
         assert torch.equal(api.load(out)(x).argmax(1), ref)
         assert torch.equal(torch.jit.load(str(out / "model.ts"))(x).argmax(1), ref)
     # as a teacher (fed the preprocessed inputs training uses), model.ts predicts the same
-    from nasopt.distill import load_teacher
+    from nasopt.deploy.distill import load_teacher
     teacher = load_teacher(str(out / "model.ts"), None, api.SPACES)
     with torch.no_grad():
         assert torch.equal(teacher(x / 16).argmax(1), ref)

@@ -15,17 +15,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nasopt import api, cli
-from nasopt.config import SupernetConfig
-from nasopt.compress import Policy, compress
-from nasopt.errors import NasoptError
-from nasopt.evaluate import Evaluator
-from nasopt.gradient import (Relaxation, derive, gradient_search, load_trajectory,
-                             plot_trajectory, save_trajectory)
-from nasopt.packed import predicted_size
-from nasopt.relaxation import ExpectedSize, relax
-from nasopt.study import load_study, open_storage
-from nasopt.supernet import train_supernet
+from nasopt import api
+from nasopt.cli import main as cli
+from nasopt.core.config import SupernetConfig
+from nasopt.compression.compress import Policy, compress
+from nasopt.core.errors import NasoptError
+from nasopt.search.evaluate import Evaluator
+from nasopt.gradient.search import (
+    Relaxation, derive, gradient_search, load_trajectory, plot_trajectory, save_trajectory,
+)
+from nasopt.compression.packed import predicted_size
+from nasopt.gradient.relaxation import ExpectedSize, relax
+from nasopt.search.study import load_study, open_storage
+from nasopt.supernet.elastic import train_supernet
 
 QUICK = SupernetConfig(epochs=2, warmup_epochs=1, batch_size=128, lr=3e-3, n_random=1)
 
@@ -140,7 +142,7 @@ def synthetic_table(tiny):
     """A latency table of the tiny space whose unit entries are a synthetic cost per unit."""
     import zlib
 
-    from nasopt import hardware, lut
+    from nasopt.hardware import profile as hardware, lut
     space = tiny[0]
     return lut.build_table(space, hardware.load_profile("cpu-ort"),
                            time_unit=lambda u: (zlib.crc32(u.key.encode()) % 997 + 3) / 1e4,
@@ -174,8 +176,8 @@ def test_a_latency_budget_is_a_second_lagrangian_term(tiny, synthetic_table):
     with pytest.raises(NasoptError, match="no expected cost 'latency'"):
         gradient_search(relax(space, supernet), data, epochs=1, targets={"latency": 1.0},
                         max_batches=1)
-    from nasopt.gradient_run import further_targets
-    from nasopt.objectives import get_constraints
+    from nasopt.gradient.run import further_targets
+    from nasopt.core.objectives import get_constraints
     with pytest.raises(NasoptError, match="needs predicted latency"):
         further_targets(get_constraints({"latency": "0.1ms"}), None)
     assert further_targets(get_constraints({"latency": "0.1ms", "size": "4KB"}),
@@ -183,7 +185,7 @@ def test_a_latency_budget_is_a_second_lagrangian_term(tiny, synthetic_table):
 
 
 def test_expected_peak_memory_is_the_peak_at_one_hot_and_a_budget_pulls_it_down(tiny):
-    from nasopt.memory import arch_peak_bytes
+    from nasopt.hardware.memory import arch_peak_bytes
     space, supernet, data = tiny
     relaxation = relax(space, supernet, sram_dtype="int8")
     rng = random.Random(4)
@@ -202,8 +204,8 @@ def test_expected_peak_memory_is_the_peak_at_one_hot_and_a_budget_pulls_it_down(
     last = result.trajectory[-1]
     assert result.trajectory[0]["expected"]["sram"] == pytest.approx(first)
     assert last["mus"]["sram"] > 0 and last["expected"]["sram"] < 0.9 * first
-    from nasopt.gradient_run import further_targets
-    from nasopt.objectives import get_constraints
+    from nasopt.gradient.run import further_targets
+    from nasopt.core.objectives import get_constraints
     with pytest.raises(NasoptError, match="counts SRAM"):
         further_targets(get_constraints({"sram": "2KB"}))
     assert further_targets(get_constraints({"sram": "2KB"}), sram_dtype="int8") == {
@@ -294,8 +296,8 @@ def test_gradient_strategies_are_listed_and_refused_where_they_cannot_run(tmp_pa
 def test_derived_sampler_skips_archs_another_worker_holds():
     """Workers on one study derive the same list: each takes the archs no trial holds yet."""
     import optuna
-    from nasopt.arch import Arch
-    from nasopt.gradient_run import DerivedSampler
+    from nasopt.core.arch import Arch
+    from nasopt.gradient.run import DerivedSampler
     dist = optuna.distributions.CategoricalDistribution([1, 2, 3])
     archs = [Arch({"a": v}) for v in (1, 2, 3)]
     study = optuna.create_study()

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from nasopt import api, cli, hardware, lut, memory
-from nasopt.errors import NasoptError
-from nasopt.hardware_eval import check_possible, latency_floor
-from nasopt.objectives import Constraint, parse_quantity
+from nasopt import api
+from nasopt.cli import main as cli
+from nasopt.hardware import profile as hardware, lut, memory
+from nasopt.core.errors import NasoptError
+from nasopt.hardware.evaluate import check_possible, latency_floor
+from nasopt.core.objectives import Constraint, parse_quantity
 
 QUICK = ["--set", "supernet.epochs=1", "--set", "supernet.warmup_epochs=1", "--quiet"]
 
@@ -174,7 +176,7 @@ def test_lut_lookup_outside_its_space_is_a_clear_error():
 
 # ---- measured latency ----------------------------------------------------------------------------
 def test_latency_is_the_lowest_median_of_fast_mode_windows():
-    from nasopt.latency import _Target
+    from nasopt.hardware.latency import _Target
 
     class Probe:  # the probe's best median is 1.0: a window is fast when both probes are <= 1.1
         best = 1.0
@@ -197,7 +199,7 @@ def test_latency_is_the_lowest_median_of_fast_mode_windows():
 
 
 def test_measuring_an_onnx_graph_in_windows():
-    from nasopt import latency
+    from nasopt.hardware import latency
     profile = hardware.profile_from_dict({"name": "quick", "runtime": {
         "repeats": 10, "windows": 2, "max_wait_s": 2, "window_pause_ms": 1}})
     timings = latency.measure_graphs([lut._identity_graph((4, 8))] * 2, [(4, 8)] * 2, profile)
@@ -208,7 +210,7 @@ def test_measuring_an_onnx_graph_in_windows():
 
 
 def test_the_cli_default_fit_archs_is_the_library_default():
-    from nasopt import cli_hw
+    from nasopt.cli import hw as cli_hw
     assert cli_hw.FIT_ARCHS == lut.FIT_ARCHS
 
 
@@ -282,10 +284,10 @@ def test_constrained_search_reports_only_feasible_winners(trained):
     """The search loop with the hardware evaluator and an sram budget (mcu profile): every trial
     records sram_bytes, some archs miss the budget, and the Pareto set holds feasible ones only."""
     import optuna
-    from nasopt.evaluate import Evaluator
-    from nasopt.hardware_eval import HardwareEvaluator
-    from nasopt.objectives import get_constraints, get_objectives
-    from nasopt.search import run_search
+    from nasopt.search.evaluate import Evaluator
+    from nasopt.hardware.evaluate import HardwareEvaluator
+    from nasopt.core.objectives import get_constraints, get_objectives
+    from nasopt.search.loop import run_search
     space, supernet, data = trained
     mcu = hardware.load_profile("mcu")
     low = memory.arch_peak_bytes(space, space.smallest(), "int8")
@@ -301,7 +303,7 @@ def test_constrained_search_reports_only_feasible_winners(trained):
     srams = [t.user_attrs["metrics"]["sram_bytes"] for t in study.trials]
     assert all(isinstance(v, int) and v > 0 for v in srams)
     assert any(v > budget for v in srams) and any(v <= budget for v in srams)
-    from nasopt.study import pareto_numbers
+    from nasopt.search.study import pareto_numbers
     winners = pareto_numbers(study)
     assert winners
     for t in study.trials:
@@ -330,7 +332,7 @@ def test_search_without_a_feasible_arch_says_so_and_shows_the_closest(tmp_path, 
 def test_reinforce_gives_an_infeasible_trial_the_lowest_reward():
     import optuna
     from optuna.study import StudyDirection
-    from strategies.reinforce import rewards_of
+    from nasopt.strategies.reinforce import rewards_of
     trials = [optuna.trial.create_trial(values=[v], constraints={"latency": c})
               for v, c in ((0.9, 0.0), (0.95, 0.2), (0.6, -1.0))]
     assert rewards_of(trials, [StudyDirection.MAXIMIZE]) == [0.9, 0.6, 0.6]

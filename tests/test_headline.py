@@ -7,7 +7,7 @@ import json
 import os
 import re
 
-from nasopt import cli
+from nasopt.cli import main as cli
 
 TINY = ["--set", "supernet.epochs=2", "--set", "supernet.warmup_epochs=1", "--set",
         "search.trials=30", "--set", "distill.epochs=1", "--set", "finetune.epochs=1"]
@@ -59,8 +59,8 @@ def test_a_failed_pipeline_keeps_the_finished_ones_in_the_report(tmp_path, capsy
 
     import pytest
 
-    from nasopt.bench import headline
-    from nasopt.errors import NasoptError
+    from nasopt_bench import headline
+    from nasopt.core.errors import NasoptError
 
     broken = tmp_path / "broken.toml"
     broken.write_text('[data]\ndataset = "no-such-dataset"\n')

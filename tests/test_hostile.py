@@ -8,9 +8,9 @@ import json
 import optuna
 import pytest
 
-from nasopt import cli
-from nasopt.bench.reliability_faults import fill_disk
-from nasopt.study import mask_url, open_existing_storage
+from nasopt.cli import main as cli
+from nasopt_bench.reliability_faults import fill_disk
+from nasopt.search.study import mask_url, open_existing_storage
 
 TABLE = ["--space", "nb201", "--table", "--quiet"]
 
@@ -110,9 +110,9 @@ def test_negative_numbers_are_one_line(tmp_path, capsys, args, message):
 
 
 def test_a_study_sized_in_the_older_packed_format_is_not_continued(tmp_path):
-    from nasopt.errors import NasoptError
-    from nasopt.packed import VERSION
-    from nasopt.study import open_storage, open_study
+    from nasopt.core.errors import NasoptError
+    from nasopt.compression.packed import VERSION
+    from nasopt.search.study import open_storage, open_study
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     old = {"space": {"name": "conv1d"}, "objectives": ["accuracy", "size"]}  # no packed_format
     open_study(storage, "s", old, ["maximize", "minimize"])
@@ -126,7 +126,7 @@ def small_disk(tmp_path):
     """A 3 MB tmpfs (root only: skipped where mounting is not allowed)."""
     import subprocess
 
-    from nasopt.bench.reliability_faults import mount_tmpfs
+    from nasopt_bench.reliability_faults import mount_tmpfs
     mount = tmp_path / "disk"
     if not mount_tmpfs(mount, "3M"):
         pytest.skip("mounting a small tmpfs needs root")
@@ -152,7 +152,7 @@ def test_a_full_disk_during_a_search_is_one_line_and_loses_no_trial(small_disk, 
 def test_a_file_system_fault_in_a_trial_stops_the_search_at_once(tmp_path, capsys, monkeypatch):
     import errno
 
-    from nasopt import tabular
+    from nasopt.search import tabular
     real = tabular.TabularEvaluator.accuracy
     calls = []
 
@@ -242,7 +242,7 @@ NEW = {"model.json": b"new card", "arch.json": b"new arch", "weights.pt": b"new 
 
 
 def test_replacing_an_export_swaps_whole_and_keeps_the_users_files(tmp_path):
-    from nasopt.export import replace_artifacts
+    from nasopt.deploy.export import replace_artifacts
     out = tmp_path / "m"
     before = old_export(out)
     assert replace_artifacts(out, NEW, "model.json") == sorted(NEW)
@@ -254,8 +254,8 @@ def test_replacing_an_export_swaps_whole_and_keeps_the_users_files(tmp_path):
 def test_a_full_disk_while_writing_the_new_export_keeps_the_old_one(tmp_path, monkeypatch):
     import errno
 
-    from nasopt import checkpoint
-    from nasopt.export import replace_artifacts
+    from nasopt.core import checkpoint
+    from nasopt.deploy.export import replace_artifacts
     out = tmp_path / "m"
     before = old_export(out)
     real, calls = checkpoint.atomic_write_bytes, []
@@ -276,7 +276,7 @@ def test_a_full_disk_while_writing_the_new_export_keeps_the_old_one(tmp_path, mo
 def test_a_failed_swap_puts_the_old_export_back(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from nasopt.export import replace_artifacts
+    from nasopt.deploy.export import replace_artifacts
     out = tmp_path / "m"
     before = old_export(out)
     real, moved = Path.replace, []
@@ -296,9 +296,9 @@ def test_a_failed_swap_puts_the_old_export_back(tmp_path, monkeypatch):
 
 
 def test_a_swap_killed_midway_is_undone_by_the_next_command(tmp_path):
-    from nasopt.export import TAKEN, recover, stranded
-    from nasopt.export import read_card
-    from nasopt.errors import NasoptError
+    from nasopt.deploy.export import TAKEN, recover, stranded
+    from nasopt.deploy.export import read_card
+    from nasopt.core.errors import NasoptError
     out = tmp_path / "m"
     before = old_export(out)
     user = out / ".nasopt-old-keep"  # hidden folders not of nasopt's exact form are never touched

@@ -21,9 +21,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from nasopt import api, cli
-from nasopt.objectives import hypervolume
-from nasopt.study import load_study, open_storage
+from nasopt import api
+from nasopt.cli import main as cli
+from nasopt.core.objectives import hypervolume
+from nasopt.search.study import load_study, open_storage
 
 A, NONE, C = "two-strategies", "impossible", "no-budget"
 BUDGET = 800_000  # params
@@ -225,7 +226,7 @@ def test_html_report_is_self_contained(studies, run_dir, tmp_path, capsys):
     for number in api.pareto(studies[A])["trial"]:
         assert f"<td>{number}</td>" in html
     assert f"nasopt studies pareto {A}" in html
-    from nasopt import report_html
+    from nasopt.inspection import report_html
     shown = report_html.render(studies[A], "postgresql://nasopt:s3cret@db.example/nasopt")
     assert "s3cret" not in shown and "postgresql://nasopt:***@" in shown
 
@@ -314,10 +315,10 @@ def test_dashboard_serves_user_attrs_on_loopback(studies, run_dir):
 
 def test_failed_trials_keep_the_frames_typed(tmp_path, capsys):
     """Trials that failed before measuring have empty metric cells; they count as failed."""
-    from nasopt.metrics import Metrics
-    from nasopt.objectives import Constraint, get_objectives
-    from nasopt.search import run_search
-    from nasopt.study import open_study
+    from nasopt.core.metrics import Metrics
+    from nasopt.core.objectives import Constraint, get_objectives
+    from nasopt.search.loop import run_search
+    from nasopt.search.study import open_study
 
     space = api.SPACES["conv1d"]((1, 40), 10)
     calls = {"n": 0}

@@ -14,12 +14,13 @@ from pathlib import Path
 import optuna
 import pytest
 
-from nasopt import api, cli
-from nasopt.errors import NasoptError
-from nasopt.metrics import Metrics
-from nasopt.objectives import Constraint, get_objectives
-from nasopt.search import run_search
-from nasopt.study import is_feasible, open_storage, open_study
+from nasopt import api
+from nasopt.cli import main as cli
+from nasopt.core.errors import NasoptError
+from nasopt.core.metrics import Metrics
+from nasopt.core.objectives import Constraint, get_objectives
+from nasopt.search.loop import run_search
+from nasopt.search.study import is_feasible, open_storage, open_study
 
 NO_DB = ("; give the run folder of a search with --run-dir, or its storage with --storage URL")
 NO_FILE = "; check the --storage URL, or give the run folder of a search with --run-dir"
@@ -185,7 +186,7 @@ def test_studies_subcommands_are_described(command):
 
 
 def test_an_existing_sqlite_file_with_url_parameters_is_found(tmp_path):
-    from nasopt.study import resolve_storage
+    from nasopt.search.study import resolve_storage
     db = tmp_path / "s.db"
     url = f"sqlite:///{db}?timeout=30"
     with pytest.raises(NasoptError, match="no study database"):

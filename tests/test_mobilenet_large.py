@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from nasopt import api
-from nasopt.metrics import count_macs, count_params
-from nasopt.supernet import recalibrate_bn
+from nasopt.core.metrics import count_macs, count_params
+from nasopt.supernet.elastic import recalibrate_bn
 
 SHAPE = (1, 28, 28)
 
@@ -66,8 +66,8 @@ def test_extract_matches_the_activated_supernet_and_gradients_match_contiguous()
 
 
 def test_large_models_export_to_torchscript_and_onnx(tmp_path):
-    from nasopt import onnx_export
-    from nasopt.torchscript import write
+    from nasopt.deploy import onnx as onnx_export
+    from nasopt.deploy.torchscript import write
     space = _space()
     model = space.build(space.sample(random.Random(1))).eval()
     x = torch.randn(16, *SHAPE)

@@ -8,13 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from nasopt import api, cli
-from nasopt.config import DEFAULT_TABLE
-from nasopt.errors import NasoptError
-from nasopt.metrics import count_macs, count_params
-from nasopt.study import load_study, open_storage
-from nasopt.tabular import TabularEvaluator, resolve_table
-from search_spaces.nb201 import CIFAR10_SHAPE, EDGES, Nb201Space, from_string, to_string
+from nasopt import api
+from nasopt.cli import main as cli
+from nasopt.core.config import DEFAULT_TABLE
+from nasopt.core.errors import NasoptError
+from nasopt.core.metrics import count_macs, count_params
+from nasopt.search.study import load_study, open_storage
+from nasopt.search.tabular import TabularEvaluator, resolve_table
+from nasopt.spaces.nb201 import CIFAR10_SHAPE, EDGES, Nb201Space, from_string, to_string
 
 TABLE = resolve_table(DEFAULT_TABLE)  # the shipped NAS-Bench-201 CIFAR-10 table
 ROW = ("|avg_pool_3x3~0|+|nor_conv_1x1~0|skip_connect~1|+|nor_conv_1x1~0|skip_connect~1|"

@@ -1,4 +1,4 @@
-"""DARTS on NAS-Bench-201: the mixed-op supernet (search_spaces.nb201.Nb201Relaxation), its
+"""DARTS on NAS-Bench-201: the mixed-op supernet (nasopt.spaces.nb201.Nb201Relaxation), its
 expected cost, the collapse rule and the DARTS- mitigation."""
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from nasopt.errors import NasoptError
-from nasopt.metrics import count_macs, count_params
-from search_spaces.nb201 import (CIFAR10_SHAPE, EDGES, OPS, MixedOp, Nb201Space, collapse_of,
-                                 from_string)
+from nasopt.core.errors import NasoptError
+from nasopt.core.metrics import count_macs, count_params
+from nasopt.spaces.nb201 import (
+    CIFAR10_SHAPE, EDGES, OPS, MixedOp, Nb201Space, collapse_of, from_string,
+)
 
 TINY = dict(channels=4, cells_per_stage=1)
 ALL_SKIP = "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|skip_connect~2|"
@@ -176,7 +177,7 @@ def test_bench_runs_darts_and_darts_minus_with_the_beta_schedule(tmp_path):
     DARTS-'s beta decays 1 -> 0.5 -> 0 (recorded per epoch), plain DARTS has beta 0."""
     import json
 
-    from nasopt import cli
+    from nasopt.cli import main as cli
     out = tmp_path / "darts.md"
     assert cli.main(["bench", "darts-nb201", "--dataset", "digits", "--side", "8",
                      "--train-samples", "128", "--channels", "2", "--epochs", "2", "--seeds", "1",

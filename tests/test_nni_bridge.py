@@ -1,4 +1,4 @@
-"""The NNI bridge (nasopt.nni_bridge): NNI 3.0's multi-trial strategies on our spaces, recorded in
+"""The NNI bridge (nasopt.strategies.nni_bridge): NNI 3.0's multi-trial strategies on our spaces, recorded in
 our study. Runs on the NAS-Bench-201 table (fast). Skipped only when NNI is not installed AND the
 environment does not set NASOPT_REQUIRE_NNI (CI sets it, so a broken install fails CI)."""
 from __future__ import annotations
@@ -10,12 +10,13 @@ import optuna
 import pytest
 from optuna.study import StudyDirection
 
-from nasopt import cli, nni_bridge
-from nasopt.errors import NasoptError
-from nasopt.objectives import Constraint, get_objectives
-from nasopt.tabular import TabularEvaluator
-from search_spaces.nb201 import CIFAR10_SHAPE, EDGES, OPS, Nb201Space
-from strategies import NNI_STRATEGIES
+from nasopt.cli import main as cli
+from nasopt.strategies import nni_bridge
+from nasopt.core.errors import NasoptError
+from nasopt.core.objectives import Constraint, get_objectives
+from nasopt.search.tabular import TabularEvaluator
+from nasopt.spaces.nb201 import CIFAR10_SHAPE, EDGES, OPS, Nb201Space
+from nasopt.strategies import NNI_STRATEGIES
 
 try:
     importlib.import_module("nni")

@@ -4,13 +4,15 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from nasopt import api, cli
-from nasopt.errors import NasoptError
-from nasopt.metrics import Metrics
-from nasopt.objectives import (get_constraints, get_objectives, hypervolume, mnasnet_reward,
-                               parse_quantity)
-from nasopt.search import run_search
-from nasopt.study import is_feasible, load_study, open_storage, pareto_numbers
+from nasopt import api
+from nasopt.cli import main as cli
+from nasopt.core.errors import NasoptError
+from nasopt.core.metrics import Metrics
+from nasopt.core.objectives import (
+    get_constraints, get_objectives, hypervolume, mnasnet_reward, parse_quantity,
+)
+from nasopt.search.loop import run_search
+from nasopt.search.study import is_feasible, load_study, open_storage, pareto_numbers
 
 
 @pytest.mark.parametrize("text, value", [("4KB", 4096), ("4 kb", 4096), ("32KiB", 32768),

@@ -1,4 +1,4 @@
-"""ONNX export (nasopt.onnx_export): float32 and int8 QDQ files run in ONNX Runtime and agree with
+"""ONNX export (nasopt.deploy.onnx): float32 and int8 QDQ files run in ONNX Runtime and agree with
 PyTorch on real samples, for random archs of every space with a supernet."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from nasopt import onnx_export
-from nasopt.errors import NasoptError
-from nasopt.evaluate import Evaluator
+from nasopt.deploy import onnx as onnx_export
+from nasopt.core.errors import NasoptError
+from nasopt.search.evaluate import Evaluator
 
 
 def _archs(space, n, seed=0):

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nasopt import api, cli
-from nasopt.errors import NasoptError
+from nasopt import api
+from nasopt.cli import main as cli
+from nasopt.core.errors import NasoptError
 
 STUDY = "conv1d-mnist1d"
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def test_finetune_into_a_folder_with_files_is_refused_then_forced(root, tmp_path
     folder = user_folder(root, tmp_path, "student")
     before = snapshot(folder)
     with monkeypatch.context() as m:
-        m.setattr("nasopt.finetune.finetune", no_work)
+        m.setattr("nasopt.deploy.finetune.finetune", no_work)
         code, _, err = nasopt(capsys, "finetune", "--from", root / "ft", "--epochs", "1",
                               "--out", folder)
     assert code == 2
@@ -177,7 +178,7 @@ def test_finetune_into_a_folder_with_files_is_refused_then_forced(root, tmp_path
 @pytest.mark.parametrize("fraction", ["1.5", "0", "-0.2"])
 def test_finetune_fraction_out_of_range_is_refused(root, tmp_path, capsys, monkeypatch, extra,
                                                   fraction):
-    monkeypatch.setattr("nasopt.finetune.finetune", no_work)
+    monkeypatch.setattr("nasopt.deploy.finetune.finetune", no_work)
     out = tmp_path / "ft3"
     code, _, err = nasopt(capsys, "finetune", "--from", root / "ft", *extra, "--fraction",
                           fraction, "--epochs", "1", "--out", out)
@@ -219,7 +220,7 @@ def test_distill_into_a_folder_with_files_is_refused_then_forced(root, tmp_path,
     argv = ["distill", STUDY, "--trial", "1", "--no-teacher", "--epochs", "1",
             "--run-dir", root / "runs", "--out", folder]
     with monkeypatch.context() as m:
-        m.setattr("nasopt.distill.train_student", no_work)
+        m.setattr("nasopt.deploy.distill.train_student", no_work)
         code, _, err = nasopt(capsys, *argv)
     assert code == 2
     one_error(err, f"--out {folder} already holds files (arch.json, metrics.json, ")
@@ -310,7 +311,7 @@ def test_a_full_disk_during_export_force_keeps_the_previous_export(root, tmp_pat
                                                                    monkeypatch):
     import errno
 
-    from nasopt import packed
+    from nasopt.compression import packed
     folder = user_folder(root, tmp_path, "ft")
     before = snapshot(folder)
 

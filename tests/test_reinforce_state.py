@@ -11,11 +11,11 @@ import numpy as np
 import optuna
 import pytest
 
-from nasopt.objectives import get_objectives
-from nasopt.search import run_search
-from nasopt.tabular import TabularEvaluator
-from search_spaces.nb201 import CIFAR10_SHAPE, Nb201Space
-from strategies.reinforce import ReinforceSampler, read_state, state_path
+from nasopt.core.objectives import get_objectives
+from nasopt.search.loop import run_search
+from nasopt.search.tabular import TabularEvaluator
+from nasopt.spaces.nb201 import CIFAR10_SHAPE, Nb201Space
+from nasopt.strategies.reinforce import ReinforceSampler, read_state, state_path
 
 RESTRICT = {"e1_0": ["nor_conv_3x3", "skip_connect"], "e2_0": ["nor_conv_1x1", "avg_pool_3x3"],
             "e2_1": ["none", "nor_conv_3x3", "avg_pool_3x3"], "e3_2": ["nor_conv_3x3"]}

@@ -1,4 +1,4 @@
-"""Kill points of `nasopt bench reliability` (nasopt.bench.crash) and what a kill leaves behind.
+"""Kill points of `nasopt bench reliability` (nasopt_bench.crash) and what a kill leaves behind.
 
 tests/test_workers.py covers resume and several workers end to end; here: a kill point really
 SIGKILLs a real `nasopt` process where it says, and an export killed between its files is
@@ -11,12 +11,13 @@ import signal
 import pytest
 import torch
 
-from nasopt import api, checkpoint
-from nasopt import export as nexport
-from nasopt.bench import crash
-from nasopt.compress import Policy, compress
-from nasopt.errors import NasoptError
-from search_spaces import SPACES
+from nasopt import api
+from nasopt.core import checkpoint
+from nasopt.deploy import export as nexport
+from nasopt_bench import crash
+from nasopt.compression.compress import Policy, compress
+from nasopt.core.errors import NasoptError
+from nasopt.spaces import SPACES
 
 
 def test_kill_point_names_are_checked():
@@ -81,7 +82,7 @@ def test_an_export_interrupted_in_its_swap_leaves_the_previous_one_whole(tmp_pat
 def test_the_run_config_is_written_atomically(tmp_path, monkeypatch):
     import os
 
-    from nasopt.config import load_config
+    from nasopt.core.config import load_config
     path = tmp_path / "configs" / "k.json"
     load_config(None, ["supernet.epochs=3"]).save(path)
     before = path.read_bytes()
@@ -111,7 +112,7 @@ def test_checkpoints_are_synced_before_the_rename_and_not_private(tmp_path, monk
 def test_retrying_a_dead_workers_trial_prints_no_optuna_warning(recwarn):
     import optuna
 
-    from nasopt import workers
+    from nasopt.search import workers
     workers.retry_callback()
     assert not [w for w in recwarn if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
 
@@ -122,10 +123,10 @@ def test_run_now_counts_the_retry_of_a_dead_workers_trial(tmp_path):
 
     import optuna
 
-    from nasopt import workers
-    from nasopt.metrics import Metrics
-    from nasopt.objectives import get_objectives
-    from nasopt.search import run_search, suggest_arch
+    from nasopt.search import workers
+    from nasopt.core.metrics import Metrics
+    from nasopt.core.objectives import get_objectives
+    from nasopt.search.loop import run_search, suggest_arch
     space = SPACES["conv1d"]((1, 40), 10)
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 storage=f"sqlite:///{tmp_path}/s.db",
@@ -150,7 +151,7 @@ def test_workers_starting_together_on_a_new_database_do_not_fail(tmp_path, monke
     file at once) retry and open the storage; other errors are not retried."""
     import optuna
 
-    from nasopt import study as nstudy
+    from nasopt.search import study as nstudy
     real, calls = optuna.storages.RDBStorage, []
 
     def racing(url, **kwargs):
@@ -179,10 +180,10 @@ def test_a_surplus_trial_is_not_logged_as_a_failure_with_a_traceback(tmp_path, m
 
     import optuna
 
-    from nasopt import workers
-    from nasopt.metrics import Metrics
-    from nasopt.objectives import get_objectives
-    from nasopt.search import run_search
+    from nasopt.search import workers
+    from nasopt.core.metrics import Metrics
+    from nasopt.core.objectives import get_objectives
+    from nasopt.search.loop import run_search
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append

@@ -1,4 +1,4 @@
-"""The supernet check of every supernet search (nasopt.sanity): measured after training, stored
+"""The supernet check of every supernet search (nasopt.search.sanity): measured after training, stored
 in the study's setup, shown by `nasopt search`, `studies show` and the HTML report, and a
 warning when the supernet or the search's best trial is near chance."""
 from __future__ import annotations
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nasopt import cli, sanity
-from nasopt.study import SETUP_ATTR, load_study, open_storage
+from nasopt.cli import main as cli
+from nasopt.search import sanity
+from nasopt.search.study import SETUP_ATTR, load_study, open_storage
 
 #: a narrow MobileNet space on digits: its subnets are all close to the largest one, so a
 #: supernet trained for 2 epochs scores well above chance on every trial of MILD

@@ -7,12 +7,13 @@ import math
 import optuna
 import pytest
 
-from nasopt import api, cli
-from nasopt.metrics import Metrics
-from nasopt.objectives import get_objectives
-from nasopt.search import run_search
-from nasopt.study import load_study, open_storage, pareto_numbers
-from nasopt.train import accuracy
+from nasopt import api
+from nasopt.cli import main as cli
+from nasopt.core.metrics import Metrics
+from nasopt.core.objectives import get_objectives
+from nasopt.search.loop import run_search
+from nasopt.search.study import load_study, open_storage, pareto_numbers
+from nasopt.supernet.train import accuracy
 
 FAST = ["--set", "supernet.epochs=2", "--set", "supernet.warmup_epochs=1",
         "--set", "supernet.n_random=1",
@@ -122,7 +123,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path):
 
 
 def test_a_search_that_only_fails_stops_with_the_reason(tmp_path):
-    from nasopt.errors import NasoptError
+    from nasopt.core.errors import NasoptError
     space = api.SPACES["conv1d"]((1, 40), 10)
 
     def broken(arch):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from nasopt import api
-from nasopt.arch import Arch
-from nasopt.errors import NasoptError
-from nasopt.metrics import count_macs, count_params
-from nasopt.supernet import importance
+from nasopt.core.arch import Arch
+from nasopt.core.errors import NasoptError
+from nasopt.core.metrics import count_macs, count_params
+from nasopt.supernet.elastic import importance
 
 SPACE_NAMES = sorted(api.SPACES)
 SHAPES = {"conv1d": (1, 40), "mobilenet": (1, 8, 8), "nb201": (3, 32, 32)}
@@ -167,8 +167,8 @@ def test_space_rejects_data_of_the_wrong_rank():
 
 @pytest.mark.parametrize("name", SPACE_NAMES)
 def test_hook_mac_count_agrees_with_pytorchs_flop_counter(name):
-    from nasopt.compress import Policy, compress
-    from nasopt.metrics import count_macs_reference
+    from nasopt.compression.compress import Policy, compress
+    from nasopt.core.metrics import count_macs_reference
     shape = SHAPES[name]
     space = api.SPACES[name](shape, 10)
     rng = random.Random(2)

@@ -8,16 +8,16 @@ import itertools
 import numpy as np
 import optuna
 
-from nasopt.arch import Arch
-from nasopt.compress import reference_compression
-from nasopt.metrics import Metrics
-from nasopt.objectives import get_objectives
-from nasopt.search import run_search
-from search_spaces.conv1d import Conv1dSpace
-from strategies import STRATEGIES
-from strategies import staged, surrogate
-from strategies.staged import INITIAL, TOP_PART, StagedSampler, front, leading
-from strategies.surrogate import Surrogate
+from nasopt.core.arch import Arch
+from nasopt.compression.compress import reference_compression
+from nasopt.core.metrics import Metrics
+from nasopt.core.objectives import get_objectives
+from nasopt.search.loop import run_search
+from nasopt.spaces.conv1d import Conv1dSpace
+from nasopt.strategies import STRATEGIES
+from nasopt.strategies import staged, surrogate
+from nasopt.strategies.staged import INITIAL, TOP_PART, StagedSampler, front, leading
+from nasopt.strategies.surrogate import Surrogate
 
 
 def space() -> Conv1dSpace:

@@ -10,17 +10,18 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.study import StudyDirection
 
-from nasopt.bench.strategies import random_search_best
-from nasopt.errors import NasoptError
-from nasopt.objectives import Constraint, get_objectives
-from nasopt.search import run_search
-from nasopt.study import pareto_numbers
-from nasopt.tabular import TabularEvaluator
-from search_spaces.nb201 import CIFAR10_SHAPE, EDGES, OPS, Nb201Space
-from strategies import STRATEGIES
-from strategies.evolution import (POPULATION, crowding_distances, nondominated_ranks,
-                                  tournament_winner)
-from strategies.reinforce import ReinforceSampler, mnasnet_rewards
+from nasopt_bench.strategies import random_search_best
+from nasopt.core.errors import NasoptError
+from nasopt.core.objectives import Constraint, get_objectives
+from nasopt.search.loop import run_search
+from nasopt.search.study import pareto_numbers
+from nasopt.search.tabular import TabularEvaluator
+from nasopt.spaces.nb201 import CIFAR10_SHAPE, EDGES, OPS, Nb201Space
+from nasopt.strategies import STRATEGIES
+from nasopt.strategies.evolution import (
+    POPULATION, crowding_distances, nondominated_ranks, tournament_winner,
+)
+from nasopt.strategies.reinforce import ReinforceSampler, mnasnet_rewards
 
 NAMES = list(STRATEGIES)
 OBJECTIVES = {"single": ["accuracy"], "multi": ["accuracy", "params"]}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nasopt import api
-from nasopt.config import SupernetConfig
-from nasopt.supernet import recalibrate_bn, supernet_key, train_supernet
+from nasopt.core.config import SupernetConfig
+from nasopt.supernet.elastic import recalibrate_bn, supernet_key, train_supernet
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_killed_training_resumes_from_its_epoch_checkpoint(small_digits, tmp_pat
     class Stop(Exception):
         pass
 
-    import nasopt.supernet as sn
+    import nasopt.supernet.elastic as sn
     original = sn.checkpoint.save
     calls = {"n": 0}
 
@@ -94,7 +94,7 @@ def test_sandwich_training_learns(datasets, tmp_path):
     trained, _ = train_supernet(space, digits, SupernetConfig(epochs=8, warmup_epochs=2,
                                                               batch_size=64, n_random=2),
                                 tmp_path, show_progress=False)
-    from nasopt.evaluate import Evaluator
+    from nasopt.search.evaluate import Evaluator
     arch_space = space.architecture_space()
     ev_trained = Evaluator(arch_space, trained, digits)
     ev_untrained = Evaluator(arch_space, untrained.eval(), digits)

@@ -8,11 +8,11 @@ import numpy as np
 import optuna
 from scipy.stats import spearmanr
 
-from nasopt.objectives import get_constraints, get_objectives, hypervolume
-from nasopt.search import run_search
-from strategies import surrogate
-from strategies.staged import StagedSampler
-from strategies.surrogate import REFIT, Surrogate, encode, margin, pick
+from nasopt.core.objectives import get_constraints, get_objectives, hypervolume
+from nasopt.search.loop import run_search
+from nasopt.strategies import surrogate
+from nasopt.strategies.staged import StagedSampler
+from nasopt.strategies.surrogate import REFIT, Surrogate, encode, margin, pick
 from test_staged import space, synthetic
 
 OPTIONS = {"w": [8, 16, 32], "d": [1, 2, 3, 4, 5], "b": [4, 8]}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nasopt import cli
+from nasopt.cli import main as cli
 
 USER_SPACE = '''"""A user's space: the shipped conv1d family under its own name."""
-from search_spaces.conv1d import Conv1dSpace
+from nasopt.spaces.conv1d import Conv1dSpace
 
 
 class NarrowConv1d(Conv1dSpace):

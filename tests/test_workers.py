@@ -18,9 +18,10 @@ from urllib.parse import urlparse
 import optuna
 import pytest
 
-from nasopt import workers
-from nasopt.bench.crash import (TABLE, TINY, complete, fronts, kill_when, ledger, output,
-                                start, storage_of, trials_of)
+from nasopt.search import workers
+from nasopt_bench.crash import (
+    TABLE, TINY, complete, fronts, kill_when, ledger, output, start, storage_of, trials_of,
+)
 
 
 def finish(proc, timeout: float = 600) -> tuple[str, str]:
@@ -95,7 +96,7 @@ def test_sigkill_in_supernet_training_and_mid_search_then_the_same_command_resum
 
 
 def torch_load_epoch(path: Path) -> int:
-    from nasopt import checkpoint
+    from nasopt.core import checkpoint
     return int(checkpoint.load(path)["epoch"])
 
 
@@ -164,7 +165,7 @@ def test_sqlite_writer_waits_for_another_process_lock(tmp_path):
     import threading
     import time
 
-    from nasopt.study import SQLITE_BUSY_TIMEOUT, open_storage
+    from nasopt.search.study import SQLITE_BUSY_TIMEOUT, open_storage
     study_lock_seconds = 6.5  # > sqlite3's 5 s default
     assert SQLITE_BUSY_TIMEOUT > study_lock_seconds
     db = tmp_path / "studies.db"

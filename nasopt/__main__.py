@@ -1,0 +1,4 @@
+"""``python -m nasopt``: the ``nasopt`` command."""
+from nasopt.cli.main import main
+
+raise SystemExit(main())

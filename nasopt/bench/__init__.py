@@ -1,1 +1,0 @@
-"""Benchmarks: commands (``nasopt bench ...``) whose reports are committed under results/."""

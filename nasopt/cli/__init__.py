@@ -1,0 +1,2 @@
+"""The ``nasopt`` command: one module per command group; :mod:`nasopt.cli.main` builds the parser
+and dispatches."""

@@ -1,0 +1,241 @@
+"""Configuration: frozen dataclasses, loaded from TOML plus typed ``--set section.key=value``
+overrides, passed down explicitly. The resolved config is written next to every run's results."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nasopt.core.errors import NasoptError
+from nasopt.core.names import check_plain_name
+
+
+#: tabular mode's default table (a table shipped inside the package, nasopt/tables/) and accuracy
+#: column; see nasopt.search.tabular
+DEFAULT_TABLE = "nb201_cifar10"
+DEFAULT_METRIC = "cifar10_test_acc"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist1d"
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    label_column: str = "label"
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise NasoptError(f"data.seed must be 0 or more, got {self.seed}")
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    epochs: int = 100
+    warmup_epochs: int = 20  # largest subnet only, then channels are sorted by L1 importance
+    batch_size: int = 128
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    n_random: int = 4  # random subnets per sandwich step, besides largest and smallest
+    kd_temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("supernet", batch_size=self.batch_size, lr=self.lr,
+                  kd_temperature=self.kd_temperature)
+        if (self.epochs < 0 or self.warmup_epochs < 0 or self.n_random < 0
+                or self.seed < 0):
+            raise NasoptError("supernet.epochs, warmup_epochs, n_random and seed must not be "
+                              "negative")
+
+
+def _positive(section: str, **values: float) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise NasoptError(f"{section}.{key} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    calib_samples: int = 1024  # training samples used to recalibrate BatchNorm per subnet
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    space: str = "conv1d"
+    strategy: str = "random"
+    trials: int = 50  # total finished trials the study should hold
+    timeout: float | None = None  # seconds for this invocation
+    seed: int = 0
+    study: str | None = None  # default: "<space>-<dataset>"
+    storage: str | None = None  # default: sqlite file in run_dir
+    objectives: tuple[str, ...] = ("accuracy", "size")
+    restrict: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: limits, e.g. {size = "4KB", macs = "2M"}: constraints satisfied when value <= limit
+    budgets: Mapping[str, str] = field(default_factory=dict)
+    #: hardware profile (nasopt.hardware.profile): a shipped name (cpu-ort, cpu-ort-int8, mcu) or a
+    #: .toml path; adds latency / sram metrics and the profile's limits as budgets
+    hardware: str | None = None
+    # tabular mode: accuracy read from this CSV (nasopt.search.tabular); no dataset, no supernet
+    table: str | None = None
+    table_metric: str = DEFAULT_METRIC  # the table's accuracy column, in percent
+
+    def __post_init__(self) -> None:
+        if self.study is not None:  # also a file name: RUN_DIR/configs/STUDY.json
+            check_plain_name(self.study, "study name", "--study conv1d-mnist1d-4kb")
+        if self.seed < 0:
+            raise NasoptError(f"search.seed must be 0 or more, got {self.seed}")
+        if self.trials < 0:
+            raise NasoptError(f"search.trials must be 0 or more, got {self.trials}")
+
+
+@dataclass(frozen=True)
+class GradientConfig:
+    """The gradient strategies (``darts``, ``gdas``; nasopt.gradient.run, nasopt.gradient.search)."""
+
+    epochs: int = 8
+    lr_w: float = 0.001  # Adam, the relaxed copy of the supernet's weights (train split)
+    lr_alpha: float = 0.05  # Adam, the architecture logits (validation split)
+    batch_size: int = 128
+    #: cost weight of lam * log E[size] without a size budget (default 0.5 when size is an
+    #: objective); with --max-size the budget is the target of a Lagrangian instead
+    lam: float | None = None
+    dual_lr: float = 0.05  # step of the Lagrange multiplier toward the size target
+    tau: tuple[float, float] = (5.0, 0.2)  # GDAS Gumbel temperature, first and last epoch
+    max_batches: int | None = None  # cap on steps per epoch (tests, quick looks)
+
+    def __post_init__(self) -> None:
+        _positive("gradient", epochs=self.epochs, lr_w=self.lr_w, lr_alpha=self.lr_alpha,
+                  batch_size=self.batch_size, dual_lr=self.dual_lr)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    gradient: GradientConfig = field(default_factory=GradientConfig)
+    run_dir: str = "runs"
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+    def save(self, path: Path) -> None:
+        """Atomically (temp file + rename): a process killed while writing leaves the old file."""
+        from nasopt.core.checkpoint import atomic_write_bytes
+        atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, updated by a TOML file, updated by ``section.key=value`` overrides."""
+    return _build(Config, load_raw(path, overrides), "")
+
+
+def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The TOML file at ``path`` (none: empty) as a dict, updated by ``section.key=value``
+    overrides; :func:`_build` turns it into a config dataclass of any shape."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise NasoptError(f"config file {p} does not exist; check the path")
+        if p.is_dir():
+            raise NasoptError(f"config {p} is a folder, not a TOML file; give the file's path")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise NasoptError(f"config file {p} is not text (not UTF-8); give a TOML file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise NasoptError(f"config file {p} is not valid TOML: {exc}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise NasoptError(f"bad override {item!r}; write it as section.key=value")
+        node = raw
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise NasoptError(f"override {item!r}: {part!r} is not a section")
+        node[last] = _parse_value(value.strip())
+    return raw
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        name = where.rstrip(".")
+        raise NasoptError(f"config key {name!r} must be a section ([{name}] with keys under it), "
+                          f"got {raw!r}" if name else "the config must be a TOML table of keys")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise NasoptError(f"unknown config key(s) {[where + k for k in unknown]}; "
+                          f"known in {where or 'top level'}: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            values[name] = _coerce(hint, value, where + name)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except NasoptError as exc:
+                errors.append(str(exc))
+        raise NasoptError(errors[0] if errors else f"bad value for {key}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise NasoptError(f"config key {key} takes a list, got {value!r}")
+        return tuple(value)
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise NasoptError(f"config key {key} takes a table, got {value!r}")
+        if args and args[1] is str:
+            return {k: str(v) for k, v in value.items()}
+        return {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise NasoptError(f"config key {key} takes true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise NasoptError(f"config key {key} takes an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise NasoptError(f"config key {key} takes a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise NasoptError(f"config key {key} takes a string, got {value!r}")
+    return value

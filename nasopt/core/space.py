@@ -1,0 +1,253 @@
+"""SearchSpace: the genes of one family of networks, sub-spaces, sampling and building.
+
+A concrete space (in ``search_spaces/``) only says which genes exist and how to build its elastic
+network for given dimensions; everything else (validation, restriction, sampling, the supernet)
+is shared here so that knowledge of a space lives in exactly one module.
+"""
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from nasopt.core.arch import Arch, Value
+from nasopt.core.errors import NasoptError
+
+if TYPE_CHECKING:
+    from nasopt.supernet.elastic import Supernet
+
+Genes = dict[str, tuple[Value, ...]]
+
+
+class SearchSpace(ABC):
+    """One family of networks for a given input shape and number of classes.
+
+    Subclasses define :meth:`architecture_genes` (every architecture gene with all its options,
+    in a fixed order), optionally :meth:`compression_genes` (bit-widths, sparsity, rank ratios),
+    and :meth:`network` (an elastic network sized for the given architecture gene values).
+    ``build(arch)`` gives a standalone (uncompressed) model; ``supernet()`` a weight-sharing
+    network sized for the largest option of every architecture gene. Compression genes do not
+    change the supernet: they are applied to an extracted model by :mod:`nasopt.compression.compress`.
+    With ``compression=False`` the space has architecture genes only.
+    """
+
+    name: ClassVar[str]
+    #: rank of the per-sample input tensor the space accepts (2: (C, L) signals; 3: (C, H, W) images)
+    input_rank: ClassVar[int | None]  # dims of one sample (2: signals, 3: images; None: any)
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int,
+                 genes: Mapping[str, Sequence[Value]] | None = None, compression: bool = True):
+        self.compression = compression
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        if self.input_rank is not None and len(self.input_shape) != self.input_rank:
+            kind = {2: "1-D signals shaped (channels, length)",
+                    3: "images shaped (channels, height, width)"}[self.input_rank]
+            raise NasoptError(
+                f"space {self.name!r} takes {kind}, but the dataset's samples are shaped "
+                f"{self.input_shape}; choose a space made for this data (see `nasopt spaces`); "
+                f"a data file's x is read as (N, length) one-channel signals, (N, height, width) "
+                f"or (N, channels, height, width) images, and as (N, channels, length) signals "
+                f"when the .npz also holds layout='signals'")
+        full = self.full_genes()
+        self.genes: Genes = dict(full) if genes is None else self._checked_subset(full, genes)
+
+    # ---- what a concrete space provides -------------------------------------------------
+    @abstractmethod
+    def architecture_genes(self) -> Genes:
+        """Every architecture gene with all its options, smallest first."""
+
+    def compression_genes(self) -> Genes:
+        """Compression genes (``<group>.bits``, ``sparsity``, ``<group>.rank``); none by default.
+
+        A group is a prefix of module names as given by :meth:`group_of`."""
+        return {}
+
+    def group_of(self, module_name: str) -> str:
+        """The gene group of a module: ``stages.<i>.…`` -> ``s<i+1>``, otherwise its first name
+        component (``head``, ``stem``…). Compression genes are per group."""
+        parts = module_name.split(".")
+        if parts[0] == "stages" and len(parts) > 1:
+            return f"s{int(parts[1]) + 1}"
+        return parts[0].removesuffix("_bn")
+
+    @abstractmethod
+    def network(self, dims: Mapping[str, Value]) -> nn.Module:
+        """The elastic network whose layers are sized for ``dims`` (one value per gene)."""
+
+    # ---- shared behaviour -----------------------------------------------------------------
+    def full_genes(self) -> Genes:
+        """Every gene of the space (architecture, then compression) with all its options."""
+        genes = dict(self.architecture_genes())
+        if self.compression:
+            genes.update(self.compression_genes())
+        return genes
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description, enough to rebuild the space with :func:`space_from_description`."""
+        desc = {"name": self.name, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "compression": self.compression,
+                "genes": {g: list(opts) for g, opts in self.genes.items()}}
+        spec = type(self).__dict__.get("import_spec")
+        if spec:  # a user's space (nasopt.core.space_import): how a fresh process finds the class
+            from nasopt.spaces import SPACES as SHIPPED
+            if SHIPPED.get(self.name) is not type(self):
+                desc["import"] = spec
+        return desc
+
+    def architecture_space(self) -> "SearchSpace":
+        """This (sub-)space without compression genes: what the supernet is built and trained on,
+        so that restricting compression genes never changes the supernet."""
+        if not self.compression:
+            return self
+        names = self.architecture_genes()
+        return type(self)(self.input_shape, self.num_classes,
+                          {g: o for g, o in self.genes.items() if g in names}, compression=False)
+
+    def architecture_of(self, arch: Mapping[str, Value]) -> Arch:
+        """The architecture genes of ``arch`` (compression genes dropped)."""
+        names = self.architecture_genes()
+        return Arch({g: v for g, v in arch.items() if g in names})
+
+    def size(self) -> int:
+        n = 1
+        for opts in self.genes.values():
+            n *= len(opts)
+        return n
+
+    def restrict(self, restrictions: Mapping[str, Sequence[Value]]) -> "SearchSpace":
+        """A sub-space whose listed genes keep only the given options."""
+        genes = dict(self.genes)
+        for gene, options in restrictions.items():
+            if gene not in genes:
+                raise NasoptError(f"unknown gene {gene!r} for space {self.name!r}; "
+                                  f"known genes: {', '.join(genes)}")
+            kept = tuple(self._coerce(gene, o) for o in options)
+            bad = [o for o in kept if o not in genes[gene]]
+            if bad:
+                raise NasoptError(f"option(s) {bad} not available for gene {gene!r}; "
+                                  f"choose among {list(genes[gene])}")
+            if not kept:
+                raise NasoptError(f"restriction leaves gene {gene!r} with no option; "
+                                  f"keep at least one of {list(genes[gene])}")
+            genes[gene] = tuple(o for o in genes[gene] if o in kept)
+        return type(self)(self.input_shape, self.num_classes, genes, self.compression)
+
+    def validate(self, arch: Mapping[str, Value], strict: bool = False) -> Arch:
+        """Return ``arch`` as an :class:`Arch` after checking every gene and option. CLI strings
+        ("5") are parsed to the options' type; with ``strict`` (an arch read from a file) a
+        value must already have that type."""
+        unknown = sorted(set(arch) - set(self.genes))
+        if unknown:
+            raise NasoptError(f"unknown gene(s) {unknown} for space {self.name!r}; "
+                              f"known genes: {', '.join(self.genes)}")
+        missing = [g for g in self.genes if g not in arch]
+        if missing:
+            raise NasoptError(f"arch lacks gene(s) {missing} of space {self.name!r}")
+        values = {}
+        for gene, opts in self.genes.items():
+            if strict and isinstance(arch[gene], str) and not isinstance(opts[0], str):
+                raise NasoptError(f"gene {gene!r} is the text {arch[gene]!r}, not a number; "
+                                  f"write it without quotes, e.g. {opts[0]!r}")
+            value = self._coerce(gene, arch[gene])
+            if value not in opts:
+                raise NasoptError(f"value {arch[gene]!r} is not an option of gene {gene!r} in "
+                                  f"this space; choose among {list(opts)}")
+            values[gene] = value
+        return Arch(values)
+
+    def sample(self, rng: random.Random) -> Arch:
+        return Arch({g: rng.choice(opts) for g, opts in self.genes.items()})
+
+    def largest(self) -> Arch:
+        """The biggest architecture, least compressed (more sparsity means a smaller model)."""
+        return Arch({g: (min if g.endswith("sparsity") else max)(o) for g, o in self.genes.items()})
+
+    def smallest(self) -> Arch:
+        """The smallest architecture, most compressed."""
+        return Arch({g: (max if g.endswith("sparsity") else min)(o) for g, o in self.genes.items()})
+
+    def build(self, arch: Mapping[str, Value]) -> nn.Module:
+        """A standalone, uncompressed model for ``arch`` with freshly initialised weights
+        (compression genes, if given, are ignored here: see :mod:`nasopt.compression.compress`)."""
+        space = self.architecture_space()
+        return self.network(space.validate(space.architecture_of(arch)))
+
+    def supernet(self) -> "Supernet":
+        from nasopt.supernet.elastic import Supernet  # local: supernet imports this module
+        return Supernet(self)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _coerce(self, gene: str, value: Any) -> Value:
+        """Parse CLI strings ("5", "0.75") to the type of the gene's options."""
+        kind = type(self.full_genes()[gene][0]) if gene in self.full_genes() else str
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return value
+        try:
+            if kind is int:
+                as_float = float(value)
+                if as_float != int(as_float):
+                    raise ValueError
+                return int(as_float)
+            return kind(value)
+        except (TypeError, ValueError):
+            raise NasoptError(f"gene {gene!r} takes {kind.__name__} values, got {value!r}") from None
+
+    def _checked_subset(self, full: Genes, genes: Mapping[str, Sequence[Value]]) -> Genes:
+        if set(genes) != set(full):
+            raise NasoptError(f"space {self.name!r} has genes {list(full)}; got {list(genes)}")
+        out: Genes = {}
+        for g, opts in full.items():
+            kept = tuple(o for o in opts if o in {self._coerce(g, v) for v in genes[g]})
+            if not kept or len(kept) != len(set(genes[g])):
+                raise NasoptError(f"gene {g!r} options {list(genes[g])} must be a non-empty "
+                                  f"subset of {list(opts)}")
+            out[g] = kept
+        return out
+
+
+def parse_restrictions(items: Sequence[str]) -> dict[str, list[str]]:
+    """Parse CLI ``gene=a,b`` strings into a restriction mapping."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        gene, sep, values = item.partition("=")
+        if not sep or not gene.strip():
+            raise NasoptError(f"bad restriction {item!r}; write it as GENE=OPT[,OPT...], "
+                              f"e.g. s1.k=3,5")
+        if gene.strip() in out:  # the last one would win in silence
+            raise NasoptError(f"gene {gene.strip()!r} is restricted twice ({item!r} and an "
+                              f"earlier one); give all its options once, e.g. "
+                              f"{gene.strip()}=A,B")
+        out[gene.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    return out
+
+
+def space_from_description(desc: Mapping[str, Any],
+                           spaces: Mapping[str, type[SearchSpace]]) -> SearchSpace:
+    """Rebuild a (sub-)space from :meth:`SearchSpace.describe` output (as a model card or a
+    study records it); a damaged description is one clear error."""
+    if not isinstance(desc, Mapping):
+        raise NasoptError(f"the space description is {type(desc).__name__}, not a table of "
+                          f"name, input_shape, num_classes and genes; the file is damaged")
+    name = desc.get("name")
+    if desc.get("import"):  # a user's space: found by the import spec it recorded
+        from nasopt.core.space_import import load_space_class
+        cls = load_space_class(str(desc["import"]))
+    elif name in spaces:
+        cls = spaces[name]
+    else:
+        raise NasoptError(f"unknown space {name!r}; known: {', '.join(spaces)}")
+    shape, classes, genes = desc.get("input_shape"), desc.get("num_classes"), desc.get("genes")
+    if (not isinstance(shape, (list, tuple)) or not shape
+            or not all(isinstance(d, int) and d > 0 for d in shape)):
+        raise NasoptError(f"space {name!r}: input_shape {shape!r} is not a list of positive "
+                          f"integers; the file is damaged")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+        raise NasoptError(f"space {name!r}: num_classes {classes!r} is not an integer of 2 or "
+                          f"more; the file is damaged")
+    if genes is not None and not isinstance(genes, Mapping):
+        raise NasoptError(f"space {name!r}: genes {genes!r} is not a table; the file is damaged")
+    return cls(shape, classes, genes, desc.get("compression", True))

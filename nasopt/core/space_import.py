@@ -1,0 +1,116 @@
+"""Finding a search space from anywhere: the spaces nasopt ships, spaces installed under the
+entry-point group ``nasopt.spaces``, and a user's own class named by an import spec:
+
+- ``path/to/file.py:Class`` — a Python file (relative to the working folder, recorded as an
+  absolute path);
+- ``package.module:Class`` — an importable module.
+
+A space found by a spec remembers it (``import_spec`` on the class); its description
+(:meth:`nasopt.core.space.SearchSpace.describe`) records it, so that a study, an export folder and a
+worker in a fresh process find the class again (:func:`nasopt.core.space.space_from_description`).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Iterator, Mapping
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from nasopt.core.errors import NasoptError
+from nasopt.core.space import SearchSpace
+
+#: the entry-point group under which installed packages offer their spaces (name = "module:Class")
+ENTRY_POINTS = "nasopt.spaces"
+
+
+def is_spec(text: str) -> bool:
+    """Whether ``text`` names a class by import spec (``file.py:Class``, ``module:Class``)."""
+    return ":" in text
+
+
+def load_space_class(spec: str) -> type[SearchSpace]:
+    """The :class:`SearchSpace` subclass that the import spec ``spec`` names; one clear error
+    naming what failed otherwise. The class's ``import_spec`` is set to a spec that finds it
+    again from any folder (a file's absolute path)."""
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise NasoptError(f"space {spec!r}: write path/to/file.py:Class or package.module:Class")
+    if where.endswith(".py"):
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise NasoptError(f"space {spec!r}: the file {path} does not exist; check the path "
+                              f"(relative to the working folder)")
+        name = f"nasopt_user_space_{abs(hash(str(path)))}"
+        module = sys.modules.get(name)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[name]
+                raise NasoptError(f"space {spec!r}: importing {path} failed ({type(exc).__name__}: "
+                                  f"{exc}); fix the file") from None
+        found = f"{path}:{attr}"
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise NasoptError(f"space {spec!r}: cannot import the module {where!r} "
+                              f"({type(exc).__name__}: {exc}); install it or put it on "
+                              f"PYTHONPATH, or give path/to/file.py:Class") from None
+        found = spec
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise NasoptError(f"space {spec!r}: {where} has no {attr!r}; the classes there: "
+                          f"{', '.join(sorted(_space_classes(module))) or 'none'}")
+    if not (isinstance(cls, type) and issubclass(cls, SearchSpace)):
+        raise NasoptError(f"space {spec!r}: {attr} is not a nasopt.SearchSpace subclass")
+    cls.import_spec = found
+    return cls
+
+
+def _space_classes(module) -> list[str]:  # noqa: ANN001
+    return [k for k, v in vars(module).items()
+            if isinstance(v, type) and issubclass(v, SearchSpace) and v is not SearchSpace]
+
+
+class Spaces(Mapping[str, type[SearchSpace]]):
+    """Every space by name: the shipped ones (``builtin``), then the installed entry points of
+    :data:`ENTRY_POINTS`; a key that is an import spec loads that class."""
+
+    def __init__(self, builtin: Mapping[str, type[SearchSpace]]):
+        self._builtin = dict(builtin)
+
+    def _entry_points(self) -> dict[str, str]:
+        return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINTS)
+                if ep.name not in self._builtin}
+
+    def __getitem__(self, key: str) -> type[SearchSpace]:
+        if key in self._builtin:
+            return self._builtin[key]
+        installed = self._entry_points()
+        if key in installed:
+            cls = load_space_class(installed[key])
+            cls.import_spec = installed[key]
+            return cls
+        if isinstance(key, str) and is_spec(key):
+            return load_space_class(key)
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        if key in self._builtin or is_spec(key):
+            return True  # a spec's import errors are reported when it is loaded
+        return key in self._entry_points()
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._builtin
+        yield from self._entry_points()
+
+    def __len__(self) -> int:
+        return len(self._builtin) + len(self._entry_points())

@@ -1,0 +1,89 @@
+"""Strategy: how a search proposes architectures.
+
+Every strategy is an Optuna sampler: Optuna's ``study.ask()`` / ``study.tell()`` are the ask/tell
+of the search loop, and a sampler rebuilds whatever state it needs from the study's trials, so a
+resumed search continues where it stopped. Sample-based strategies of our own implement
+``optuna.samplers.BaseSampler`` the same way Optuna's own GA samplers do.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.search_space import IntersectionSearchSpace
+from optuna.trial import FrozenTrial
+
+from nasopt.core.space import SearchSpace
+
+SamplerFactory = Callable[[SearchSpace, int], optuna.samplers.BaseSampler]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    description: str
+    make_sampler: SamplerFactory  # (space, seed) -> sampler
+    #: "sampler": proposes archs through ``make_sampler``; "gradient": optimizes architecture
+    #: logits on the relaxed supernet (nasopt.gradient.run) and records its derived archs
+    kind: str = "sampler"
+
+
+class ProposalSampler(optuna.samplers.BaseSampler):
+    """A sampler whose archs are chosen outside Optuna (a gradient search's derived archs, the
+    models an NNI strategy samples): :meth:`arch_for` gives a trial's arch, and every gene of the
+    trial is taken from it."""
+
+    @abc.abstractmethod
+    def arch_for(self, trial: FrozenTrial) -> Any:
+        """The arch (gene -> value) that ``trial`` evaluates."""
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
+                                    ) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.arch_for(trial)[param_name]
+
+
+def attach_run_folder(sampler: optuna.samplers.BaseSampler | None, run_dir: str | Path,
+                      study_name: str) -> optuna.samplers.BaseSampler | None:
+    """Tell a sampler that keeps state on disk (it has ``use_run_folder``, e.g. REINFORCE's
+    controller) the search's run folder; other samplers are returned unchanged."""
+    if sampler is not None and hasattr(sampler, "use_run_folder"):
+        sampler.use_run_folder(Path(run_dir), study_name)
+    return sampler
+
+
+class GeneSampler(optuna.samplers.BaseSampler):
+    """Base of our own samplers: the arch genes (categorical parameters) are sampled together
+    by :meth:`sample_relative`; anything else, and the first trials, fall back to seeded random
+    sampling. Subclasses keep no state between calls that a study could not rebuild."""
+
+    def __init__(self, seed: int | None = None):
+        self._rng = np.random.RandomState(seed)
+        self._random = optuna.samplers.RandomSampler(seed=seed)
+        self._search_space = IntersectionSearchSpace()
+
+    def reseed_rng(self) -> None:
+        self._rng.seed()
+        self._random.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
+                                    ) -> dict[str, BaseDistribution]:
+        return {name: dist for name, dist in self._search_space.calculate(study).items()
+                if isinstance(dist, CategoricalDistribution)}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._random.sample_independent(study, trial, param_name, param_distribution)

@@ -1,0 +1,379 @@
+"""Weight-sharing supernets: elastic layers, activate / extract, channel sorting, BN recalibration,
+and sandwich-rule training with in-place distillation.
+
+A space writes its network once, from the elastic layers below. Built at the largest dimensions it
+is the supernet; built at an arch's dimensions it is that arch's standalone model. Elastic layers
+subclass the plain torch layers, so a standalone model is an ordinary ``nn.Conv*`` / ``nn.Linear``
+network to every tool (ONNX export, pruning utilities, state dicts).
+
+Slicing rule shared by the elastic forward and :meth:`Supernet.extract`: channel dimensions keep a
+prefix (channels are sorted by L1 importance, so the prefix is the most important ones), kernel
+dimensions keep the centre.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nasopt.core import checkpoint
+from nasopt.core.arch import Value
+from nasopt.core.errors import NasoptError
+
+if TYPE_CHECKING:
+    from nasopt.core.config import SupernetConfig
+    from nasopt.supernet.distributed import Group
+    from nasopt.core.data import Dataset
+    from nasopt.core.space import SearchSpace
+
+
+# ---------------------------------------------------------------------------------------------
+# slicing
+def centre_crop(weight: Tensor, kernel: int) -> Tensor:
+    """Keep the central ``kernel`` taps of every spatial dimension (dims >= 2) of a conv weight."""
+    index: list[slice] = [slice(None), slice(None)]
+    for size in weight.shape[2:]:
+        start = (size - kernel) // 2
+        index.append(slice(start, start + kernel))
+    return weight[tuple(index)]
+
+
+def slice_like(source: Tensor, shape: Sequence[int]) -> Tensor:
+    """Cut ``source`` to ``shape``: prefix on channel dims, centre crop on conv kernel dims."""
+    index = []
+    for dim, (have, want) in enumerate(zip(source.shape, shape)):
+        if want > have:
+            raise ValueError(f"cannot take {tuple(shape)} from a tensor of {tuple(source.shape)}")
+        if source.dim() >= 3 and dim >= 2:
+            start = (have - want) // 2
+            index.append(slice(start, start + want))
+        else:
+            index.append(slice(0, want))
+    return source[tuple(index)]
+
+
+# ---------------------------------------------------------------------------------------------
+# elastic layers
+class _ElasticConv:
+    """Mixin for nn.Conv1d / nn.Conv2d: ``active_out`` output channels, ``active_k`` kernel.
+
+    Input channels follow the incoming tensor. A depthwise conv (groups == in_channels) follows
+    the incoming channels for its outputs too.
+    """
+
+    active_out: int | None = None
+    active_k: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        weight, bias = self.weight, self.bias
+        cin = x.shape[1]
+        depthwise = self.groups > 1
+        if depthwise:
+            out, groups = cin, cin
+            weight = weight[:cin]
+        else:
+            out, groups = (self.active_out or weight.shape[0]), 1
+            weight = weight[:out, :cin]
+        k = self.active_k or weight.shape[-1]
+        if k != weight.shape[-1]:
+            weight = centre_crop(weight, k)
+        if bias is not None:
+            bias = bias[:out]
+        return self._conv(x, weight, bias, self.stride, k // 2, self.dilation, groups)
+
+
+class ElasticConv1d(_ElasticConv, nn.Conv1d):
+    _conv = staticmethod(F.conv1d)
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, depthwise: bool = False,
+                 bias: bool = False):
+        nn.Conv1d.__init__(self, cin, cout, k, stride, k // 2, groups=cin if depthwise else 1,
+                           bias=bias)
+
+
+class ElasticConv2d(_ElasticConv, nn.Conv2d):
+    _conv = staticmethod(F.conv2d)
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, depthwise: bool = False,
+                 bias: bool = False):
+        nn.Conv2d.__init__(self, cin, cout, k, stride, k // 2, groups=cin if depthwise else 1,
+                           bias=bias)
+
+
+class _ElasticBatchNorm:
+    """Mixin for BatchNorm: normalises however many channels arrive, using a prefix of its stats."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        c = x.shape[1]
+        if c == self.num_features:
+            return super().forward(x)  # type: ignore[misc]
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
+        use_batch_stats = self.training or self.running_mean is None
+        # slices of the buffers are views: running statistics update in place
+        return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], self.weight[:c],
+                            self.bias[:c], use_batch_stats, factor, self.eps)
+
+
+class ElasticBatchNorm1d(_ElasticBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class ElasticBatchNorm2d(_ElasticBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class ElasticLinear(nn.Linear):
+    """Linear layer whose input features follow the incoming tensor (a prefix of its columns)
+    and whose outputs are the first ``active_out`` (None: all), as the elastic convolutions."""
+
+    active_out: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.active_out or self.out_features
+        bias = None if self.bias is None else self.bias[:out]
+        return F.linear(x, self.weight[:out, : x.shape[1]], bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# channel permutation by L1 importance
+def importance(conv: nn.Module) -> Tensor:
+    """L1 norm of each output channel's weights."""
+    return conv.weight.detach().abs().flatten(1).sum(1)
+
+
+def permute_(param: Tensor, perm: Tensor, dim: int, optimizer: torch.optim.Optimizer | None,
+             group: int = 1) -> None:
+    """Reorder ``param`` along ``dim`` (in blocks of ``group`` entries) and its optimizer state."""
+    if group > 1:
+        perm = (perm[:, None] * group + torch.arange(group, device=perm.device)).flatten()
+    tensors = [param.data]
+    if optimizer is not None and param in optimizer.state:
+        tensors += [t for t in optimizer.state[param].values()
+                    if isinstance(t, Tensor) and t.shape == param.shape]
+    for t in tensors:
+        t.copy_(t.index_select(dim, perm.to(t.device)))
+
+
+def permute_bn_(bn: nn.modules.batchnorm._BatchNorm, perm: Tensor,
+                optimizer: torch.optim.Optimizer | None) -> None:
+    for tensor in (bn.weight, bn.bias):
+        permute_(tensor, perm, 0, optimizer)
+    for buf in (bn.running_mean, bn.running_var):
+        buf.copy_(buf.index_select(0, perm.to(buf.device)))
+
+
+# ---------------------------------------------------------------------------------------------
+class Supernet(nn.Module):
+    """The weight-sharing network of a space: ``activate(arch)``, ``extract(arch)``, sorting.
+
+    The space's network must provide ``configure(arch | None)`` (set the active dims of its
+    elastic layers; ``None`` restores full size) and ``sort_channels(optimizer)``.
+    """
+
+    def __init__(self, space: "SearchSpace"):
+        super().__init__()
+        self.space = space.architecture_space()  # compression genes never shape the supernet
+        self.net = self.space.network(self.space.largest())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    @contextlib.contextmanager
+    def activate(self, arch: Mapping[str, Value]) -> Iterator["Supernet"]:
+        """Within the block, the supernet computes exactly the subnet ``arch``."""
+        self.net.configure(self.space.validate(self.space.architecture_of(arch)))
+        try:
+            yield self
+        finally:
+            self.net.configure(None)
+
+    def extract(self, arch: Mapping[str, Value]) -> nn.Module:
+        """A standalone model of ``arch`` holding the inherited weights (and BN statistics)."""
+        model = self.space.build(self.space.architecture_of(arch)).to(
+            next(self.parameters()).device)
+        source = self.net.state_dict()
+        model.load_state_dict({name: slice_like(source[name], t.shape).clone()
+                               for name, t in model.state_dict().items()})
+        return model
+
+    def sort_channels(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Reorder channels so that every prefix keeps the most important (L1) ones."""
+        with torch.no_grad():
+            self.net.sort_channels(optimizer)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: Tensor, batch_size: int = 1024) -> None:
+    """Re-estimate BatchNorm statistics of ``model`` on ``x`` (a cumulative average over batches).
+
+    Inherited statistics belong to whatever subnets trained the supernet last, so every subnet is
+    recalibrated before it is evaluated. The default batch takes the evaluator's whole
+    calibration set in one pass: per-call overhead, not arithmetic, dominates for small models.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    was_training = model.training
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    for start in range(0, len(x), batch_size):
+        model(x[start:start + batch_size])
+    for bn, momentum in zip(bns, saved):
+        bn.momentum = momentum
+    model.train(was_training)
+
+
+def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, temperature: float):
+    """Loss of one sandwich-rule step: the largest subnet learns from labels, the smallest and
+    ``n_random`` random subnets from the largest one's soft logits (in-place distillation)."""
+    space = supernet.space
+    largest, smallest = space.largest(), space.smallest()
+
+    def loss(x: Tensor, y: Tensor) -> Tensor:
+        with supernet.activate(largest):
+            teacher_logits = supernet(x)
+        total = F.cross_entropy(teacher_logits, y)
+        soft = F.softmax(teacher_logits.detach() / temperature, dim=1)
+        for arch in [smallest] + [space.sample(rng) for _ in range(n_random)]:
+            with supernet.activate(arch):
+                student = F.log_softmax(supernet(x) / temperature, dim=1)
+            total = total + F.kl_div(student, soft, reduction="batchmean") * temperature ** 2
+        return total
+
+    return loss
+
+
+def load_weights(supernet: "Supernet", state: Any, path: Path,
+                 needs: tuple[str, ...] = ()) -> None:
+    """Load the checkpoint ``state`` (read from ``path``) into ``supernet``; a checkpoint of
+    another space or shape, or one missing ``needs`` (a partial one's optimizer state), is one
+    error that says to delete it (it is retrained or resumed from scratch)."""
+    fix = f"delete {path} and re-run the same command to train it again"
+    if not isinstance(state, dict) or "net" not in state or any(k not in state for k in needs):
+        missing = [k for k in ("net", *needs) if not isinstance(state, dict) or k not in state]
+        raise NasoptError(f"checkpoint {path} is not a whole nasopt supernet checkpoint (no "
+                          f"{', '.join(missing)}); {fix}")
+    try:
+        supernet.net.load_state_dict(state["net"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        detail = str(exc).strip().splitlines()[0][:160]
+        raise NasoptError(f"checkpoint {path} does not fit the supernet of {supernet.space.name} "
+                          f"({detail}); {fix}") from None
+
+
+def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any) -> str:
+    """Hash of everything the trained supernet depends on: the (sub-)space, the data, the recipe."""
+    payload = json.dumps({"space": space.architecture_space().describe(), "data": data_fingerprint,
+                          "train": dataclasses.asdict(cfg)}, sort_keys=True)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig", folder: Path, *,
+                   device: torch.device | str = "cpu", show_progress: bool = True,
+                   log: Callable[[str], None] = lambda s: None,
+                   group: "Group | None" = None) -> tuple[Supernet, Path]:
+    """Train (or reuse) the supernet of ``space`` on ``data``.
+
+    The checkpoint ``folder/<space>-<key>.pt`` is keyed by :func:`supernet_key`, so the same
+    space, data and recipe reuse it. A per-epoch checkpoint lets a killed training resume.
+    Phase 1 (``warmup_epochs``) trains the largest subnet alone, then channels are sorted by L1
+    importance; phase 2 applies the sandwich rule with in-place distillation.
+
+    With ``group`` (several processes under torchrun, :mod:`nasopt.supernet.distributed`) each rank trains
+    on its shard with averaged gradients and batches of ``batch_size / world_size``; rank 0
+    alone reads and writes the checkpoints (same key: a search reuses them) and sends what it
+    read to the others, so they need not share its file system.
+    """
+    from nasopt.supernet import distributed
+    from nasopt.supernet.train import TrainConfig, fit  # train imports nothing from here; keep the edge one-way
+
+    key = supernet_key(space, data.fingerprint, cfg)
+    final = folder / f"{space.name}-{key}.pt"
+    partial = folder / f"{space.name}-{key}.partial.pt"
+    torch.manual_seed(cfg.seed)
+    supernet = space.supernet().to(device)
+    space = supernet.space  # the architecture genes only
+    main = group is None or group.is_main
+
+    def read(path: Path) -> dict | None:
+        """The checkpoint as rank 0 reads it (on the CPU when it travels to the other ranks)."""
+        state = checkpoint.load(path, device if group is None else "cpu") \
+            if main and path.exists() else None
+        return distributed.from_main(state, group)
+
+    state = read(final)
+    if state is not None:
+        load_weights(supernet, state, final)
+        log(f"reusing trained supernet {final}")
+        return supernet.eval(), final
+
+    start, resume = 0, None
+    state = read(partial)
+    if state is not None:
+        load_weights(supernet, state, partial, ("epoch", "optimizer", "scheduler"))
+        start, resume = state["epoch"] + 1, state
+        log(f"resuming supernet training at epoch {start + 1} from {partial}")
+    elif main:
+        log(f"training supernet {space.name} ({cfg.epochs} epochs; saved to {final}, reused by "
+            f"later runs with this space, data and recipe)")
+    rng = random.Random()
+    largest = space.largest()
+    sandwich = sandwich_loss(supernet, rng, cfg.n_random, cfg.kd_temperature)
+
+    def loss(x: Tensor, y: Tensor) -> Tensor:
+        if epoch_now[0] < cfg.warmup_epochs:
+            with supernet.activate(largest):
+                return F.cross_entropy(supernet(x), y)
+        return sandwich(x, y)
+
+    epoch_now = [start]
+
+    def on_start(epoch: int) -> None:
+        epoch_now[0] = epoch
+        rng.seed(cfg.seed * 1_000_003 + epoch)  # subnet draws depend on (seed, epoch) only
+
+    def on_end(epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        distributed.average_buffers_(supernet.net, group)
+        if epoch + 1 == cfg.warmup_epochs:
+            supernet.sort_channels(optimizer)
+        if main:
+            checkpoint.save({"epoch": epoch, "net": supernet.net.state_dict(),
+                             "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict()}, partial)
+        distributed.barrier(group)
+
+    supernet.train()
+    distributed.broadcast_(supernet.net, group)
+    x, y = distributed.shard(data.x_train, data.y_train, group)
+    batch = cfg.batch_size if group is None else max(1, cfg.batch_size // group.world_size)
+    train_cfg = TrainConfig(cfg.epochs, batch, cfg.lr, cfg.weight_decay, cfg.seed)
+    params = list(supernet.parameters())
+    with distributed.averaged_gradients(params, group):
+        fit(params, loss, x, y, train_cfg, start_epoch=start, resume_state=resume,
+            on_epoch_start=on_start, on_epoch_end=on_end, desc=f"supernet {space.name}",
+            show_progress=show_progress and main)
+    if cfg.warmup_epochs >= cfg.epochs:  # never reached the sandwich phase: still sort
+        supernet.sort_channels()
+    if main:
+        checkpoint.save({"net": supernet.net.state_dict(), "space": space.describe(),
+                         "data": data.fingerprint, "config": dataclasses.asdict(cfg),
+                         "world_size": 1 if group is None else group.world_size}, final)
+        partial.unlink(missing_ok=True)
+    distributed.barrier(group)
+    return supernet.eval(), final
