@@ -17,59 +17,22 @@ Failed and running trials never join the population: a failure does not make a p
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from nasopt.core.pareto import crowding_distances, minimized, nondominated_ranks
 from nasopt.core.space import SearchSpace
 from nasopt.core.strategy import GeneSampler, Strategy
 from nasopt.search.study import constraint_excess
 
 POPULATION = 20
 SAMPLE = 5
-
-
-def _minimized(values: Sequence[float], directions: Sequence[StudyDirection]) -> list[float]:
-    return [v if d == StudyDirection.MINIMIZE else -v for v, d in zip(values, directions)]
-
-
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-
-def nondominated_ranks(points: Sequence[Sequence[float]]) -> list[int]:
-    """Pareto rank of each point (0 = non-dominated), all objectives minimized."""
-    ranks = [-1] * len(points)
-    left, rank = set(range(len(points))), 0
-    while left:
-        front = {i for i in left if not any(_dominates(points[j], points[i]) for j in left)}
-        for i in front:
-            ranks[i] = rank
-        left -= front
-        rank += 1
-    return ranks
-
-
-def crowding_distances(points: Sequence[Sequence[float]]) -> list[float]:
-    """NSGA-II crowding distance of each point among ``points`` (boundary points: infinity)."""
-    n = len(points)
-    distance = [0.0] * n
-    if n <= 2:
-        return [math.inf] * n
-    for k in range(len(points[0])):
-        order = sorted(range(n), key=lambda i: points[i][k])
-        low, high = points[order[0]][k], points[order[-1]][k]
-        distance[order[0]] = distance[order[-1]] = math.inf
-        if high == low:
-            continue
-        for pos in range(1, n - 1):
-            distance[order[pos]] += (points[order[pos + 1]][k] - points[order[pos - 1]][k]) / (high - low)
-    return distance
 
 
 violation = constraint_excess  # total excess over the trial's constraints (0 when feasible)
@@ -84,13 +47,12 @@ def tournament_winner(values: Sequence[Sequence[float]], directions: Sequence[St
         if not feasible:
             return min(index, key=lambda i: violations[i])
         index = feasible
-    points = [_minimized(values[i], directions) for i in index]
+    points = minimized([values[i] for i in index], directions)
     if len(directions) == 1:
-        return index[min(range(len(points)), key=lambda i: points[i][0])]  # first best on ties
-    ranks = nondominated_ranks(points)
-    best = [i for i in range(len(points)) if ranks[i] == 0]
-    crowding = crowding_distances([points[i] for i in best])
-    return index[best[max(range(len(best)), key=lambda j: crowding[j])]]  # first of the largest
+        return index[int(np.argmin(points[:, 0]))]  # the first best on ties
+    best = np.flatnonzero(nondominated_ranks(points) == 0)
+    crowding = crowding_distances(points[best])
+    return index[int(best[np.argmax(crowding)])]  # the first of the largest
 
 
 class RegularizedEvolutionSampler(GeneSampler):

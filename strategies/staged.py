@@ -71,12 +71,12 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from nasopt.compression.compress import reference_compression
+from nasopt.core.pareto import minimized, nondominated_mask, ranks_and_crowding
 from nasopt.core.space import SearchSpace
 from nasopt.core.strategy import GeneSampler, Strategy
 from nasopt.search.study import constraint_excess
 
 from nasopt.strategies import surrogate
-from nasopt.strategies.evolution import _minimized
 from nasopt.strategies.surrogate import Surrogate
 
 ARCH_SHARE = 0.5
@@ -103,32 +103,8 @@ SWEEP_MAX = 200_000
 
 
 def _points(trials: Sequence[FrozenTrial], directions) -> np.ndarray:
-    return np.array([_minimized(t.values, directions) for t in trials], dtype=float)
-
-
-def ranks_and_crowding(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Non-dominated rank (0 = front) and crowding distance within its rank, all minimized."""
-    n = len(points)
-    le = (points[:, None, :] <= points[None, :, :]).all(-1)  # le[j, i]: j no worse than i
-    lt = (points[:, None, :] < points[None, :, :]).any(-1)
-    dominates = le & lt
-    rank, left, r = np.full(n, -1), np.ones(n, dtype=bool), 0
-    while left.any():
-        current = left & ~(dominates & left[:, None]).any(0)
-        rank[current], left, r = r, left & ~current, r + 1
-    crowd = np.zeros(n)
-    for r in range(rank.max() + 1):
-        idx = np.flatnonzero(rank == r)
-        if len(idx) <= 2:
-            crowd[idx] = np.inf
-            continue
-        for k in range(points.shape[1]):
-            order = idx[np.argsort(points[idx, k], kind="stable")]
-            span = points[order[-1], k] - points[order[0], k]
-            crowd[order[0]] = crowd[order[-1]] = np.inf
-            if span > 0:
-                crowd[order[1:-1]] += (points[order[2:], k] - points[order[:-2], k]) / span
-    return rank, crowd
+    """The trials' objective values, every objective minimized (one row per trial)."""
+    return minimized([t.values for t in trials], directions)
 
 
 def front(trials: Sequence[FrozenTrial], directions) -> list[FrozenTrial]:
@@ -141,18 +117,15 @@ def front(trials: Sequence[FrozenTrial], directions) -> list[FrozenTrial]:
     if not feasible:
         least = min(excess)
         return [t for t, e in zip(trials, excess) if e == least]
-    points = _points(feasible, directions)
-    le = (points[:, None, :] <= points[None, :, :]).all(-1)
-    lt = (points[:, None, :] < points[None, :, :]).any(-1)
-    dominated = (le & lt).any(0)
-    return [t for t, d in zip(feasible, dominated) if not d]
+    keep = nondominated_mask(_points(feasible, directions))
+    return [t for t, k in zip(feasible, keep) if k]
 
 
 def leading(members: Sequence[FrozenTrial], directions, part: float) -> list[FrozenTrial]:
     """The ``part`` of ``members`` (at least one) best by the first objective."""
     if not members:
         return []
-    order = sorted(members, key=lambda t: _minimized(t.values, directions)[0])
+    order = sorted(members, key=lambda t: minimized(t.values, directions)[0])
     return order[:max(1, int(np.ceil(part * len(order))))]
 
 

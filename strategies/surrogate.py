@@ -19,9 +19,8 @@ import numpy as np
 from optuna.trial import FrozenTrial
 from sklearn.ensemble import ExtraTreesRegressor
 
+from nasopt.core.pareto import minimized
 from nasopt.search.study import constraint_excess
-
-from nasopt.strategies.evolution import _minimized
 
 #: candidates a strategy proposes per evaluation (the surrogate picks one)
 SCREEN = 24
@@ -67,7 +66,7 @@ class Surrogate:
         if not trials or numbers == self.fitted_on:
             return
         x = np.array([encode(t.params, self.options) for t in trials])
-        y = np.array([_minimized(t.values, directions) for t in trials], dtype=float)
+        y = minimized([t.values for t in trials], directions)
         self.logged = (y > 0).all(0)
         self.floor = y.min(0)  # log of a later non-positive value: clipped to the fitted range
         y = self.transform(y)
@@ -125,5 +124,5 @@ def scores(surrogate: Surrogate, points: np.ndarray, breaking: np.ndarray,
     (:meth:`Surrogate.predict`): its margin beyond ``front`` if most trees predict it within the
     constraints, else ``-1e9`` less its breaking share (the larger, the better)."""
     ahead = margin(points, surrogate.transform(
-        np.array([_minimized(t.values, directions) for t in front], dtype=float)))
+        minimized([t.values for t in front], directions)))
     return np.where(breaking < 0.5, ahead, -1e9 - breaking)

@@ -13,14 +13,13 @@ from optuna.study import StudyDirection
 from nasopt_bench.strategies import random_search_best
 from nasopt.core.errors import NasoptError
 from nasopt.core.objectives import Constraint, get_objectives
+from nasopt.core.pareto import crowding_distances, nondominated_ranks
 from nasopt.search.loop import run_search
 from nasopt.search.study import pareto_numbers
 from nasopt.search.tabular import TabularEvaluator
 from nasopt.spaces.nb201 import CIFAR10_SHAPE, EDGES, OPS, Nb201Space
 from nasopt.strategies import STRATEGIES
-from nasopt.strategies.evolution import (
-    POPULATION, crowding_distances, nondominated_ranks, tournament_winner,
-)
+from nasopt.strategies.evolution import POPULATION, tournament_winner
 from nasopt.strategies.reinforce import ReinforceSampler, mnasnet_rewards
 
 NAMES = list(STRATEGIES)
@@ -120,7 +119,7 @@ def test_tournament_selection():
     # accuracy up, size down: (0.8, 300) is dominated by (0.9, 200)
     points = [[0.8, 300.0], [0.9, 200.0], [0.7, 100.0], [0.85, 150.0]]
     minimized = [[-a, s] for a, s in points]
-    assert nondominated_ranks(minimized) == [1, 0, 0, 0]
+    assert nondominated_ranks(minimized).tolist() == [1, 0, 0, 0]
     crowd = crowding_distances([minimized[i] for i in (1, 2, 3)])
     assert crowd[0] == crowd[1] == math.inf and math.isfinite(crowd[2])
     assert tournament_winner(points, [MAX, MIN]) == 1  # rank 0, boundary, first drawn

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import optuna
 import torch
 import torch.nn.functional as F
+from optuna.study import StudyDirection
 from torch import nn
 
 from nasopt import api
@@ -32,6 +34,7 @@ from nasopt.compression.compress import (
 from nasopt.core.data import FRESH_MNIST1D_SEED, check_extra_validation, extend_validation
 from nasopt.search.evaluate import Evaluator
 from nasopt.core.objectives import get_objectives, hypervolume
+from nasopt.core.pareto import minimized, nondominated_mask, weakly_dominated
 from nasopt.compression.packed import layer_size
 from nasopt.search.loop import run_search
 from nasopt.supernet.train import TrainConfig, correct, train_model
@@ -44,6 +47,8 @@ TARGET_ACC_4KB = 0.92
 #: a missed baseline point counts as significantly more accurate than the joint front below
 #: this one-sided paired p-value (:func:`paired_p`)
 ALPHA = 0.05
+#: the bench's points are (validation accuracy, packed bytes, label)
+DIRECTIONS = (StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE)
 
 
 class ReferenceCNN(nn.Module):
@@ -67,30 +72,33 @@ class ReferenceCNN(nn.Module):
         return self.linear(self._features(x))
 
 
+def _objectives(points: list) -> np.ndarray:
+    """(accuracy, size) of each (accuracy, size, label) point, both minimized."""
+    return minimized([p[:2] for p in points], DIRECTIONS)
+
+
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
-    """Non-dominated (accuracy up, size down) points, by increasing size."""
-    front, best = [], -1.0
-    for acc, size, label in sorted(points, key=lambda p: (p[1], -p[0])):
-        if acc > best:
-            front.append((acc, size, label))
-            best = acc
-    return front
+    """Non-dominated (accuracy up, size down) points, by increasing size; of equal points,
+    the first."""
+    ordered = sorted(points, key=lambda p: (p[1], -p[0]))
+    keep = nondominated_mask(_objectives(ordered), unique=True)
+    return [p for p, k in zip(ordered, keep) if k]
 
 
 def dominated_share(front: list, others: list) -> float:
     """Share of ``others`` weakly dominated by some point of ``front``."""
-    hit = sum(any(a >= oa and s <= os_ for a, s, _ in front) for oa, os_, _ in others)
-    return hit / len(others) if others else 0.0
+    if not others:
+        return 0.0
+    return int(weakly_dominated(_objectives(others), _objectives(front)).sum()) / len(others)
 
 
 def misses(front: list, others: list) -> list[tuple[tuple, tuple | None]]:
     """The points of ``others`` that no point of ``front`` weakly dominates, each with the most
     accurate point ``front`` has at that size or less (None: nothing that small)."""
     out = []
-    for point in others:
-        oa, os_, _ = point
-        if not any(a >= oa and s <= os_ for a, s, _ in front):
-            fit = [p for p in front if p[1] <= os_]
+    for point, covered in zip(others, weakly_dominated(_objectives(others), _objectives(front))):
+        if not covered:
+            fit = [p for p in front if p[1] <= point[1]]
             out.append((point, max(fit, key=lambda p: p[0]) if fit else None))
     return out
 

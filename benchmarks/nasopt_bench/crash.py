@@ -24,6 +24,7 @@ from typing import Any
 
 import optuna
 
+from nasopt.core.pareto import minimized, nondominated_mask
 from nasopt.search import study as nstudy
 from nasopt.search import workers
 
@@ -171,14 +172,8 @@ def fronts(url: str, name: str) -> tuple[set[int], set[int]]:
     trials, each arch listed at its first trial) as trial numbers."""
     study = optuna.load_study(study_name=name, storage=storage_of(url))
     done = [t for t in complete(study.trials) if nstudy.is_feasible(t)]
-    signs = [1 if d == optuna.study.StudyDirection.MAXIMIZE else -1 for d in study.directions]
-
-    def dominates(a, b) -> bool:  # noqa: ANN001
-        pa = [s * v for s, v in zip(signs, a.values)]
-        pb = [s * v for s, v in zip(signs, b.values)]
-        return all(x >= y for x, y in zip(pa, pb)) and pa != pb
-
-    front = [t for t in done if not any(dominates(o, t) for o in done)]
+    keep = nondominated_mask(minimized([t.values for t in done], study.directions))
+    front = [t for t, k in zip(done, keep) if k]
     first: dict[tuple, int] = {}
     for t in sorted(front, key=lambda t: t.number):
         first.setdefault(tuple(sorted(t.params.items())), t.number)
