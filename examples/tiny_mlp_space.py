@@ -2,17 +2,18 @@
 
 Any input shape (it is flattened): signals, images, a table's rows. Genes: ``depth`` (1-3 hidden
 layers) and each hidden layer's width ``sN.width``; compression genes (bits per layer and for
-the head, global sparsity, the head's rank) come from :func:`nasopt.compression.compress.compression_genes`.
+the head, global sparsity, the head's rank) come from :func:`nasopt.compression_genes`.
 
     nasopt check-space examples/tiny_mlp_space.py:TinyMLPSpace
     nasopt search --space examples/tiny_mlp_space.py:TinyMLPSpace --dataset digits --max-size 2KB
 
 What a space provides: ``architecture_genes`` (and optionally ``compression_genes``) and
-``network(dims)``, an ``nn.Module`` sized for ``dims`` built from nasopt's elastic layers, with
-``configure(arch | None)`` (activate a subnet: the active depth and widths; None: everything)
-and ``sort_channels(optimizer)`` (reorder hidden units so that every prefix keeps the most
-important ones). Module names group the compression genes: ``stages.<i>`` is group ``s<i+1>``,
-``head`` is ``head`` (:meth:`nasopt.SearchSpace.group_of`).
+``network(dims)``, a :class:`nasopt.ElasticNetwork` sized for ``dims`` and built from nasopt's
+elastic layers, with ``configure(arch | None)`` (activate a subnet: the active depth and
+widths; None: everything) and, optionally, ``sort_channels(optimizer)`` (reorder hidden units so
+that every prefix keeps the most important ones). Module names group the compression genes:
+``stages.<i>`` is group ``s<i+1>``, ``head`` is ``head``; the network-wide gene ``depth`` keeps
+the first ``depth`` stages (docs/writing-a-space.md).
 """
 from __future__ import annotations
 
@@ -22,15 +23,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from nasopt.compression.compress import compression_genes
-from nasopt.core.space import SearchSpace
-from nasopt.supernet.elastic import ElasticLinear, importance, permute_
+from nasopt import (
+    ElasticLinear, ElasticNetwork, SearchSpace, compression_genes, importance, permute_,
+)
 
 LAYERS = 3
 WIDTHS = (16, 32, 64)
 
 
-class TinyMLP(nn.Module):
+class TinyMLP(ElasticNetwork):
     def __init__(self, in_features: int, num_classes: int, dims: Mapping[str, int]):
         super().__init__()
         depth = int(dims["depth"])

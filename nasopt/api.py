@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from nasopt.spaces import SPACES as SHIPPED_SPACES
-from nasopt.strategies import GRADIENT_STRATEGIES, NNI_STRATEGIES, STRATEGIES
+from nasopt.strategies import GRADIENT_STRATEGIES, NNI_STRATEGIES
+from nasopt.strategies import STRATEGIES as SHIPPED_STRATEGIES
 
 from nasopt.deploy import export as _export
 from nasopt.inspection import tables as _inspection
@@ -36,13 +37,16 @@ from nasopt.compression.packed import VERSION as PACKED_VERSION
 from nasopt.search.loop import run_search
 from nasopt.core.space import SearchSpace, space_from_description
 from nasopt.core.space_import import Spaces
-from nasopt.core.strategy import attach_run_folder
+from nasopt.core.strategy import Strategies, attach_run_folder
 from nasopt.supernet.elastic import Supernet, load_weights, train_supernet
 from nasopt.search.tabular import TabularEvaluator, table_name
 
 #: every space by name: the shipped ones, installed entry points (group ``nasopt.spaces``) and,
 #: as keys, import specs of a user's own class (``path/file.py:Class``, ``module:Class``)
 SPACES = Spaces(SHIPPED_SPACES)
+#: every sampling strategy by name: the shipped ones, then installed entry points (group
+#: ``nasopt.strategies``)
+STRATEGIES = Strategies(SHIPPED_STRATEGIES)
 
 __all__ = ["Config", "load_config", "search", "open_storage", "studies", "open_study", "pareto",
            "trials", "compare", "importance", "export",
@@ -106,7 +110,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
     In tabular mode (``search.table`` set) accuracy is read from the table instead: no dataset is
     loaded and no supernet trained."""
     s = cfg.search
-    if s.strategy not in {**STRATEGIES, **GRADIENT_STRATEGIES, **NNI_STRATEGIES}:
+    if not any(s.strategy in known for known in (STRATEGIES, GRADIENT_STRATEGIES, NNI_STRATEGIES)):
         raise NasoptError(f"unknown strategy {s.strategy!r}; known: "
                           f"{', '.join([*STRATEGIES, *GRADIENT_STRATEGIES, *NNI_STRATEGIES])}")
     if s.strategy in NNI_STRATEGIES:  # the optional extra is checked before any work
@@ -118,7 +122,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
                           f"tabular mode (--table) has none: use a sampling strategy")
     if gradient:
         from nasopt.gradient.relaxation import check_space
-        check_space(s.space)
+        check_space(SPACES[s.space])
     profile = _hardware_profile(s, log)
     constraints = get_constraints({**(profile.limits if profile else {}), **s.budgets})
     if profile is not None:
@@ -133,7 +137,7 @@ def search(cfg: Config, *, show_progress: bool = True, log: Log = lambda s: None
             raise NasoptError("tabular mode has no trained networks to time or measure; drop "
                               "--hardware and --max-latency/--max-sram with --table")
         return _search_table(cfg, objectives, constraints, show_progress, log, heartbeat)
-    if not getattr(SPACES.get(s.space), "weight_sharing", True):
+    if s.space in SPACES and not SPACES[s.space].weight_sharing:
         raise NasoptError(f"space {s.space!r} has no weight-sharing supernet; search it in "
                           f"tabular mode: --table [PATH.csv] (see `nasopt search --help`)")
     device = resolve_device(cfg.device)
@@ -246,7 +250,7 @@ def _search_table(cfg: Config, objectives: list[Objective], constraints: list[Co
     s = cfg.search
     if s.space not in SPACES:
         raise NasoptError(f"unknown space {s.space!r}; known: {', '.join(SPACES)}")
-    table_input = getattr(SPACES[s.space], "table_input", None)  # the tabulated networks' input
+    table_input = SPACES[s.space].table_input  # the tabulated networks' input
     if table_input is None:
         raise NasoptError(f"space {s.space!r} has no tabular mode; drop --table, or use a space "
                           f"with one (nb201)")

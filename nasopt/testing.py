@@ -47,10 +47,9 @@ class Failure:
 def default_input_shape(cls: type[SearchSpace]) -> tuple[int, ...]:
     """An input a space of this rank takes: (1, 40) signals or (1, 28, 28) images; a tabular
     space says its own (``table_input``)."""
-    table = getattr(cls, "table_input", None)
-    if table is not None:
-        return tuple(table[0])
-    return (1, 40) if getattr(cls, "input_rank", 2) == 2 else (1, 28, 28)
+    if cls.table_input is not None:
+        return tuple(cls.table_input[0])
+    return (1, 28, 28) if cls.input_rank == 3 else (1, 40)
 
 
 class _Checks:
@@ -84,7 +83,7 @@ class _Checks:
             assert torch.isfinite(out).all(), f"build({dict(arch)}) gave non-finite outputs"
 
     def _supernet(self):  # noqa: ANN202
-        if not getattr(type(self.space), "weight_sharing", True):
+        if not self.space.weight_sharing:
             return None
         from nasopt.supernet.elastic import recalibrate_bn
         supernet = self.space.supernet().eval()
@@ -178,7 +177,7 @@ def check_space(cls: type[SearchSpace], input_shape: tuple[int, ...] | None = No
         if rule in ("packed", "export") and not (space.compression
                                                   and space.compression_genes()):
             continue  # no compression genes: nothing is packed (nb201 is searched from a table)
-        if rule == "export" and not getattr(cls, "weight_sharing", True):
+        if rule == "export" and not cls.weight_sharing:
             continue  # a space without a supernet is exported from a table: no model to export
         try:
             getattr(checks, rule)()

@@ -47,7 +47,7 @@ run nasopt studies show mnist1d-4kb --pareto
 # 4. Export the most accurate feasible trial, load it back as a PyTorch module, score it on the
 #    test split (weights inherited from the supernet: `nasopt finetune` or `nasopt run` train them)
 run nasopt export mnist1d-4kb --trial best --out model --force
-run python -c "import nasopt; from nasopt.core.data import load_dataset; d = load_dataset('mnist1d'); m = nasopt.load('model'); print('test accuracy', round((m(d.x_test).argmax(1) == d.y_test).float().mean().item(), 3))"
+run python -c "import nasopt; d = nasopt.load_dataset('mnist1d'); m = nasopt.load('model'); print('test accuracy', round((m(d.x_test).argmax(1) == d.y_test).float().mean().item(), 3))"
 
 echo
 echo "tour done: $work"

@@ -12,6 +12,7 @@ Genes per stage ``sN``: ``depth`` (blocks), ``k`` (kernel, centre-cropped from 7
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,9 @@ from nasopt.core.arch import Value
 from nasopt.compression.compress import compression_genes
 from nasopt.core.space import Genes, SearchSpace
 from nasopt.supernet.elastic import (
-    ElasticBatchNorm1d, ElasticConv1d, ElasticLinear, importance, permute_, permute_bn_,
+    ElasticBatchNorm1d, ElasticConv1d, ElasticLinear, Supernet, importance, permute_, permute_bn_,
 )
+from nasopt.supernet.network import ElasticNetwork
 
 STAGES = 3
 DEPTHS = (1, 2, 3)
@@ -55,7 +57,7 @@ class Stage(nn.Module):
         return x
 
 
-class Conv1dNet(nn.Module):
+class Conv1dNet(ElasticNetwork):
     def __init__(self, in_channels: int, length: int, num_classes: int, dims: Mapping[str, Value]):
         super().__init__()
         stages, cin = [], in_channels
@@ -120,3 +122,9 @@ class Conv1dSpace(SearchSpace):
     def network(self, dims: Mapping[str, Value]) -> nn.Module:
         channels, length = self.input_shape
         return Conv1dNet(channels, length, self.num_classes, dims)
+
+    def relax(self, supernet: Supernet, sparsity: float | None = None, latency: Any = None,
+              sram_dtype: str | None = None) -> nn.Module:
+        """The relaxed conv1d supernet for gradient search (DARTS, GDAS)."""
+        from nasopt.gradient.relaxation import Conv1dRelaxation
+        return Conv1dRelaxation(self, supernet, sparsity, latency, sram_dtype)

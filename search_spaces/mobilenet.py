@@ -33,6 +33,7 @@ from nasopt.core.space import Genes, SearchSpace
 from nasopt.supernet.elastic import (
     ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, importance, permute_, permute_bn_,
 )
+from nasopt.supernet.network import ElasticNetwork
 
 STEM_WIDTHS = (8, 16)
 DEPTHS = (1, 2, 3)
@@ -85,7 +86,7 @@ class Stage(nn.Module):
         return x
 
 
-class MobileNet(nn.Module):
+class MobileNet(ElasticNetwork):
     def __init__(self, in_channels: int, size: int, num_classes: int, dims: Mapping[str, Value]):
         super().__init__()
         stem = int(dims["stem.width"])

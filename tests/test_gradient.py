@@ -293,6 +293,21 @@ def test_gradient_strategies_are_listed_and_refused_where_they_cannot_run(tmp_pa
     assert not (tmp_path / "supernets").exists()  # refused before any training
 
 
+def test_relaxation_is_a_capability_of_the_space_class_not_of_its_name():
+    """A user's subclass of the conv1d space inherits its relaxation; a space that defines none
+    is refused by class."""
+    from nasopt.core.errors import NasoptError
+    from nasopt.gradient.relaxation import check_space
+    from nasopt.spaces.conv1d import Conv1dSpace
+    from nasopt.spaces.mobilenet import MobileNetSpace
+
+    narrow = type("NarrowConv1d", (Conv1dSpace,), {"name": "narrow-conv1d"})
+    check_space(narrow)
+    assert narrow.relaxable() and not MobileNetSpace.relaxable()
+    with pytest.raises(NasoptError, match="'mobilenet' has no relaxation"):
+        check_space(MobileNetSpace)
+
+
 def test_derived_sampler_skips_archs_another_worker_holds():
     """Workers on one study derive the same list: each takes the archs no trial holds yet."""
     import optuna

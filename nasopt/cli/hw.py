@@ -85,7 +85,7 @@ def _space(args: argparse.Namespace):  # noqa: ANN202
     from nasopt.core.space import parse_restrictions
     if args.space not in api.SPACES:
         raise NasoptError(f"unknown space {args.space!r}; known: {', '.join(api.SPACES)}")
-    if not getattr(api.SPACES[args.space], "weight_sharing", True):
+    if not api.SPACES[args.space].weight_sharing:
         raise NasoptError(f"space {args.space!r} is searched from a table; it has no networks "
                           f"to time")
     dataset = args.dataset or DEFAULT_DATASET.get(args.space, "mnist1d")

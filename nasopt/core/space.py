@@ -15,6 +15,7 @@ from torch import nn
 
 from nasopt.core.arch import Arch, Value
 from nasopt.core.errors import NasoptError
+from nasopt.supernet.network import group_of
 
 if TYPE_CHECKING:
     from nasopt.supernet.elastic import Supernet
@@ -36,7 +37,7 @@ class SearchSpace(ABC):
 
     name: ClassVar[str]
     #: rank of the per-sample input tensor the space accepts (2: (C, L) signals; 3: (C, H, W) images)
-    input_rank: ClassVar[int | None]  # dims of one sample (2: signals, 3: images; None: any)
+    input_rank: ClassVar[int | None] = None  # dims of one sample (2: signals, 3: images; None: any)
 
     def __init__(self, input_shape: Sequence[int], num_classes: int,
                  genes: Mapping[str, Sequence[Value]] | None = None, compression: bool = True):
@@ -66,17 +67,40 @@ class SearchSpace(ABC):
         A group is a prefix of module names as given by :meth:`group_of`."""
         return {}
 
-    def group_of(self, module_name: str) -> str:
-        """The gene group of a module: ``stages.<i>.…`` -> ``s<i+1>``, otherwise its first name
-        component (``head``, ``stem``…). Compression genes are per group."""
-        parts = module_name.split(".")
-        if parts[0] == "stages" and len(parts) > 1:
-            return f"s{int(parts[1]) + 1}"
-        return parts[0].removesuffix("_bn")
+    #: the gene group of a module by its name (:func:`nasopt.supernet.network.group_of`, the
+    #: one rule: ``stages.<i>.…`` -> ``s<i+1>``, else its first name component)
+    group_of = staticmethod(group_of)
 
     @abstractmethod
     def network(self, dims: Mapping[str, Value]) -> nn.Module:
-        """The elastic network whose layers are sized for ``dims`` (one value per gene)."""
+        """The elastic network (an :class:`~nasopt.supernet.network.ElasticNetwork` for a
+        weight-sharing space) whose layers are sized for ``dims`` (one value per gene)."""
+
+    # ---- what a concrete space may provide (capabilities, with their defaults) --------------
+    #: whether the space is searched on a weight-sharing supernet (False: tabular only)
+    weight_sharing: ClassVar[bool] = True
+    #: the (input shape, classes) of the networks a table was made for (tabular spaces)
+    table_input: ClassVar[tuple[tuple[int, ...], int] | None] = None
+
+    def arch_string(self, arch: Mapping[str, Value]) -> str | None:
+        """The arch as a table row names it (tabular mode); None: the space has no table form."""
+        return None
+
+    def count_key(self, arch: Mapping[str, Value]) -> str:
+        """A key equal for archs with equal parameter and MAC counts (counted once per key)."""
+        return self.validate(arch).key
+
+    def relax(self, supernet: "Supernet", sparsity: float | None = None, latency: Any = None,
+              sram_dtype: str | None = None) -> nn.Module:
+        """The continuous relaxation of this space's trained supernet for gradient search
+        (DARTS, GDAS): a :class:`nasopt.gradient.search.Relaxation`. A space without one
+        does not override this, and the gradient strategies refuse it in one line."""
+        raise NotImplementedError(f"space {self.name!r} has no relaxation")
+
+    @classmethod
+    def relaxable(cls) -> bool:
+        """Whether the space defines :meth:`relax`."""
+        return cls.relax is not SearchSpace.relax
 
     # ---- shared behaviour -----------------------------------------------------------------
     def full_genes(self) -> Genes:

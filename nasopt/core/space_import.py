@@ -14,11 +14,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Iterator, Mapping
-from importlib.metadata import entry_points
+from collections.abc import Mapping
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 from nasopt.core.errors import NasoptError
+from nasopt.core.registry import Registry
 from nasopt.core.space import SearchSpace
 
 #: the entry-point group under which installed packages offer their spaces (name = "module:Class")
@@ -78,39 +79,26 @@ def _space_classes(module) -> list[str]:  # noqa: ANN001
             if isinstance(v, type) and issubclass(v, SearchSpace) and v is not SearchSpace]
 
 
-class Spaces(Mapping[str, type[SearchSpace]]):
+class Spaces(Registry[type[SearchSpace]]):
     """Every space by name: the shipped ones (``builtin``), then the installed entry points of
     :data:`ENTRY_POINTS`; a key that is an import spec loads that class."""
 
     def __init__(self, builtin: Mapping[str, type[SearchSpace]]):
-        self._builtin = dict(builtin)
+        super().__init__(builtin, ENTRY_POINTS)
 
-    def _entry_points(self) -> dict[str, str]:
-        return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINTS)
-                if ep.name not in self._builtin}
+    def load_installed(self, name: str, entry: EntryPoint) -> type[SearchSpace]:
+        cls = load_space_class(entry.value)
+        cls.import_spec = entry.value
+        return cls
 
     def __getitem__(self, key: str) -> type[SearchSpace]:
-        if key in self._builtin:
-            return self._builtin[key]
-        installed = self._entry_points()
-        if key in installed:
-            cls = load_space_class(installed[key])
-            cls.import_spec = installed[key]
-            return cls
-        if isinstance(key, str) and is_spec(key):
-            return load_space_class(key)
-        raise KeyError(key)
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            if isinstance(key, str) and is_spec(key):
+                return load_space_class(key)
+            raise
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        if key in self._builtin or is_spec(key):
-            return True  # a spec's import errors are reported when it is loaded
-        return key in self._entry_points()
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._builtin
-        yield from self._entry_points()
-
-    def __len__(self) -> int:
-        return len(self._builtin) + len(self._entry_points())
+        # a spec's import errors are reported when it is loaded
+        return super().__contains__(key) or (isinstance(key, str) and is_spec(key))

@@ -8,8 +8,9 @@ resumed search continues where it stopped. Sample-based strategies of our own im
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,15 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import FrozenTrial
 
+from nasopt.core.errors import NasoptError
+from nasopt.core.registry import Registry
 from nasopt.core.space import SearchSpace
 
 SamplerFactory = Callable[[SearchSpace, int], optuna.samplers.BaseSampler]
+
+#: the entry-point group under which installed packages offer strategies (a :class:`Strategy`
+#: of kind "sampler": ``name = "module:STRATEGY"``)
+ENTRY_POINTS = "nasopt.strategies"
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,26 @@ class Strategy:
     #: "sampler": proposes archs through ``make_sampler``; "gradient": optimizes architecture
     #: logits on the relaxed supernet (nasopt.gradient.run) and records its derived archs
     kind: str = "sampler"
+
+
+class Strategies(Registry[Strategy]):
+    """Every sampling strategy by name: the shipped ones, then the installed entry points of
+    :data:`ENTRY_POINTS`."""
+
+    def __init__(self, builtin: Mapping[str, Strategy]):
+        super().__init__(builtin, ENTRY_POINTS)
+
+    def load_installed(self, name: str, entry: EntryPoint) -> Strategy:
+        try:
+            strategy = entry.load()
+        except Exception as exc:
+            raise NasoptError(f"strategy {name!r}: importing {entry.value} (entry point of group "
+                              f"{ENTRY_POINTS}) failed ({type(exc).__name__}: {exc}); reinstall "
+                              f"the package that offers it") from None
+        if not isinstance(strategy, Strategy) or strategy.kind != "sampler":
+            raise NasoptError(f"strategy {name!r}: {entry.value} is not a nasopt Strategy of kind "
+                              f"'sampler' (Strategy(name, description, make_sampler))")
+        return strategy
 
 
 class ProposalSampler(optuna.samplers.BaseSampler):

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from nasopt.core.data import Dataset
 from nasopt.supernet.early_stopping import History, train_early_stopping
+from nasopt.supernet.network import last_stage
 from nasopt.core.errors import NasoptError
 from nasopt.supernet.train import TrainConfig
 
@@ -213,10 +214,12 @@ class Hint(nn.Module):
 
 
 def default_hint_layer(model: nn.Module) -> str:
-    stages = getattr(model, "stages", None)
-    if stages is None:
-        raise NasoptError("no default hint layer (the model has no 'stages'); set hint_layer")
-    return f"stages.{len(stages) - 1}"
+    """The last stage (:func:`nasopt.supernet.network.last_stage`)."""
+    name = last_stage(model)
+    if name is None:
+        raise NasoptError("no default hint layer (the model has no 'stages'); set hint_layer "
+                          "to a module name of the student")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------

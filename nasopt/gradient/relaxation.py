@@ -1,14 +1,17 @@
 """Continuous relaxation of a trained weight-sharing supernet, for gradient search
 (:mod:`nasopt.gradient.search`): the exact expected packed size, and the relaxed ``conv1d`` network.
 
-**Expected packed size** (:class:`ExpectedSize`, any supernet space). The packed file is a header
-of fixed length plus one record per stored weight layer (:mod:`nasopt.compression.packed`); a record's bytes
-depend only on that layer's deployed shape (width, kernel, depth = whether the layer exists, low
-rank = whether it is split in two), its group's bit-width and the sparsity. For every weight
-layer of the standalone model ("slot") we find the genes its shape depends on (vary one gene at
-a time from the largest arch, where every slot exists), enumerate their joint options (other
-genes at the largest), build the deployed structure on the meta device and count the record's
-bytes with :func:`nasopt.compression.packed.layer_size` for every bit-width. Under independent per-gene
+**Expected packed size** (:class:`ExpectedSize`, for a space's relaxation). The packed file is a
+header of fixed length plus one record per stored weight layer
+(:mod:`nasopt.compression.packed`); a record's bytes depend only on that layer's deployed shape
+(width, kernel, depth = whether the layer exists, low rank = whether it is split in two), its
+group's bit-width and the sparsity. For every weight layer of the standalone model ("slot") we
+find the genes its shape depends on (vary one gene at a time from the largest arch, where every
+slot exists: a dependency that shows only away from the largest arch, as in a network whose head
+follows a network-wide depth, is not found, so a space's relaxation checks exactness against
+brute force), enumerate their joint options (other genes at the largest), build the deployed
+structure on the meta device and count the record's bytes with
+:func:`nasopt.compression.packed.layer_size` for every bit-width. Under independent per-gene
 distributions the expectation is then ``header + sum_slots sum_combos P(combo) * bytes``: exact
 (a one-hot gives ``packed.predicted_size`` of that arch; a test checks it, and checks the
 expectation against brute force over a small space), differentiable, float64.
@@ -314,22 +317,20 @@ class Conv1dRelaxation(nn.Module):
         return F.linear(feats, weight, head.bias)
 
 
-#: spaces whose supernet has a relaxation
-RELAXED_SPACES = ("conv1d",)
-
-
-def check_space(name: str) -> None:
-    """Refuse, before any training, a space that gradient search cannot relax."""
-    if name not in RELAXED_SPACES:
-        raise NasoptError(f"gradient search (darts, gdas) relaxes the supernet of "
-                          f"{', '.join(RELAXED_SPACES)}; space {name!r} has no relaxation yet: "
-                          f"use a sampling strategy (see `nasopt strategies`)")
+def check_space(cls: type[SearchSpace]) -> None:
+    """Refuse, before any training, a space that gradient search cannot relax (one whose class
+    does not define :meth:`SearchSpace.relax <nasopt.core.space.SearchSpace.relax>`)."""
+    if not cls.relaxable():
+        raise NasoptError(f"gradient search (darts, gdas) runs on a relaxation of the supernet; "
+                          f"space {cls.name!r} has no relaxation (it defines no "
+                          f"SearchSpace.relax; the shipped conv1d space does): use a sampling "
+                          f"strategy for this space (see `nasopt strategies`)")
 
 
 def relax(space: SearchSpace, supernet: Supernet, sparsity: float | None = None,
           latency: Any = None, sram_dtype: str | None = None) -> nn.Module:
-    """The relaxation of ``space``'s supernet for gradient search (``conv1d``), with the
-    expected latency of ``latency`` (a :class:`nasopt.hardware.lut.LatencyTable`) and the expected peak
-    activation memory at ``sram_dtype`` among its costs."""
-    check_space(space.name)
-    return Conv1dRelaxation(space, supernet, sparsity, latency, sram_dtype)
+    """The relaxation of ``space``'s supernet for gradient search (:meth:`SearchSpace.relax`),
+    with the expected latency of ``latency`` (a :class:`nasopt.hardware.lut.LatencyTable`) and
+    the expected peak activation memory at ``sram_dtype`` among its costs."""
+    check_space(type(space))
+    return space.relax(supernet, sparsity, latency, sram_dtype)

@@ -17,7 +17,8 @@ from typing import Any
 from nasopt.core.arch import Arch, Value
 from nasopt.core.errors import NasoptError
 from nasopt.hardware.profile import Profile
-from nasopt.hardware.lut import LatencyTable, build_table, group_of_unit, table_path, _block_index
+from nasopt.hardware.lut import LatencyTable, build_table, table_path
+from nasopt.supernet.network import depth_position
 from nasopt.hardware.memory import arch_peak_bytes, structure_key
 from nasopt.core.metrics import Metrics
 from nasopt.core.objectives import Constraint
@@ -107,10 +108,9 @@ def latency_floor(table: LatencyTable) -> float:
     unit every arch has (first blocks, stem, head), its cheapest entry."""
     total = table.constant
     for name, pos in table.positions.items():
-        block = _block_index(name)
-        depth = f"{group_of_unit(name)}.depth"
-        optional = block is not None and depth in table.space["genes"] and \
-            min(int(d) for d in table.space["genes"][depth]) <= block
+        where = depth_position(name)
+        optional = where is not None and where[0] in table.space["genes"] and \
+            min(int(d) for d in table.space["genes"][where[0]]) <= where[1]
         if not optional:
             total += min(table.entries[k] for k in pos["keys"].values())
     return total

@@ -9,11 +9,11 @@ weights (``stem``, ``head``). A unit's key is its layer structure (the plain tor
 **Profiling** (``nasopt hw profile``) enumerates every distinct unit of a (sub-)space and, once
 per unit: exports it alone as a small ONNX graph (as the profile runs it: float32 or int8 QDQ),
 **counts its features** and **times it in isolation** (minus an Identity graph on the same input,
-floored at 0). Enumeration covers every unit by the gene-naming convention of the spaces: a
-group's units (``sN.*``, ``stem.*``, ``head.*``) depend only on the group's structural genes and
-on the previous group's ``width``; one arch per combination of those (depths at their maximum)
-is decomposed. Bit-widths and sparsity do not change the graph ONNX Runtime runs (dense kernels;
-the profile's data type decides), so they are not part of a unit.
+floored at 0). Enumeration covers every unit of any space: the structural genes each unit
+depends on are found by probing (:func:`local_genes`), and one arch per combination of a unit's
+genes (depths at their maximum) is decomposed. Bit-widths and sparsity do not change the graph
+ONNX Runtime runs (dense kernels; the profile's data type decides), so they are not part of a
+unit.
 
 **Features** of a unit (:func:`unit_features`), counted from its graphs, in the spirit of
 nn-Meter's kernel-level predictors: per kind of layer (``pw`` 1x1 conv, ``conv<k>`` dense kxk
@@ -76,6 +76,8 @@ from nasopt.core.arch import Arch, Value
 from nasopt.core.errors import NasoptError
 from nasopt.hardware.profile import Profile
 from nasopt.hardware.memory import deployed_structure, structure_key
+from nasopt.supernet.network import depth_position, is_depth_gene
+from nasopt.supernet.network import units as network_units
 
 if TYPE_CHECKING:
     from nasopt.hardware.latency import Timing
@@ -105,13 +107,7 @@ def units(space, arch: Mapping[str, Value], model: nn.Module | None = None) -> l
     from nasopt.deploy.onnx import plain
     with torch_threads(1):
         model = deployed_structure(space, arch) if model is None else model
-        targets: list[tuple[str, nn.Module]] = []
-        for name, child in model.named_children():
-            if name == "stages":
-                for i, stage in enumerate(child):
-                    targets += [(f"stages.{i}.blocks.{j}", b) for j, b in enumerate(stage.blocks)]
-            elif any(True for _ in child.parameters()):
-                targets.append((name, child))
+        targets = network_units(model)
         seen: list[Unit] = []
 
         def hook(name: str) -> Callable[..., None]:
@@ -133,44 +129,54 @@ def units(space, arch: Mapping[str, Value], model: nn.Module | None = None) -> l
     return seen
 
 
-def _groups(space) -> list[str]:  # noqa: ANN001
-    out: list[str] = []
-    for gene in space.genes:
-        group = gene.split(".")[0] if "." in gene else None
-        if group and group not in out and _structural(gene):
-            out.append(group)
-    return out
+def base_arch(space) -> dict[str, Value]:  # noqa: ANN001
+    """Every depth gene at its largest option (every unit exists), every other gene at its first."""
+    return {g: (max(o) if is_depth_gene(g) else o[0]) for g, o in space.genes.items()}
 
 
 def local_genes(space) -> dict[str, list[str]]:  # noqa: ANN001
-    """Per group, the genes its units depend on: its structural genes (not depth) and the
-    previous group's width."""
-    out, previous = {}, None
-    for group in _groups(space):
-        own = [g for g in space.genes if g.startswith(group + ".") and _structural(g)
-               and not g.endswith(".depth")]
-        out[group] = ([previous] if previous else []) + own
-        if f"{group}.width" in space.genes:
-            previous = f"{group}.width"
-    return out
+    """Per unit name, the structural genes its key depends on (in the space's gene order), found
+    by varying each gene over its options from :func:`base_arch` and from the base with any one
+    other gene at any option (a dependency can hide at one base: a head whose input is the last
+    active stage's width depends on that width only at that depth). A unit absent at some
+    option (a block beyond the depth) does not count as a change: depth genes decide whether a
+    unit exists (:func:`nasopt.supernet.network.depth_position`), not its key."""
+    structural = [g for g in space.genes if _structural(g) and len(space.genes[g]) > 1]
+    base = base_arch(space)
+    cache: dict[str, dict[str, str]] = {}
+
+    def keys(arch: Mapping[str, Value]) -> dict[str, str]:
+        arch = space.validate(arch)
+        if arch.key not in cache:
+            cache[arch.key] = {u.name: u.key for u in units(space, arch)}
+        return cache[arch.key]
+
+    bases = [base] + [{**base, h: o} for h in structural for o in space.genes[h] if o != base[h]]
+    names: dict[str, None] = dict.fromkeys(keys(base))
+    deps: dict[str, set[str]] = {}
+    for b in bases:
+        for g in structural:
+            found = [keys({**b, g: o}) for o in space.genes[g]]
+            for f in found:
+                names.update(dict.fromkeys(f))
+            for name in set().union(*found):
+                if len({f[name] for f in found if name in f}) > 1:
+                    deps.setdefault(name, set()).add(g)
+    return {name: [g for g in space.genes if g in deps.get(name, ())] for name in names}
 
 
-def covering_archs(space) -> list[Arch]:  # noqa: ANN001
-    """Archs whose units include every unit of the space (see the module doc)."""
-    base = {g: (max(o) if g.endswith(".depth") else o[0]) for g, o in space.genes.items()}
+def covering_archs(space, local: Mapping[str, list[str]] | None = None) -> list[Arch]:  # noqa: ANN001
+    """Archs whose units include every unit of the space (see the module doc): per unit, one
+    arch per combination of its genes' options, the other genes as in :func:`base_arch`."""
+    base = base_arch(space)
     archs, seen = [], set()
-    for genes in local_genes(space).values():
+    for genes in (local_genes(space) if local is None else local).values():
         for combo in itertools.product(*(space.genes[g] for g in genes)):
             arch = space.validate({**base, **dict(zip(genes, combo))})
             if arch.key not in seen:
                 seen.add(arch.key)
                 archs.append(arch)
     return archs
-
-
-def group_of_unit(name: str) -> str:
-    parts = name.split(".")
-    return f"s{int(parts[1]) + 1}" if parts[0] == "stages" else parts[0]
 
 
 # ---- graphs, features, timing --------------------------------------------------------------
@@ -428,10 +434,10 @@ class LatencyTable:
 
         total: Any = self.constant
         for name, pos in self.positions.items():
-            group, block = group_of_unit(name), _block_index(name)
             exists: Any = 1.0
-            depth = f"{group}.depth"
-            if block is not None and depth in genes:
+            where = depth_position(name)
+            if where is not None and where[0] in genes:
+                depth, block = where
                 exists = sum(p(depth, d) for d in genes[depth] if int(d) > block)
             cost: Any = 0.0
             for config, key in pos["keys"].items():
@@ -467,11 +473,6 @@ class LatencyTable:
         return cls(data["space"], data["profile"], data["entries_ms"], data["constant_ms"],
                    data["positions"], data.get("fit", {}), data.get("isolated_ms", {}),
                    data.get("features", {}), data.get("coefficients_ms", {}))
-
-
-def _block_index(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[3]) if parts[0] == "stages" else None
 
 
 def table_path(run_dir: str | Path, space, profile: Profile) -> Path:  # noqa: ANN001
@@ -513,14 +514,12 @@ def build_table(space, profile: Profile, *,  # noqa: ANN001
     measure = _batch(measure_arch, space, profile)
     locals_ = local_genes(space)
     positions: dict[str, dict[str, Any]] = {}
-    archs = covering_archs(space)
+    archs = covering_archs(space, locals_)
     log(f"latency table for {space.name} under {profile.name}: {len(archs)} covering archs")
     pending: dict[str, Unit] = {}
-    widths = [g for g in space.genes if g.endswith(".width")]
     for arch in archs:
         for u in units(space, arch):
-            # a group without genes of its own (a head without rank gene) follows the last width
-            genes = locals_.get(group_of_unit(u.name)) or widths[-1:]
+            genes = locals_[u.name]
             pos = positions.setdefault(u.name, {"genes": genes, "keys": {}})
             pos["keys"][json.dumps([arch[g] for g in genes])] = u.key
             pending.setdefault(u.key, u)

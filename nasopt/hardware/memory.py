@@ -36,6 +36,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from nasopt.core.arch import Value
 from nasopt.compression.compress import Policy, compressed_structure
 from nasopt.core.errors import NasoptError
+from nasopt.supernet.network import depth_position, is_depth_gene
 
 DTYPE_BYTES = {"fp32": 4, "int8": 1}
 
@@ -169,27 +170,29 @@ def arch_peak_bytes(space, arch: Mapping[str, Value], dtype: str = "int8") -> in
 
 
 class ExpectedPeak:
-    """A differentiable stand-in for the peak activation memory of a space's archs when each
-    gene is drawn independently (gradient search's SRAM cost), exact at a point mass.
-
-    Live bytes only grow when a buffer is allocated, so the peak is reached at an allocating op;
-    the allocating module calls (convs, linear layers) have stable names (module paths) across
-    archs. For each of them the genes its live bytes depend on are found by varying one gene at
-    a time from a base arch (every stage at its largest depth, so every block exists) and from
-    the base with one other gene changed (so that no dependency hides behind another), and its
-    live bytes are tabulated over the joint options of those genes (0 where the module does not
-    exist, e.g. the factors of a full-rank layer); a block ``stages.<i>.blocks.<j>`` exists
-    with probability P(depth of stage i+1 > j). The cost is the largest expected live bytes over
-    those modules: max_m E[live_m] (a lower bound of E[max], equal to the peak at a one-hot; a
-    test checks it against :func:`arch_peak_bytes` for random archs)."""
+    """A differentiable stand-in for the peak activation memory of a space's archs when each gene
+    is drawn independently (gradient search's SRAM cost), exact at a point mass. Live bytes only
+    grow when a buffer is allocated, so the peak is reached at an allocating op; the allocating
+    module calls (convs, linear layers) have stable names (module paths) across archs. For each
+    of them the genes its live bytes depend on are found by varying one gene at a time from a
+    base arch (every stage at its largest depth, so every block exists) and from the base with
+    one other gene changed (a dependency hidden at one base shows at another; one that shows only
+    with two other genes changed, as in a head that follows a network-wide depth, is not found:
+    a space's relaxation checks exactness against brute force), and its live bytes are
+    tabulated over the joint options of those genes (0 where the module does not exist, e.g. the
+    factors of a full-rank layer); a module that a depth gene switches off
+    (:func:`nasopt.supernet.network.depth_position`: block j of a stage, or stage j under a
+    network-wide depth) exists with probability P(depth > j). The cost is the largest expected
+    live bytes over those modules: max_m E[live_m] (a lower bound of E[max], equal to the peak
+    at a one-hot; a test checks it against :func:`arch_peak_bytes` for random archs)."""
 
     def __init__(self, space, dtype: str = "int8", fixed: Mapping[str, Value] | None = None):  # noqa: ANN001
         self.space, self.dtype = space, dtype
         self.fixed = dict(fixed or {})
         self.genes = {g: tuple(o) for g, o in space.genes.items() if g not in self.fixed}
-        varied = [g for g in self.genes if not g.endswith((".bits", ".depth"))
+        varied = [g for g in self.genes if not g.endswith(".bits") and not is_depth_gene(g)
                   and g != "sparsity" and len(self.genes[g]) > 1]
-        base = {g: (max(o) if g.endswith(".depth") else o[0]) for g, o in space.genes.items()}
+        base = {g: (max(o) if is_depth_gene(g) else o[0]) for g, o in space.genes.items()}
         base.update(self.fixed)
         cache: dict[str, dict[str, int]] = {}
 
@@ -238,11 +241,10 @@ class ExpectedPeak:
             e = table.to(device)
             for g in reversed(deps):  # contract the last axis with its gene's probabilities
                 e = e @ p(g).to(e.dtype)
-            parts = m.split(".")
-            if parts[0] == "stages" and len(parts) > 3 and parts[2] == "blocks":
-                depth = f"s{int(parts[1]) + 1}.depth"
-                if depth in self.genes:
-                    opts = self.genes[depth]
-                    e = e * sum(p(depth)[i] for i, d in enumerate(opts) if int(d) > int(parts[3]))
+            where = depth_position(m)
+            if where is not None and where[0] in self.genes:
+                depth, position = where
+                opts = self.genes[depth]
+                e = e * sum(p(depth)[i] for i, d in enumerate(opts) if int(d) > position)
             values.append(e)
         return torch.stack(values).max()

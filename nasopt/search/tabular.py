@@ -118,18 +118,16 @@ class TabularEvaluator:
 
     def __init__(self, space: SearchSpace, table: str | Path = DEFAULT_TABLE,
                  metric: str = DEFAULT_METRIC):
-        arch_string = getattr(space, "arch_string", None)
-        if arch_string is None:
+        if space.arch_string(space.largest()) is None:
             raise NasoptError(f"space {space.name!r} has no table format; tabular mode (--table) "
                               f"works for spaces whose archs have a string form, e.g. nb201")
         self.space = space
-        self.arch_string: Callable[[Mapping[str, Value]], str] = arch_string
+        self.arch_string: Callable[[Mapping[str, Value]], str] = space.arch_string
         self.path = resolve_table(table)
         self.metric = metric
         self.fingerprint = fingerprint(self.path)
         self._accuracy = load_table(self.path, metric)
-        self._count_key: Callable[[Mapping[str, Value]], str] = getattr(
-            space, "count_key", lambda arch: space.validate(arch).key)
+        self._count_key: Callable[[Mapping[str, Value]], str] = space.count_key
         self._counts: dict[str, tuple[int, int]] = {}
         self._check_coverage()
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from nasopt.core import checkpoint
 from nasopt.core.arch import Value
 from nasopt.core.errors import NasoptError
+from nasopt.supernet.network import ElasticNetwork
 
 if TYPE_CHECKING:
     from nasopt.core.config import SupernetConfig
@@ -179,14 +180,17 @@ def permute_bn_(bn: nn.modules.batchnorm._BatchNorm, perm: Tensor,
 class Supernet(nn.Module):
     """The weight-sharing network of a space: ``activate(arch)``, ``extract(arch)``, sorting.
 
-    The space's network must provide ``configure(arch | None)`` (set the active dims of its
-    elastic layers; ``None`` restores full size) and ``sort_channels(optimizer)``.
+    The space's network is an :class:`~nasopt.supernet.network.ElasticNetwork`.
     """
 
     def __init__(self, space: "SearchSpace"):
         super().__init__()
         self.space = space.architecture_space()  # compression genes never shape the supernet
         self.net = self.space.network(self.space.largest())
+        if not isinstance(self.net, ElasticNetwork):
+            raise NasoptError(f"space {space.name!r}: network() returned a "
+                              f"{type(self.net).__name__}; a weight-sharing space's network "
+                              f"subclasses nasopt.ElasticNetwork and defines configure(arch)")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
