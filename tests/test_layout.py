@@ -102,6 +102,9 @@ def test_a_strategy_offered_by_an_installed_package(tmp_path):
         "[nasopt.strategies]\nqmc = mystrategy:STRATEGY\nbroken = mystrategy:NOT_A_STRATEGY\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    listed = run(tmp_path, "-m", "nasopt", "strategies", env=env)
+    assert listed.returncode == 2 and "quasi-random (Sobol) sampling" in listed.stdout
+    assert "is not a nasopt Strategy" in listed.stderr  # the broken entry, named, after the list
     search = run(tmp_path, "-m", "nasopt", "search", "--space", "nb201", "--table", "--strategy",
                  "qmc", "--trials", "3", "--quiet", "--run-dir", "runs", env=env)
     assert search.returncode == 0, search.stderr

@@ -96,24 +96,36 @@ def test_a_space_that_cannot_be_found_is_one_line(searched, tmp_path, capsys, mo
 
 def test_a_space_offered_by_an_installed_package_through_its_entry_point(tmp_path):
     """A package that declares `[project.entry-points."nasopt.spaces"]` (here its installed
-    metadata, a .dist-info folder on the path, as pip writes it) is found by name."""
+    metadata, a .dist-info folder on the path, as pip writes it) is found by name: the tiny MLP
+    example, searched, exported and loaded in fresh processes."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp_space.py"
     site = tmp_path / "site"
     (site / "tinyspace-0.1.dist-info").mkdir(parents=True)
-    (site / "tinyspace.py").write_text(USER_SPACE.replace("narrow-conv1d", "tiny-conv1d"))
+    (site / "tinyspace.py").write_text(example.read_text())
     (site / "tinyspace-0.1.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: tinyspace\nVersion: 0.1\n")
     (site / "tinyspace-0.1.dist-info" / "entry_points.txt").write_text(
-        "[nasopt.spaces]\ntiny-conv1d = tinyspace:NarrowConv1d\n")
+        "[nasopt.spaces]\ntiny-mlp = tinyspace:TinyMLPSpace\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
     listed = subprocess.run([sys.executable, "-m", "nasopt.cli", "spaces"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=300)
-    assert listed.returncode == 0 and "tiny" in listed.stdout, listed.stderr
-    found = subprocess.run([sys.executable, "-m", "nasopt.cli", "search", "--space",
-                            "tiny-conv1d", *TINY, "--run-dir", "runs"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
+    assert listed.returncode == 0 and "tiny-mlp" in listed.stdout, listed.stderr
+    found = subprocess.run([sys.executable, "-m", "nasopt.cli", "search", "--space", "tiny-mlp",
+                            "--dataset", "digits", "--trials", "3", "--quiet", "--set",
+                            "supernet.epochs=1", "--set", "supernet.warmup_epochs=1",
+                            "--run-dir", "runs"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
     assert found.returncode == 0, found.stderr
-    assert "study 'tiny-conv1d-mnist1d': 3 completed trials" in found.stdout
+    assert "study 'tiny-mlp-digits': 3 completed trials" in found.stdout
+    export = subprocess.run([sys.executable, "-m", "nasopt.cli", "export", "tiny-mlp-digits",
+                             "--trial", "best", "--out", "model", "--run-dir", "runs"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr
+    load = subprocess.run([sys.executable, "-c", "import nasopt, torch\n"
+                           "print(tuple(nasopt.load('model')(torch.zeros(2, 8, 8)).shape))"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert load.returncode == 0 and load.stdout.strip() == "(2, 10)", load.stderr
 
 
 def test_the_tiny_mlp_example_from_a_folder_outside_the_repository(tmp_path):

@@ -147,6 +147,22 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _loadable(registry, broken: list[str]):  # noqa: ANN001, ANN202
+    """(name, entry) of a registry; an installed entry that fails to load is left out, its one
+    line kept in ``broken``."""
+    for name in registry:
+        try:
+            yield name, registry[name]
+        except NasoptError as exc:
+            broken.append(str(exc))
+
+
+def _report_broken(broken: list[str]) -> int:
+    for line in broken:
+        print(f"nasopt: error: {line}", file=sys.stderr)
+    return 2 if broken else 0
+
+
 def _benchmarks():  # noqa: ANN202 - the harness, a package of its own (benchmarks/)
     try:
         import nasopt_bench
@@ -249,21 +265,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(export_summary(out, args))
         return 0
     if args.command == "spaces":
-        for name, cls in api.SPACES.items():  # shipped, then installed (entry points)
+        broken: list[str] = []
+        for name, cls in _loadable(api.SPACES, broken):  # shipped, then installed (entry points)
             doc = (sys.modules[cls.__module__].__doc__ or "").strip()
             line = doc.splitlines()[0].replace("``", "") if doc else ""
             print(line if line.startswith(f"{name}:") else f"{name}: {line}".rstrip(": "))
             shape = (1, 40) if cls.input_rank == 2 else (1, 28, 28)
             for gene, opts in cls(shape, 10).genes.items():
                 print(f"  {gene:<12} {list(opts)}")
-        return 0
+        return _report_broken(broken)
     if args.command == "check-space":
         return _check_space(args, api)
     if args.command == "strategies":
-        for name, strategy in {**api.STRATEGIES, **api.GRADIENT_STRATEGIES,
-                               **api.NNI_STRATEGIES}.items():
-            print(f"{name:<13} {strategy.description}")
-        return 0
+        broken = []
+        for registry in (api.STRATEGIES, api.GRADIENT_STRATEGIES, api.NNI_STRATEGIES):
+            for name, strategy in _loadable(registry, broken):
+                print(f"{name:<13} {strategy.description}")
+        return _report_broken(broken)
     if args.command == "bench":
         print(f"wrote {_benchmarks().run(args)}")
         return 0

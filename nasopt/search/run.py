@@ -1,0 +1,289 @@
+"""Running a search from a configuration: the checks before any work, the data, the space, the
+supernet (trained or reused), the study and its setup record, the supernet check, the hardware
+evaluator, then the search loop of the strategy's kind (sampler, gradient, NNI); and the
+evaluator a finished study was scored with, rebuilt (:func:`rebuild`) for exports and
+re-evaluation. The spaces and strategies a configuration names come from registries the caller
+passes (:mod:`nasopt.api` passes the shipped and installed ones)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from nasopt.compression.packed import VERSION as PACKED_VERSION
+from nasopt.core.config import Config
+from nasopt.core.data import Dataset, load_dataset
+from nasopt.core.errors import NasoptError
+from nasopt.core.objectives import Constraint, Objective, get_constraints, get_objectives
+from nasopt.core.space import SearchSpace, space_from_description
+from nasopt.core.space_import import Spaces
+from nasopt.core.strategy import Strategy, attach_run_folder
+from nasopt.search import sanity as _sanity
+from nasopt.search import study as _study
+from nasopt.search.evaluate import Evaluator
+from nasopt.search.loop import run_search
+from nasopt.search.tabular import TabularEvaluator, table_name
+from nasopt.supernet.elastic import Supernet, load_weights, train_supernet
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class SearchOutcome:
+    study: optuna.Study
+    space: SearchSpace
+    supernet_path: Path | None  # None in tabular mode
+    new_trials: int
+    supernet_s: float = 0.0  # seconds spent training (or loading) the supernet in this call
+    #: the supernet check (nasopt.search.sanity.measure: validation accuracy of the largest and smallest
+    #: subnets, the majority-class rate); None in tabular mode
+    sanity: dict | None = None
+    #: one line per problem found (supernet or best trial near chance), with what to try
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NasoptError("CUDA was asked for but is not available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise NasoptError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+def make_space(spaces: Spaces, name: str, data: Dataset, restrict: dict | None = None
+               ) -> SearchSpace:
+    """The space ``name`` (found in ``spaces``) for ``data``'s samples, restricted."""
+    if name not in spaces:
+        raise NasoptError(f"unknown space {name!r}; known: {', '.join(spaces)}")
+    space = spaces[name](data.input_shape, data.num_classes)
+    return space.restrict(restrict) if restrict else space
+
+
+def load_data(cfg: Config) -> Dataset:
+    d = cfg.data
+    return load_dataset(d.dataset, seed=d.seed, val_fraction=d.val_fraction,
+                        test_fraction=d.test_fraction, label_column=d.label_column)
+
+
+def open_storage(url: str | None, run_dir: str | Path = "runs",
+                 heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+    return _study.open_storage(_study.resolve_storage(url, run_dir), heartbeat)
+
+
+def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
+           show_progress: bool = True, log: Log = lambda s: None,
+           heartbeat: int | None = None) -> SearchOutcome:
+    """Train (or reuse) the supernet, then search; continues the study if it exists.
+
+    Any number of processes may call this with the same storage and study: they share the
+    search (:mod:`nasopt.search.workers`); ``heartbeat`` is the seconds between heartbeats of a running
+    trial on RDB storages (a killed worker's trial is retried after 3 of them).
+
+    In tabular mode (``search.table`` set) accuracy is read from the table instead: no dataset is
+    loaded and no supernet trained."""
+    s = cfg.search
+    if s.strategy not in strategies:
+        raise NasoptError(f"unknown strategy {s.strategy!r}; known: {', '.join(strategies)}")
+    strategy = strategies[s.strategy]
+    if strategy.kind == "nni":  # the optional extra is checked before any work
+        from nasopt.strategies.nni_bridge import import_nni
+        import_nni()
+    gradient = strategy.kind == "gradient"  # not a sampler: see nasopt.gradient.run
+    if gradient and s.table is not None:
+        raise NasoptError(f"strategy {s.strategy!r} searches by gradient on a trained supernet; "
+                          f"tabular mode (--table) has none: use a sampling strategy")
+    if gradient:
+        from nasopt.gradient.relaxation import check_space
+        check_space(spaces[s.space])
+    profile = _hardware_profile(s, log)
+    constraints = get_constraints({**(profile.limits if profile else {}), **s.budgets})
+    if profile is not None:
+        profile.check_budgets({c.name: c.limit for c in constraints})
+    objectives = get_objectives(s.objectives, {c.name: c.limit for c in constraints})
+    if s.trials < 1:
+        raise NasoptError(f"search.trials must be at least 1, got {s.trials}")
+    if s.timeout is not None and s.timeout <= 0:
+        raise NasoptError(f"search.timeout must be positive seconds, got {s.timeout}")
+    if s.table is not None:
+        if profile is not None:
+            raise NasoptError("tabular mode has no trained networks to time or measure; drop "
+                              "--hardware and --max-latency/--max-sram with --table")
+        return _search_table(cfg, spaces, strategy, objectives, constraints, show_progress,
+                             log, heartbeat)
+    if s.space in spaces and not spaces[s.space].weight_sharing:
+        raise NasoptError(f"space {s.space!r} has no weight-sharing supernet; search it in "
+                          f"tabular mode: --table [PATH.csv] (see `nasopt search --help`)")
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    space = make_space(spaces, s.space, data, dict(s.restrict))
+    log(f"{data.summary()}; space {space.name}: {space.size():,} archs; device {device}")
+    hardware = _hardware_setup(space, profile, constraints, cfg.run_dir, log)
+    storage = open_storage(s.storage, cfg.run_dir, heartbeat)
+    name = s.study or f"{space.name}-{data.name}"
+    setup = {"space": space.describe(), "data": dataclasses.asdict(cfg.data),
+             "data_fingerprint": data.fingerprint,
+             "preprocess": data.preprocess.to_dict(),  # what the loader did to raw samples
+             "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
+             "packed_format": PACKED_VERSION,  # the size objective counts this format's bytes
+             "objectives": list(s.objectives),
+             "budgets": {c.name: c.limit for c in constraints}}
+    if hardware is not None:
+        setup["hardware"] = hardware[1]
+    # check (or create) the study before spending time on the supernet
+    existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
+    # a continued study gets fresh draws: the sampler seed depends on the trials already there
+    sampler = (None if strategy.kind != "sampler" else
+               strategy.make_sampler(space, s.seed * 7919 + len(existing.trials)))
+    attach_run_folder(sampler, cfg.run_dir, name)  # REINFORCE saves its controller there
+    data = data.to(device)
+    start = time.perf_counter()
+    supernet, path = train_supernet(space, data, cfg.supernet, Path(cfg.run_dir) / "supernets",
+                                    device=device, show_progress=show_progress, log=log)
+    supernet_s = time.perf_counter() - start
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
+    check = _sanity.measure(evaluator, cfg.supernet.epochs)
+    log(_sanity.summary(check))
+    for line in _sanity.warnings(check):
+        log(f"warning: {line}")
+    study.set_user_attr(_study.SETUP_ATTR, {**setup, "supernet_path": str(path.resolve()),
+                                            _sanity.KEY: check})
+    _masked(cfg).save(Path(cfg.run_dir) / "configs" / f"{name}.json")
+    if hardware is not None:
+        evaluator = hardware[0](evaluator)
+    if gradient:
+        from nasopt.gradient.run import run_gradient
+        new = run_gradient(study, space, supernet, path, data, evaluator, objectives, constraints,
+                           variant=s.strategy, trials=s.trials, seed=s.seed, run_dir=cfg.run_dir,
+                           timeout=s.timeout, show_progress=show_progress,
+                           settings=cfg.gradient, log=log,
+                           latency_table=None if hardware is None else hardware[2],
+                           sram_dtype=(profile.dtype if profile is not None
+                                       and profile.metrics.get("sram") == "counted" else None))
+        return SearchOutcome(study, space, path, new, supernet_s, check,
+                             _sanity.warnings(check, _sanity.best_trial(study)))
+    new = _run_trials(study, space, evaluator, objectives, s, strategy, constraints,
+                      show_progress, s.seed * 7919 + len(existing.trials))
+    return SearchOutcome(study, space, path, new, supernet_s, check,
+                         _sanity.warnings(check, _sanity.best_trial(study)))
+
+
+def _masked(cfg: Config) -> Config:
+    """The config as written to disk: the storage URL without its password."""
+    if cfg.search.storage is None:
+        return cfg
+    return dataclasses.replace(cfg, search=dataclasses.replace(
+        cfg.search, storage=_study.mask_url(cfg.search.storage)))
+
+
+def _hardware_profile(s, log: Log):  # noqa: ANN001, ANN202
+    """The search's hardware profile: ``search.hardware``, or ``cpu-ort`` when a latency or
+    sram budget is given without one; None otherwise."""
+    from nasopt.hardware.profile import load_profile
+    name = s.hardware
+    if name is None and ({"latency", "sram"} & set(s.budgets)):
+        name = "cpu-ort"
+        log("hardware profile: cpu-ort (the default for --max-latency / --max-sram; choose one "
+            "with --hardware)")
+    return None if name is None else load_profile(name)
+
+
+def _hardware_setup(space: SearchSpace, profile, constraints: list[Constraint],  # noqa: ANN001
+                    run_dir: str, log: Log):  # noqa: ANN202
+    """(evaluator wrapper, setup record, latency table or None) for a search with a hardware
+    profile, after checking that its budgets are possible; None without a profile."""
+    if profile is None:
+        return None
+    from nasopt.hardware import evaluate as hardware_eval, lut
+    table = path = None
+    if profile.metrics.get("latency") == "predicted":
+        table = hardware_eval.latency_table(space, profile, run_dir, log)
+        path = lut.table_path(run_dir, space, profile)
+    hardware_eval.check_possible(space, profile, constraints, table)
+    log(f"hardware profile {profile.name}: {profile.description}")
+    wrap = lambda evaluate: hardware_eval.HardwareEvaluator(evaluate, space, profile, table)  # noqa: E731
+    return wrap, hardware_eval.setup_record(profile, table, path), table
+
+
+def _run_trials(study: optuna.Study, space: SearchSpace, evaluator, objectives, s,  # noqa: ANN001
+                strategy: Strategy, constraints: list[Constraint], show_progress: bool,
+                seed: int) -> int:
+    """The search loop of a sampling strategy, or of an NNI strategy
+    (:mod:`nasopt.strategies.nni_bridge`)."""
+    attrs = {"strategy": s.strategy, "seed": s.seed}
+    if strategy.kind == "nni":
+        from nasopt.strategies.nni_bridge import run_nni_search
+        return run_nni_search(study, space, evaluator, objectives, s.trials, s.strategy, seed,
+                              s.timeout, show_progress, attrs, constraints)
+    return run_search(study, space, evaluator, objectives, s.trials, s.timeout, show_progress,
+                      trial_attrs=attrs, constraints=constraints)
+
+
+def _search_table(cfg: Config, spaces: Spaces, strategy: Strategy, objectives: list[Objective],
+                  constraints: list[Constraint], show_progress: bool, log: Log,
+                  heartbeat: int | None = None) -> SearchOutcome:
+    """Tabular mode: the same search loop, scored by a :class:`TabularEvaluator`."""
+    s = cfg.search
+    if s.space not in spaces:
+        raise NasoptError(f"unknown space {s.space!r}; known: {', '.join(spaces)}")
+    table_input = spaces[s.space].table_input  # the tabulated networks' input
+    if table_input is None:
+        raise NasoptError(f"space {s.space!r} has no tabular mode; drop --table, or use a space "
+                          f"with one (nb201)")
+    space = spaces[s.space](*table_input)
+    space = space.restrict(dict(s.restrict)) if s.restrict else space
+    evaluator = TabularEvaluator(space, s.table, s.table_metric)
+    log(f"table {evaluator.path}, column {s.table_metric}; space {space.name}: "
+        f"{space.size():,} archs")
+    storage = open_storage(s.storage, cfg.run_dir, heartbeat)
+    name = s.study or f"{space.name}-{table_name(evaluator.path)}"
+    setup = {"space": space.describe(), "table": str(evaluator.path),
+             "table_fingerprint": evaluator.fingerprint, "table_metric": s.table_metric,
+             "objectives": list(s.objectives),
+             "budgets": {c.name: c.limit for c in constraints}}
+    existing = _study.open_study(storage, name, setup, [o.direction for o in objectives])
+    sampler = (None if strategy.kind != "sampler" else
+               strategy.make_sampler(space, s.seed * 7919 + len(existing.trials)))
+    attach_run_folder(sampler, cfg.run_dir, name)  # REINFORCE saves its controller there
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    study.set_user_attr(_study.SETUP_ATTR, setup)  # records the table's path as found this time
+    _masked(cfg).save(Path(cfg.run_dir) / "configs" / f"{name}.json")
+    new = _run_trials(study, space, evaluator, objectives, s, strategy, constraints,
+                      show_progress, s.seed * 7919 + len(existing.trials))
+    return SearchOutcome(study, space, None, new)
+
+
+def rebuild(study: optuna.Study, spaces: Spaces, device: str = "cpu"
+            ) -> tuple[Evaluator, Dataset]:
+    """The evaluator a study was scored with (same data split, supernet and calibration)."""
+    setup = _study.setup_of(study)
+    if "table" in setup:
+        raise NasoptError(f"study {study.study_name!r} was scored from the table "
+                          f"{setup['table']}: it has no trained weights to export or re-evaluate;"
+                          f" build a trial's arch with the space's build(arch) and train it")
+    data_cfg = setup["data"]
+    data = load_dataset(data_cfg["dataset"], seed=data_cfg["seed"],
+                        val_fraction=data_cfg["val_fraction"],
+                        test_fraction=data_cfg["test_fraction"],
+                        label_column=data_cfg["label_column"])
+    if data.fingerprint != setup["data_fingerprint"]:
+        raise NasoptError(f"the dataset {data_cfg['dataset']!r} has changed since study "
+                          f"{study.study_name!r} was run; its trials cannot be reproduced")
+    space = space_from_description(setup["space"], spaces)
+    path = Path(setup["supernet_path"])
+    if not path.exists():
+        raise NasoptError(f"the supernet checkpoint {path} of study {study.study_name!r} is "
+                          f"missing; re-run the same `nasopt search` command to retrain it")
+    from nasopt.core import checkpoint
+    supernet = Supernet(space).to(device)
+    load_weights(supernet, checkpoint.load(path, device), path)
+    data = data.to(device)
+    return Evaluator(space, supernet.eval(), data, setup["eval"]["calib_samples"]), data
