@@ -47,10 +47,9 @@ STRATEGIES = Strategies(SHIPPED_STRATEGIES)
 _EVERY_STRATEGY = ChainMap(NNI_STRATEGIES, GRADIENT_STRATEGIES, STRATEGIES)
 
 __all__ = ["Config", "load_config", "SearchOutcome", "search", "load_data", "load_dataset",
-           "resolve_device", "space_from_description", "open_storage", "studies", "open_study", "pareto",
-           "trials", "compare", "importance", "export",
-           "load", "make_space", "SPACES", "STRATEGIES", "GRADIENT_STRATEGIES",
-           "NNI_STRATEGIES"]
+           "resolve_device", "space_from_description", "open_storage", "studies", "open_study",
+           "pareto", "trials", "compare", "importance", "export", "load", "make_space", "SPACES",
+           "STRATEGIES", "GRADIENT_STRATEGIES", "NNI_STRATEGIES"]
 
 Log = Callable[[str], None]
 
