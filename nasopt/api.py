@@ -131,8 +131,10 @@ def rebuild(study: optuna.Study, device: str = "cpu") -> tuple[Evaluator, Datase
 
 
 def best_trial(study: optuna.Study) -> int:
-    """The number of the most accurate feasible completed trial (all the study's constraints
-    met; ties: the smaller packed size): ``nasopt run``'s ``pick.rule = "best"``."""
+    """The number of the best feasible completed trial (all the study's constraints met) by the
+    study's quality metric (:func:`nasopt.search.study.quality_metric`: accuracy unless an
+    objective names balanced_accuracy, f1 or a user's metric; ties: the smaller packed size):
+    ``nasopt run``'s ``pick.rule = "best"``."""
     from nasopt.pipeline import PickConfig, pick_trial
     if not _study.completed(study):
         raise NasoptError(f"study {study.study_name!r} has no completed trial yet; run the "
@@ -183,7 +185,8 @@ def export(study: optuna.Study, trial: int | str, out: str | Path,
             f"device differs from the search's; export where the search ran")
     model, stored = evaluator.compressed(arch)
     info = {"study": study.study_name, "trial": trial,
-            **({"picked": "best: the most accurate feasible trial"} if picked else {}),
+            **({"picked": f"best: the best feasible trial by "
+                          f"{_study.quality_metric(study)[0]}"} if picked else {}),
             "weights": _export.INHERITED,
             "weights_note": "inherited from the supernet (BN recalibrated), not retrained; "
                             "train them with `nasopt finetune`, `nasopt distill` or `nasopt run`",

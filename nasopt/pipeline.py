@@ -143,7 +143,7 @@ def load_search_config(path: str | Path | None, overrides: Sequence[str] = ()
 # ---------------------------------------------------------------------------------------------
 def pick_trial(study: optuna.Study, cfg: PickConfig) -> int:
     """The number of the trial to deploy (see the module doc)."""
-    from nasopt.search.study import trials_frame
+    from nasopt.search.study import quality_metric, trials_frame
     frame = trials_frame(study)
     if cfg.trial is not None:
         if cfg.trial not in set(frame["trial"]):
@@ -153,12 +153,16 @@ def pick_trial(study: optuna.Study, cfg: PickConfig) -> int:
     if ok.empty:
         raise NasoptError(f"no completed trial of {study.study_name!r} meets the budgets; "
                           f"loosen them or run more trials")
+    metric, higher = quality_metric(study)  # accuracy unless the objectives name another
+    recorded = {t.number: t.user_attrs.get("metrics", {}).get(metric)
+                for t in study.get_trials(deepcopy=False)}
+    ok = ok.assign(quality=[recorded[n] if higher else -recorded[n] for n in ok["trial"]])
     if cfg.rule == "knee":
         front = ok[ok["pareto"]].sort_values("compressed_bytes")
         if len(front) >= 3:
             return int(front.iloc[knee_index(front["compressed_bytes"].to_numpy(float),
-                                             front["accuracy"].to_numpy(float))]["trial"])
-    best = ok.sort_values(["accuracy", "compressed_bytes"], ascending=[False, True])
+                                             front["quality"].to_numpy(float))]["trial"])
+    best = ok.sort_values(["quality", "compressed_bytes"], ascending=[False, True])
     return int(best.iloc[0]["trial"])
 
 

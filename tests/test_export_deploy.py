@@ -1,7 +1,7 @@
 """What an export says it is and what deployment needs, through the real CLI on digits: every
 model file takes raw samples (``load_digits().images``, 0..16, reshaped as model.json says) and
 predicts as nasopt's own evaluation of the trial; model.json records the preprocessing and that
-the weights are inherited; ``--trial best`` picks the most accurate feasible trial; the closing
+the weights are inherited; ``--trial best`` picks the best feasible trial (by accuracy); the closing
 lines name only loaders that work and the commands that train the weights; ``api.export``
 refuses a folder holding files unless ``force``; finetune's files take raw samples too."""
 from __future__ import annotations
@@ -119,8 +119,8 @@ def test_trial_best_and_the_closing_lines(runs, tmp_path, capsys):
                                 "--run-dir", runs, "--format", "onnx")
     assert code == 0, err
     lines = printed.strip().splitlines()
-    assert lines[0].startswith(f"picked trial {best.number} of {BUDGETED}: the most accurate "
-                               f"feasible completed trial")
+    assert lines[0].startswith(f"picked trial {best.number} of {BUDGETED}: the best feasible "
+                               f"trial by accuracy")
     assert json.loads((out / "model.json").read_text())["trial"] == best.number
     # after --format onnx alone: only the ONNX loader (nasopt.load cannot load this folder)
     assert f"onnxruntime.InferenceSession({str(out / 'model.onnx')!r})" in lines[1]

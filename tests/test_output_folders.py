@@ -358,4 +358,4 @@ def test_finetune_and_distill_take_trial_best(root, tmp_path, capsys):
         code, _, err = nasopt(capsys, command, *extra, "--trial", "best", "--epochs", "1",
                               "--run-dir", root / "runs", "--out", tmp_path / command)
         assert code == 0, err
-        assert "picked trial" in err and "the most accurate feasible completed trial" in err
+        assert "picked trial" in err and "the best feasible completed trial by accuracy" in err

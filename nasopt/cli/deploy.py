@@ -33,8 +33,8 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     p.add_argument("study", help="the study (its data split and supernet are used)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--trial", type=trial_arg, metavar="N|best",
-                     help="trial number whose arch to train, or best: the most accurate "
-                     "feasible trial")
+                     help="trial number whose arch to train, or best: the best feasible trial "
+                     "by the study's quality metric (as nasopt export --trial best)")
     src.add_argument("--arch", help="an arch.json of the study's space")
     p.add_argument("--init", choices=("inherit", "scratch"), default="inherit")
     p.add_argument("--teacher", action="append", metavar="SPEC",
@@ -65,8 +65,8 @@ def add_parsers(sub) -> None:  # noqa: ANN001
                      help="a student folder (nasopt distill) or an export folder")
     src.add_argument("--study", help="start from a study trial's inherited weights")
     p.add_argument("--trial", type=trial_arg, metavar="N|best",
-                   help="with --study: the trial number, or best: the most accurate feasible "
-                   "trial")
+                   help="with --study: the trial number, or best: the best feasible trial by the "
+                   "study's quality metric")
     p.add_argument("--dataset", help="train on this dataset instead of the source's")
     p.add_argument("--classes", help="keep only these labels, e.g. 5,6,7,8,9 (renumbered 0..k-1)")
     p.add_argument("--fraction", type=float, default=1.0,
@@ -179,8 +179,8 @@ def export_summary(out: Path, args: argparse.Namespace) -> str:
     accuracy = (card.get("metrics") or {}).get("accuracy")
     lines = []
     if "picked" in card:
-        lines.append(f"picked trial {trial} of {study}: the most accurate feasible completed "
-                     f"trial (validation accuracy {accuracy:.4f})")
+        lines.append(f"picked trial {trial} of {study}: {card['picked'].removeprefix('best: ')}"
+                     f" (validation accuracy {accuracy:.4f})")
     shape = ", ".join(str(d) for d in card["space"]["input_shape"])
     pre = (card.get("input") or {}).get("preprocess")
     formula = "" if not pre else (f"x / {pre['std']:g}" if pre["mean"] == 0 else
@@ -221,11 +221,12 @@ def _study_evaluator(study_name: str, storage: str | None, run_dir: str):  # noq
 
 
 def _trial_arch(study, evaluator, trial: int | str):  # noqa: ANN001, ANN202
-    if trial == "best":  # the most accurate feasible trial, as `nasopt export --trial best`
+    if trial == "best":  # as `nasopt export --trial best`
         from nasopt import api
+        from nasopt.search.study import quality_metric
         trial = api.best_trial(study)
-        print(f"picked trial {trial} of {study.study_name}: the most accurate feasible "
-              f"completed trial", file=sys.stderr)
+        print(f"picked trial {trial} of {study.study_name}: the best feasible completed trial "
+              f"by {quality_metric(study)[0]}", file=sys.stderr)
     found = [t for t in study.trials if t.number == trial]
     if not found or found[0].state.name != "COMPLETE":
         raise NasoptError(f"study {study.study_name!r} has no completed trial {trial}; see "

@@ -52,7 +52,11 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop this run after SECONDS")
     p.add_argument("--seed", type=int, help="seed of the strategy")
     p.add_argument("--study", help="study name (default: SPACE-DATASET)")
-    p.add_argument("--objectives", help="comma-separated, e.g. accuracy,size")
+    p.add_argument("--objectives", help="comma-separated, e.g. accuracy,size; f1,size (macro-F1) "
+                   "or balanced_accuracy,size for imbalanced classes")
+    p.add_argument("--metric", metavar="FILE.py:FUNC|MODULE:FUNC", help="your own metric "
+                   "function (outputs, targets) -> float with higher_is_better set on it; scored "
+                   "on every trial under the function's name, which --objectives may name")
     p.add_argument("--restrict", action="append", default=[], metavar="GENE=OPT[,OPT...]",
                    help="keep only these options of a gene, e.g. --restrict s1.k=3,5")
     p.add_argument("--max-size", metavar="BYTES", help="budget on the packed model size, e.g. "
@@ -106,8 +110,9 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a trial's deployed (compressed) model")
     p.add_argument("study")
     p.add_argument("--trial", type=trial_arg, required=True, metavar="N|best",
-                   help="trial number, or best: the most accurate feasible completed trial "
-                   "(all budgets met)")
+                   help="trial number, or best: the best feasible completed trial (all budgets "
+                   "met) by the study's quality metric (accuracy, unless an objective names "
+                   "balanced_accuracy, f1 or your --metric)")
     add_out(p, "output folder")
     p.add_argument("--format", action="append",
                    choices=("pytorch", "packed", "onnx", "onnx-int8"),
@@ -348,7 +353,7 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
                       ("study", "search.study"), ("storage", "search.storage"),
                       ("objectives", "search.objectives"), ("device", "device"),
                       ("run_dir", "run_dir"), ("table", "search.table"),
-                      ("hardware", "search.hardware"),
+                      ("hardware", "search.hardware"), ("metric", "search.metric"),
                       ("table_metric", "search.table_metric")):
         value = getattr(args, flag)
         if value is not None:

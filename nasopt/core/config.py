@@ -74,6 +74,9 @@ class SearchConfig:
     study: str | None = None  # default: "<space>-<dataset>"
     storage: str | None = None  # default: sqlite file in run_dir
     objectives: tuple[str, ...] = ("accuracy", "size")
+    #: a user's metric function (path/file.py:func or package.module:func, nasopt.core.scores):
+    #: scored on every trial; an objective may name it
+    metric: str | None = None
     restrict: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     #: limits, e.g. {size = "4KB", macs = "2M"}: constraints satisfied when value <= limit
     budgets: Mapping[str, str] = field(default_factory=dict)

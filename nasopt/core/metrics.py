@@ -27,13 +27,21 @@ class Metrics:
     # activation memory at the profile's data type; None without one
     latency_ms: float | None = None
     sram_bytes: int | None = None
+    #: further scores of the validation outputs by name (balanced_accuracy, f1, a user's metric)
+    scores: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, with the scores beside them (flat: a study's tables show each as a
+        column)."""
+        out = asdict(self)
+        further = out.pop("scores")
+        return {**out, **further}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Metrics":
-        return cls(**data)
+        fields = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in fields},
+                   scores={k: v for k, v in data.items() if k not in fields})
 
 
 def count_params(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ from nasopt.core.errors import NasoptError
 
 if TYPE_CHECKING:  # annotations only: the read-only commands import this module without torch
     from nasopt.core.metrics import Metrics
+    from nasopt.core.scores import Metric
 
 #: MnasNet soft-constraint exponent (Tan et al. 2019): alpha = beta = -0.07
 MNASNET_W = -0.07
@@ -34,6 +35,9 @@ METRIC_OF = {"size": "compressed_bytes", "float_size": "float_bytes", "params": 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("accuracy", "maximize", lambda m: m.accuracy, "validation accuracy"),
+    Objective("balanced_accuracy", "maximize", lambda m: m.scores["balanced_accuracy"],
+              "validation balanced accuracy (mean per-class recall)"),
+    Objective("f1", "maximize", lambda m: m.scores["f1"], "validation macro-F1"),
     Objective("size", "minimize", lambda m: float(m.compressed_bytes),
               "bytes of the packed compressed model file"),
     Objective("float_size", "minimize", lambda m: float(m.float_bytes),
@@ -52,12 +56,13 @@ def mnasnet_reward(accuracy: float, cost: float, target: float, w: float = MNASN
     return accuracy * (max(cost, 1e-12) / target) ** w
 
 
-def get_objectives(names: Sequence[str], budgets: Mapping[str, float] | None = None
-                   ) -> list[Objective]:
-    """Objectives by name. ``mnasnet`` is the scalarized reward ACC x (size / T)^-0.07 for
+def get_objectives(names: Sequence[str], budgets: Mapping[str, float] | None = None,
+                   user: Metric | None = None) -> list[Objective]:
+    """Objectives by name: the built-in ones, and ``user``'s name for a user's metric
+    (:mod:`nasopt.core.scores`). ``mnasnet`` is the scalarized reward ACC x (size / T)^-0.07 for
     single-objective strategies; its target T is the size budget (``--max-size``)."""
     budgets = budgets or {}
-    known = [*OBJECTIVES, "mnasnet"]
+    known = [*OBJECTIVES, "mnasnet", *([user.name] if user is not None else [])]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise NasoptError(f"unknown objective(s) {unknown}; choose from {', '.join(known)}")
@@ -74,6 +79,9 @@ def get_objectives(names: Sequence[str], budgets: Mapping[str, float] | None = N
                                  lambda m, t=target: mnasnet_reward(m.accuracy,
                                                                     m.compressed_bytes, t),
                                  f"accuracy x (size / {target:.0f} B)^{MNASNET_W}"))
+        elif user is not None and n == user.name:
+            out.append(Objective(n, user.direction, lambda m, k=n: m.scores[k],
+                                 user.description))
         else:
             out.append(OBJECTIVES[n])
     return out

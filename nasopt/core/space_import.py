@@ -11,14 +11,11 @@ worker in a fresh process find the class again (:func:`nasopt.core.space.space_f
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint
-from pathlib import Path
 
 from nasopt.core.errors import NasoptError
+from nasopt.core.import_spec import is_spec, load_attribute
 from nasopt.core.registry import Registry
 from nasopt.core.space import SearchSpace
 
@@ -26,45 +23,12 @@ from nasopt.core.space import SearchSpace
 ENTRY_POINTS = "nasopt.spaces"
 
 
-def is_spec(text: str) -> bool:
-    """Whether ``text`` names a class by import spec (``file.py:Class``, ``module:Class``)."""
-    return ":" in text
-
-
 def load_space_class(spec: str) -> type[SearchSpace]:
     """The :class:`SearchSpace` subclass that the import spec ``spec`` names; one clear error
     naming what failed otherwise. The class's ``import_spec`` is set to a spec that finds it
     again from any folder (a file's absolute path)."""
+    cls, module, found = load_attribute(spec, "space", "Class")
     where, _, attr = spec.rpartition(":")
-    if not where or not attr:
-        raise NasoptError(f"space {spec!r}: write path/to/file.py:Class or package.module:Class")
-    if where.endswith(".py"):
-        path = Path(where).expanduser().resolve()
-        if not path.is_file():
-            raise NasoptError(f"space {spec!r}: the file {path} does not exist; check the path "
-                              f"(relative to the working folder)")
-        name = f"nasopt_user_space_{abs(hash(str(path)))}"
-        module = sys.modules.get(name)
-        if module is None:
-            loader_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[name] = module
-            try:
-                loader_spec.loader.exec_module(module)
-            except Exception as exc:
-                del sys.modules[name]
-                raise NasoptError(f"space {spec!r}: importing {path} failed ({type(exc).__name__}: "
-                                  f"{exc}); fix the file") from None
-        found = f"{path}:{attr}"
-    else:
-        try:
-            module = importlib.import_module(where)
-        except Exception as exc:
-            raise NasoptError(f"space {spec!r}: cannot import the module {where!r} "
-                              f"({type(exc).__name__}: {exc}); install it or put it on "
-                              f"PYTHONPATH, or give path/to/file.py:Class") from None
-        found = spec
-    cls = getattr(module, attr, None)
     if cls is None:
         raise NasoptError(f"space {spec!r}: {where} has no {attr!r}; the classes there: "
                           f"{', '.join(sorted(_space_classes(module))) or 'none'}")

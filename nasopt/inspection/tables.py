@@ -62,17 +62,19 @@ def trials_table(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame
     frame = _study.trials_frame(study, pareto_only=pareto_only)
     budgets = budgets_of(study)
     genes = dict(_study.setup_of(study).get("space", {}).get("genes", {}))
-    scalar = [o for o in _study.setup_of(study).get("objectives", []) if o not in OBJECTIVES]
+    recorded = further_metrics(study)  # a user's metric among them
+    scalar = [(i, o) for i, o in enumerate(_study.setup_of(study).get("objectives", []))
+              if o not in OBJECTIVES and o not in recorded]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     numbers = frame["trial"].tolist() if len(frame) else []
     extra: dict[str, list[Any]] = {}
-    for key in further_metrics(study):
+    for key in recorded:
         if key not in frame.columns:
             extra[key] = [by_number[n].user_attrs.get("metrics", {}).get(key) for n in numbers]
     for name in budgets:
         extra[f"constraint.{name}"] = [(by_number[n].constraints or {}).get(name)
                                        for n in numbers]
-    for i, name in enumerate(scalar):  # objectives that no metric column carries (mnasnet)
+    for i, name in scalar:  # objectives that no metric column carries (mnasnet)
         extra[name] = [by_number[n].values[i] if by_number[n].values else None for n in numbers]
     metrics = ("accuracy", *COUNT_COLUMNS)
     if frame.empty:

@@ -13,7 +13,8 @@ from nasopt.core.errors import NasoptError
 from nasopt.core.metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
 from nasopt.compression.packed import predicted_size
 from nasopt.supernet.elastic import Supernet, recalibrate_bn
-from nasopt.supernet.train import accuracy, correct
+from nasopt.core.scores import BUILTIN, Metric, scores
+from nasopt.supernet.train import correct, outputs
 
 
 class Evaluator:
@@ -27,8 +28,10 @@ class Evaluator:
     """
 
     def __init__(self, space, supernet: Supernet, data: Dataset, calib_samples: int = 1024,
-                 pruning: str = "magnitude"):
+                 pruning: str = "magnitude", metric: Metric | None = None):
         self.space = space
+        #: the scores of every evaluation: the built-in metrics, and a user's own one
+        self.metrics = {**BUILTIN, **({metric.name: metric} if metric is not None else {})}
         self.supernet = supernet
         self.pruning = pruning
         if calib_samples < 1:
@@ -77,8 +80,11 @@ class Evaluator:
         float_model = self.float_model(arch)
         float_params = count_params(float_model)  # before compress() changes it in place
         model, stored = self._compress(arch, float_model)
+        found = scores(outputs(model, self._x_val).cpu().numpy(), self._y_val.cpu().numpy(),
+                       self.metrics)
         return Metrics(
-            accuracy=accuracy(model, self._x_val, self._y_val),
+            accuracy=found.pop("accuracy"),
+            scores=found,
             params=count_params(model),
             macs=count_macs(model, self._input_shape),
             float_bytes=float_params * FLOAT32_BYTES,

@@ -20,6 +20,7 @@ from nasopt.core.config import Config
 from nasopt.core.data import Dataset, load_dataset
 from nasopt.core.errors import NasoptError
 from nasopt.core.objectives import Constraint, Objective, get_constraints, get_objectives
+from nasopt.core.scores import load_metric, metric_from_record
 from nasopt.core.space import SearchSpace, space_from_description
 from nasopt.core.space_import import Spaces
 from nasopt.core.strategy import Strategy, attach_run_folder
@@ -107,12 +108,21 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
     constraints = get_constraints({**(profile.limits if profile else {}), **s.budgets})
     if profile is not None:
         profile.check_budgets({c.name: c.limit for c in constraints})
-    objectives = get_objectives(s.objectives, {c.name: c.limit for c in constraints})
+    user = load_metric(s.metric) if s.metric is not None else None  # before any work
+    if user is not None and user.name not in s.objectives:
+        raise NasoptError(f"metric {s.metric!r} is loaded as {user.name!r}, but no objective "
+                          f"names it: add --objectives {user.name},size")
+    objectives = get_objectives(s.objectives, {c.name: c.limit for c in constraints}, user)
     if s.trials < 1:
         raise NasoptError(f"search.trials must be at least 1, got {s.trials}")
     if s.timeout is not None and s.timeout <= 0:
         raise NasoptError(f"search.timeout must be positive seconds, got {s.timeout}")
     if s.table is not None:
+        scored = [n for n in s.objectives if n in ("balanced_accuracy", "f1")]
+        if scored or user is not None:
+            raise NasoptError(f"tabular mode reads accuracy from the table; the objective(s) "
+                              f"{scored or [user.name]} need the models' outputs: search a "
+                              f"supernet space, or use accuracy")
         if profile is not None:
             raise NasoptError("tabular mode has no trained networks to time or measure; drop "
                               "--hardware and --max-latency/--max-sram with --table")
@@ -135,6 +145,8 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
              "packed_format": PACKED_VERSION,  # the size objective counts this format's bytes
              "objectives": list(s.objectives),
              "budgets": {c.name: c.limit for c in constraints}}
+    if user is not None:  # found again by every command and worker
+        setup["metric"] = user.record()
     if hardware is not None:
         setup["hardware"] = hardware[1]
     # check (or create) the study before spending time on the supernet
@@ -149,7 +161,7 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
                                     device=device, show_progress=show_progress, log=log)
     supernet_s = time.perf_counter() - start
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples)
+    evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples, metric=user)
     check = _sanity.measure(evaluator, cfg.supernet.epochs)
     log(_sanity.summary(check))
     for line in _sanity.warnings(check):
@@ -286,4 +298,6 @@ def rebuild(study: optuna.Study, spaces: Spaces, device: str = "cpu"
     supernet = Supernet(space).to(device)
     load_weights(supernet, checkpoint.load(path, device), path)
     data = data.to(device)
-    return Evaluator(space, supernet.eval(), data, setup["eval"]["calib_samples"]), data
+    metric = metric_from_record(setup["metric"]) if "metric" in setup else None
+    return Evaluator(space, supernet.eval(), data, setup["eval"]["calib_samples"],
+                     metric=metric), data

@@ -105,6 +105,18 @@ def train_model(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, *,
 
 
 @torch.no_grad()
+@torch.no_grad()
+def outputs(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """The outputs of ``model`` in eval mode on ``x``, batch by batch."""
+    if len(x) == 0:
+        raise NasoptError("cannot measure a model on an empty split; use more data")
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
 def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> Tensor:
     """Whether ``model`` (in eval mode) classifies each sample right: a bool per sample."""
     if len(x) == 0:
