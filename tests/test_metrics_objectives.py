@@ -109,7 +109,18 @@ def test_a_search_on_f1_records_every_score_and_picks_by_f1(imbalanced, tmp_path
     best = api.best_trial(study)
     top = max(t.user_attrs["metrics"]["f1"] for t in study.trials)
     assert study.trials[best].user_attrs["metrics"]["f1"] == top
-    capsys.readouterr()
+    # compare, hypervolume and plots follow the study's metric
+    frame = api.compare([study])
+    assert "best_f1" in frame.columns and frame["best_f1"].iloc[0] == pytest.approx(top)
+    assert "hypervolume of f1 x size" in frame.attrs["hypervolume"]
+    from nasopt.inspection.tables import hv_setting
+    setting = hv_setting([study])
+    assert setting.quality == "f1" and setting.floor == 0.0
+    assert setting.of(study.trials) > 0  # every trial is feasible: a positive volume
+    for kind in ("pareto", "hypervolume", "importance"):
+        assert cli.main(["studies", "plot", "f1", "--kind", kind, "--out",
+                         str(tmp_path / f"{kind}.png"), "--run-dir", str(runs)]) == 0
+    assert "for f1" in capsys.readouterr().out
     with pytest.raises(NasoptError, match="tabular mode reads accuracy"):
         from nasopt.core.config import load_config
         api.search(load_config(None, ["search.space=nb201", "search.table=nb201_cifar10",
@@ -145,6 +156,8 @@ def test_a_user_metric_drives_a_search_and_is_found_again_elsewhere(tmp_path):
     assert export.returncode == 0, export.stderr
     assert "by worst_recall" in json.loads((elsewhere / "model" / "model.json").read_text())[
         "picked"]
+    compare = run(elsewhere, "studies", "compare", "tiny-mlp-digits", "--run-dir", runs)
+    assert compare.returncode == 0 and "best_worst_recall" in compare.stdout, compare.stderr
     # the function changed its direction since: the study's records no longer hold
     (tmp_path / "mine" / "worst.py").write_text(USER_METRIC.replace("= True", "= False"))
     again = run(elsewhere, "export", "tiny-mlp-digits", "--trial", "0", "--out", "model2",

@@ -27,8 +27,10 @@ def add_parsers(ssub: argparse._SubParsersAction, add_storage: AddOptions,
     q = ssub.add_parser("compare", help="studies and their strategies side by side",
                         description="One row per study and strategy (and an '(all)' row for a "
                         "study several strategies filled): completed, failed and feasible "
-                        "trials, best accuracy (any trial, and under each budget any of the "
-                        "studies has), and hypervolume with one reference for all rows.")
+                        "trials, the best value of the studies' quality metric (accuracy unless "
+                        "an objective names balanced_accuracy, f1 or a --metric; any trial, and "
+                        "under each budget any of the studies has), and hypervolume with one "
+                        "reference for all rows.")
     q.add_argument("studies", nargs="+", metavar="STUDY")
     _add_hv(q)
     add_storage(q)
@@ -37,9 +39,10 @@ def add_parsers(ssub: argparse._SubParsersAction, add_storage: AddOptions,
     q = ssub.add_parser("plot", help="PNG plot: Pareto front, hypervolume or gene importance")
     q.add_argument("study")
     q.add_argument("--kind", choices=("pareto", "hypervolume", "importance"), required=True,
-                   help="pareto: accuracy vs cost, feasible/infeasible marked, budget lines; "
-                   "hypervolume: over trials, per strategy; importance: fANOVA importance of "
-                   "each gene for accuracy")
+                   help="pareto: the quality metric (accuracy unless an objective names "
+                   "another) vs cost, feasible/infeasible marked, budget lines; hypervolume: "
+                   "over trials, per strategy; importance: fANOVA importance of each gene for "
+                   "the quality metric")
     q.add_argument("--out", required=True, help="the PNG file to write")
     q.add_argument("--force", action="store_true", help="overwrite the file if it exists")
     _add_hv(q)
@@ -127,11 +130,11 @@ def run(args: argparse.Namespace, storage) -> int:  # noqa: ANN001
                    if args.kind != "importance" else None)
         out = plots.save(study, args.kind, args.out, setting, args.force)
         if args.kind == "importance":
-            what = (f"fANOVA importance of each gene for accuracy, seed "
-                    f"{inspection.IMPORTANCE_SEED}")
+            what = (f"fANOVA importance of each gene for "
+                    f"{_study.quality_metric(study)[0]}, seed {inspection.IMPORTANCE_SEED}")
         elif args.kind == "pareto":
-            what = (f"accuracy vs {setting.cost}: feasible and infeasible trials, the Pareto "
-                    f"set, budget lines")
+            what = (f"{setting.quality} vs {setting.cost}: feasible and infeasible trials, the "
+                    f"Pareto set, budget lines")
         else:
             what = setting.describe()
         print(f"wrote {out} ({study.study_name}: {what})")

@@ -37,12 +37,15 @@ def _done(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def render_pareto(study: optuna.Study, setting: inspection.HvSetting | None = None) -> bytes:
-    """Accuracy against the cost axis: feasible trials as dots, infeasible as crosses, the
-    feasible Pareto set highlighted (a staircase when the objectives are exactly accuracy and
-    that cost), and a dashed line at the budget on that axis."""
+    """The study's quality metric (accuracy unless an objective names another) against the cost
+    axis: feasible trials as dots, infeasible as crosses, the feasible Pareto set highlighted (a
+    staircase when the objectives are exactly that metric and that cost), and a dashed line at
+    the budget on that axis."""
     setting = setting or inspection.hv_setting([study])
     metric = METRIC_OF[setting.cost]
-    done = [t for t in _done(study) if inspection.metric_value(t, metric) is not None]
+    quality = setting.quality
+    done = [t for t in _done(study) if inspection.metric_value(t, metric) is not None
+            and inspection.metric_value(t, quality) is not None]
     if not done:
         raise NasoptError(f"study {study.study_name!r} has no completed trial with "
                           f"{setting.cost} to plot")
@@ -52,7 +55,7 @@ def render_pareto(study: optuna.Study, setting: inspection.HvSetting | None = No
 
     def xy(trials):  # noqa: ANN001, ANN202
         return ([t.user_attrs["metrics"][metric] for t in trials],
-                [t.user_attrs["metrics"]["accuracy"] for t in trials])
+                [t.user_attrs["metrics"][quality] for t in trials])
 
     feasible = [t for t in done if _study.is_feasible(t)]
     infeasible = [t for t in done if not _study.is_feasible(t)]
@@ -67,8 +70,8 @@ def render_pareto(study: optuna.Study, setting: inspection.HvSetting | None = No
     if best:
         xs, ys = xy(best)
         objectives = _study.setup_of(study).get("objectives", [])
-        if objectives == ["accuracy", setting.cost]:
-            ax.step(xs, ys, where="post", color="tab:red", lw=1.2)
+        if objectives == [quality, setting.cost]:
+            ax.step(xs, ys, where="post" if setting.higher else "pre", color="tab:red", lw=1.2)
         ax.scatter(xs, ys, s=40, marker="o", facecolors="none", edgecolors="tab:red", lw=1.5,
                    label=f"Pareto set ({len(best)})")
     budgets = inspection.budgets_of(study)
@@ -84,7 +87,7 @@ def render_pareto(study: optuna.Study, setting: inspection.HvSetting | None = No
     if min(values) > 0 and max(values) / min(values) > 50:
         ax.set_xscale("log")
     ax.set_xlabel(LABELS.get(setting.cost, setting.cost))
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(quality + ("" if setting.higher else " (lower is better)"))
     ax.set_title(f"{study.study_name}: {len(done)} completed trials", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -115,22 +118,23 @@ def render_hypervolume(study: optuna.Study,
         raise NasoptError(f"study {study.study_name!r} has no completed trial to plot")
     ax.set_xlabel("completed trials (of the strategy)")
     ax.set_ylabel("hypervolume")
-    ax.set_title(f"{study.study_name}: accuracy x {setting.cost}, reference acc 0 at "
-                 f"{inspection.format_limit(setting.cost, setting.reference)} ({setting.why})",
-                 fontsize=9)
+    ax.set_title(f"{study.study_name}: {setting.quality} x {setting.cost}, reference "
+                 f"{setting.floor:g} at {inspection.format_limit(setting.cost, setting.reference)}"
+                 f" ({setting.why})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
 
 def render_importance(study: optuna.Study, seed: int = inspection.IMPORTANCE_SEED) -> bytes:
-    """Horizontal bars: fANOVA importance of each gene for validation accuracy."""
+    """Horizontal bars: fANOVA importance of each gene for the study's quality metric."""
     values = inspection.importance(study, seed).sort_values()
+    quality = _study.quality_metric(study)[0]
     fig = Figure(figsize=(7, max(2.5, 0.3 * len(values) + 1)))
     ax = fig.add_subplot()
     ax.barh(values.index.tolist(), values.to_numpy(), color="tab:blue")
-    ax.set_xlabel("importance for accuracy (fANOVA, normalized to sum 1)")
-    ax.set_title(f"{study.study_name}: gene importance for accuracy "
+    ax.set_xlabel(f"importance for {quality} (fANOVA, normalized to sum 1)")
+    ax.set_title(f"{study.study_name}: gene importance for {quality} "
                  f"({len(_done(study))} trials, seed {seed})", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)

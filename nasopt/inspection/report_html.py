@@ -101,8 +101,8 @@ def render(study: optuna.Study, storage_url: str) -> str:
 
     parts.append("<h2>Strategies</h2>")
     table, _ = inspection.compare([study], setting.cost, setting.reference)
-    parts.append(_table(table) + _p(setting.describe() + ". Best accuracy columns: any "
-                                    "completed trial, then under each budget.", "note"))
+    parts.append(_table(table) + _p(setting.describe() + f". Best {setting.quality} columns: "
+                                    "any completed trial, then under each budget.", "note"))
 
     parts.append("<h2>Pareto set (feasible trials)</h2>")
     front = inspection.pareto_table(study)
@@ -119,9 +119,9 @@ def render(study: optuna.Study, storage_url: str) -> str:
     for kind, caption in (("pareto", "Pareto front: dots feasible, crosses infeasible, circles "
                            "the feasible Pareto set, dashed the budget on this axis"),
                           ("hypervolume", setting.describe()),
-                          ("importance", "fANOVA importance of each gene for validation "
-                           "accuracy (Optuna, seeded evaluator; for several objectives the "
-                           "target is accuracy)")):
+                          ("importance", f"fANOVA importance of each gene for validation "
+                           f"{setting.quality} (Optuna, seeded evaluator; for several "
+                           f"objectives the target is the study's quality metric)")):
         try:
             png = plots.render(study, kind, setting)
         except NasoptError as exc:  # e.g. too few trials for importance: say so, go on

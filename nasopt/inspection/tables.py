@@ -30,8 +30,6 @@ COUNT_COLUMNS = ("compressed_bytes", "params", "nonzero_params", "macs", "float_
 #: hypervolume reference for the size objective when no size budget is shared: accuracy 0 at
 #: 16 KB, the reference of the compression and strategies benchmarks (results/*.md)
 DEFAULT_SIZE_REFERENCE = 16 * 1024
-#: the importance target (for several objectives one must be chosen): validation accuracy
-IMPORTANCE_TARGET = "accuracy"
 IMPORTANCE_SEED = 0
 
 
@@ -189,22 +187,32 @@ def write_table(study: optuna.Study, path: str | Path, force: bool = False) -> P
 # ---- hypervolume ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HvSetting:
-    """Hypervolume of (accuracy up, ``cost`` down) over feasible trials, reference point
-    accuracy 0 at ``reference`` (costs are divided by it, so values lie in [0, 1])."""
+    """Hypervolume of (the quality metric, ``cost`` down) over feasible trials, reference point
+    ``floor`` of the quality metric at ``reference`` of the cost (costs are divided by it). For
+    accuracy, balanced accuracy and macro-F1 the floor is 0, so values lie in [0, 1]; for a
+    user's metric it is the worst value among the trials compared (and the volume is in the
+    metric's units), and a metric where lower is better counts its distance below the floor."""
     cost: str  # an objective name with a metric: size, params, macs, ...
     reference: float
     why: str
+    quality: str = "accuracy"  # the studies' quality metric (nasopt.search.study.quality_metric)
+    higher: bool = True  # whether higher is better for it
+    floor: float = 0.0  # its value at the reference point
 
     def describe(self) -> str:
-        return (f"hypervolume of accuracy x {self.cost} over feasible trials, reference point "
-                f"accuracy 0 at {self.cost} {format_limit(self.cost, self.reference)} "
-                f"({self.why}); 1 = 100 % at zero {self.cost}")
+        scale = (f"1 = {self.quality} 1 at zero {self.cost}" if self.quality in _study.SCORED
+                 else f"in units of {self.quality}")
+        return (f"hypervolume of {self.quality} x {self.cost} over feasible trials, reference "
+                f"point {self.quality} {self.floor:g} at {self.cost} "
+                f"{format_limit(self.cost, self.reference)} ({self.why}); {scale}")
 
     def of(self, trials: Sequence[optuna.trial.FrozenTrial]) -> float:
         metric = METRIC_OF[self.cost]
-        points = [(metric_value(t, "accuracy"), metric_value(t, metric)) for t in trials
+        points = [(metric_value(t, self.quality), metric_value(t, metric)) for t in trials
                   if _study.is_feasible(t)]
-        return hypervolume([p for p in points if None not in p], self.reference)
+        sign = 1.0 if self.higher else -1.0
+        return hypervolume([(sign * (q - self.floor), c) for q, c in points
+                            if q is not None and c is not None], self.reference)
 
     def curve(self, trials: Sequence[optuna.trial.FrozenTrial]) -> list[float]:
         """Hypervolume after each of ``trials`` (in the given order)."""
@@ -223,19 +231,31 @@ def hv_setting(studies: Sequence[optuna.Study], cost: str | None = None,
     if cost not in METRIC_OF:
         raise NasoptError(f"cannot compute a hypervolume over {cost!r}; choose one of "
                           f"{', '.join(METRIC_OF)}")
+    qualities = {_study.quality_metric(s) for s in studies}
+    if len(qualities) > 1:
+        raise NasoptError(f"the studies optimize different metrics "
+                          f"({', '.join(sorted(q for q, _ in qualities))}); compare studies of "
+                          f"one metric")
+    quality, higher = qualities.pop()
+    floor = 0.0
+    if quality not in _study.SCORED:  # a user's metric: the worst value among the trials
+        found = [v for s in studies for t in _study.completed(s)
+                 if (v := metric_value(t, quality)) is not None]
+        floor = (min(found) if higher else max(found)) if found else 0.0
+    axis = {"quality": quality, "higher": higher, "floor": floor}
     if reference is not None:
-        return HvSetting(cost, parse_quantity(reference, cost), "given")
+        return HvSetting(cost, parse_quantity(reference, cost), "given", **axis)
     limits = {budgets_of(s).get(cost) for s in studies}
     if len(limits) == 1 and None not in limits:
-        return HvSetting(cost, limits.pop(), "the studies' budget")
+        return HvSetting(cost, limits.pop(), "the studies' budget", **axis)
     if cost == "size":
-        return HvSetting(cost, DEFAULT_SIZE_REFERENCE, "the benchmarks' reference")
+        return HvSetting(cost, DEFAULT_SIZE_REFERENCE, "the benchmarks' reference", **axis)
     values = [v for s in studies for t in _study.completed(s)
               if (v := metric_value(t, METRIC_OF[cost])) is not None]
     if not values:
         raise NasoptError("no completed trial to take a hypervolume reference from; give one "
                           "with --hv-reference")
-    return HvSetting(cost, max(values), "the largest among the trials")
+    return HvSetting(cost, max(values), "the largest among the trials", **axis)
 
 
 def strategy_groups(study: optuna.Study, with_all: bool = True
@@ -263,6 +283,8 @@ def compare(studies: Sequence[optuna.Study], cost: str | None = None,
     for s in studies:
         for name, limit in budgets_of(s).items():
             budgets[(name, limit)] = None
+    quality = setting.quality
+    best = max if setting.higher else min  # the best value of the studies' quality metric
     rows = []
     for s in studies:
         for strategy, trials in strategy_groups(s):
@@ -272,19 +294,21 @@ def compare(studies: Sequence[optuna.Study], cost: str | None = None,
                 "study": s.study_name, "strategy": strategy, "trials": len(done),
                 "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
                 "feasible": sum(_study.is_feasible(t) for t in done),
-                "best_accuracy": max((t.user_attrs["metrics"]["accuracy"] for t in done),
-                                     default=None)}
+                f"best_{quality}": best((v for t in done
+                                         if (v := metric_value(t, quality)) is not None),
+                                        default=None)}
             for name, limit in budgets:
                 metric = METRIC_OF[name]
-                row[f"best_accuracy[{name}<={format_limit(name, limit)}]"] = max(
-                    (t.user_attrs["metrics"]["accuracy"] for t in done
-                     if (v := metric_value(t, metric)) is not None and v <= limit),
+                row[f"best_{quality}[{name}<={format_limit(name, limit)}]"] = best(
+                    (q for t in done
+                     if (v := metric_value(t, metric)) is not None and v <= limit
+                     and (q := metric_value(t, quality)) is not None),
                     default=None)
             row["hypervolume"] = setting.of(done)
             rows.append(row)
     frame = pd.DataFrame(rows)
     for column in frame.columns:
-        if column.startswith("best_accuracy") or column == "hypervolume":
+        if column.startswith(f"best_{quality}") or column == "hypervolume":
             frame[column] = pd.to_numeric(frame[column]).astype("float64")
         elif column in ("trials", "failed", "feasible"):
             frame[column] = frame[column].astype("int64")
@@ -295,19 +319,21 @@ def compare(studies: Sequence[optuna.Study], cost: str | None = None,
 
 # ---- importance -----------------------------------------------------------------------------
 def importance(study: optuna.Study, seed: int = IMPORTANCE_SEED) -> pd.Series:
-    """fANOVA importance of each gene for validation accuracy (Optuna's
+    """fANOVA importance of each gene for the study's quality metric (Optuna's
     ``get_param_importances`` with a seeded ``FanovaImportanceEvaluator``), summing to 1.
 
-    For several objectives Optuna needs one target: accuracy is used, whatever the objectives.
+    For several objectives Optuna needs one target: the quality metric
+    (:func:`nasopt.search.study.quality_metric`: accuracy unless an objective names another).
     Genes with one option (restricted) have no importance and are left out."""
     done = [t for t in _study.completed(study) if "metrics" in t.user_attrs]
     if len(done) < 2:
         raise NasoptError(f"study {study.study_name!r} has {len(done)} completed trial(s); gene "
                           f"importance needs at least 2 (run more trials)")
+    quality = _study.quality_metric(study)[0]
     try:
         values = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed),
-            target=lambda t: t.user_attrs["metrics"][IMPORTANCE_TARGET])
+            target=lambda t: t.user_attrs["metrics"][quality])
     except (ValueError, RuntimeError) as exc:
         raise NasoptError(f"cannot compute gene importance for study {study.study_name!r} "
                           f"({exc})") from None
