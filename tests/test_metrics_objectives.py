@@ -163,3 +163,36 @@ def test_a_user_metric_drives_a_search_and_is_found_again_elsewhere(tmp_path):
     again = run(elsewhere, "export", "tiny-mlp-digits", "--trial", "0", "--out", "model2",
                 "--run-dir", runs)
     assert again.returncode == 2 and "has changed since the study was run" in again.stderr
+
+
+def test_the_majority_class_baseline_of_every_metric_and_its_warning():
+    from nasopt.search import sanity
+    outputs = sanity.constant_outputs(2, 6, 3)
+    labels = np.array([2, 2, 2, 0, 1, 2])
+    base = scores.scores(outputs, labels, scores.BUILTIN)
+    assert base == {"accuracy": 4 / 6, "balanced_accuracy": 1 / 3,
+                    "f1": pytest.approx((2 * 4 / (4 + 6)) / 3)}
+    record = {"majority": 4 / 6, "largest": 0.9, "smallest": 0.5, "smallest_compressed": None,
+              "val_samples": 6, "classes": 3, "supernet_epochs": 1, "compression_genes": {},
+              "baseline": base}
+    assert "that predictor's balanced_accuracy 0.333, f1 0.267" in sanity.summary(record)
+
+    class Trial:  # what metric_warnings reads of a trial
+        def __init__(self, number, f1):
+            self.number, self.user_attrs, self.constraints = number, {"metrics": {"f1": f1}}, []
+            self.state = __import__("optuna").trial.TrialState.COMPLETE
+
+    class Study:
+        user_attrs = {"nasopt": {"objectives": ["f1", "size"]}}
+
+        def __init__(self, values):
+            self.trials = [Trial(i, v) for i, v in enumerate(values)]
+
+        def get_trials(self, deepcopy=False, states=None):
+            return self.trials
+
+    assert sanity.metric_warnings(record, Study([0.1, 0.2, 0.25])) == [
+        "the search's best trial by f1 (trial 2) scores 0.25, no better than always answering "
+        "the majority class (0.2667): train the supernet longer, restrict the compression "
+        "genes, or check the data's labels"]
+    assert sanity.metric_warnings(record, Study([0.1, 0.5])) == []

@@ -181,11 +181,13 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
                            sram_dtype=(profile.dtype if profile is not None
                                        and profile.metrics.get("sram") == "counted" else None))
         return SearchOutcome(study, space, path, new, supernet_s, check,
-                             _sanity.warnings(check, _sanity.best_trial(study)))
+                             _sanity.warnings(check, _sanity.best_trial(study))
+                         + _sanity.metric_warnings(check, study))
     new = _run_trials(study, space, evaluator, objectives, s, strategy, constraints,
                       show_progress, s.seed * 7919 + len(existing.trials))
     return SearchOutcome(study, space, path, new, supernet_s, check,
-                         _sanity.warnings(check, _sanity.best_trial(study)))
+                         _sanity.warnings(check, _sanity.best_trial(study))
+                         + _sanity.metric_warnings(check, study))
 
 
 def _masked(cfg: Config) -> Config:

@@ -6,7 +6,9 @@ After the supernet is trained (or reused) the search measures, on the validation
   largest / smallest options, no compression at all: inherited weights, BN recalibrated),
 - the accuracy of the smallest subnet compressed as a trial would score it (the space's
   :meth:`~nasopt.core.space.SearchSpace.smallest` arch: most compressed),
-- the majority-class rate: the accuracy of always answering the most frequent class.
+- the majority-class rate: the accuracy of always answering the most frequent class, and that
+  predictor's value of every other metric the search scores (balanced accuracy, macro-F1, a
+  user's metric): the baseline a search on that metric must beat.
 
 The record (:func:`measure`) is stored in the study's setup (user attr ``nasopt``, key
 ``sanity``); :func:`warnings` says, in one line each, when the supernet or the search's best
@@ -53,8 +55,11 @@ def measure(evaluator, supernet_epochs: int) -> dict[str, Any]:  # noqa: ANN001
     record of fractions in [0, 1] and what the advice needs (the space's compression genes with
     their options, the supernet's epochs)."""
     from nasopt.supernet.train import accuracy  # no gradients: float_model and accuracy need none
+    from nasopt.core.scores import scores
     space = evaluator.space
     x_val, y_val = evaluator._x_val, evaluator._y_val
+    labels = y_val.long().flatten().cpu()
+    always = constant_outputs(int(labels.bincount().argmax()), len(labels), space.num_classes)
     largest, smallest = space.largest(), space.smallest()
     compression = {g: list(space.genes[g]) for g in space.compression_genes() if g in space.genes}
     return {
@@ -67,7 +72,17 @@ def measure(evaluator, supernet_epochs: int) -> dict[str, Any]:  # noqa: ANN001
         "classes": space.num_classes,
         "supernet_epochs": supernet_epochs,
         "compression_genes": compression,
+        # always answering the validation split's most frequent class, by every scored metric
+        "baseline": scores(always, labels.numpy(), evaluator.metrics),
     }
+
+
+def constant_outputs(label: int, n: int, classes: int):  # noqa: ANN201 - a numpy array
+    """Outputs that answer ``label`` for each of ``n`` samples."""
+    import numpy as np
+    out = np.zeros((n, classes))
+    out[:, label] = 1.0
+    return out
 
 
 def _pct(value: float) -> str:
@@ -80,8 +95,16 @@ def summary(record: Mapping[str, Any]) -> str:
     return (f"supernet check (validation accuracy): largest subnet {_pct(record['largest'])}, "
             f"smallest {_pct(record['smallest'])} (float"
             + (f"; compressed {_pct(compressed)}" if compressed is not None else "")
-            + f"); majority class {_pct(record['majority'])} ({record['val_samples']} samples)"
+            + f"); majority class {_pct(record['majority'])} ({record['val_samples']} samples"
+            + _baseline_text(record) + ")"
             + ("; NEAR CHANCE" if supernet_near_chance(record) else ""))
+
+
+def _baseline_text(record: Mapping[str, Any]) -> str:
+    """The majority-class predictor's other scores, for the summary ('' without any)."""
+    others = [f"{name} {value:.3g}" for name, value in (record.get("baseline") or {}).items()
+              if name != "accuracy"]
+    return f"; that predictor's {', '.join(others)}" if others else ""
 
 
 def supernet_near_chance(record: Mapping[str, Any]) -> bool:
@@ -119,6 +142,42 @@ def best_trial(study: optuna.Study) -> tuple[int, float] | None:
         return None
     acc, number = max(scored, key=lambda p: (p[0], -p[1]))
     return number, acc
+
+
+def best_by_quality(study: optuna.Study) -> tuple[str, int, float] | None:
+    """(metric, number, value) of the best trial by the study's quality metric
+    (:func:`nasopt.search.study.quality_metric`) among those that meet the budgets (among all
+    when none does); None without one."""
+    from nasopt.search.study import completed, is_feasible, quality_metric
+    name, higher = quality_metric(study)
+    done = completed(study)
+    feasible = [t for t in done if is_feasible(t)]
+    scored = [(v if higher else -v, -t.number) for t in (feasible or done)
+              if (v := t.user_attrs.get("metrics", {}).get(name)) is not None]
+    if not scored:
+        return None
+    value, number = max(scored)
+    return name, -number, value if higher else -value
+
+
+def metric_warnings(record: Mapping[str, Any] | None, study: optuna.Study) -> list[str]:
+    """One line when the study's quality metric is not accuracy (whose rule is
+    :func:`warnings`) and its best trial does no better than always answering the majority
+    class."""
+    found = best_by_quality(study)
+    if not record or found is None or found[0] == "accuracy":
+        return []
+    name, number, value = found
+    base = (record.get("baseline") or {}).get(name)
+    if base is None:
+        return []
+    from nasopt.search.study import quality_metric
+    higher = quality_metric(study)[1]
+    if (value > base) if higher else (value < base):
+        return []
+    return [f"the search's best trial by {name} (trial {number}) scores {value:.4g}, no better "
+            f"than always answering the majority class ({base:.4g}): train the supernet longer, "
+            f"restrict the compression genes, or check the data's labels"]
 
 
 def warnings(record: Mapping[str, Any] | None, best: tuple[int, float] | None = None
@@ -162,4 +221,5 @@ def study_lines(study: optuna.Study) -> list[str]:
     record = of_study(study)
     if not record:
         return []
-    return [summary(record)] + [f"warning: {w}" for w in warnings(record, best_trial(study))]
+    return [summary(record)] + [f"warning: {w}" for w in warnings(record, best_trial(study))
+                                + metric_warnings(record, study)]
