@@ -167,6 +167,9 @@ def export(study: optuna.Study, trial: int | str, out: str | Path,
     if t.state != optuna.trial.TrialState.COMPLETE:
         raise NasoptError(f"trial {trial} of study {study.study_name!r} is {t.state.name}, not "
                           f"COMPLETE; export a completed trial (see `nasopt studies show`)")
+    if "onnx-int8" in formats and _study.setup_of(study)["data"].get("task") == "regression":
+        raise NasoptError("onnx-int8 is verified by the predicted classes it keeps; a regression "
+                          "model exports as pytorch, packed or onnx")
     out = _export.check_out(out, force)  # before any work
     evaluator, data = rebuild(study)
     arch = evaluator.space.validate(t.params)
@@ -175,18 +178,22 @@ def export(study: optuna.Study, trial: int | str, out: str | Path,
             and recorded.get("compressed_bytes") is not None):  # sized without the checksum
         from nasopt.compression.packed import CHECKSUM_BYTES
         recorded["compressed_bytes"] += CHECKSUM_BYTES
-    again = evaluator(arch)
-    if (again.compressed_bytes != recorded.get("compressed_bytes")
-            or abs(again.accuracy - recorded.get("accuracy", -1)) > 1e-9):
+    again = evaluator(arch).to_dict()
+    scored = [k for k in ("accuracy", *evaluator.metrics)  # those the trial recorded
+              if again.get(k) is not None and recorded.get(k) is not None]
+    if (again["compressed_bytes"] != recorded.get("compressed_bytes") or not scored
+            or any(abs(again[k] - recorded[k]) > 1e-9 for k in scored)):
+        key = scored[0] if scored else "accuracy"
         raise NasoptError(
-            f"trial {trial} cannot be reproduced here (recorded accuracy "
-            f"{recorded.get('accuracy')}, {recorded.get('compressed_bytes')} B; now "
-            f"{again.accuracy}, {again.compressed_bytes} B): the supernet checkpoint or the "
-            f"device differs from the search's; export where the search ran")
+            f"trial {trial} cannot be reproduced here (recorded {key} {recorded.get(key)}, "
+            f"{recorded.get('compressed_bytes')} B; now {again.get(key)}, "
+            f"{again['compressed_bytes']} B): the supernet checkpoint or the device differs "
+            f"from the search's; export where the search ran")
     model, stored = evaluator.compressed(arch)
     info = {"study": study.study_name, "trial": trial,
             **({"picked": f"best: the best feasible trial by "
                           f"{_study.quality_metric(study)[0]}"} if picked else {}),
+            "quality": _study.quality_metric(study)[0],  # the study's quality metric
             "weights": _export.INHERITED,
             "weights_note": "inherited from the supernet (BN recalibrated), not retrained; "
                             "train them with `nasopt finetune`, `nasopt distill` or `nasopt run`",

@@ -166,9 +166,15 @@ def test_a_user_metric_drives_a_search_and_is_found_again_elsewhere(tmp_path):
 
 
 def test_the_majority_class_baseline_of_every_metric_and_its_warning():
+    import torch
+
+    from nasopt.core.task import CLASSIFICATION, Task
     from nasopt.search import sanity
-    outputs = sanity.constant_outputs(2, 6, 3)
     labels = np.array([2, 2, 2, 0, 1, 2])
+    outputs = CLASSIFICATION.trivial_outputs(torch.tensor(labels), 6, 3)
+    assert (outputs.argmax(1) == 2).all()
+    targets = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    assert Task("regression").trivial_outputs(targets, 3, 2).tolist() == [[2.0, 4.0]] * 3
     base = scores.scores(outputs, labels, scores.BUILTIN)
     assert base == {"accuracy": 4 / 6, "balanced_accuracy": 1 / 3,
                     "f1": pytest.approx((2 * 4 / (4 + 6)) / 3)}

@@ -176,11 +176,12 @@ def export_summary(out: Path, args: argparse.Namespace) -> str:
     from nasopt.deploy.export import read_card
     card = read_card(out)
     trial, study = card["trial"], card["study"]
-    accuracy = (card.get("metrics") or {}).get("accuracy")
+    quality = card.get("quality", "accuracy")
+    value = (card.get("metrics") or {}).get(quality)
     lines = []
     if "picked" in card:
         lines.append(f"picked trial {trial} of {study}: {card['picked'].removeprefix('best: ')}"
-                     f" (validation accuracy {accuracy:.4f})")
+                     f" (validation {quality} {value:.4f})")
     shape = ", ".join(str(d) for d in card["space"]["input_shape"])
     pre = (card.get("input") or {}).get("preprocess")
     formula = "" if not pre else (f"x / {pre['std']:g}" if pre["mean"] == 0 else
@@ -194,7 +195,10 @@ def export_summary(out: Path, args: argparse.Namespace) -> str:
     where = "".join(f" {flag} {shlex.quote(mask_url(str(value)))}" for flag, value in
                     (("--run-dir", args.run_dir), ("--storage", args.storage))
                     if value is not None and not (flag == "--run-dir" and value == "runs"))
-    acc = f" (validation accuracy {accuracy:.4f} as searched)" if accuracy is not None else ""
+    acc = f" (validation {quality} {value:.4f} as searched)" if value is not None else ""
+    if (card.get("dataset") or {}).get("task") == "regression":
+        lines.append(f"weights: inherited from the supernet, not retrained{acc}")
+        return "\n".join(lines)
     lines.append(f"weights: inherited from the supernet, not retrained{acc}; next, train them: "
                  f"`nasopt finetune --study {shlex.quote(study)} --trial {trial}{where} --out "
                  f"DIR` (quantization-aware fine-tuning), or `nasopt distill "

@@ -54,6 +54,9 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--study", help="study name (default: SPACE-DATASET)")
     p.add_argument("--objectives", help="comma-separated, e.g. accuracy,size; f1,size (macro-F1) "
                    "or balanced_accuracy,size for imbalanced classes")
+    p.add_argument("--task", choices=("classification", "regression"), help="regression: the "
+                   "data file's y holds float targets (a .npz may say so itself: task="
+                   "'regression'); objectives mae or rmse (default: mae,size)")
     p.add_argument("--metric", metavar="FILE.py:FUNC|MODULE:FUNC", help="your own metric "
                    "function (outputs, targets) -> float with higher_is_better set on it; scored "
                    "on every trial under the function's name, which --objectives may name")
@@ -354,6 +357,7 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
                       ("objectives", "search.objectives"), ("device", "device"),
                       ("run_dir", "run_dir"), ("table", "search.table"),
                       ("hardware", "search.hardware"), ("metric", "search.metric"),
+                      ("task", "data.task"),
                       ("table_metric", "search.table_metric")):
         value = getattr(args, flag)
         if value is not None:

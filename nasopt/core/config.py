@@ -28,10 +28,15 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     label_column: str = "label"
+    #: "regression" for float targets; None: as the data file says, else classification
+    task: str | None = None
 
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise NasoptError(f"data.seed must be 0 or more, got {self.seed}")
+        if self.task not in (None, "classification", "regression"):
+            raise NasoptError(f"data.task must be classification or regression, got "
+                              f"{self.task!r}")
 
 @dataclass(frozen=True)
 class SupernetConfig:

@@ -93,7 +93,9 @@ def preprocess_of(dataset: str) -> Preprocess:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Tensors of one dataset, already split. ``x`` is float32 shaped (N, C, L) or (N, C, H, W)."""
+    """Tensors of one dataset, already split. ``x`` is float32 shaped (N, C, L) or (N, C, H, W);
+    ``y`` holds int64 labels (classification) or float32 targets shaped (N, T) (regression,
+    where ``num_classes`` is T: the number of outputs)."""
 
     name: str
     x_train: Tensor
@@ -106,6 +108,7 @@ class Dataset:
     fingerprint: str = field(default="")
     #: what the loader did to the raw samples (exports undo nothing: they apply it inside)
     preprocess: Preprocess = field(default_factory=Preprocess)
+    task: str = "classification"  # or "regression" (nasopt.core.task)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -115,10 +118,12 @@ class Dataset:
         moved = {k: getattr(self, k).to(device) for k in
                  ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
         return Dataset(self.name, num_classes=self.num_classes, fingerprint=self.fingerprint,
-                       preprocess=self.preprocess, **moved)
+                       preprocess=self.preprocess, task=self.task, **moved)
 
     def summary(self) -> str:
-        return (f"{self.name}: inputs {self.input_shape}, {self.num_classes} classes, "
+        outputs = (f"{self.num_classes} target(s) (regression)" if self.task == "regression"
+                   else f"{self.num_classes} classes")
+        return (f"{self.name}: inputs {self.input_shape}, {outputs}, "
                 f"{len(self.x_train)} train / {len(self.x_val)} val / {len(self.x_test)} test")
 
 
@@ -132,7 +137,8 @@ def cache_dir() -> Path:
 
 def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
                  test_fraction: float = 0.2, label_column: str = "label",
-                 classes: Sequence[int] | None = None, fraction: float = 1.0) -> Dataset:
+                 classes: Sequence[int] | None = None, fraction: float = 1.0,
+                 task: str | None = None) -> Dataset:
     """Load ``spec`` (a built-in name or a .npz / .csv path) and split it.
 
     ``classes`` keeps only those labels (train, val and test), renumbered 0..k-1 in the order
@@ -142,10 +148,14 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
     Official test sets (MNIST-1D's 1000 samples, Fashion-MNIST's 10000) are kept as the test split;
     other data gets a stratified ``test_fraction``. Validation is a stratified ``val_fraction`` of
     the rest. Splits depend only on ``seed``.
+
+    ``task``: ``"regression"`` reads ``y`` as float targets (a .npz file may say so itself with
+    an array ``task="regression"``); splits are then random rather than stratified.
     """
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
         raise NasoptError("val_fraction and test_fraction must lie strictly between 0 and 1")
     signals = False  # (N, C, L) multi-channel signals rather than (N, H, W) images
+    stated = None  # the task a data file states
     if spec == "digits":
         x, y, xt, yt = _digits()
     elif spec == "mnist1d":
@@ -153,53 +163,69 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
     elif spec == "fashion-mnist":
         x, y, xt, yt = _fashion_mnist()
     elif spec.endswith(".npz"):
-        x, y, xt, yt, signals = _npz(Path(spec))
+        x, y, xt, yt, signals, stated = _npz(Path(spec))
     elif spec.endswith(".csv"):
         x, y, xt, yt = _csv(Path(spec), label_column)
     else:
         raise NasoptError(f"unknown dataset {spec!r}; known: {', '.join(BUILTIN)}, "
                           f"or a path to a .npz or .csv file")
-    x, y = _checked(spec, x, y, signals)
+    kind = task or stated or "classification"
+    if kind not in ("classification", "regression"):
+        raise NasoptError(f"unknown task {kind!r}; choose classification or regression")
+    regression = kind == "regression"
+    if regression and classes is not None:
+        raise NasoptError(f"{spec}: a class subset needs classes; this is a regression dataset")
+    x, y = _checked(spec, x, y, signals, regression)
     if not 0 < fraction <= 1:
         raise NasoptError(f"fraction must lie in (0, 1], got {fraction}")
     if classes is not None:
         x, y, xt, yt = _class_subset(spec, classes, x, y, xt, yt)
     rng = np.random.default_rng(seed)
+    split = _random_split if regression else _stratified_split
     if xt is None:
-        train_idx, test_idx = _stratified_split(y, test_fraction, rng)
+        train_idx, test_idx = split(y, test_fraction, rng)
         x, y, xt, yt = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     else:
-        xt, yt = _checked(spec + " (test arrays)", xt, yt, signals)
-        if xt.shape[1:] != x.shape[1:]:
-            raise NasoptError(f"{spec}: x_test samples are shaped {xt.shape[1:]} but x samples "
-                              f"{x.shape[1:]}; give both the same shape")
-    train_idx, val_idx = _stratified_split(y, val_fraction, rng)
+        xt, yt = _checked(spec + " (test arrays)", xt, yt, signals, regression)
+        if xt.shape[1:] != x.shape[1:] or yt.shape[1:] != y.shape[1:]:
+            raise NasoptError(f"{spec}: x_test / y_test samples are shaped {xt.shape[1:]} / "
+                              f"{yt.shape[1:]} but x / y samples {x.shape[1:]} / {y.shape[1:]}; "
+                              f"give both the same shape")
+    train_idx, val_idx = split(y, val_fraction, rng)
     if fraction < 1:
-        train_idx = train_idx[_stratified_split(y[train_idx], fraction, rng)[1]]
-        val_idx = val_idx[_stratified_split(y[val_idx], fraction, rng)[1]]
-    labels = np.unique(np.concatenate([y, yt]))  # sorted, distinct: 0..K-1 iff these two hold
-    if labels.min() < 0 or labels.max() != len(labels) - 1:
-        raise NasoptError(f"{spec}: labels must be the integers 0..K-1, got {labels[:20]}; "
-                          f"map your classes to consecutive integers")
-    if len(labels) < 2:
-        raise NasoptError(f"{spec}: every label is {labels[0]}: classification needs at least two "
-                          f"classes; give samples of every class")
+        train_idx = train_idx[split(y[train_idx], fraction, rng)[1]]
+        val_idx = val_idx[split(y[val_idx], fraction, rng)[1]]
+    if regression:
+        outputs = y.shape[1]
+    else:
+        labels = np.unique(np.concatenate([y, yt]))  # sorted, distinct: 0..K-1 iff these hold
+        if labels.min() < 0 or labels.max() != len(labels) - 1:
+            raise NasoptError(f"{spec}: labels must be the integers 0..K-1, got {labels[:20]}; "
+                              f"map your classes to consecutive integers, or for float targets "
+                              f"use --task regression")
+        if len(labels) < 2:
+            raise NasoptError(f"{spec}: every label is {labels[0]}: classification needs at "
+                              f"least two classes; give samples of every class")
+        outputs = int(labels.max() + 1)
     h = hashlib.sha1()
     for arr in (x, y, xt, yt):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update(f"{seed}/{val_fraction}/{test_fraction}".encode())
     if fraction < 1:
         h.update(f"/fraction={fraction}".encode())
+    if regression:
+        h.update(b"/regression")
     as_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    as_y = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    as_y = lambda a: torch.from_numpy(np.ascontiguousarray(  # noqa: E731
+        a, dtype=np.float32 if regression else np.int64))
     name = Path(spec).name if spec not in BUILTIN else spec
     if classes is not None:
         name += "[" + ",".join(str(c) for c in classes) + "]"
     if fraction < 1:
         name += f"@{fraction:g}"
     return Dataset(name, as_x(x[train_idx]), as_y(y[train_idx]), as_x(x[val_idx]),
-                   as_y(y[val_idx]), as_x(xt), as_y(yt), int(labels.max() + 1), h.hexdigest()[:16],
-                   preprocess_of(spec))
+                   as_y(y[val_idx]), as_x(xt), as_y(yt), outputs, h.hexdigest()[:16],
+                   preprocess_of(spec), kind)
 
 
 #: the MNIST-1D generator's seed for :func:`extend_validation` (the built-in data uses the
@@ -285,12 +311,30 @@ def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator):
     return keep_idx, held_idx
 
 
-def _checked(spec: str, x: np.ndarray, y: np.ndarray, signals: bool = False
-             ) -> tuple[np.ndarray, np.ndarray]:
+def _random_split(y: np.ndarray, fraction: float, rng: np.random.Generator):
+    """A seeded random split (regression: no classes to stratify by)."""
+    idx = rng.permutation(len(y))
+    n = int(round(len(idx) * fraction))
+    if n == 0 or n == len(idx):
+        raise NasoptError("too few samples to split into train / validation / test; "
+                          "provide more data")
+    return np.sort(idx[n:]), np.sort(idx[:n])
+
+
+def _checked(spec: str, x: np.ndarray, y: np.ndarray, signals: bool = False,
+             regression: bool = False) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2:
         raise NasoptError(f"{spec}: x must hold one sample per row, got shape {x.shape}")
-    if len(x) != len(y) or y.ndim != 1:
+    if regression:
+        if len(x) != len(y) or y.ndim not in (1, 2):
+            raise NasoptError(f"{spec}: x has {len(x)} samples but y has shape {y.shape}; give "
+                              f"one target (or one row of targets) per sample")
+        if not np.issubdtype(y.dtype, np.number) or not np.isfinite(y.astype(np.float64)).all():
+            raise NasoptError(f"{spec}: y contains NaN, infinite or non-numeric targets; clean "
+                              f"or impute them first")
+        y = y.reshape(len(y), -1)
+    elif len(x) != len(y) or y.ndim != 1:
         raise NasoptError(f"{spec}: x has {len(x)} samples but y has shape {y.shape}; "
                           f"give one integer label per sample")
     if len(x) == 0:
@@ -304,13 +348,15 @@ def _checked(spec: str, x: np.ndarray, y: np.ndarray, signals: bool = False
     if np.abs(x).max() > np.finfo(np.float32).max:
         raise NasoptError(f"{spec}: x holds values up to {np.abs(x).max():.3g}, beyond float32 "
                           f"(the models' number type); scale the inputs first, e.g. to [0, 1]")
-    if not np.issubdtype(y.dtype, np.number) or np.any(np.asarray(y) != np.round(y)):
-        raise NasoptError(f"{spec}: labels must be integers 0..K-1")
+    if not regression and (not np.issubdtype(y.dtype, np.number)
+                           or np.any(np.asarray(y) != np.round(y))):
+        raise NasoptError(f"{spec}: labels must be integers 0..K-1; for float targets use "
+                          f"--task regression (or save task='regression' in the .npz)")
     if x.ndim == 2:  # (N, L) signals -> one channel
         x = x[:, None, :]
     elif x.ndim == 3 and not signals:  # (N, H, W) images -> one channel
         x = x[:, None, :, :]  # (N, C, L) signals (layout='signals') stay as they are
-    return x.astype(np.float32), y.astype(np.int64)
+    return x.astype(np.float32), y.astype(np.float32 if regression else np.int64)
 
 
 def _digits():
@@ -376,8 +422,12 @@ def _npz(path: Path):
     if layout == "signals" and arrays["x"].ndim != 3:
         raise NasoptError(f"{path}: layout='signals' needs x shaped (N, channels, length), got "
                           f"{arrays['x'].shape}")
+    task = str(arrays["task"]) if "task" in arrays else None
+    if task not in (None, "classification", "regression"):
+        raise NasoptError(f"{path}: task is {task!r}; save task='regression' for float targets "
+                          f"or task='classification'")
     return (arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"),
-            layout == "signals")
+            layout == "signals", task)
 
 
 def _csv(path: Path, label_column: str):

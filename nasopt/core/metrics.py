@@ -16,7 +16,8 @@ FLOAT32_BYTES = 4
 class Metrics:
     """What an evaluation returns. ``sources`` says how each figure was obtained."""
 
-    accuracy: float  # validation accuracy of the compressed model, in [0, 1]
+    accuracy: float | None  # validation accuracy of the compressed model, in [0, 1]; None for
+    # regression (its scores: mae, rmse)
     params: int  # stored parameters of the deployed (BN-folded, factorized) model
     macs: int  # multiply-accumulates for one sample, of the deployed model
     float_bytes: int  # the uncompressed model's parameters as float32

@@ -1,9 +1,11 @@
 """Scores of a model's outputs on labelled samples: the built-in metrics of classification
-(accuracy, balanced accuracy, macro-F1) and a user's own metric function.
+(accuracy, balanced accuracy, macro-F1) and of regression (MAE, RMSE), and a user's own metric
+function.
 
 A user's metric is a function ``(outputs, targets) -> float`` given numpy arrays (the model's
 outputs on the validation split, shaped ``(N, classes)``, and the labels, shaped ``(N,)``), with
-an attribute ``higher_is_better`` (bool) that says its direction; the function's name is the
+an attribute ``higher_is_better`` (bool) that says its direction (for regression the outputs
+and targets are shaped ``(N, targets)``); the function's name is the
 metric's name (an objective may name it: ``--metric file.py:func --objectives func,size``)::
 
     def macro_recall(outputs, targets):
@@ -79,6 +81,26 @@ BUILTIN: dict[str, Metric] = {m.name: m for m in (
 )}
 
 
+def mae(outputs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean absolute error over every sample and target."""
+    return float(np.mean(np.abs(outputs - targets.reshape(outputs.shape))))
+
+
+def rmse(outputs: np.ndarray, targets: np.ndarray) -> float:
+    """Root mean squared error over every sample and target."""
+    return float(np.sqrt(np.mean((outputs - targets.reshape(outputs.shape)) ** 2)))
+
+
+#: the built-in metrics of regression, by name (lower is better)
+REGRESSION: dict[str, Metric] = {m.name: m for m in (
+    Metric("mae", False, mae, "validation mean absolute error"),
+    Metric("rmse", False, rmse, "validation root mean squared error"),
+)}
+
+#: whether higher is better, for every built-in metric
+HIGHER_IS_BETTER = {name: m.higher_is_better for name, m in {**BUILTIN, **REGRESSION}.items()}
+
+
 def load_metric(spec: str) -> Metric:
     """A user's metric function named by the import spec ``spec`` (``file.py:func``,
     ``module:func``); one clear error naming what is wrong otherwise."""
@@ -93,7 +115,7 @@ def load_metric(spec: str) -> Metric:
         raise NasoptError(f"metric {spec!r}: say whether higher is better: set "
                           f"{attr}.higher_is_better = True (or False) in {where}")
     name = fn.__name__
-    if name in BUILTIN or name in ("size", "float_size", "params", "macs", "nonzero_params",
+    if name in HIGHER_IS_BETTER or name in ("size", "float_size", "params", "macs", "nonzero_params",
                                    "latency", "sram", "mnasnet"):
         raise NasoptError(f"metric {spec!r}: its name {name!r} is taken by a built-in objective; "
                           f"rename the function")

@@ -269,9 +269,9 @@ def space_from_description(desc: Mapping[str, Any],
             or not all(isinstance(d, int) and d > 0 for d in shape)):
         raise NasoptError(f"space {name!r}: input_shape {shape!r} is not a list of positive "
                           f"integers; the file is damaged")
-    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
-        raise NasoptError(f"space {name!r}: num_classes {classes!r} is not an integer of 2 or "
-                          f"more; the file is damaged")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        raise NasoptError(f"space {name!r}: num_classes {classes!r} (the outputs) is not a "
+                          f"positive integer; the file is damaged")
     if genes is not None and not isinstance(genes, Mapping):
         raise NasoptError(f"space {name!r}: genes {genes!r} is not a table; the file is damaged")
     return cls(shape, classes, genes, desc.get("compression", True))

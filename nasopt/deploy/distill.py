@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nasopt.core.task import require_classification
 from nasopt.core.data import Dataset
 from nasopt.supernet.early_stopping import History, train_early_stopping
 from nasopt.supernet.network import last_stage
@@ -259,6 +260,7 @@ def train_student(model: nn.Module, data: Dataset, teachers: Teachers | None, cf
     """Train ``model`` in place on ``data``'s training split: with the KD loss from
     ``teachers``, or with cross-entropy alone when ``teachers`` is None (the from-scratch
     baseline). Early stopping on the validation split; the best epoch's weights are kept."""
+    require_classification(data, "distillation")
     torch.manual_seed(cfg.seed)
     model.train()
     params = list(model.parameters())

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from nasopt.core.task import require_classification
 from nasopt.compression.compress import (
     FLOAT_BITS, GroupOf, Policy, StoredLayer, compressed_structure, dequantize, factorize,
     fold_batchnorm, prune_global, quantize, store_layers, weight_layers,
@@ -157,6 +158,7 @@ def finetune(qat_model: nn.Module, policy: Policy, group_of: GroupOf, data: Data
              ) -> tuple[nn.Module, list[StoredLayer], History]:
     """Quantization-aware training of a :func:`prepare_qat` model on ``data`` (in place), then
     :func:`finalize`: (deployed model, stored layers, history)."""
+    require_classification(data, "fine-tuning")
     torch.manual_seed(cfg.seed)
     params = freeze_groups(qat_model, cfg.freeze, group_of, model_groups(qat_model, group_of))
     train_cfg = TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed)

@@ -71,7 +71,7 @@ def render_pareto(study: optuna.Study, setting: inspection.HvSetting | None = No
         xs, ys = xy(best)
         objectives = _study.setup_of(study).get("objectives", [])
         if objectives == [quality, setting.cost]:
-            ax.step(xs, ys, where="post" if setting.higher else "pre", color="tab:red", lw=1.2)
+            ax.step(xs, ys, where="post", color="tab:red", lw=1.2)
         ax.scatter(xs, ys, s=40, marker="o", facecolors="none", edgecolors="tab:red", lw=1.5,
                    label=f"Pareto set ({len(best)})")
     budgets = inspection.budgets_of(study)

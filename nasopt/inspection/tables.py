@@ -31,6 +31,8 @@ COUNT_COLUMNS = ("compressed_bytes", "params", "nonzero_params", "macs", "float_
 #: 16 KB, the reference of the compression and strategies benchmarks (results/*.md)
 DEFAULT_SIZE_REFERENCE = 16 * 1024
 IMPORTANCE_SEED = 0
+#: scores in [0, 1], higher better: the hypervolume's reference point has them at 0
+UNIT_SCORES = ("accuracy", "balanced_accuracy", "f1")
 
 
 def budgets_of(study: optuna.Study) -> dict[str, float]:
@@ -75,6 +77,9 @@ def trials_table(study: optuna.Study, pareto_only: bool = False) -> pd.DataFrame
     for i, name in scalar:  # objectives that no metric column carries (mnasnet)
         extra[name] = [by_number[n].values[i] if by_number[n].values else None for n in numbers]
     metrics = ("accuracy", *COUNT_COLUMNS)
+    if _study.setup_of(study).get("data", {}).get("task") == "regression":
+        metrics = COUNT_COLUMNS  # no accuracy: its scores (mae, rmse) are further metrics
+        frame = frame.drop(columns="accuracy", errors="ignore")
     if frame.empty:
         columns = ["trial", "state", "pareto", "feasible", "strategy", *metrics, *extra, *genes]
         return _typed(pd.DataFrame(columns=columns), genes)
@@ -128,9 +133,14 @@ def _typed(frame: pd.DataFrame, genes: dict[str, list]) -> pd.DataFrame:
 
 
 def pareto_table(study: optuna.Study) -> pd.DataFrame:
-    """The feasible Pareto set (for one objective: the best feasible trial), best accuracy first:
-    trial, strategy, metrics, constraint values and genes. Empty when no trial is feasible."""
-    return trials_table(study, pareto_only=True).drop(columns=["state", "pareto", "feasible"])
+    """The feasible Pareto set (for one objective: the best feasible trial), best first by the
+    study's quality metric: trial, strategy, metrics, constraint values and genes. Empty when no
+    trial is feasible."""
+    frame = trials_table(study, pareto_only=True).drop(columns=["state", "pareto", "feasible"])
+    quality, higher = _study.quality_metric(study)
+    if quality in frame.columns and len(frame):
+        frame = frame.sort_values(quality, ascending=not higher, kind="stable")
+    return frame.reset_index(drop=True)
 
 
 def closest_table(study: optuna.Study) -> pd.DataFrame:
@@ -200,7 +210,7 @@ class HvSetting:
     floor: float = 0.0  # its value at the reference point
 
     def describe(self) -> str:
-        scale = (f"1 = {self.quality} 1 at zero {self.cost}" if self.quality in _study.SCORED
+        scale = (f"1 = {self.quality} 1 at zero {self.cost}" if self.quality in UNIT_SCORES
                  else f"in units of {self.quality}")
         return (f"hypervolume of {self.quality} x {self.cost} over feasible trials, reference "
                 f"point {self.quality} {self.floor:g} at {self.cost} "
@@ -238,7 +248,7 @@ def hv_setting(studies: Sequence[optuna.Study], cost: str | None = None,
                           f"one metric")
     quality, higher = qualities.pop()
     floor = 0.0
-    if quality not in _study.SCORED:  # a user's metric: the worst value among the trials
+    if quality not in UNIT_SCORES:  # the worst value among the trials (mae, a user's metric)
         found = [v for s in studies for t in _study.completed(s)
                  if (v := metric_value(t, quality)) is not None]
         floor = (min(found) if higher else max(found)) if found else 0.0

@@ -13,7 +13,8 @@ from nasopt.core.errors import NasoptError
 from nasopt.core.metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
 from nasopt.compression.packed import predicted_size
 from nasopt.supernet.elastic import Supernet, recalibrate_bn
-from nasopt.core.scores import BUILTIN, Metric, scores
+from nasopt.core.scores import Metric, scores
+from nasopt.core.task import task_of
 from nasopt.supernet.train import correct, outputs
 
 
@@ -30,8 +31,10 @@ class Evaluator:
     def __init__(self, space, supernet: Supernet, data: Dataset, calib_samples: int = 1024,
                  pruning: str = "magnitude", metric: Metric | None = None):
         self.space = space
-        #: the scores of every evaluation: the built-in metrics, and a user's own one
-        self.metrics = {**BUILTIN, **({metric.name: metric} if metric is not None else {})}
+        self.task = task_of(data)
+        #: the scores of every evaluation: the task's built-in metrics, and a user's own one
+        self.metrics = {**self.task.metrics,
+                        **({metric.name: metric} if metric is not None else {})}
         self.supernet = supernet
         self.pruning = pruning
         if calib_samples < 1:
@@ -40,6 +43,9 @@ class Evaluator:
         order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
         self._x_calib = data.x_train[order[:calib_samples].to(data.x_train.device)]
         self._x_val, self._y_val = data.x_val, data.y_val
+        #: the trivial predictor's outputs on the validation split (nasopt.core.task)
+        self.trivial_outputs = self.task.trivial_outputs(data.y_train, len(data.y_val),
+                                                         data.num_classes)
         self._input_shape = data.input_shape
         self._cache: dict[str, Metrics] = {}
 
@@ -83,15 +89,15 @@ class Evaluator:
         found = scores(outputs(model, self._x_val).cpu().numpy(), self._y_val.cpu().numpy(),
                        self.metrics)
         return Metrics(
-            accuracy=found.pop("accuracy"),
+            accuracy=found.pop("accuracy", None),  # None for regression
             scores=found,
             params=count_params(model),
             macs=count_macs(model, self._input_shape),
             float_bytes=float_params * FLOAT32_BYTES,
             compressed_bytes=predicted_size(self.space, arch, stored),
             nonzero_params=nonzero_params(stored),
-            sources={"accuracy": "compressed model from inherited supernet weights + BN "
-                                 "recalibration, validation split",
+            sources={"scores": "compressed model from inherited supernet weights + BN "
+                               "recalibration, validation split",
                      "params": "counted (deployed model)",
                      "macs": "counted from executed ops (deployed model)",
                      "float_bytes": "uncompressed params x 4",

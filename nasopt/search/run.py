@@ -71,7 +71,7 @@ def make_space(spaces: Spaces, name: str, data: Dataset, restrict: dict | None =
 def load_data(cfg: Config) -> Dataset:
     d = cfg.data
     return load_dataset(d.dataset, seed=d.seed, val_fraction=d.val_fraction,
-                        test_fraction=d.test_fraction, label_column=d.label_column)
+                        test_fraction=d.test_fraction, label_column=d.label_column, task=d.task)
 
 
 def open_storage(url: str | None, run_dir: str | Path = "runs",
@@ -118,7 +118,7 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
     if s.timeout is not None and s.timeout <= 0:
         raise NasoptError(f"search.timeout must be positive seconds, got {s.timeout}")
     if s.table is not None:
-        scored = [n for n in s.objectives if n in ("balanced_accuracy", "f1")]
+        scored = [n for n in s.objectives if n in ("balanced_accuracy", "f1", "mae", "rmse")]
         if scored or user is not None:
             raise NasoptError(f"tabular mode reads accuracy from the table; the objective(s) "
                               f"{scored or [user.name]} need the models' outputs: search a "
@@ -133,12 +133,21 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
                           f"tabular mode: --table [PATH.csv] (see `nasopt search --help`)")
     device = resolve_device(cfg.device)
     data = load_data(cfg)
+    if gradient:
+        from nasopt.core.task import require_classification
+        require_classification(data, f"gradient search ({s.strategy})")
+    names = _task_objectives(data, s.objectives, log)
+    if list(names) != list(s.objectives):
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(s, objectives=tuple(names)))
+        s = cfg.search
+        objectives = get_objectives(s.objectives, {c.name: c.limit for c in constraints}, user)
     space = make_space(spaces, s.space, data, dict(s.restrict))
     log(f"{data.summary()}; space {space.name}: {space.size():,} archs; device {device}")
     hardware = _hardware_setup(space, profile, constraints, cfg.run_dir, log)
     storage = open_storage(s.storage, cfg.run_dir, heartbeat)
     name = s.study or f"{space.name}-{data.name}"
-    setup = {"space": space.describe(), "data": dataclasses.asdict(cfg.data),
+    # the task as found (a data file may state it): every later command reloads the data so
+    setup = {"space": space.describe(), "data": {**dataclasses.asdict(cfg.data), "task": data.task},
              "data_fingerprint": data.fingerprint,
              "preprocess": data.preprocess.to_dict(),  # what the loader did to raw samples
              "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
@@ -188,6 +197,29 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
     return SearchOutcome(study, space, path, new, supernet_s, check,
                          _sanity.warnings(check, _sanity.best_trial(study))
                          + _sanity.metric_warnings(check, study))
+
+
+#: the objectives that score class predictions, and those that score regression outputs
+_CLASS_SCORES = ("accuracy", "balanced_accuracy", "f1", "mnasnet")
+_REGRESSION_SCORES = ("mae", "rmse")
+
+
+def _task_objectives(data: Dataset, names: tuple[str, ...], log: Log) -> tuple[str, ...]:
+    """The objectives for ``data``'s task: a regression dataset turns the default objectives
+    (accuracy, size) into (mae, size); any other mismatch is one clear error."""
+    regression = data.task == "regression"
+    wrong = [n for n in names if n in (_CLASS_SCORES if regression else _REGRESSION_SCORES)]
+    if not wrong:
+        return names
+    if regression and tuple(names) == Config().search.objectives:
+        log("regression data: objectives mae, size (name others with --objectives)")
+        return ("mae", *names[1:])
+    if regression:
+        raise NasoptError(f"{data.name} is a regression dataset; the objective(s) {wrong} score "
+                          f"classes: use mae or rmse, e.g. --objectives mae,size")
+    raise NasoptError(f"{data.name} is a classification dataset; the objective(s) {wrong} score "
+                      f"regression outputs: use accuracy, balanced_accuracy or f1, or load the "
+                      f"data with --task regression")
 
 
 def _masked(cfg: Config) -> Config:
@@ -287,7 +319,7 @@ def rebuild(study: optuna.Study, spaces: Spaces, device: str = "cpu"
     data = load_dataset(data_cfg["dataset"], seed=data_cfg["seed"],
                         val_fraction=data_cfg["val_fraction"],
                         test_fraction=data_cfg["test_fraction"],
-                        label_column=data_cfg["label_column"])
+                        label_column=data_cfg["label_column"], task=data_cfg.get("task"))
     if data.fingerprint != setup["data_fingerprint"]:
         raise NasoptError(f"the dataset {data_cfg['dataset']!r} has changed since study "
                           f"{study.study_name!r} was run; its trials cannot be reproduced")

@@ -6,9 +6,13 @@ After the supernet is trained (or reused) the search measures, on the validation
   largest / smallest options, no compression at all: inherited weights, BN recalibrated),
 - the accuracy of the smallest subnet compressed as a trial would score it (the space's
   :meth:`~nasopt.core.space.SearchSpace.smallest` arch: most compressed),
-- the majority-class rate: the accuracy of always answering the most frequent class, and that
-  predictor's value of every other metric the search scores (balanced accuracy, macro-F1, a
-  user's metric): the baseline a search on that metric must beat.
+- the majority-class rate: the accuracy of always answering the most frequent class;
+- the trivial predictor's value of every metric the search scores (always answering the training
+  split's most frequent class, or its mean target for regression; :mod:`nasopt.core.task`): the
+  baseline a search on that metric must beat.
+
+For regression the subnets are measured by MAE (lower is better) and the supernet is flagged when
+its largest subnet does no better than the trivial predictor.
 
 The record (:func:`measure`) is stored in the study's setup (user attr ``nasopt``, key
 ``sanity``); :func:`warnings` says, in one line each, when the supernet or the search's best
@@ -54,35 +58,38 @@ def measure(evaluator, supernet_epochs: int) -> dict[str, Any]:  # noqa: ANN001
     """The supernet check of ``evaluator`` (a :class:`nasopt.search.evaluate.Evaluator`): a JSON-able
     record of fractions in [0, 1] and what the advice needs (the space's compression genes with
     their options, the supernet's epochs)."""
-    from nasopt.supernet.train import accuracy  # no gradients: float_model and accuracy need none
     from nasopt.core.scores import scores
+    from nasopt.supernet.train import outputs  # no gradients: float_model and outputs need none
     space = evaluator.space
     x_val, y_val = evaluator._x_val, evaluator._y_val
-    labels = y_val.long().flatten().cpu()
-    always = constant_outputs(int(labels.bincount().argmax()), len(labels), space.num_classes)
+    targets = y_val.cpu().numpy()
+    regression = evaluator.task.regression
+    metric = evaluator.task.default_quality  # accuracy, or mae for regression
+    measured = {metric: evaluator.metrics[metric]}
+
+    def score(model) -> float:  # noqa: ANN001
+        return scores(outputs(model, x_val).cpu().numpy(), targets, measured)[metric]
+
     largest, smallest = space.largest(), space.smallest()
     compression = {g: list(space.genes[g]) for g in space.compression_genes() if g in space.genes}
+    compressed = None
+    if compression:  # the arch a trial would score lowest on size: most compressed (cached)
+        found = evaluator(smallest)
+        compressed = found.scores[metric] if regression else found.accuracy
     return {
-        "majority": majority_rate(y_val, space.num_classes),
-        "largest": accuracy(evaluator.float_model(largest), x_val, y_val),
-        "smallest": accuracy(evaluator.float_model(smallest), x_val, y_val),
-        # the arch a trial would score lowest on size: most compressed (cached for the search)
-        "smallest_compressed": evaluator(smallest).accuracy if compression else None,
+        "task": evaluator.task.kind,
+        "metric": metric,
+        "majority": None if regression else majority_rate(y_val, space.num_classes),
+        "largest": score(evaluator.float_model(largest)),
+        "smallest": score(evaluator.float_model(smallest)),
+        "smallest_compressed": compressed,
         "val_samples": len(y_val),
         "classes": space.num_classes,
         "supernet_epochs": supernet_epochs,
         "compression_genes": compression,
-        # always answering the validation split's most frequent class, by every scored metric
-        "baseline": scores(always, labels.numpy(), evaluator.metrics),
+        # the trivial predictor (nasopt.core.task), by every metric the search scores
+        "baseline": scores(evaluator.trivial_outputs, targets, evaluator.metrics),
     }
-
-
-def constant_outputs(label: int, n: int, classes: int):  # noqa: ANN201 - a numpy array
-    """Outputs that answer ``label`` for each of ``n`` samples."""
-    import numpy as np
-    out = np.zeros((n, classes))
-    out[:, label] = 1.0
-    return out
 
 
 def _pct(value: float) -> str:
@@ -92,6 +99,15 @@ def _pct(value: float) -> str:
 def summary(record: Mapping[str, Any]) -> str:
     """The one line a search prints: the check's numbers."""
     compressed = record.get("smallest_compressed")
+    if record.get("task") == "regression":
+        base = record.get("baseline") or {}
+        return (f"supernet check (validation MAE, lower is better): largest subnet "
+                f"{record['largest']:.4g}, smallest {record['smallest']:.4g} (float"
+                + (f"; compressed {compressed:.4g}" if compressed is not None else "")
+                + "); predicting the training mean: "
+                + ", ".join(f"{name} {value:.4g}" for name, value in base.items())
+                + f" ({record['val_samples']} samples)"
+                + ("; NO BETTER THAN THE MEAN" if supernet_near_chance(record) else ""))
     return (f"supernet check (validation accuracy): largest subnet {_pct(record['largest'])}, "
             f"smallest {_pct(record['smallest'])} (float"
             + (f"; compressed {_pct(compressed)}" if compressed is not None else "")
@@ -108,6 +124,8 @@ def _baseline_text(record: Mapping[str, Any]) -> str:
 
 
 def supernet_near_chance(record: Mapping[str, Any]) -> bool:
+    if record.get("task") == "regression":  # no better than the training mean
+        return record["largest"] >= (record.get("baseline") or {}).get("mae", float("inf"))
     return near_chance(record["largest"], record["majority"])
 
 
@@ -187,6 +205,12 @@ def warnings(record: Mapping[str, Any] | None, best: tuple[int, float] | None = 
     checked (tabular mode, a study from before the check)."""
     if not record:
         return []
+    if record.get("task") == "regression":
+        return ([f"the supernet does no better than predicting the training mean: its largest "
+                 f"subnet's validation MAE is {record['largest']:.4g}, the mean's "
+                 f"{record['baseline']['mae']:.4g}; train it longer (--set supernet.epochs=N; it "
+                 f"had {record.get('supernet_epochs')}) and check the data's targets and scale"]
+                if supernet_near_chance(record) else [])
     out = []
     majority = record["majority"]
     untrained = supernet_near_chance(record)

@@ -298,19 +298,19 @@ def setup_of(study: optuna.Study) -> dict[str, Any]:
     return dict(study.user_attrs[SETUP_ATTR])
 
 
-#: the built-in metrics that score a model's outputs (higher is better for each)
-SCORED = ("accuracy", "balanced_accuracy", "f1")
+#: the built-in metrics that score a model's outputs, and whether higher is better for each
+SCORED = {"accuracy": True, "balanced_accuracy": True, "f1": True, "mae": False, "rmse": False}
 
 
 def quality_metric(study: optuna.Study) -> tuple[str, bool]:
     """The study's quality metric and whether higher is better: its first objective that scores
-    the models' outputs (accuracy, balanced_accuracy, f1, or the user's metric its setup
-    records); accuracy when no objective does. The best trial and the knee follow it."""
+    the models' outputs (accuracy, balanced_accuracy, f1, mae, rmse, or the user's metric its
+    setup records); accuracy when no objective does. The best trial and the knee follow it."""
     setup = setup_of(study)
     user = setup.get("metric")
     for name in setup.get("objectives", []):
         if name in SCORED:
-            return name, True
+            return name, SCORED[name]
         if user is not None and name == user["name"]:
             return name, bool(user["higher_is_better"])
     return "accuracy", True

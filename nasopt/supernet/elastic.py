@@ -32,6 +32,7 @@ from nasopt.supernet.network import ElasticNetwork
 
 if TYPE_CHECKING:
     from nasopt.core.config import SupernetConfig
+    from nasopt.core.task import Task
     from nasopt.supernet.distributed import Group
     from nasopt.core.data import Dataset
     from nasopt.core.space import SearchSpace
@@ -243,21 +244,24 @@ def recalibrate_bn(model: nn.Module, x: Tensor, batch_size: int = 1024) -> None:
     model.train(was_training)
 
 
-def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, temperature: float):
+def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, temperature: float,
+                  task: "Task | None" = None):
     """Loss of one sandwich-rule step: the largest subnet learns from labels, the smallest and
-    ``n_random`` random subnets from the largest one's soft logits (in-place distillation)."""
+    ``n_random`` random subnets from the largest one's outputs (in-place distillation: soft
+    logits for classification, the outputs themselves for regression; ``task``)."""
+    from nasopt.core.task import CLASSIFICATION
+    task = task or CLASSIFICATION
     space = supernet.space
     largest, smallest = space.largest(), space.smallest()
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         with supernet.activate(largest):
-            teacher_logits = supernet(x)
-        total = F.cross_entropy(teacher_logits, y)
-        soft = F.softmax(teacher_logits.detach() / temperature, dim=1)
+            teacher = supernet(x)
+        total = task.loss(teacher, y)
         for arch in [smallest] + [space.sample(rng) for _ in range(n_random)]:
             with supernet.activate(arch):
-                student = F.log_softmax(supernet(x) / temperature, dim=1)
-            total = total + F.kl_div(student, soft, reduction="batchmean") * temperature ** 2
+                student = supernet(x)
+            total = total + task.distillation_loss(student, teacher, temperature)
         return total
 
     return loss
@@ -305,6 +309,7 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     read to the others, so they need not share its file system.
     """
     from nasopt.supernet import distributed
+    from nasopt.core.task import task_of
     from nasopt.supernet.train import TrainConfig, fit  # train imports nothing from here; keep the edge one-way
 
     key = supernet_key(space, data.fingerprint, cfg)
@@ -338,12 +343,13 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
             f"later runs with this space, data and recipe)")
     rng = random.Random()
     largest = space.largest()
-    sandwich = sandwich_loss(supernet, rng, cfg.n_random, cfg.kd_temperature)
+    task = task_of(data)
+    sandwich = sandwich_loss(supernet, rng, cfg.n_random, cfg.kd_temperature, task)
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         if epoch_now[0] < cfg.warmup_epochs:
             with supernet.activate(largest):
-                return F.cross_entropy(supernet(x), y)
+                return task.loss(supernet(x), y)
         return sandwich(x, y)
 
     epoch_now = [start]
