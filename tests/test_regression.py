@@ -81,9 +81,17 @@ def test_a_regression_search_beats_the_mean_and_exports(diabetes, tmp_path, caps
     assert json.loads((out / "model.json").read_text())["quality"] == "mae"
     with pytest.raises(NasoptError, match="onnx-int8 is verified by the predicted classes"):
         api.export(study, best, tmp_path / "int8", ("onnx-int8",))
-    assert cli.main(["finetune", "--study", "reg", "--trial", "best", "--epochs", "1", "--out",
-                     str(tmp_path / "tuned"), "--run-dir", str(runs)]) == 2
-    assert "is a regression dataset" in capsys.readouterr().err
+    # quantization-aware fine-tuning on MSE, early stopping on validation MAE
+    assert cli.main(["finetune", "--study", "reg", "--trial", "best", "--epochs", "5", "--out",
+                     str(tmp_path / "tuned"), "--run-dir", str(runs)]) == 0
+    tuned = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert tuned["history"]["metric"] == "mae"
+    assert tuned["val_mae"] <= mae + 1e-9  # the inherited weights are the starting point
+    assert np.isfinite(tuned["test_mae_packed"])
+    assert "val mae" in capsys.readouterr().out
+    assert cli.main(["distill", "reg", "--trial", "best", "--no-teacher", "--epochs", "1",
+                     "--out", str(tmp_path / "student"), "--run-dir", str(runs)]) == 2
+    assert "distillation trains on class labels" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("objectives, message", [

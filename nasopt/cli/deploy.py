@@ -294,7 +294,9 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     from nasopt.core.space import space_from_description
     from nasopt.deploy.torchscript import FILE as TS_FILE
     from nasopt.deploy.torchscript import write as write_torchscript
-    from nasopt.supernet.train import accuracy
+    from nasopt.core.scores import scores
+    from nasopt.core.task import task_of
+    from nasopt.supernet.train import outputs
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, seed=args.seed,
                          freeze=tuple(g.strip() for g in args.freeze.split(",") if g.strip()))
@@ -336,7 +338,7 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
             data = load_dataset(spec, classes=classes, fraction=args.fraction)
         else:  # the source's own split
             keys = ("seed", "val_fraction", "test_fraction", "label_column", "classes",
-                    "fraction")
+                    "fraction", "task")
             data = load_dataset(spec, **{k: data_setup[k] for k in keys
                                          if data_setup.get(k) is not None})
     policy = Policy.from_arch(arch)
@@ -354,19 +356,22 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     distilled = args.source is not None and (Path(args.source) / STUDENT_CARD).exists()
     info = {"origin": f"nasopt finetune (QAT) from {args.source or args.study}",
             "weights": "distilled, fine-tuned" if distilled else "fine-tuned",
-            "dataset": {"dataset": spec, "classes": classes, "fraction": args.fraction}}
+            "dataset": {"dataset": spec, "classes": classes, "fraction": args.fraction,
+                        "task": data.task}}
     export_model(final, stored, arch, space, out, info, api.SPACES, preprocess=data.preprocess)
     # model.ts takes raw samples too (the preprocessing inside), as every model file there
     write_torchscript(with_preprocess(final, data.preprocess), out / TS_FILE, space.input_shape)
-    test = accuracy(api.load(out / "model.packed"), data.preprocess.raw(data.x_test.cpu()),
-                    data.y_test.cpu())
+    name = history.metric  # accuracy, or mae for regression
+    test = scores(outputs(api.load(out / "model.packed"),
+                          data.preprocess.raw(data.x_test.cpu())).numpy(),
+                  data.y_test.cpu().numpy(), {name: task_of(data).metrics[name]})[name]
     metrics = {"command": command, "dataset": data.summary(),
-               "val_accuracy": history.best_val_accuracy, "test_accuracy_packed": test,
+               f"val_{name}": history.best_val_accuracy, f"test_{name}_packed": test,
                "packed_bytes": (out / "model.packed").stat().st_size,
                "finetune": dataclasses.asdict(cfg), "history": dataclasses.asdict(history)}
     from nasopt.search.study import mask_secrets
     (out / "metrics.json").write_text(json.dumps(mask_secrets(metrics), indent=2) + "\n")
-    print(f"fine-tuned (QAT) on {data.summary()}: val accuracy {history.best_val_accuracy:.4f}; "
-          f"test accuracy of model.packed {test:.4f} ({metrics['packed_bytes']} B); wrote {out}/ "
+    print(f"fine-tuned (QAT) on {data.summary()}: val {name} {history.best_val_accuracy:.4f}; "
+          f"test {name} of model.packed {test:.4f} ({metrics['packed_bytes']} B); wrote {out}/ "
           f"(arch.json, model.json, weights.pt, model.packed, model.ts, metrics.json)")
     return 0

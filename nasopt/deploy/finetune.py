@@ -31,11 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from nasopt.core.task import require_classification
+from nasopt.core.task import task_of
 from nasopt.compression.compress import (
     FLOAT_BITS, GroupOf, Policy, StoredLayer, compressed_structure, dequantize, factorize,
     fold_batchnorm, prune_global, quantize, store_layers, weight_layers,
@@ -158,12 +157,12 @@ def finetune(qat_model: nn.Module, policy: Policy, group_of: GroupOf, data: Data
              ) -> tuple[nn.Module, list[StoredLayer], History]:
     """Quantization-aware training of a :func:`prepare_qat` model on ``data`` (in place), then
     :func:`finalize`: (deployed model, stored layers, history)."""
-    require_classification(data, "fine-tuning")
     torch.manual_seed(cfg.seed)
     params = freeze_groups(qat_model, cfg.freeze, group_of, model_groups(qat_model, group_of))
     train_cfg = TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed)
+    task = task_of(data)  # cross-entropy, or mean squared error for regression
     history = train_early_stopping(
-        qat_model, params, lambda x, y: F.cross_entropy(qat_model(x), y), data, train_cfg,
+        qat_model, params, lambda x, y: task.loss(qat_model(x), y), data, train_cfg,
         cfg.patience, desc=desc, show_progress=show_progress)
     model, stored = finalize(qat_model, policy, group_of)
     return model, stored, history

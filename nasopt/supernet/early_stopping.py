@@ -1,8 +1,8 @@
 """Early stopping on the validation split around :func:`nasopt.supernet.train.fit`.
 
-The model's validation accuracy is measured before training and after every epoch; the weights
-of the best of these are kept (ties: the earlier one) and restored at the end; training stops after ``patience`` epochs
-without improvement. Only ``data.x_val`` / ``data.y_val`` are read: never the test split.
+The model's validation accuracy (MAE for regression, where lower is better) is measured before
+training and after every epoch; the weights of the best of these are kept (ties: the earlier one)
+and restored at the end; training stops after ``patience`` epochs without improvement. Only ``data.x_val`` / ``data.y_val`` are read: never the test split.
 The learning rate follows ``fit``'s cosine schedule over the configured epochs.
 """
 from __future__ import annotations
@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from nasopt.core.data import Dataset
-from nasopt.supernet.train import LossFn, TrainConfig, accuracy, fit
+from nasopt.core.scores import scores
+from nasopt.core.task import task_of
+from nasopt.supernet.train import LossFn, TrainConfig, fit, outputs
 
 
 @dataclass
@@ -23,6 +25,8 @@ class History:
     val_accuracy: list[float] = field(default_factory=list)  # one per finished epoch
     best_epoch: int = -1  # -1: the initial weights were never beaten
     stopped_early: bool = False
+    #: the metric of the values above: accuracy, or mae for regression (lower is better)
+    metric: str = "accuracy"
 
     @property
     def best_val_accuracy(self) -> float | None:
@@ -38,14 +42,24 @@ def train_early_stopping(model: nn.Module, params: list[nn.Parameter], loss_fn: 
                          data: Dataset, cfg: TrainConfig, patience: int, *,
                          on_epoch_start: Callable[[int], None] | None = None,
                          desc: str = "train", show_progress: bool = False) -> History:
-    """Minimise ``loss_fn`` with :func:`fit`; keep the weights of the best validation epoch."""
-    history = History(initial_val_accuracy=accuracy(model, data.x_val, data.y_val))
+    """Minimise ``loss_fn`` with :func:`fit`; keep the weights of the best validation epoch
+    (by the task's metric: accuracy, or MAE for regression)."""
+    task = task_of(data)
+    name = task.default_quality
+    measured = {name: task.metrics[name]}
+    sign = -1.0 if task.regression else 1.0  # the comparison below takes higher as better
+
+    def validation() -> float:
+        return scores(outputs(model, data.x_val).cpu().numpy(), data.y_val.cpu().numpy(),
+                      measured)[name]
+
+    history = History(initial_val_accuracy=validation(), metric=name)
     best_state = copy.deepcopy(model.state_dict())
 
     def on_epoch_end(epoch: int, optimizer, scheduler) -> None:  # noqa: ANN001
-        acc = accuracy(model, data.x_val, data.y_val)
+        acc = validation()
         history.val_accuracy.append(acc)
-        if acc > history.best_val_accuracy:
+        if sign * acc > sign * history.best_val_accuracy:
             history.best_epoch = epoch
             best_state.update(copy.deepcopy(model.state_dict()))
         elif epoch - history.best_epoch >= patience:
