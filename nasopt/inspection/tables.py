@@ -210,7 +210,8 @@ class HvSetting:
     floor: float = 0.0  # its value at the reference point
 
     def describe(self) -> str:
-        scale = (f"1 = {self.quality} 1 at zero {self.cost}" if self.quality in UNIT_SCORES
+        scale = (f"1 = a perfect {self.quality} at zero {self.cost}"
+                 if self.quality in UNIT_SCORES
                  else f"in units of {self.quality}")
         return (f"hypervolume of {self.quality} x {self.cost} over feasible trials, reference "
                 f"point {self.quality} {self.floor:g} at {self.cost} "
