@@ -167,9 +167,6 @@ def export(study: optuna.Study, trial: int | str, out: str | Path,
     if t.state != optuna.trial.TrialState.COMPLETE:
         raise NasoptError(f"trial {trial} of study {study.study_name!r} is {t.state.name}, not "
                           f"COMPLETE; export a completed trial (see `nasopt studies show`)")
-    if "onnx-int8" in formats and _study.setup_of(study)["data"].get("task") == "regression":
-        raise NasoptError("onnx-int8 is verified by the predicted classes it keeps; a regression "
-                          "model exports as pytorch, packed or onnx")
     out = _export.check_out(out, force)  # before any work
     evaluator, data = rebuild(study)
     arch = evaluator.space.validate(t.params)

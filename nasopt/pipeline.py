@@ -245,9 +245,10 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     ``export.out`` must be new or empty unless ``force`` (checked before any work): then the
     nasopt files an earlier run left there are replaced, other files kept."""
     from nasopt import api
-    if cfg.data.task == "regression":
-        raise NasoptError("nasopt run distills and fine-tunes on class labels; for a regression "
-                          "dataset run nasopt search, then nasopt export")
+    from nasopt.core.data import stated_task
+    if (cfg.data.task or stated_task(cfg.data.dataset)) == "regression":
+        raise NasoptError("nasopt run reports class accuracy; for a regression dataset run "
+                          "nasopt search, nasopt export and nasopt finetune (or nasopt distill)")
     from nasopt.deploy.export import ARTIFACTS, check_out, export_model, with_preprocess
     from nasopt.deploy.torchscript import FILE as TS_FILE
     from nasopt.deploy.torchscript import write as write_torchscript

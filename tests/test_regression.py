@@ -79,8 +79,9 @@ def test_a_regression_search_beats_the_mean_and_exports(diabetes, tmp_path, caps
     assert loaded.returncode == 0, loaded.stderr
     assert np.allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-5)
     assert json.loads((out / "model.json").read_text())["quality"] == "mae"
-    with pytest.raises(NasoptError, match="onnx-int8 is verified by the predicted classes"):
-        api.export(study, best, tmp_path / "int8", ("onnx-int8",))
+    int8 = api.export(study, best, tmp_path / "int8", ("onnx-int8",))  # verified on MAE
+    check = json.loads((int8 / "model.json").read_text())["onnx"]["onnx-int8"]
+    assert check["mae_onnx_int8"] <= check["mae_pytorch"] * 1.1
     # quantization-aware fine-tuning on MSE, early stopping on validation MAE
     assert cli.main(["finetune", "--study", "reg", "--trial", "best", "--epochs", "5", "--out",
                      str(tmp_path / "tuned"), "--run-dir", str(runs)]) == 0
@@ -89,9 +90,11 @@ def test_a_regression_search_beats_the_mean_and_exports(diabetes, tmp_path, caps
     assert tuned["val_mae"] <= mae + 1e-9  # the inherited weights are the starting point
     assert np.isfinite(tuned["test_mae_packed"])
     assert "val mae" in capsys.readouterr().out
-    assert cli.main(["distill", "reg", "--trial", "best", "--no-teacher", "--epochs", "1",
-                     "--out", str(tmp_path / "student"), "--run-dir", str(runs)]) == 2
-    assert "distillation trains on class labels" in capsys.readouterr().err
+    # distillation from the supernet's largest subnet: MSE to its outputs and to the targets
+    assert cli.main(["distill", "reg", "--trial", "best", "--epochs", "3", "--out",
+                     str(tmp_path / "student"), "--run-dir", str(runs)]) == 0
+    student = json.loads((tmp_path / "student" / "student.json").read_text())
+    assert student["history"]["metric"] == "mae"
 
 
 @pytest.mark.parametrize("objectives, message", [
@@ -108,3 +111,10 @@ def test_regression_objectives_on_class_labels_are_refused(tmp_path, capsys):
     assert cli.main([*SEARCH, "--dataset", "digits", "--objectives", "mae,size",
                      "--run-dir", str(tmp_path)]) == 2
     assert "score regression outputs" in capsys.readouterr().err
+
+
+def test_nasopt_run_says_it_reports_class_accuracy(diabetes, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\ndataset = "{diabetes / "diabetes.npz"}"\n')
+    assert cli.main(["run", str(config), "--quiet"]) == 2
+    assert "nasopt run reports class accuracy" in capsys.readouterr().err

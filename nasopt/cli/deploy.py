@@ -273,13 +273,14 @@ def _distill(args: argparse.Namespace) -> int:
     card = {"space": evaluator.space.describe(), "study": study.study_name,
             "dataset": setup_of(study)["data"], "distill": dataclasses.asdict(cfg)
             | {"teachers": None if args.no_teacher else list(cfg.teachers)},
-            "val_accuracy": history.best_val_accuracy, "history": dataclasses.asdict(history)}
+            f"val_{history.metric}": history.best_val_accuracy,
+            "history": dataclasses.asdict(history)}
     written = replace_artifacts(out, {"student.pt": weights_file.getvalue(),
                                       "arch.json": (arch.to_json() + "\n").encode(),
                                       STUDENT_CARD: (json.dumps(card, indent=2) + "\n").encode()},
                                 STUDENT_CARD)
     print(f"distilled {'(no teacher) ' if args.no_teacher else ''}the arch into {out}/ "
-          f"({', '.join(written)}): val accuracy "
+          f"({', '.join(written)}): val {history.metric} "
           f"{history.best_val_accuracy:.4f}; next: nasopt finetune --from {out} --out DIR")
     return 0
 

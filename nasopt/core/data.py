@@ -403,6 +403,17 @@ def _fashion_mnist(root: Path = FASHION_DIR):
             images(files["t10k-images-idx3-ubyte"]), labels(files["t10k-labels-idx1-ubyte"]))
 
 
+def stated_task(spec: str) -> str | None:
+    """The task a .npz data file states (its ``task`` array, read alone), else None."""
+    if not str(spec).endswith(".npz") or not Path(spec).is_file():
+        return None
+    try:
+        with np.load(spec, allow_pickle=False) as f:
+            return str(f["task"]) if "task" in f.files else None
+    except Exception:  # unreadable: load_dataset says why
+        return None
+
+
 def _npz(path: Path):
     if not path.exists():
         raise NasoptError(f"dataset file {path} does not exist; check the path")

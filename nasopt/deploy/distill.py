@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nasopt.core.task import require_classification
+from nasopt.core.task import task_of
 from nasopt.core.data import Dataset
 from nasopt.supernet.early_stopping import History, train_early_stopping
 from nasopt.supernet.network import last_stage
@@ -98,6 +98,11 @@ class Teachers:
                 p.requires_grad_(False)
 
     @torch.no_grad()
+    def outputs(self, x: Tensor) -> Tensor:
+        """Weighted average of the teachers' outputs (regression: their predictions)."""
+        total = sum(self.weights)
+        return sum(w / total * model(x) for model, w in zip(self.models, self.weights))
+
     def probs(self, x: Tensor, temperature: float) -> Tensor:
         """Weighted average of the teachers' softmax(logits / T)."""
         out = None
@@ -258,9 +263,10 @@ class DistillConfig:
 def train_student(model: nn.Module, data: Dataset, teachers: Teachers | None, cfg: DistillConfig,
                   *, show_progress: bool = False, desc: str = "distill") -> History:
     """Train ``model`` in place on ``data``'s training split: with the KD loss from
-    ``teachers``, or with cross-entropy alone when ``teachers`` is None (the from-scratch
+    ``teachers`` (regression: ``alpha`` x MSE to the targets + the rest x MSE to the teachers'
+    mean output), or with the task's loss alone when ``teachers`` is None (the from-scratch
     baseline). Early stopping on the validation split; the best epoch's weights are kept."""
-    require_classification(data, "distillation")
+    task = task_of(data)
     torch.manual_seed(cfg.seed)
     model.train()
     params = list(model.parameters())
@@ -278,8 +284,14 @@ def train_student(model: nn.Module, data: Dataset, teachers: Teachers | None, cf
     def loss_fn(x: Tensor, y: Tensor) -> Tensor:
         logits = model(x)
         if teachers is None:
-            return F.cross_entropy(logits, y)
-        loss = kd_loss(logits, teachers.probs(x, temperature[0]), y, cfg.alpha, temperature[0])
+            return task.loss(logits, y)
+        if task.regression:  # alpha on the targets, the rest on the teachers' mean output
+            with torch.no_grad():
+                taught = teachers.outputs(x)
+            loss = cfg.alpha * task.loss(logits, y) + (1.0 - cfg.alpha) * task.loss(logits, taught)
+        else:
+            loss = kd_loss(logits, teachers.probs(x, temperature[0]), y, cfg.alpha,
+                           temperature[0])
         if hint is not None:
             loss = loss + cfg.hint_weight * hint.loss()
         return loss

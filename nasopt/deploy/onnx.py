@@ -30,7 +30,8 @@ Verification (real samples, never random ones when data is given):
 - float32: max abs difference of the logits vs PyTorch < ``FP32_TOLERANCE`` (1e-4);
 - int8: predicted-class agreement with PyTorch >= ``INT8_MIN_AGREEMENT`` (90 %; near-tie logits of
   a weak model flip under int8 rounding without changing accuracy) and accuracy
-  within ``INT8_MAX_ACCURACY_DROP`` (2 points) of PyTorch's on the verification samples.
+  within ``INT8_MAX_ACCURACY_DROP`` (2 points) of PyTorch's on the verification samples; for
+  regression, a validation MAE at most ``INT8_MAX_MAE_RISE`` (10 %) above PyTorch's.
 
 A file that fails its check is never written. ``nasopt export --format onnx-int8`` then fails
 with the reason; ``nasopt run`` (:func:`pipeline_export`) leaves the int8 file out, records why in
@@ -61,6 +62,8 @@ OPSET = 17
 FP32_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.90
 INT8_MAX_ACCURACY_DROP = 0.02
+#: regression: the int8 graph's validation MAE may exceed PyTorch's by this fraction at most
+INT8_MAX_MAE_RISE = 0.10
 CALIB_SAMPLES = 256
 CALIB_BATCH = 32
 NOTE = ("the arch's bit-widths are dequantized in ONNX (float32 values on the arch's grid; the "
@@ -188,8 +191,11 @@ class Int8CheckFailed(NasoptError):
 def verify_int8(model: nn.Module, onnx_model: bytes, x: Tensor, y: Tensor | None
                 ) -> dict[str, Any]:
     """Predicted-class agreement (and accuracy, when labels ``y`` are given) of the int8 graph
-    against PyTorch on ``x``; raises when outside the stated tolerances."""
+    against PyTorch on ``x``; for regression (float targets ``y``) the MAE of both against the
+    targets. Raises when outside the stated tolerances."""
     x = x.detach().float().cpu()
+    if y is not None and y.is_floating_point():
+        return _verify_int8_regression(model, onnx_model, x, y)
     ref = model.cpu().eval()(x).argmax(1).numpy()
     got = run(session(onnx_model), x).argmax(1)
     out: dict[str, Any] = {"agreement": float((ref == got).mean()), "samples": len(x),
@@ -212,6 +218,24 @@ def verify_int8(model: nn.Module, onnx_model: bytes, x: Tensor, y: Tensor | None
         raise Int8CheckFailed("ONNX int8 verification failed: " + "; ".join(problems) + ". Export "
                           "--format onnx (float32) instead, or fine-tune the model at 8 bits "
                           "(`nasopt finetune`) first")
+    return out
+
+
+def _verify_int8_regression(model: nn.Module, onnx_model: bytes, x: Tensor, y: Tensor
+                            ) -> dict[str, Any]:
+    targets = y.detach().cpu().numpy().reshape(len(x), -1)
+    ref = model.cpu().eval()(x).numpy()
+    got = run(session(onnx_model), x)
+    out: dict[str, Any] = {"samples": len(x), "mae_pytorch": float(np.mean(np.abs(ref - targets))),
+                           "mae_onnx_int8": float(np.mean(np.abs(got - targets))),
+                           "max_abs_diff": float(np.max(np.abs(got - ref))),
+                           "max_mae_rise": INT8_MAX_MAE_RISE}
+    if out["mae_onnx_int8"] > out["mae_pytorch"] * (1 + INT8_MAX_MAE_RISE):
+        raise Int8CheckFailed(
+            f"ONNX int8 verification failed: the validation MAE rises from "
+            f"{out['mae_pytorch']:.4g} to {out['mae_onnx_int8']:.4g} (allowed "
+            f"{INT8_MAX_MAE_RISE:.0%}). Export --format onnx (float32) instead, or fine-tune the "
+            f"model at 8 bits (`nasopt finetune`) first")
     return out
 
 
