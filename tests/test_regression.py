@@ -118,3 +118,18 @@ def test_nasopt_run_says_it_reports_class_accuracy(diabetes, tmp_path, capsys):
     config.write_text(f'[data]\ndataset = "{diabetes / "diabetes.npz"}"\n')
     assert cli.main(["run", str(config), "--quiet"]) == 2
     assert "nasopt run reports class accuracy" in capsys.readouterr().err
+
+
+def test_several_targets_per_sample(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    y = np.stack([x[:, 0] + x[:, 1], x[:, 2] - x[:, 3]], 1)
+    np.savez(tmp_path / "two.npz", x=x, y=y, task="regression")
+    data = load_dataset(str(tmp_path / "two.npz"))
+    assert data.num_classes == 2 and data.y_val.shape[1] == 2
+    from nasopt.core.task import Task
+    mean = Task("regression").trivial_outputs(data.y_train, 3, 2)
+    assert mean.shape == (3, 2)
+    np.savez(tmp_path / "bad.npz", x=x, y=np.where(x[:, :1] > 0, np.nan, 1.0), task="regression")
+    with pytest.raises(NasoptError, match="y contains NaN"):
+        load_dataset(str(tmp_path / "bad.npz"))

@@ -187,10 +187,12 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
         x, y, xt, yt = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     else:
         xt, yt = _checked(spec + " (test arrays)", xt, yt, signals, regression)
-        if xt.shape[1:] != x.shape[1:] or yt.shape[1:] != y.shape[1:]:
-            raise NasoptError(f"{spec}: x_test / y_test samples are shaped {xt.shape[1:]} / "
-                              f"{yt.shape[1:]} but x / y samples {x.shape[1:]} / {y.shape[1:]}; "
-                              f"give both the same shape")
+        if xt.shape[1:] != x.shape[1:]:
+            raise NasoptError(f"{spec}: x_test samples are shaped {xt.shape[1:]} but x samples "
+                              f"{x.shape[1:]}; give both the same shape")
+        if yt.shape[1:] != y.shape[1:]:
+            raise NasoptError(f"{spec}: y_test holds {yt.shape[1:]} targets per sample but y "
+                              f"{y.shape[1:]}; give both the same number")
     train_idx, val_idx = split(y, val_fraction, rng)
     if fraction < 1:
         train_idx = train_idx[split(y[train_idx], fraction, rng)[1]]
