@@ -202,3 +202,33 @@ def test_the_majority_class_baseline_of_every_metric_and_its_warning():
         "the majority class (0.2667): train the supernet longer, restrict the compression "
         "genes, or check the data's labels"]
     assert sanity.metric_warnings(record, Study([0.1, 0.5])) == []
+
+
+def test_budgets_on_scores_are_floors_or_ceilings():
+    from nasopt.core.objectives import get_constraints
+    m = Metrics(accuracy=0.9, params=1, macs=2, float_bytes=4,
+                scores={"f1": 0.7, "mae": 0.4, "mine": 2.0})
+    f1, acc, mae = get_constraints({"f1": 0.8, "accuracy": "85%", "mae": "0.5"})
+    assert f1.floor and f1.value(m) == pytest.approx(0.1)  # 0.1 short of the floor: infeasible
+    assert acc.floor and acc.value(m) == pytest.approx(-0.05)
+    assert not mae.floor and mae.value(m) == pytest.approx(-0.1)
+    user = scores.Metric("mine", False, lambda o, t: 0.0, "mine")
+    (mine,) = get_constraints({"mine": 3}, user)
+    assert not mine.floor and mine.value(m) == pytest.approx(-1.0)
+    with pytest.raises(NasoptError, match="unknown budget.*f1, mae"):
+        get_constraints({"mine": 3})
+    with pytest.raises(NasoptError, match="cannot read the f1 budget 'high'"):
+        get_constraints({"f1": "high"})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "f1"], "write SCORE=VALUE"),
+    (["--budget", "f1=lots"], "cannot read the f1 budget"),
+    (["--budget", "mae=0.5"], "the budget(s) on ['mae'] score regression outputs"),
+    (["--table", "--space", "nb201", "--budget", "f1=0.5"], "tabular mode reads accuracy"),
+])
+def test_score_budget_mistakes_are_one_line(tmp_path, capsys, argv, message):
+    code = cli.main(["search", "--space", f"{EXAMPLE}:TinyMLPSpace", "--dataset", "digits",
+                     "--trials", "2", *FAST, "--run-dir", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("nasopt: error:") == 1 and message in err, err

@@ -70,6 +70,10 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
                    "--hardware profile, e.g. 0.3ms or 300us (predicted from its look-up table)")
     p.add_argument("--max-sram", metavar="BYTES", help="budget on peak activation memory at the "
                    "profile's data type, e.g. 32KB")
+    p.add_argument("--budget", action="append", default=[], metavar="SCORE=VALUE",
+                   help="a budget on a score of the outputs: at least VALUE where higher is "
+                   "better (--budget f1=0.8, accuracy=90%%), at most where lower is (--budget "
+                   "mae=0.5); your --metric by its name; repeatable")
     p.add_argument("--hardware", metavar="PROFILE", help="hardware profile: cpu-ort, "
                    "cpu-ort-int8, mcu, or a .toml file (see `nasopt hw profiles`); default "
                    "cpu-ort when --max-latency/--max-sram is given")
@@ -372,6 +376,11 @@ def _search(args: argparse.Namespace, api) -> int:  # noqa: ANN001
                                                ("macs", args.max_macs),
                                                ("latency", args.max_latency),
                                                ("sram", args.max_sram)) if value is not None}
+    for item in args.budget:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise NasoptError(f"--budget {item!r}: write SCORE=VALUE, e.g. --budget f1=0.8")
+        budgets[name.strip()] = value.strip()
     if budgets:
         import dataclasses
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(

@@ -116,20 +116,51 @@ def parse_quantity(text: str | float, what: str) -> float:
     return value
 
 
+#: budgets on a score of the outputs, and whether higher is better for it: the budget is a floor
+#: (f1 at least 0.8) where higher is better, a ceiling (mae at most 0.5) where lower is
+SCORE_BUDGETS = {"accuracy": True, "balanced_accuracy": True, "f1": True, "mae": False,
+                 "rmse": False}
+
+
 @dataclass(frozen=True)
 class Constraint:
-    name: str  # an objective-style name: size, params, macs, ...
+    name: str  # an objective-style name: size, params, macs, ..., or a score (f1, mae, ...)
     limit: float
+    floor: bool = False  # the value must be at least the limit (a score where higher is better)
 
     def value(self, metrics: Metrics) -> float:
-        return float(getattr(metrics, METRIC_OF[self.name])) - self.limit
+        """Optuna's constraint value: feasible when <= 0."""
+        if self.name in METRIC_OF:
+            measured = float(getattr(metrics, METRIC_OF[self.name]))
+        else:
+            measured = float(metrics.accuracy if self.name == "accuracy"
+                             else metrics.scores[self.name])
+        return self.limit - measured if self.floor else measured - self.limit
 
 
-def get_constraints(budgets: Mapping[str, str | float]) -> list[Constraint]:
-    unknown = [k for k in budgets if k not in METRIC_OF]
+def parse_score(text: str | float, what: str) -> float:
+    """A budget on a score: a plain number (``0.8``), or a percentage (``80%``)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(%?)\s*", str(text))
+    if not match:
+        raise NasoptError(f"cannot read the {what} budget {text!r}; write a number, e.g. 0.8 "
+                          f"or 80%")
+    return float(match.group(1)) / (100.0 if match.group(2) else 1.0)
+
+
+def get_constraints(budgets: Mapping[str, str | float], user: Metric | None = None
+                    ) -> list[Constraint]:
+    """Budgets by name: costs (``size``, ``params``... at most the limit) and scores of the
+    outputs (``f1``, ``mae``, ``user``'s metric: at least the limit where higher is better, at
+    most where lower is)."""
+    scores = {**SCORE_BUDGETS, **({user.name: user.higher_is_better} if user else {})}
+    unknown = [k for k in budgets if k not in METRIC_OF and k not in scores]
     if unknown:
-        raise NasoptError(f"unknown budget(s) {unknown}; budgets exist for {', '.join(METRIC_OF)}")
-    return [Constraint(k, parse_quantity(v, k)) for k, v in budgets.items()]
+        raise NasoptError(f"unknown budget(s) {unknown}; budgets exist for "
+                          f"{', '.join([*METRIC_OF, *scores])}")
+    return [Constraint(k, parse_quantity(v, k)) if k in METRIC_OF else
+            Constraint(k, parse_score(v, k), floor=scores[k]) for k, v in budgets.items()]
 
 
 # ---- hypervolume --------------------------------------------------------------------------

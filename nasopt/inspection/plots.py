@@ -76,7 +76,7 @@ def render_pareto(study: optuna.Study, setting: inspection.HvSetting | None = No
                    label=f"Pareto set ({len(best)})")
     budgets = inspection.budgets_of(study)
     for name, limit in budgets.items():
-        label = f"budget {name} <= {inspection.format_limit(name, limit)}"
+        label = f"budget {inspection.budget_text(study, name, limit)}"
         if name == setting.cost:
             ax.axvline(limit, color="tab:green", ls="--", lw=1.2, label=label)
         else:  # a budget on another metric: the crosses show whom it excludes

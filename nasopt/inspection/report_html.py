@@ -82,7 +82,7 @@ def render(study: optuna.Study, storage_url: str) -> str:
               else f"dataset {setup.get('data', {}).get('dataset')} with a weight-sharing supernet")
     rows = [("space", space.get("name")), ("scored by", scored),
             ("objectives", ", ".join(setup.get("objectives", []))),
-            ("budgets", ", ".join(f"{k} <= {inspection.format_limit(k, v)}"
+            ("budgets", ", ".join(inspection.budget_text(study, k, v)
                                   for k, v in budgets.items()) or "none")]
     strategies = {}
     for t in trials:

@@ -24,7 +24,9 @@ import pandas as pd
 from nasopt.search import study as _study
 from nasopt.core.checkpoint import atomic_write_bytes
 from nasopt.core.errors import NasoptError
-from nasopt.core.objectives import METRIC_OF, OBJECTIVES, hypervolume, parse_quantity
+from nasopt.core.objectives import (
+    METRIC_OF, OBJECTIVES, SCORE_BUDGETS, hypervolume, parse_quantity,
+)
 
 COUNT_COLUMNS = ("compressed_bytes", "params", "nonzero_params", "macs", "float_bytes")
 #: hypervolume reference for the size objective when no size budget is shared: accuracy 0 at
@@ -38,6 +40,33 @@ UNIT_SCORES = ("accuracy", "balanced_accuracy", "f1")
 def budgets_of(study: optuna.Study) -> dict[str, float]:
     """The study's budgets as limits, e.g. ``{"size": 4096.0}`` (empty without budgets)."""
     return {k: float(v) for k, v in _study.setup_of(study).get("budgets", {}).items()}
+
+
+def budget_floor(study: optuna.Study, name: str) -> bool:
+    """Whether the study's budget ``name`` is a floor (a score where higher is better: f1, a
+    user's metric...) rather than a ceiling (size, params, mae...)."""
+    if name in METRIC_OF:
+        return False
+    user = _study.setup_of(study).get("metric")
+    if user is not None and user.get("name") == name:
+        return bool(user.get("higher_is_better"))
+    return SCORE_BUDGETS.get(name, False)
+
+
+def budget_text(study: optuna.Study, name: str, limit: float, spaced: bool = True) -> str:
+    """``size <= 4KB``, ``f1 >= 0.8``."""
+    sign = ">=" if budget_floor(study, name) else "<="
+    return f"{name} {sign} {format_limit(name, limit)}" if spaced else \
+        f"{name}{sign}{format_limit(name, limit)}"
+
+
+def budget_met(study: optuna.Study, trial: optuna.trial.FrozenTrial, name: str,
+               limit: float) -> bool:
+    """Whether ``trial`` recorded a value of ``name`` within its budget ``limit``."""
+    value = metric_value(trial, METRIC_OF.get(name, name))
+    if value is None:
+        return False
+    return value >= limit if budget_floor(study, name) else value <= limit
 
 
 def format_limit(name: str, limit: float) -> str:
@@ -309,10 +338,8 @@ def compare(studies: Sequence[optuna.Study], cost: str | None = None,
                                          if (v := metric_value(t, quality)) is not None),
                                         default=None)}
             for name, limit in budgets:
-                metric = METRIC_OF[name]
-                row[f"best_{quality}[{name}<={format_limit(name, limit)}]"] = best(
-                    (q for t in done
-                     if (v := metric_value(t, metric)) is not None and v <= limit
+                row[f"best_{quality}[{budget_text(s, name, limit, spaced=False)}]"] = best(
+                    (q for t in done if budget_met(s, t, name, limit)
                      and (q := metric_value(t, quality)) is not None),
                     default=None)
             row["hypervolume"] = setting.of(done)

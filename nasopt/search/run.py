@@ -104,11 +104,11 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
     if gradient:
         from nasopt.gradient.relaxation import check_space
         check_space(spaces[s.space])
+    user = load_metric(s.metric) if s.metric is not None else None  # before any work
     profile = _hardware_profile(s, log)
-    constraints = get_constraints({**(profile.limits if profile else {}), **s.budgets})
+    constraints = get_constraints({**(profile.limits if profile else {}), **s.budgets}, user)
     if profile is not None:
         profile.check_budgets({c.name: c.limit for c in constraints})
-    user = load_metric(s.metric) if s.metric is not None else None  # before any work
     if user is not None and user.name not in s.objectives:
         raise NasoptError(f"metric {s.metric!r} is loaded as {user.name!r}, but no objective "
                           f"names it: add --objectives {user.name},size")
@@ -118,7 +118,8 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
     if s.timeout is not None and s.timeout <= 0:
         raise NasoptError(f"search.timeout must be positive seconds, got {s.timeout}")
     if s.table is not None:
-        scored = [n for n in s.objectives if n in ("balanced_accuracy", "f1", "mae", "rmse")]
+        scored = [n for n in [*s.objectives, *(c.name for c in constraints)]
+                  if n in ("balanced_accuracy", "f1", "mae", "rmse")]
         if scored or user is not None:
             raise NasoptError(f"tabular mode reads accuracy from the table; the objective(s) "
                               f"{scored or [user.name]} need the models' outputs: search a "
@@ -136,6 +137,7 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
     if gradient:
         from nasopt.core.task import require_classification
         require_classification(data, f"gradient search ({s.strategy})")
+    _check_task_budgets(data, constraints)
     names = _task_objectives(data, s.objectives, log)
     if list(names) != list(s.objectives):
         cfg = dataclasses.replace(cfg, search=dataclasses.replace(s, objectives=tuple(names)))
@@ -220,6 +222,17 @@ def _task_objectives(data: Dataset, names: tuple[str, ...], log: Log) -> tuple[s
     raise NasoptError(f"{data.name} is a classification dataset; the objective(s) {wrong} score "
                       f"regression outputs: use accuracy, balanced_accuracy or f1, or load the "
                       f"data with --task regression")
+
+
+def _check_task_budgets(data: Dataset, constraints: list[Constraint]) -> None:
+    """A budget on a score the data's task does not produce is one clear error."""
+    regression = data.task == "regression"
+    wrong = [c.name for c in constraints
+             if c.name in (_CLASS_SCORES if regression else _REGRESSION_SCORES)]
+    if wrong:
+        raise NasoptError(f"{data.name} is a {data.task} dataset; the budget(s) on {wrong} "
+                          f"score {'classes' if regression else 'regression outputs'}: drop "
+                          f"them or name {'mae or rmse' if regression else 'accuracy, f1 or balanced_accuracy'}")
 
 
 def _masked(cfg: Config) -> Config:
