@@ -95,6 +95,11 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
                         "NNI on MNIST-1D (writes results/headline.md)")
     from .headline import add_arguments as add_headline_arguments
     add_headline_arguments(q)
+    q = bsub.add_parser("tasks", help="a user's own task: regression (diabetes) and imbalanced "
+                        "classification (digits, f1 vs accuracy search) with the tiny MLP space "
+                        "against scikit-learn's linear models (writes results/tasks.md)")
+    from .tasks import add_arguments as add_tasks_arguments
+    add_tasks_arguments(q)
     _add_hardware_parser(bsub)
 
 
