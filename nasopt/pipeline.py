@@ -16,8 +16,9 @@ train supernet → search → pick → distill → fine-tune (QAT) → export �
 - **export**: arch.json, model.json, weights.pt, model.packed (:mod:`nasopt.deploy.export`, verified),
   model.ts (:mod:`nasopt.deploy.torchscript`, verified), ONNX fp32 / int8 when :mod:`nasopt.deploy.onnx`
   is available.
-- **report**: ``metrics.json`` (the model card: test accuracy of every artifact, measured once at
-  the end, size, MACs, latency, the command) and ``REPORT.md`` in the export folder.
+- **report**: ``metrics.json`` (the model card: the test accuracy of every artifact (MAE for
+  regression: :func:`scorer`), measured once at the end, size, MACs, latency, the command) and
+  ``REPORT.md`` in the export folder.
 
 The search and every training step read only the train and validation splits.
 """
@@ -34,7 +35,7 @@ from typing import Any
 
 import optuna
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from nasopt.core.arch import Arch
 from nasopt.compression.compress import Policy, compress
@@ -45,7 +46,8 @@ from nasopt.core.errors import NasoptError
 from nasopt.deploy.finetune import FinetuneConfig, finetune, prepare_qat
 from nasopt.core.metrics import FLOAT32_BYTES, count_macs, count_params
 from nasopt.search.study import mask_secrets
-from nasopt.supernet.train import accuracy
+from nasopt.core.task import task_of
+from nasopt.supernet.train import outputs
 
 Log = Callable[[str], None]
 PICK_RULES = ("best", "knee")
@@ -193,21 +195,36 @@ def teachers_for(evaluator, specs: Sequence[str], weights: Sequence[float], data
 
 
 # ---------------------------------------------------------------------------------------------
+def scorer(data: Dataset) -> tuple[str, Callable[[nn.Module, Tensor, Tensor], float]]:
+    """The task's quality metric (accuracy, or MAE for regression) and a function that scores a
+    model with it on samples and their labels."""
+    task = task_of(data)
+    name = task.default_quality
+    metric = task.metrics[name]
+
+    def score(model: nn.Module, x: Tensor, y: Tensor) -> float:
+        return metric.score(outputs(model, x).cpu().numpy(), y.cpu().numpy())
+
+    return name, score
+
+
 def artifact_accuracies(out: Path, model: nn.Module, data: Dataset, spaces,  # noqa: ANN001
                         formats: Sequence[str]) -> dict[str, float]:
-    """Test accuracy of every written artifact, loaded back from its file and fed raw samples
-    (the files apply the data's preprocessing inside)."""
+    """The test score (accuracy, or MAE for regression: :func:`scorer`) of every written
+    artifact, loaded back from its file and fed raw samples (the files apply the data's
+    preprocessing inside)."""
     from nasopt.deploy.export import load
     from nasopt.deploy.torchscript import FILE as TS_FILE
+    _, score = scorer(data)
     x, y = data.x_test.cpu(), data.y_test.cpu()
     raw = data.preprocess.raw(x)
-    acc = {"fine-tuned model (in memory)": accuracy(model.cpu(), x, y)}
+    acc = {"fine-tuned model (in memory)": score(model.cpu(), x, y)}
     if "pytorch" in formats:
-        acc["weights.pt via nasopt.load"] = accuracy(load(out, spaces), raw, y)
+        acc["weights.pt via nasopt.load"] = score(load(out, spaces), raw, y)
     if "packed" in formats:
-        acc["model.packed via nasopt.load"] = accuracy(load(out / "model.packed", spaces), raw, y)
+        acc["model.packed via nasopt.load"] = score(load(out / "model.packed", spaces), raw, y)
     if "torchscript" in formats:
-        acc["model.ts via torch.jit.load"] = accuracy(torch.jit.load(str(out / TS_FILE)), raw, y)
+        acc["model.ts via torch.jit.load"] = score(torch.jit.load(str(out / TS_FILE)), raw, y)
     return acc
 
 
@@ -245,10 +262,6 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     ``export.out`` must be new or empty unless ``force`` (checked before any work): then the
     nasopt files an earlier run left there are replaced, other files kept."""
     from nasopt import api
-    from nasopt.core.data import stated_task
-    if (cfg.data.task or stated_task(cfg.data.dataset)) == "regression":
-        raise NasoptError("nasopt run reports class accuracy; for a regression dataset run "
-                          "nasopt search, nasopt export and nasopt finetune (or nasopt distill)")
     from nasopt.deploy.export import ARTIFACTS, check_out, export_model, with_preprocess
     from nasopt.deploy.torchscript import FILE as TS_FILE
     from nasopt.deploy.torchscript import write as write_torchscript
@@ -281,8 +294,10 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     space = evaluator.space
     arch = space.validate(trial.params)
     searched = evaluator(arch)
+    metric, score = scorer(data)  # accuracy, or mae for regression
+    searched_value = searched.accuracy if metric == "accuracy" else searched.scores[metric]
     log(f"picked trial {number} ({cfg.pick.rule if cfg.pick.trial is None else 'by number'}): "
-        f"val accuracy {searched.accuracy:.4f} (inherited weights), "
+        f"val {metric} {searched_value:.4f} (inherited weights), "
         f"{searched.compressed_bytes} B")
     policy = Policy.from_arch(arch)
     d = cfg.distill
@@ -293,7 +308,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         teachers = teachers_for(evaluator, d.teachers, d.teacher_weights, data, api.SPACES)
         distill_history = train_student(student, data, teachers, d, show_progress=show_progress,
                                         desc="distill")
-        log(f"distilled from {', '.join(d.teachers)}: val accuracy "
+        log(f"distilled from {', '.join(d.teachers)}: val {metric} "
             f"{distill_history.best_val_accuracy:.4f} (best epoch {distill_history.best_epoch + 1}"
             f" of {len(distill_history.val_accuracy)})")
     lap("distill")
@@ -301,7 +316,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     qat = prepare_qat(student, policy, space.group_of)
     model, stored, ft_history = finetune(qat, policy, space.group_of, data, cfg.finetune,
                                          show_progress=show_progress)
-    log(f"fine-tuned with the compression policy (QAT): val accuracy "
+    log(f"fine-tuned with the compression policy (QAT): val {metric} "
         f"{ft_history.best_val_accuracy:.4f}")
     lap("fine-tune")
     formats = cfg.export.formats
@@ -322,16 +337,16 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     lap("export")
 
     # ---- report: the test split is read here, once ----------------------------------------
-    teacher_acc = ({name: accuracy(m, data.x_test, data.y_test)
+    teacher_acc = ({name: score(m, data.x_test, data.y_test)
                     for name, m in zip(teachers.names, teachers.models)} if teachers else {})
     searched_model, _ = evaluator.compressed(arch)
-    test = {"searched (inherited weights, compressed)": accuracy(searched_model, data.x_test,
-                                                                 data.y_test),
-            "distilled (float)": accuracy(student, data.x_test, data.y_test),
-            "distilled + post-training compression": accuracy(
+    test = {"searched (inherited weights, compressed)": score(searched_model, data.x_test,
+                                                              data.y_test),
+            "distilled (float)": score(student, data.x_test, data.y_test),
+            "distilled + post-training compression": score(
                 compress(student, policy, space.group_of)[0], data.x_test, data.y_test)}
     test.update(artifact_accuracies(out, model, data.to("cpu"), api.SPACES, formats))
-    test.update(onnx_note.pop("test_accuracy", {}))
+    test.update(onnx_note.pop("test", {}))
     size = (out / "model.packed").stat().st_size if "packed" in formats else None
     card = {
         "command": command,
@@ -340,9 +355,10 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         "dataset": data.summary(),
         # validation accuracy of the supernet's largest / smallest subnets vs the majority class
         "sanity": {**(outcome.sanity or {}), "warnings": outcome.warnings},
-        "test_accuracy": test,
-        "teacher_test_accuracy": teacher_acc,
-        "val_accuracy": {"searched": searched.accuracy,
+        "metric": metric,  # of the scores below: accuracy, or mae for regression
+        f"test_{metric}": test,
+        f"teacher_test_{metric}": teacher_acc,
+        f"val_{metric}": {"searched": searched_value,
                          "distilled": distill_history.best_val_accuracy if distill_history
                          else None,
                          "fine-tuned": ft_history.best_val_accuracy},
@@ -418,9 +434,12 @@ def _sanity_markdown(record: Mapping[str, Any] | None) -> str:
 
 
 def report_markdown(card: Mapping[str, Any]) -> str:
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in card["test_accuracy"].items())
+    metric = card.get("metric", "accuracy")
+    named = "MAE (lower is better)" if metric == "mae" else metric
+    val = card[f"val_{metric}"]
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in card[f"test_{metric}"].items())
     teachers = "\n".join(f"| teacher {k} | {v:.4f} |"
-                         for k, v in card["teacher_test_accuracy"].items())
+                         for k, v in card[f"teacher_test_{metric}"].items())
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in card["timings_s"].items())
     genes = ", ".join(f"{k}={v}" for k, v in card["arch"].items())
     reason = int8_not_written(card)
@@ -435,13 +454,13 @@ Data: {card['dataset']}
 Picked trial {card['trial']} (rule: {card['pick']['rule'] if card['pick']['trial'] is None
                                      else 'by number'}): {genes}
 
-{check}Validation accuracy: searched {card['val_accuracy']['searched']:.4f} (inherited supernet
-weights), distilled {card['val_accuracy']['distilled'] or float('nan'):.4f}, fine-tuned
-{card['val_accuracy']['fine-tuned']:.4f}.
+{check}Validation {named}: searched {val['searched']:.4f} (inherited supernet
+weights), distilled {val['distilled'] or float('nan'):.4f}, fine-tuned
+{val['fine-tuned']:.4f}.
 
-## Test accuracy (measured once, after every step)
+## Test {named} (measured once, after every step)
 
-| model / artifact | test accuracy |
+| model / artifact | test {metric} |
 |---|---|
 {rows}
 {teachers}

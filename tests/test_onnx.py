@@ -74,7 +74,7 @@ def test_run_keeps_its_files_when_the_int8_graph_fails_its_check(trained, tmp_pa
     reason = got["onnx"]["onnx-int8"]["not_written"]
     assert "int8 verification failed" in reason and "need >= 101%" in reason
     assert said == [f"{onnx_export.INT8_FILE} not written: {reason}"]
-    assert list(got["test_accuracy"]) == [f"{onnx_export.FP32_FILE} via ONNX Runtime"]
+    assert list(got["test"]) == [f"{onnx_export.FP32_FILE} via ONNX Runtime"]
     from nasopt.pipeline import int8_not_written
     assert int8_not_written({"formats": {"onnx": got["onnx"]}}) == reason  # REPORT.md's line
     with pytest.raises(NasoptError, match="int8 verification failed"):

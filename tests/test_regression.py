@@ -113,11 +113,37 @@ def test_regression_objectives_on_class_labels_are_refused(tmp_path, capsys):
     assert "score regression outputs" in capsys.readouterr().err
 
 
-def test_nasopt_run_says_it_reports_class_accuracy(diabetes, tmp_path, capsys):
+def test_nasopt_run_on_regression_data(diabetes, tmp_path):
+    """The whole pipeline (search, pick, distill, fine-tune, export, report) on MAE."""
     config = tmp_path / "run.toml"
-    config.write_text(f'[data]\ndataset = "{diabetes / "diabetes.npz"}"\n')
-    assert cli.main(["run", str(config), "--quiet"]) == 2
-    assert "nasopt run reports class accuracy" in capsys.readouterr().err
+    config.write_text(f"""run_dir = "{tmp_path / 'runs'}"
+[data]
+dataset = "{diabetes / 'diabetes.npz'}"
+[supernet]
+epochs = 60
+warmup_epochs = 10
+[search]
+space = "{EXAMPLE}:TinyMLPSpace"
+trials = 4
+restrict = {{ sparsity = [0.0] }}
+[distill]
+epochs = 3
+[finetune]
+epochs = 3
+[export]
+out = "{tmp_path / 'model'}"
+formats = ["pytorch", "packed", "torchscript", "onnx"]
+""")
+    assert cli.main(["run", str(config), "--quiet"]) == 0
+    card = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert card["metric"] == "mae" and "test_accuracy" not in card
+    test = card["test_mae"]
+    packed = test["model.packed via nasopt.load"]
+    assert np.isfinite(packed) and packed == pytest.approx(test["fine-tuned model (in memory)"],
+                                                           rel=1e-4)
+    assert "model.onnx via ONNX Runtime" in test
+    report = (tmp_path / "model" / "REPORT.md").read_text()
+    assert "## Test MAE (lower is better)" in report and "Validation MAE" in report
 
 
 def test_several_targets_per_sample(tmp_path):

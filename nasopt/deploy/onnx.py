@@ -281,8 +281,8 @@ def pipeline_export(model: nn.Module, out: Path, space: Any, data: Any,
                     ) -> dict[str, Any]:
     """For ``nasopt run`` (:mod:`nasopt.pipeline`): write and verify the ONNX files of
     ``formats`` into the export folder ``out`` (calibration on training samples, verification on
-    the validation split) and return the model card's notes plus ``test_accuracy`` of each file
-    in ONNX Runtime. An int8 graph that fails its check is not written: the reason goes to the
+    the validation split) and return the model card's notes plus ``test``: the test accuracy (MAE
+    for regression) of each file in ONNX Runtime. An int8 graph that fails its check is not written: the reason goes to the
     card (``onnx-int8.not_written``) and to ``log``, and the run keeps its other files.
 
     The files take raw samples: the data's preprocessing is applied inside (see
@@ -302,9 +302,12 @@ def pipeline_export(model: nn.Module, out: Path, space: Any, data: Any,
             record["onnx-int8"] = {"file": None, "not_written": str(exc)}
             log(f"{INT8_FILE} not written: {exc}")
     x, y = data.preprocess.raw(data.x_test.cpu()).numpy(), data.y_test.cpu().numpy()
+    from nasopt.core.task import task_of
+    task = task_of(data)
+    metric = task.metrics[task.default_quality]
     test = {}
     for fmt in formats:
         if (out / FILES[fmt]).exists():
-            got = run(session(out / FILES[fmt]), x).argmax(1)
-            test[f"{FILES[fmt]} via ONNX Runtime"] = float((got == y).mean())
-    return {"onnx": record, "test_accuracy": test}
+            test[f"{FILES[fmt]} via ONNX Runtime"] = metric.score(run(session(out / FILES[fmt]),
+                                                                      x), y)
+    return {"onnx": record, "test": test}
