@@ -133,6 +133,10 @@ def scalar_reward(values: Sequence[float], directions: Sequence[StudyDirection],
     if len(values) == 1:
         return values[0] if directions[0] == StudyDirection.MAXIMIZE else -values[0]
     reward = values[0]
+    if reward < 0:
+        raise NasoptError(f"the NNI strategies' reward is ACC * (cost / target) ** -0.07, which "
+                          f"needs the first objective at 0 or more, but a trial scored {reward:g}"
+                          f"; use evolution, nsga2, tpe, staged or random for this metric")
     for j in range(1, len(values)):
         target = targets[j] if targets[j] is not None else statistics.median(
             h[j] for h in history)
@@ -207,9 +211,9 @@ def run_nni_search(study: optuna.Study, space: SearchSpace, evaluate: Callable[[
     trials this call added."""
     nni = import_nni(importer)
     if len(study.directions) > 1 and study.directions[0] != StudyDirection.MAXIMIZE:
-        raise NasoptError("the NNI strategies need the first objective to be maximized (e.g. "
-                          "accuracy) with several objectives: their reward is ACC * (cost / "
-                          "target) ** -0.07; list it first")
+        raise NasoptError("the NNI strategies' reward with several objectives is ACC * (cost / "
+                          "target) ** -0.07: it needs a first objective where higher is better "
+                          "(accuracy, f1, balanced_accuracy); with mae or rmse use evolution, nsga2, tpe, staged or random")
     remaining = trials - len(completed(study))
     if remaining <= 0:
         return 0

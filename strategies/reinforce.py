@@ -76,9 +76,14 @@ def mnasnet_rewards(values: Sequence[Sequence[float]],
     """Rewards of trials with objective ``values``: the first objective times
     ``(cost / median cost) ** w`` for every other objective (see the module doc)."""
     if directions[0] != StudyDirection.MAXIMIZE:
-        raise NasoptError("reinforce needs the first objective to be maximized (e.g. accuracy), "
-                          "as its reward is ACC * (cost / target) ** w; list it first")
+        raise NasoptError("reinforce's reward is ACC * (cost / target) ** w: it needs a first "
+                          "objective where higher is better (accuracy, f1, balanced_accuracy); "
+                          "with mae or rmse use evolution, nsga2, tpe, staged or random")
     table = np.asarray(values, dtype=float)
+    if (table[:, 0] < 0).any():
+        raise NasoptError("reinforce's reward is ACC * (cost / target) ** w, which needs the first "
+                          f"objective at 0 or more, but a trial scored {table[:, 0].min():g}; "
+                          "use evolution, nsga2, tpe, staged or random for this metric")
     rewards = table[:, 0].copy()
     for j in range(1, table.shape[1]):
         cost = np.maximum(table[:, j], 1e-12)  # a zero cost would make the factor infinite

@@ -138,11 +138,11 @@ def test_a_user_metric_drives_a_search_and_is_found_again_elsewhere(tmp_path):
                               capture_output=True, text=True, timeout=600)
 
     runs = str(tmp_path / "runs")
-    forgot = run(tmp_path / "mine", "search", "--space", f"{EXAMPLE}:TinyMLPSpace", "--dataset",
-                 "digits", "--metric", "worst.py:worst_recall", "--trials", "3", *FAST,
-                 "--run-dir", runs)
-    assert forgot.returncode == 2
-    assert "add --objectives worst_recall,size" in forgot.stderr
+    scored = run(tmp_path / "mine", "search", "--space", f"{EXAMPLE}:TinyMLPSpace", "--dataset",
+                 "digits", "--metric", "worst.py:worst_recall", "--trials", "2", *FAST,
+                 "--study", "scored-only", "--run-dir", runs)  # scored, searched on accuracy
+    assert scored.returncode == 0, scored.stderr
+    assert "worst_recall" in scored.stdout
     search = run(tmp_path / "mine", "search", "--space", f"{EXAMPLE}:TinyMLPSpace", "--dataset",
                  "digits", "--metric", "worst.py:worst_recall", "--objectives",
                  "worst_recall,size", "--trials", "3", *FAST, "--run-dir", runs)
@@ -232,3 +232,19 @@ def test_score_budget_mistakes_are_one_line(tmp_path, capsys, argv, message):
                      "--trials", "2", *FAST, "--run-dir", str(tmp_path), *argv])
     err = capsys.readouterr().err
     assert code == 2 and err.count("nasopt: error:") == 1 and message in err, err
+
+
+def test_the_mnasnet_reward_refuses_what_it_cannot_rank():
+    from optuna.study import StudyDirection as D
+
+    from nasopt.strategies.nni_bridge import scalar_reward
+    from nasopt.strategies.reinforce import mnasnet_rewards
+    with pytest.raises(NasoptError, match="with mae or rmse use evolution"):
+        mnasnet_rewards([[0.5, 100]], [D.MINIMIZE, D.MINIMIZE])
+    with pytest.raises(NasoptError, match="a trial scored -50"):
+        mnasnet_rewards([[-50, 100], [-50, 10000]], [D.MAXIMIZE, D.MINIMIZE])
+    with pytest.raises(NasoptError, match="a trial scored -1"):
+        scalar_reward([-1.0, 100.0], [D.MAXIMIZE, D.MINIMIZE], [None, None], [[-1.0, 100.0]])
+    from nasopt.core.objectives import get_constraints
+    with pytest.raises(NasoptError, match=r"outside \[0, 1\]; write e.g. 0.9 or 90%"):
+        get_constraints({"accuracy": "90"})

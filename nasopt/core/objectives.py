@@ -138,15 +138,25 @@ class Constraint:
         return self.limit - measured if self.floor else measured - self.limit
 
 
+#: the scores that lie in [0, 1]
+UNIT_SCORES = ("accuracy", "balanced_accuracy", "f1")
+
+
 def parse_score(text: str | float, what: str) -> float:
-    """A budget on a score: a plain number (``0.8``), or a percentage (``80%``)."""
+    """A budget on a score: a plain number (``0.8``), or a percentage (``80%``); accuracy,
+    balanced accuracy and F1 lie in [0, 1]."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(%?)\s*", str(text))
-    if not match:
-        raise NasoptError(f"cannot read the {what} budget {text!r}; write a number, e.g. 0.8 "
-                          f"or 80%")
-    return float(match.group(1)) / (100.0 if match.group(2) else 1.0)
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(%?)\s*", str(text))
+        if not match:
+            raise NasoptError(f"cannot read the {what} budget {text!r}; write a number, e.g. "
+                              f"0.8 or 80%")
+        value = float(match.group(1)) / (100.0 if match.group(2) else 1.0)
+    if what in UNIT_SCORES and not 0 <= value <= 1:
+        raise NasoptError(f"the {what} budget {text!r} lies outside [0, 1]; write e.g. 0.9 or "
+                          f"90%")
+    return value
 
 
 def get_constraints(budgets: Mapping[str, str | float], user: Metric | None = None

@@ -25,7 +25,7 @@ from nasopt.search import study as _study
 from nasopt.core.checkpoint import atomic_write_bytes
 from nasopt.core.errors import NasoptError
 from nasopt.core.objectives import (
-    METRIC_OF, OBJECTIVES, SCORE_BUDGETS, hypervolume, parse_quantity,
+    METRIC_OF, OBJECTIVES, SCORE_BUDGETS, UNIT_SCORES, hypervolume, parse_quantity,
 )
 
 COUNT_COLUMNS = ("compressed_bytes", "params", "nonzero_params", "macs", "float_bytes")
@@ -33,8 +33,6 @@ COUNT_COLUMNS = ("compressed_bytes", "params", "nonzero_params", "macs", "float_
 #: 16 KB, the reference of the compression and strategies benchmarks (results/*.md)
 DEFAULT_SIZE_REFERENCE = 16 * 1024
 IMPORTANCE_SEED = 0
-#: scores in [0, 1], higher better: the hypervolume's reference point has them at 0
-UNIT_SCORES = ("accuracy", "balanced_accuracy", "f1")
 
 
 def budgets_of(study: optuna.Study) -> dict[str, float]:

@@ -63,7 +63,8 @@ def make_space(spaces: Spaces, name: str, data: Dataset, restrict: dict | None =
                ) -> SearchSpace:
     """The space ``name`` (found in ``spaces``) for ``data``'s samples, restricted."""
     if name not in spaces:
-        raise NasoptError(f"unknown space {name!r}; known: {', '.join(spaces)}")
+        hint = (f"; a class in a file is named {name}:ClassName" if name.endswith(".py") else "")
+        raise NasoptError(f"unknown space {name!r}; known: {', '.join(spaces)}{hint}")
     space = spaces[name](data.input_shape, data.num_classes)
     return space.restrict(restrict) if restrict else space
 
@@ -105,13 +106,11 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
         from nasopt.gradient.relaxation import check_space
         check_space(spaces[s.space])
     user = load_metric(s.metric) if s.metric is not None else None  # before any work
+    # (scored on every trial; an objective or a budget may name it)
     profile = _hardware_profile(s, log)
     constraints = get_constraints({**(profile.limits if profile else {}), **s.budgets}, user)
     if profile is not None:
         profile.check_budgets({c.name: c.limit for c in constraints})
-    if user is not None and user.name not in s.objectives:
-        raise NasoptError(f"metric {s.metric!r} is loaded as {user.name!r}, but no objective "
-                          f"names it: add --objectives {user.name},size")
     objectives = get_objectives(s.objectives, {c.name: c.limit for c in constraints}, user)
     if s.trials < 1:
         raise NasoptError(f"search.trials must be at least 1, got {s.trials}")
@@ -121,9 +120,9 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
         scored = [n for n in [*s.objectives, *(c.name for c in constraints)]
                   if n in ("balanced_accuracy", "f1", "mae", "rmse")]
         if scored or user is not None:
-            raise NasoptError(f"tabular mode reads accuracy from the table; the objective(s) "
-                              f"{scored or [user.name]} need the models' outputs: search a "
-                              f"supernet space, or use accuracy")
+            raise NasoptError(f"tabular mode reads accuracy from the table; "
+                              f"{scored or [user.name]} need the models' outputs (as objectives, "
+                              f"budgets or --metric): search a supernet space, or use accuracy")
         if profile is not None:
             raise NasoptError("tabular mode has no trained networks to time or measure; drop "
                               "--hardware and --max-latency/--max-sram with --table")

@@ -193,9 +193,12 @@ def metric_warnings(record: Mapping[str, Any] | None, study: optuna.Study) -> li
     higher = quality_metric(study)[1]
     if (value > base) if higher else (value < base):
         return []
+    trivial = ("always predicting the training mean" if record.get("task") == "regression"
+               else "always answering the majority class")
     return [f"the search's best trial by {name} (trial {number}) scores {value:.4g}, no better "
-            f"than always answering the majority class ({base:.4g}): train the supernet longer, "
-            f"restrict the compression genes, or check the data's labels"]
+            f"than {trivial} ({base:.4g}): train the supernet longer, restrict the compression "
+            f"genes, or check the data's "
+            f"{'targets and their scale' if record.get('task') == 'regression' else 'labels'}"]
 
 
 def warnings(record: Mapping[str, Any] | None, best: tuple[int, float] | None = None

@@ -305,7 +305,8 @@ SCORED = {"accuracy": True, "balanced_accuracy": True, "f1": True, "mae": False,
 def quality_metric(study: optuna.Study) -> tuple[str, bool]:
     """The study's quality metric and whether higher is better: its first objective that scores
     the models' outputs (accuracy, balanced_accuracy, f1, mae, rmse, or the user's metric its
-    setup records); accuracy when no objective does. The best trial and the knee follow it."""
+    setup records); when no objective does, accuracy (mae for regression). The best trial and the
+    knee follow it."""
     setup = setup_of(study)
     user = setup.get("metric")
     for name in setup.get("objectives", []):
@@ -313,6 +314,8 @@ def quality_metric(study: optuna.Study) -> tuple[str, bool]:
             return name, SCORED[name]
         if user is not None and name == user["name"]:
             return name, bool(user["higher_is_better"])
+    if setup.get("data", {}).get("task") == "regression":
+        return "mae", False
     return "accuracy", True
 
 
