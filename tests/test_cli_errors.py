@@ -123,3 +123,15 @@ def test_a_mistyped_option_names_the_command_and_the_near_miss(capsys):
         assert err.rstrip().endswith(f"{usage}: error: unrecognized arguments: "
                                      f"{' '.join(argv[-2 if near == '--max-size' else -1:])}; "
                                      f"did you mean {near}?")
+
+
+def test_an_interrupted_command_is_not_kept_alive_by_a_lingering_thread():
+    """Optuna's heartbeat thread of a trial interrupted as it starts is never stopped: the
+    command exits with 130 anyway (its finished trials are committed)."""
+    probe = ("import threading, nasopt.cli.main as m\n"
+             "threading.Thread(target=threading.Event().wait).start()  # never ends\n"
+             "m.main = lambda argv=None: 130\n"
+             "m.run()\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 130, proc.stderr

@@ -1,4 +1,4 @@
 """``python -m nasopt.cli``: the ``nasopt`` command."""
-from nasopt.cli.main import main
+from nasopt.cli.main import run
 
-raise SystemExit(main())
+run()

@@ -422,5 +422,21 @@ def _print_frame(frame, fmt: str) -> None:  # noqa: ANN001
     print(to_text(frame, fmt), end="")
 
 
+def run() -> None:
+    """The ``nasopt`` command's entry point: :func:`main`, then exit with its status. After
+    Ctrl-C a thread a library left running (Optuna's heartbeat of the interrupted trial, when the
+    interrupt lands as it starts) must not keep the process alive: every finished trial is
+    already committed, so the process then ends without waiting for it."""
+    import threading
+    code = main()
+    if code == 130 and any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                           if t is not threading.main_thread()):
+        import os
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
