@@ -47,7 +47,7 @@ from nasopt.deploy.finetune import FinetuneConfig, finetune, prepare_qat
 from nasopt.core.metrics import FLOAT32_BYTES, count_macs, count_params
 from nasopt.search.study import mask_secrets
 from nasopt.core.task import task_of
-from nasopt.supernet.train import outputs
+from nasopt.supernet.train import quality
 
 Log = Callable[[str], None]
 PICK_RULES = ("best", "knee")
@@ -199,13 +199,7 @@ def scorer(data: Dataset) -> tuple[str, Callable[[nn.Module, Tensor, Tensor], fl
     """The task's quality metric (accuracy, or MAE for regression) and a function that scores a
     model with it on samples and their labels."""
     task = task_of(data)
-    name = task.default_quality
-    metric = task.metrics[name]
-
-    def score(model: nn.Module, x: Tensor, y: Tensor) -> float:
-        return metric.score(outputs(model, x).cpu().numpy(), y.cpu().numpy())
-
-    return name, score
+    return task.default_quality, lambda model, x, y: quality(model, x, y, task)
 
 
 def artifact_accuracies(out: Path, model: nn.Module, data: Dataset, spaces,  # noqa: ANN001

@@ -295,9 +295,8 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     from nasopt.core.space import space_from_description
     from nasopt.deploy.torchscript import FILE as TS_FILE
     from nasopt.deploy.torchscript import write as write_torchscript
-    from nasopt.core.scores import scores
     from nasopt.core.task import task_of
-    from nasopt.supernet.train import outputs
+    from nasopt.supernet.train import quality
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, seed=args.seed,
                          freeze=tuple(g.strip() for g in args.freeze.split(",") if g.strip()))
@@ -363,9 +362,8 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     # model.ts takes raw samples too (the preprocessing inside), as every model file there
     write_torchscript(with_preprocess(final, data.preprocess), out / TS_FILE, space.input_shape)
     name = history.metric  # accuracy, or mae for regression
-    test = scores(outputs(api.load(out / "model.packed"),
-                          data.preprocess.raw(data.x_test.cpu())).numpy(),
-                  data.y_test.cpu().numpy(), {name: task_of(data).metrics[name]})[name]
+    test = quality(api.load(out / "model.packed"), data.preprocess.raw(data.x_test.cpu()),
+                   data.y_test.cpu(), task_of(data))
     metrics = {"command": command, "dataset": data.summary(),
                f"val_{name}": history.best_val_accuracy, f"test_{name}_packed": test,
                "packed_bytes": (out / "model.packed").stat().st_size,

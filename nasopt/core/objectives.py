@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nasopt.core.errors import NasoptError
+from nasopt.core.scores import HIGHER_IS_BETTER, UNIT_SCORES
 
 if TYPE_CHECKING:  # annotations only: the read-only commands import this module without torch
     from nasopt.core.metrics import Metrics
@@ -118,8 +119,7 @@ def parse_quantity(text: str | float, what: str) -> float:
 
 #: budgets on a score of the outputs, and whether higher is better for it: the budget is a floor
 #: (f1 at least 0.8) where higher is better, a ceiling (mae at most 0.5) where lower is
-SCORE_BUDGETS = {"accuracy": True, "balanced_accuracy": True, "f1": True, "mae": False,
-                 "rmse": False}
+SCORE_BUDGETS = HIGHER_IS_BETTER
 
 
 @dataclass(frozen=True)
@@ -136,10 +136,6 @@ class Constraint:
             measured = float(metrics.accuracy if self.name == "accuracy"
                              else metrics.scores[self.name])
         return self.limit - measured if self.floor else measured - self.limit
-
-
-#: the scores that lie in [0, 1]
-UNIT_SCORES = ("accuracy", "balanced_accuracy", "f1")
 
 
 def parse_score(text: str | float, what: str) -> float:

@@ -99,6 +99,8 @@ REGRESSION: dict[str, Metric] = {m.name: m for m in (
 
 #: whether higher is better, for every built-in metric
 HIGHER_IS_BETTER = {name: m.higher_is_better for name, m in {**BUILTIN, **REGRESSION}.items()}
+#: the built-in scores that lie in [0, 1] (those of classification)
+UNIT_SCORES = tuple(BUILTIN)
 
 
 def load_metric(spec: str) -> Metric:
@@ -115,8 +117,8 @@ def load_metric(spec: str) -> Metric:
         raise NasoptError(f"metric {spec!r}: say whether higher is better: set "
                           f"{attr}.higher_is_better = True (or False) in {where}")
     name = fn.__name__
-    if name in HIGHER_IS_BETTER or name in ("size", "float_size", "params", "macs", "nonzero_params",
-                                   "latency", "sram", "mnasnet"):
+    from nasopt.core.objectives import METRIC_OF, OBJECTIVES  # (objectives imports this module)
+    if name in HIGHER_IS_BETTER or name in OBJECTIVES or name in METRIC_OF or name == "mnasnet":
         raise NasoptError(f"metric {spec!r}: its name {name!r} is taken by a built-in objective; "
                           f"rename the function")
     return Metric(name, higher, fn, f"{name} of the validation outputs ({found})", found)

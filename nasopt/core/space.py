@@ -94,13 +94,23 @@ class SearchSpace(ABC):
               sram_dtype: str | None = None) -> nn.Module:
         """The continuous relaxation of this space's trained supernet for gradient search
         (DARTS, GDAS): a :class:`nasopt.gradient.search.Relaxation`. A space without one
-        does not override this, and the gradient strategies refuse it in one line."""
-        raise NotImplementedError(f"space {self.name!r} has no relaxation")
+        does not override this: the gradient strategies refuse it in one line."""
+        type(self).check_relaxable()
+        raise AssertionError("check_relaxable raises for a space that does not define relax")
 
     @classmethod
     def relaxable(cls) -> bool:
         """Whether the space defines :meth:`relax`."""
         return cls.relax is not SearchSpace.relax
+
+    @classmethod
+    def check_relaxable(cls) -> None:
+        """The one line that refuses gradient search on a space without :meth:`relax`."""
+        if not cls.relaxable():
+            raise NasoptError(f"gradient search (darts, gdas) runs on a relaxation of the "
+                              f"supernet; space {cls.name!r} has no relaxation (it defines no "
+                              f"SearchSpace.relax; the shipped conv1d space does): use a "
+                              f"sampling strategy for this space (see `nasopt strategies`)")
 
     # ---- shared behaviour -----------------------------------------------------------------
     def full_genes(self) -> Genes:

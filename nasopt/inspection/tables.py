@@ -25,8 +25,9 @@ from nasopt.search import study as _study
 from nasopt.core.checkpoint import atomic_write_bytes
 from nasopt.core.errors import NasoptError
 from nasopt.core.objectives import (
-    METRIC_OF, OBJECTIVES, SCORE_BUDGETS, UNIT_SCORES, hypervolume, parse_quantity,
+    METRIC_OF, OBJECTIVES, SCORE_BUDGETS, hypervolume, parse_quantity,
 )
+from nasopt.core.scores import UNIT_SCORES
 
 COUNT_COLUMNS = ("compressed_bytes", "params", "nonzero_params", "macs", "float_bytes")
 #: hypervolume reference for the size objective when no size budget is shared: accuracy 0 at

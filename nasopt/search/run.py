@@ -20,7 +20,9 @@ from nasopt.core.config import Config
 from nasopt.core.data import Dataset, load_dataset
 from nasopt.core.errors import NasoptError
 from nasopt.core.objectives import Constraint, Objective, get_constraints, get_objectives
-from nasopt.core.scores import load_metric, metric_from_record
+from nasopt.core.scores import (
+    BUILTIN, HIGHER_IS_BETTER, REGRESSION, load_metric, metric_from_record,
+)
 from nasopt.core.space import SearchSpace, space_from_description
 from nasopt.core.space_import import Spaces
 from nasopt.core.strategy import Strategy, attach_run_folder
@@ -118,7 +120,7 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
         raise NasoptError(f"search.timeout must be positive seconds, got {s.timeout}")
     if s.table is not None:
         scored = [n for n in [*s.objectives, *(c.name for c in constraints)]
-                  if n in ("balanced_accuracy", "f1", "mae", "rmse")]
+                  if n in HIGHER_IS_BETTER and n != "accuracy"]  # the table holds accuracy
         if scored or user is not None:
             raise NasoptError(f"tabular mode reads accuracy from the table; "
                               f"{scored or [user.name]} need the models' outputs (as objectives, "
@@ -201,8 +203,8 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
 
 
 #: the objectives that score class predictions, and those that score regression outputs
-_CLASS_SCORES = ("accuracy", "balanced_accuracy", "f1", "mnasnet")
-_REGRESSION_SCORES = ("mae", "rmse")
+_CLASS_SCORES = (*BUILTIN, "mnasnet")
+_REGRESSION_SCORES = tuple(REGRESSION)
 
 
 def _task_objectives(data: Dataset, names: tuple[str, ...], log: Log) -> tuple[str, ...]:

@@ -59,16 +59,15 @@ def measure(evaluator, supernet_epochs: int) -> dict[str, Any]:  # noqa: ANN001
     record of fractions in [0, 1] and what the advice needs (the space's compression genes with
     their options, the supernet's epochs)."""
     from nasopt.core.scores import scores
-    from nasopt.supernet.train import outputs  # no gradients: float_model and outputs need none
+    from nasopt.supernet.train import quality  # no gradients: float_model and quality need none
     space = evaluator.space
     x_val, y_val = evaluator._x_val, evaluator._y_val
     targets = y_val.cpu().numpy()
     regression = evaluator.task.regression
     metric = evaluator.task.default_quality  # accuracy, or mae for regression
-    measured = {metric: evaluator.metrics[metric]}
 
     def score(model) -> float:  # noqa: ANN001
-        return scores(outputs(model, x_val).cpu().numpy(), targets, measured)[metric]
+        return quality(model, x_val, y_val, evaluator.task)
 
     largest, smallest = space.largest(), space.smallest()
     compression = {g: list(space.genes[g]) for g in space.compression_genes() if g in space.genes}

@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
+from nasopt.core.scores import HIGHER_IS_BETTER
 from nasopt.core.errors import NasoptError
 
 SETUP_ATTR = "nasopt"
@@ -298,8 +299,6 @@ def setup_of(study: optuna.Study) -> dict[str, Any]:
     return dict(study.user_attrs[SETUP_ATTR])
 
 
-#: the built-in metrics that score a model's outputs, and whether higher is better for each
-SCORED = {"accuracy": True, "balanced_accuracy": True, "f1": True, "mae": False, "rmse": False}
 
 
 def quality_metric(study: optuna.Study) -> tuple[str, bool]:
@@ -310,8 +309,8 @@ def quality_metric(study: optuna.Study) -> tuple[str, bool]:
     setup = setup_of(study)
     user = setup.get("metric")
     for name in setup.get("objectives", []):
-        if name in SCORED:
-            return name, SCORED[name]
+        if name in HIGHER_IS_BETTER:
+            return name, HIGHER_IS_BETTER[name]
         if user is not None and name == user["name"]:
             return name, bool(user["higher_is_better"])
     if setup.get("data", {}).get("task") == "regression":

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from nasopt.core.data import Dataset
-from nasopt.core.scores import scores
 from nasopt.core.task import task_of
-from nasopt.supernet.train import LossFn, TrainConfig, fit, outputs
+from nasopt.supernet.train import LossFn, TrainConfig, fit, quality
 
 
 @dataclass
@@ -45,15 +44,12 @@ def train_early_stopping(model: nn.Module, params: list[nn.Parameter], loss_fn: 
     """Minimise ``loss_fn`` with :func:`fit`; keep the weights of the best validation epoch
     (by the task's metric: accuracy, or MAE for regression)."""
     task = task_of(data)
-    name = task.default_quality
-    measured = {name: task.metrics[name]}
     sign = -1.0 if task.regression else 1.0  # the comparison below takes higher as better
 
     def validation() -> float:
-        return scores(outputs(model, data.x_val).cpu().numpy(), data.y_val.cpu().numpy(),
-                      measured)[name]
+        return quality(model, data.x_val, data.y_val, task)
 
-    history = History(initial_val_accuracy=validation(), metric=name)
+    history = History(initial_val_accuracy=validation(), metric=task.default_quality)
     best_state = copy.deepcopy(model.state_dict())
 
     def on_epoch_end(epoch: int, optimizer, scheduler) -> None:  # noqa: ANN001

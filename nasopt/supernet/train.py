@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from torch import Tensor, nn
 
 from nasopt.core.errors import NasoptError
 from nasopt.core.progress import progress_bar
+
+if TYPE_CHECKING:
+    from nasopt.core.task import Task
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,13 @@ def outputs(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
     out = torch.cat([model(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
     model.train(was_training)
     return out
+
+
+def quality(model: nn.Module, x: Tensor, y: Tensor, task: "Task") -> float:
+    """The task's quality metric (accuracy, or MAE for regression) of ``model`` on ``x``
+    against ``y``."""
+    metric = task.metrics[task.default_quality]
+    return metric.score(outputs(model, x).cpu().numpy(), y.cpu().numpy())
 
 
 def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> Tensor:
