@@ -197,10 +197,9 @@ def export(study: optuna.Study, trial: int | str, out: str | Path,
             "metrics": t.user_attrs.get("metrics"),
             "dataset": _study.setup_of(study)["data"]}
     samples = None
-    if any(f.startswith("onnx") for f in formats):  # ONNX: calibrate on train, verify on val
-        from nasopt.deploy.onnx import CALIB_SAMPLES
-        samples = (evaluator.calibration_samples[:CALIB_SAMPLES].cpu(), data.x_val.cpu(),
-                   data.y_val.cpu())
+    if any(f.startswith("onnx") or f == "c" for f in formats):  # calibrate on train, verify
+        # on val (ONNX: the first CALIB_SAMPLES training samples; C: all of them)
+        samples = (evaluator.calibration_samples.cpu(), data.x_val.cpu(), data.y_val.cpu())
     return _export.export_model(model, stored, arch, evaluator.space, out, info, SPACES,
                                 formats, samples, data.preprocess)
 

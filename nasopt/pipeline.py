@@ -51,7 +51,9 @@ from nasopt.supernet.train import quality
 
 Log = Callable[[str], None]
 PICK_RULES = ("best", "knee")
-EXPORT_FORMATS = ("pytorch", "packed", "torchscript", "onnx", "onnx-int8")
+EXPORT_FORMATS = ("pytorch", "packed", "torchscript", "onnx", "onnx-int8", "c")
+#: written unless export.formats says otherwise (c on request: it needs a C compiler)
+DEFAULT_EXPORT_FORMATS = EXPORT_FORMATS[:-1]
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class DistillStep(DistillConfig):
 @dataclass(frozen=True)
 class ExportStep:
     out: str = "results/model"
-    formats: tuple[str, ...] = EXPORT_FORMATS
+    formats: tuple[str, ...] = DEFAULT_EXPORT_FORMATS
 
     def __post_init__(self) -> None:
         if not self.out.strip():  # "" would be the working directory itself
@@ -322,7 +324,10 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     (out / UNFINISHED).write_text(_config_digest(cfg) + "\n")  # until the card is written
     export_model(model, stored, arch, space, out,
-                 info, api.SPACES, [f for f in formats if f in ("pytorch", "packed")],
+                 info, api.SPACES, [f for f in formats if f in ("pytorch", "packed", "c")],
+                 # the C format calibrates on training samples, is verified on validation ones
+                 samples=((evaluator.calibration_samples.cpu(), data.x_val.cpu(),
+                           data.y_val.cpu()) if "c" in formats else None),
                  preprocess=data.preprocess)
     if "torchscript" in formats:  # takes raw samples, as every model file of the folder
         write_torchscript(with_preprocess(model, data.preprocess), out / TS_FILE,

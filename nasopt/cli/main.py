@@ -122,10 +122,11 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
                    "balanced_accuracy, f1 or your --metric)")
     add_out(p, "output folder")
     p.add_argument("--format", action="append",
-                   choices=("pytorch", "packed", "onnx", "onnx-int8"),
+                   choices=("pytorch", "packed", "onnx", "onnx-int8", "c"),
                    help="pytorch (weights.pt), packed (model.packed), onnx (model.onnx, float32),"
-                   " onnx-int8 (model.int8.onnx, QDQ); repeat for several; default: pytorch and "
-                   "packed")
+                   " onnx-int8 (model.int8.onnx, QDQ), c (model.h / model.c: integer C99 for a "
+                   "microcontroller, verified on the host with gcc); repeat for several; "
+                   "default: pytorch and packed")
     _add_storage(p)
 
     sub.add_parser("spaces", help="list search spaces and their genes",

@@ -8,7 +8,11 @@ compression policy applied (BN folded, low-rank layers split, pruned, quantize-d
 - ``model.packed``: the packed compressed file (format ``packed``, see :mod:`nasopt.compression.packed`),
   whose size is the arch's ``compressed_bytes``;
 - ``model.onnx`` / ``model.int8.onnx``: ONNX float32 / int8 QDQ (formats ``onnx``,
-  ``onnx-int8``, see :mod:`nasopt.deploy.onnx`), verified in ONNX Runtime against PyTorch.
+  ``onnx-int8``, see :mod:`nasopt.deploy.onnx`), verified in ONNX Runtime against PyTorch;
+- ``model.h`` / ``model.c`` / ``model.plan.json``: the model as integer C99 for a
+  microcontroller and its integer plan (format ``c``, see :mod:`nasopt.deploy.firmware`): the
+  packed file's weights at their bit-widths, int8 activations calibrated on training samples,
+  verified on the host (the C compiler's logits equal the NumPy reference's bit for bit).
 
 **Inputs**: every model file takes *raw* samples, as the dataset's file or loader gives them
 (``sklearn.datasets.load_digits().images``: float32 values 0..16), reshaped to the model's input
@@ -56,9 +60,11 @@ from nasopt.core.space import SearchSpace, space_from_description
 
 FORMAT_VERSION = 2
 FORMATS = ("pytorch", "packed")  # the default; ONNX on request
-ALL_FORMATS = (*FORMATS, "onnx", "onnx-int8")
+ALL_FORMATS = (*FORMATS, "onnx", "onnx-int8", "c")
+#: the files of the ``c`` format (nasopt.deploy.firmware.c_export.FILES; the card names model.c)
+C_FILES = ("model.h", "model.c", "model.plan.json")
 EXPORT_FILES = ("arch.json", "model.json", "weights.pt", "model.packed", "model.onnx",
-                "model.int8.onnx")
+                "model.int8.onnx", *C_FILES)
 #: every file a nasopt command writes into its output folder: an export, plus what `finetune` /
 #: `run` add (model.ts, metrics.json, REPORT.md) or a `distill` student folder holds
 ARTIFACTS = (*EXPORT_FILES, "model.ts", "metrics.json", "REPORT.md", "student.json",
@@ -280,7 +286,9 @@ def loaders(out: Path) -> list[str]:
 
 def files_of(out: Path) -> list[str]:
     """The files of the export in the folder ``out``: arch.json, model.json and its formats'."""
-    return sorted(["arch.json", "model.json", *read_card(out).get("files", {}).values()])
+    files = read_card(out).get("files", {})
+    extra = [f for f in C_FILES if "c" in files and f != files["c"]]
+    return sorted(["arch.json", "model.json", *files.values(), *extra])
 
 
 def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space: SearchSpace,
@@ -289,9 +297,9 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
                  preprocess: Preprocess | None = None) -> Path:
     """Write the deployed ``model`` of ``arch`` (and its ``stored`` layers) to the folder ``out``.
 
-    ``samples``: (calibration x, verification x, verification y) for the ONNX formats (training
-    and validation data, as the model takes them: preprocessed); without them ONNX files are
-    checked on random inputs. ``preprocess``: the dataset's (:class:`nasopt.core.data.Preprocess`),
+    ``samples``: (calibration x, verification x, verification y) for the ONNX and C formats
+    (training and validation data, as the model takes them: preprocessed); without them ONNX
+    files are checked on random inputs, and the C format, which calibrates on them, is refused. ``preprocess``: the dataset's (:class:`nasopt.core.data.Preprocess`),
     recorded in ``model.json`` and applied inside the ONNX files and by :func:`load`; every
     file is verified on raw samples. ``info`` should say ``weights`` (see the module doc)."""
     unknown = [f for f in formats if f not in ALL_FORMATS]
@@ -338,13 +346,27 @@ def _export_into(out: Path, model: nn.Module, stored: list[StoredLayer], arch: A
             info = {**info, "onnx": onnx_export.write(deployed, tmp, space.input_shape,
                                                       onnx_formats, *raw)}
             files.update({f: onnx_export.FILES[f] for f in onnx_formats})
+        if "c" in formats:  # verified on the host against the NumPy reference, on raw samples
+            from nasopt.deploy.firmware import c_export
+            if not samples:
+                raise NasoptError("the c format calibrates its int8 activations on training "
+                                  "samples; export it from a study (`nasopt export STUDY "
+                                  "--trial N --format c`) or `nasopt run`")
+            verify_x = samples[1].cpu() if len(samples) > 1 else None
+            if verify_x is not None and preprocess is not None:
+                verify_x = preprocess.raw(verify_x)
+            info = {**info, "c": c_export.write(
+                tmp, model, stored, space, preprocess, samples[0].cpu(),
+                None if verify_x is None else verify_x.numpy())}
+            files["c"] = c_export.SOURCE
         card = {"format_version": FORMAT_VERSION, "space": space.describe(), "files": files,
                 "packed_bytes": ((tmp / "model.packed").stat().st_size if "packed" in formats
                                  else None), "input": input_record(space, preprocess), **info}
         (tmp / "model.json").write_text(json.dumps(card, indent=2) + "\n")
         for fmt, name in files.items():
-            if fmt.startswith("onnx"):
-                continue  # verified by onnx_export.write in ONNX Runtime, on raw samples
+            if fmt.startswith("onnx") or fmt == "c":
+                continue  # verified by onnx_export.write in ONNX Runtime / c_export.write on
+                # the host, on raw samples
             _verify(deployed, load(tmp / name if fmt == "packed" else tmp, spaces), space, name,
                     preprocess)
         # the verified files come in by renames, model.json (the commit record) last; the old

@@ -1,0 +1,283 @@
+"""An integer plan (:mod:`nasopt.deploy.firmware.reference`) as C: ``model.h`` and ``model.c``.
+
+C99, no dynamic memory, nothing beyond ``<stdint.h>`` / ``<stddef.h>``:
+
+- weights as ``const uint8_t`` arrays at their bit-width (the packed file's bit order: value after
+  value, least significant bit first), a sparse layer's kept values plus a one-bit-per-weight
+  mask; int32 biases, a multiplier (int32) and a shift (uint8) per output channel;
+- the kernels the model uses (``kernels.c``, inlined);
+- one static activation arena (``NASOPT_ARENA_BYTES``), laid out by :func:`plan_arena`: every
+  int8 tensor gets an offset such that tensors alive at the same op never overlap, a residual add
+  writes in place over an input it is the last reader of. The network's input (after
+  quantization) lives in the arena too; the logits are written to the caller's buffer.
+  ``arena_bytes`` is compared with nasopt's peak-SRAM analysis (:mod:`nasopt.hardware.memory`,
+  a lower bound: the largest sum of live tensors) in ``firmware.json``.
+
+``model.h`` defines ``NASOPT_INPUT_SIZE`` (floats per sample), ``NASOPT_NUM_CLASSES``,
+``NASOPT_LOGIT_SCALE`` (a logit times it is the float logit, approximately) and declares
+``int nasopt_predict(const float *x)`` and ``void nasopt_logits(const float *x, int32_t *out)``:
+one raw sample as the data file gives it (C order), the dataset's preprocessing applied inside.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nasopt.compression.packed import _pack_ints
+from nasopt.core.errors import NasoptError
+
+HEADER = "model.h"
+SOURCE = "model.c"
+EMIT_KINDS = {"1d": "nq_conv1d", "2d": "nq_conv2d", "dw": "nq_dwconv2d"}
+
+
+# ---- the arena ------------------------------------------------------------------------------
+def lifetimes(plan: Mapping[str, Any]) -> tuple[list[int], list[list[int]]]:
+    """(buffer of each tensor, [bytes, first op, last op] per buffer); op -1 is the input
+    quantization. A residual add shares the buffer of an input it is the last reader of."""
+    ops, tensors = plan["ops"], plan["tensors"]
+    last_read = {t: -1 for t in range(len(tensors))}
+    for i, op in enumerate(ops):
+        for t in _inputs(op):
+            last_read[t] = max(last_read[t], i)
+    buffer_of = {0: 0}
+    buffers = [[tensors[0]["bytes"], -1, last_read[0]]]
+    for i, op in enumerate(ops):
+        out = op["out"]
+        if out == plan["output"]:
+            continue  # the caller's int32 buffer
+        shared = None
+        if op["op"] == "add":
+            shared = next((buffer_of[t] for t in (op["a"], op["b"])
+                           if last_read[t] == i and tensors[t]["bytes"] == tensors[out]["bytes"]
+                           and buffers[buffer_of[t]][2] == i), None)
+        if shared is None:
+            buffer_of[out] = len(buffers)
+            buffers.append([tensors[out]["bytes"], i, max(i, last_read[out])])
+        else:
+            buffer_of[out] = shared
+            buffers[shared][2] = max(i, last_read[out])
+    return [buffer_of.get(t, -1) for t in range(len(tensors))], buffers
+
+
+def _inputs(op: Mapping[str, Any]) -> list[int]:
+    return [op["a"], op["b"]] if op["op"] == "add" else [op["in"]]
+
+
+def plan_arena(plan: Mapping[str, Any]) -> tuple[list[int], int, int]:
+    """(offset of each tensor in the arena, -1 for the logits; arena bytes; the largest sum of
+    tensors alive at one op, a lower bound of any arena). Greedy: the largest buffer first, each
+    at the lowest offset clear of every placed buffer alive at the same time."""
+    buffer_of, buffers = lifetimes(plan)
+    order = sorted(range(len(buffers)), key=lambda b: (-buffers[b][0], buffers[b][1]))
+    offset: dict[int, int] = {}
+    for b in order:
+        size, start, end = buffers[b]
+        busy = sorted((offset[o], offset[o] + buffers[o][0]) for o in offset
+                      if buffers[o][1] <= end and start <= buffers[o][2])
+        at = 0
+        for lo, hi in busy:
+            if at + size <= lo:
+                break
+            at = max(at, hi)
+        offset[b] = at
+    arena = max((offset[b] + buffers[b][0] for b in offset), default=0)
+    peak = max(sum(s for s, a, e in buffers if a <= i <= e)
+               for i in range(-1, len(plan["ops"])))
+    return [offset[b] if b >= 0 else -1 for b in buffer_of], arena, peak
+
+
+# ---- C text ---------------------------------------------------------------------------------
+def _array(ctype: str, name: str, values: Sequence[int], per_line: int = 16) -> str:
+    vals = [str(int(v)) for v in values] or ["0"]
+    lines = [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
+    return f"static const {ctype} {name}[{len(vals)}] = {{\n    " + ",\n    ".join(lines) + "\n};\n"
+
+
+def _float(v: float) -> str:
+    """The float32 value ``v`` as an exact C hexadecimal float literal."""
+    return float(np.float32(v)).hex() + "f"
+
+
+def weight_bytes(op: Mapping[str, Any]) -> tuple[bytes, bytes | None]:
+    """(kept values packed at the op's bits, the mask bits or None) of a conv op."""
+    q = np.asarray(op["q"], np.int64).reshape(-1)
+    mask = None
+    if op["mask"] is not None:
+        keep = np.asarray(op["mask"], bool).reshape(-1)
+        mask = np.packbits(keep.astype(np.uint8), bitorder="little").tobytes()
+        q = q[keep]
+    if op["bits"] == 8:
+        values = (q & 0xFF).astype(np.uint8).tobytes()
+    else:
+        values = _pack_ints(q, op["bits"]) if len(q) else b""
+    return values, mask
+
+
+def row_length(op: Mapping[str, Any]) -> int:
+    k = op["k"]
+    return {"1d": op["cin"] * k, "2d": op["cin"] * k * k, "dw": k * k}[op["kind"]]
+
+
+def generate(plan: Mapping[str, Any]) -> dict[str, str]:
+    """``{"model.h": ..., "model.c": ...}`` for ``plan``."""
+    offsets, arena, peak = plan_arena(plan)
+    tensors, ops = plan["tensors"], plan["ops"]
+    input_size = math.prod(plan["input_shape"])
+    kinds = {op["kind"] for op in ops if op["op"] == "conv"}
+    flag = {"1d": "NQ_USE_CONV1D", "2d": "NQ_USE_CONV2D", "dw": "NQ_USE_DW"}
+    uses = sorted({flag[k] for k in kinds}
+                  | {"NQ_USE_ADD" for op in ops if op["op"] == "add"}
+                  | {"NQ_USE_MEAN" for op in ops if op["op"] == "mean"})
+    max_row = max((row_length(op) for op in ops if op["op"] == "conv"), default=1)
+    kernels = resources.files("nasopt.deploy.firmware").joinpath("kernels.c").read_text()
+    inp = plan["input"]
+    pre = inp["preprocess"]
+    header = f"""/* nasopt: the {plan['space']} model as integer C (generated by nasopt export --format c).
+ * int nasopt_predict(const float *x): the class of one raw sample (NASOPT_INPUT_SIZE floats,
+ *   C order of the input shape {tuple(plan['input_shape'])}, as the data file gives it; the
+ *   preprocessing (x - {pre['mean']:g}) / {pre['std']:g} is applied inside).
+ * void nasopt_logits(const float *x, int32_t *out): NASOPT_NUM_CLASSES int32 logits;
+ *   out[i] * NASOPT_LOGIT_SCALE approximates the float model's logit i.
+ * Static memory only: one int8 arena of NASOPT_ARENA_BYTES; not reentrant. */
+#ifndef NASOPT_MODEL_H
+#define NASOPT_MODEL_H
+
+#include <stdint.h>
+
+#define NASOPT_INPUT_SIZE {input_size}
+#define NASOPT_NUM_CLASSES {plan['num_classes']}
+#define NASOPT_ARENA_BYTES {arena}
+#define NASOPT_LOGIT_SCALE {plan['logit_scale']!r}f
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+int nasopt_predict(const float *x);
+void nasopt_logits(const float *x, int32_t *out);
+
+#ifdef __cplusplus
+}}
+#endif
+
+#endif /* NASOPT_MODEL_H */
+"""
+    parts = [f"/* nasopt: the {plan['space']} model as integer C (generated by nasopt export "
+             f"--format c). Arena: {arena} bytes (the largest sum of tensors alive at one op: "
+             f"{peak}). */\n",
+             '#include "model.h"\n#include <stddef.h>\n\n',
+             "".join(f"#define {u}\n" for u in uses), f"#define NQ_MAX_ROW {max_row}\n\n",
+             kernels, "\n"]
+    calls = [f"    nq_input(x, arena + {offsets[0]}, NASOPT_INPUT_SIZE, {_float(inp['a'])}, "
+             f"{_float(inp['c'])});"]
+    for i, op in enumerate(ops):
+        comment = f"/* op {i}: {op['op']} {op.get('layer', op.get('name', ''))} */\n"
+        if op["op"] == "conv":
+            values, mask = weight_bytes(op)
+            parts.append(comment)
+            parts.append(_array("uint8_t", f"w{i}", values))
+            if mask is not None:
+                parts.append(_array("uint8_t", f"m{i}", mask))
+            parts.append(_array("int32_t", f"b{i}", op["bias"], 8))
+            parts.append(_array("int32_t", f"q{i}", op["mult"], 8))
+            parts.append(_array("uint8_t", f"s{i}", op["shift"]))
+            h_in, w_in = (op["in_h"], op["in_w"]) if op["kind"] != "1d" else (1, op["in_len"])
+            h_out, w_out = (op["out_h"], op["out_w"]) if op["kind"] != "1d" else (1, op["out_len"])
+            zp_out = 0 if op["logits"] else tensors[op["out"]]["zp"]
+            fields = [f"w{i}", f"m{i}" if mask is not None else "NULL", f"b{i}", f"q{i}",
+                      f"s{i}", op["cin"], op["cout"], op["k"], op["stride"], op["pad"], h_in,
+                      w_in, h_out, w_out, tensors[op["in"]]["zp"], zp_out, op["act_min"],
+                      op["act_max"], op["bits"], int(op["logits"])]
+            parts.append(f"static const nq_conv_t L{i} = {{{', '.join(map(str, fields))}}};\n\n")
+            dst = "out" if op["logits"] else f"arena + {offsets[op['out']]}"
+            calls.append(f"    {EMIT_KINDS[op['kind']]}(arena + {offsets[op['in']]}, {dst}, "
+                         f"&L{i});")
+        elif op["op"] == "add":
+            ta, tb, to = (tensors[op[k]] for k in ("a", "b", "out"))
+            fields = [to["bytes"], ta["zp"], tb["zp"], to["zp"], op["mult_a"], op["mult_b"],
+                      op["shift"], op["act_min"], op["act_max"]]
+            parts.append(comment + f"static const nq_add_t L{i} = "
+                                   f"{{{', '.join(map(str, fields))}}};\n\n")
+            calls.append(f"    nq_add(arena + {offsets[op['a']]}, arena + {offsets[op['b']]}, "
+                         f"arena + {offsets[op['out']]}, &L{i});")
+        else:
+            fields = [op["channels"], op["spatial"], tensors[op["in"]]["zp"],
+                      tensors[op["out"]]["zp"], op["mult"], op["shift"]]
+            parts.append(comment + f"static const nq_mean_t L{i} = "
+                                   f"{{{', '.join(map(str, fields))}}};\n\n")
+            calls.append(f"    nq_mean(arena + {offsets[op['in']]}, arena + "
+                         f"{offsets[op['out']]}, &L{i});")
+    if not ops or not ops[-1].get("logits"):
+        raise NasoptError("the C export needs the last op to write the logits")
+    parts.append(f"static int8_t arena[NASOPT_ARENA_BYTES];\n\n"
+                 f"void nasopt_logits(const float *x, int32_t *out)\n{{\n"
+                 + "\n".join(calls) + "\n}\n\n"
+                 "int nasopt_predict(const float *x)\n{\n"
+                 "    int32_t logits[NASOPT_NUM_CLASSES];\n    int i, best = 0;\n"
+                 "    nasopt_logits(x, logits);\n"
+                 "    for (i = 1; i < NASOPT_NUM_CLASSES; i++)\n"
+                 "        if (logits[i] > logits[best])\n            best = i;\n"
+                 "    return best;\n}\n")
+    return {HEADER: header, SOURCE: "".join(parts)}
+
+
+def summary(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``firmware.json`` records about the C: arena, weights, layers."""
+    _, arena, peak = plan_arena(plan)
+    convs = [op for op in plan["ops"] if op["op"] == "conv"]
+    weight = sum(len(weight_bytes(op)[0]) + len(weight_bytes(op)[1] or b"") for op in convs)
+    per_channel = sum(9 * op["cout"] for op in convs)  # bias, multiplier, shift
+    return {"arena_bytes": arena, "live_peak_bytes": peak, "weight_bytes": weight,
+            "per_channel_bytes": per_channel,
+            "bits": sorted({op["bits"] for op in convs}),
+            "sparse_layers": sum(op["mask"] is not None for op in convs),
+            "ops": [op["op"] if op["op"] != "conv" else f"conv{op['kind']}" for op in plan["ops"]]}
+
+
+PLAN = "model.plan.json"
+FILES = (HEADER, SOURCE, PLAN)
+
+
+def write(folder: Path, model: Any, stored: Sequence[Any], space: Any, preprocess: Any,
+          calib_x: Any, verify_x: Any) -> dict[str, Any]:
+    """Write ``model.h``, ``model.c`` and the plan (``model.plan.json``) of the deployed ``model``
+    into ``folder``, calibrated on ``calib_x`` (training samples, preprocessed), and verify them:
+    the host build's logits of ``verify_x`` (raw samples) must equal the NumPy reference's bit
+    for bit. Returns the model card's ``c`` record."""
+    from nasopt.deploy.firmware import reference, toolchain
+    if calib_x is None or len(calib_x) == 0:
+        raise NasoptError("the C export calibrates its activation ranges on training samples; "
+                          "none were given")
+    plan = reference.build_plan(model, stored, space, preprocess, calib_x)
+    for name, text in generate(plan).items():
+        (Path(folder) / name).write_text(text)
+    reference.save(plan, Path(folder) / PLAN)
+    record = summary(plan)
+    if verify_x is not None and len(verify_x):
+        x = np.asarray(verify_x, np.float32)
+        ref = reference.run(plan, x)
+        host = toolchain.host_logits(folder, x, plan["num_classes"])
+        if not np.array_equal(ref, host):
+            bad = int((ref != host).any(axis=1).sum())
+            raise RuntimeError(f"export verification of model.c failed: the host build's "
+                               f"logits differ from the NumPy reference on {bad} of {len(x)} "
+                               f"samples")
+        with_float = getattr(model, "eval", None)
+        record["verified"] = {"samples": len(x), "host_equals_reference": True}
+        if with_float is not None:
+            import torch
+            with torch.no_grad():
+                pre = torch.as_tensor(x) if preprocess is None else preprocess.apply(
+                    torch.as_tensor(x))
+                float_cls = model.eval()(pre).argmax(1).numpy()
+            record["verified"]["class_agreement_with_float"] = float(
+                (ref.argmax(1) == float_cls).mean())
+    record["note"] = ("int8 activations, weights at the arch's bit-widths (float32 layers as "
+                      "8-bit), int32 accumulators; build with -ffp-contract=off")
+    return record
