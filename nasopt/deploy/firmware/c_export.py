@@ -215,8 +215,8 @@ void nasopt_logits(const float *x, int32_t *out);
                          f"{offsets[op['out']]}, &L{i});")
     if not ops or not ops[-1].get("logits"):
         raise NasoptError("the C export needs the last op to write the logits")
-    parts.append(f"static int8_t arena[NASOPT_ARENA_BYTES];\n\n"
-                 f"void nasopt_logits(const float *x, int32_t *out)\n{{\n"
+    parts.append("static int8_t arena[NASOPT_ARENA_BYTES];\n\n"
+                 "void nasopt_logits(const float *x, int32_t *out)\n{\n"
                  + "\n".join(calls) + "\n}\n\n"
                  "int nasopt_predict(const float *x)\n{\n"
                  "    int32_t logits[NASOPT_NUM_CLASSES];\n    int i, best = 0;\n"

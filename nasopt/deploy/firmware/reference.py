@@ -46,7 +46,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from nasopt.compression import packed
 from nasopt.compression.compress import (
-    FLOAT_BITS, Policy, StoredLayer, StoredTensor, compressed_structure, quantize, weight_layers,
+    FLOAT_BITS, Policy, StoredLayer, StoredTensor, quantize, weight_layers,
 )
 from nasopt.core.data import Preprocess
 from nasopt.core.errors import NasoptError
@@ -439,43 +439,24 @@ def quantize_input(plan: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
     return np.clip(u.astype(np.int64) - 256, -128, 127)
 
 
-def _windows_1d(x: np.ndarray, k: int, stride: int, pad: int, out_len: int) -> np.ndarray:
-    n, c, length = x.shape
-    xp = np.zeros((n, c, length + 2 * pad + k), np.float64)
-    xp[:, :, pad:pad + length] = x
-    idx = np.arange(out_len)[:, None] * stride + np.arange(k)[None, :]
-    return xp[:, :, idx]  # (n, c, out_len, k)
-
-
-def _windows_2d(x: np.ndarray, k: int, stride: int, pad: int, oh: int, ow: int) -> np.ndarray:
-    n, c, h, w = x.shape
-    xp = np.zeros((n, c, h + 2 * pad + k, w + 2 * pad + k), np.float64)
-    xp[:, :, pad:pad + h, pad:pad + w] = x
-    iy = (np.arange(oh)[:, None] * stride + np.arange(k)[None, :])  # (oh, k)
-    ix = (np.arange(ow)[:, None] * stride + np.arange(k)[None, :])  # (ow, k)
-    return xp[:, :, iy[:, None, :, None], ix[None, :, None, :]]  # (n, c, oh, ow, k, k)
-
-
 def _conv(op: Mapping[str, Any], x: np.ndarray, zp_in: int, zp_out: int) -> np.ndarray:
+    """The conv op on int8 inputs ``x`` (N, numel). The sums of integer products are exact in
+    float64 (every partial sum stays far below 2^53), so torch's float64 convolution computes
+    the int32 accumulators exactly, in any order."""
     n = len(x)
-    w = np.asarray(op["q"], np.float64)
-    xs = (x - zp_in).astype(np.float64)  # exact in float64: every sum stays far below 2^53
-    if op["kind"] == "1d":
-        win = _windows_1d(xs.reshape(n, op["cin"], op["in_len"]), op["k"], op["stride"],
-                          op["pad"], op["out_len"])
-        acc = np.einsum("nclj,ocj->nol", win, w.reshape(op["cout"], op["cin"], op["k"]),
-                        optimize=True)
-    elif op["kind"] == "2d":
-        win = _windows_2d(xs.reshape(n, op["cin"], op["in_h"], op["in_w"]), op["k"],
-                          op["stride"], op["pad"], op["out_h"], op["out_w"])
-        acc = np.einsum("ncyxij,ocij->noyx", win,
-                        w.reshape(op["cout"], op["cin"], op["k"], op["k"]), optimize=True)
-    else:
-        win = _windows_2d(xs.reshape(n, op["cin"], op["in_h"], op["in_w"]), op["k"],
-                          op["stride"], op["pad"], op["out_h"], op["out_w"])
-        acc = np.einsum("ncyxij,cij->ncyx", win, w.reshape(op["cout"], op["k"], op["k"]),
-                        optimize=True)
-    acc = np.rint(acc).astype(np.int64).reshape(n, op["cout"], -1)
+    w = torch.tensor(op["q"], dtype=torch.float64)
+    xs = torch.from_numpy((x - zp_in).astype(np.float64))  # zero padding: x - zp_in = 0
+    k, stride, pad = op["k"], op["stride"], op["pad"]
+    with torch.no_grad():
+        if op["kind"] == "1d":
+            acc = F.conv1d(xs.reshape(n, op["cin"], op["in_len"]),
+                           w.reshape(op["cout"], op["cin"], k), stride=stride, padding=pad)
+        else:
+            groups = op["cin"] if op["kind"] == "dw" else 1
+            acc = F.conv2d(xs.reshape(n, op["cin"], op["in_h"], op["in_w"]),
+                           w.reshape(op["cout"], op["cin"] // groups, k, k), stride=stride,
+                           padding=pad, groups=groups)
+    acc = np.rint(acc.numpy()).astype(np.int64).reshape(n, op["cout"], -1)
     acc = acc + np.asarray(op["bias"], np.int64)[None, :, None]
     y = requantize(acc, op["mult"], op["shift"])
     if op["logits"]:
