@@ -100,21 +100,11 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
                         "against scikit-learn's linear models (writes results/tasks.md)")
     from .tasks import add_arguments as add_tasks_arguments
     add_tasks_arguments(q)
-    q = bsub.add_parser("engine", help="per-trial cost of nasopt's search loop beside "
-                        "Optuna's own loop, same sampler and storage, at 100 to 10,000 trials "
-                        "(writes results/engine.md)")
-    from .engine import add_arguments as add_engine_arguments
-    add_engine_arguments(q)
     q = bsub.add_parser("firmware", help="found models as integer C on an emulated Cortex-M4: "
                         "accuracy in QEMU vs ONNX int8 vs packed float, flash, RAM, instructions "
                         "per inference (writes results/firmware.md)")
     from .firmware import add_arguments as add_firmware_arguments
     add_firmware_arguments(q)
-    q = bsub.add_parser("budget", help="the most accurate model under a size budget and the "
-                        "hypervolume, our strategies vs NNI's RegularizedEvolution on the MNIST-1D "
-                        "joint space (writes results/budget.md)")
-    from .budget import add_arguments as add_budget_arguments
-    add_budget_arguments(q)
     _add_hardware_parser(bsub)
 
 
