@@ -299,9 +299,10 @@ def export_model(model: nn.Module, stored: list[StoredLayer], arch: Arch, space:
 
     ``samples``: (calibration x, verification x, verification y) for the ONNX and C formats
     (training and validation data, as the model takes them: preprocessed); without them ONNX
-    files are checked on random inputs, and the C format, which calibrates on them, is refused. ``preprocess``: the dataset's (:class:`nasopt.core.data.Preprocess`),
-    recorded in ``model.json`` and applied inside the ONNX files and by :func:`load`; every
-    file is verified on raw samples. ``info`` should say ``weights`` (see the module doc)."""
+    files are checked on random inputs, and the C format, which calibrates on them, is
+    refused. ``preprocess``: the dataset's (:class:`nasopt.core.data.Preprocess`), recorded in
+    ``model.json`` and applied inside the ONNX and C files and by :func:`load`; every file is
+    verified on raw samples. ``info`` should say ``weights`` (see the module doc)."""
     unknown = [f for f in formats if f not in ALL_FORMATS]
     if unknown or not formats:
         raise NasoptError(f"unknown export format(s) {unknown}; choose from "
