@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -38,10 +39,30 @@ class DataConfig:
             raise NasoptError(f"data.task must be classification or regression, got "
                               f"{self.task!r}")
 
+#: the default supernet recipe's length (SupernetConfig.resolve): DEFAULT_EPOCHS passes over the
+#: training split, but at least MIN_STEPS and at most MAX_STEPS optimizer steps, rounded to
+#: whole epochs (down at the cap, up at the floor). scikit-learn's digits (1,222 training images)
+#: train 400 steps, MNIST-1D (3,400) 1,080, Fashion-MNIST (51,000) 3,990 (10 epochs) where 100
+#: epochs were 1,000, 2,700 and 39,900.
+DEFAULT_EPOCHS = 40
+MIN_STEPS = 300
+MAX_STEPS = 4000
+#: without an explicit warmup_epochs, the largest subnet trains alone for this share of the epochs
+WARMUP_SHARE = 0.2
+
+
 @dataclass(frozen=True)
 class SupernetConfig:
-    epochs: int = 100
-    warmup_epochs: int = 20  # largest subnet only, then channels are sorted by L1 importance
+    """The supernet's training recipe. Its length: ``epochs`` (passes over the training split)
+    or ``steps`` (optimizer steps, rounded up to whole epochs), at most one of them; with
+    neither, :meth:`resolve` sizes it by the training set (``DEFAULT_EPOCHS``, kept within
+    ``MIN_STEPS``..``MAX_STEPS``). The resolved recipe keys the cached checkpoint."""
+
+    epochs: int | None = None
+    steps: int | None = None
+    #: largest subnet only, then channels are sorted by L1 importance; None: a fifth of the
+    #: epochs (rounded)
+    warmup_epochs: int | None = None
     batch_size: int = 128
     lr: float = 0.003
     weight_decay: float = 0.0
@@ -52,10 +73,50 @@ class SupernetConfig:
     def __post_init__(self) -> None:
         _positive("supernet", batch_size=self.batch_size, lr=self.lr,
                   kd_temperature=self.kd_temperature)
-        if (self.epochs < 0 or self.warmup_epochs < 0 or self.n_random < 0
+        if self.epochs is not None and self.steps is not None:
+            raise NasoptError(f"supernet.epochs ({self.epochs}) and supernet.steps "
+                              f"({self.steps}) are both set; set one of them (to replace a "
+                              f"config file's epochs: --set supernet.epochs=none --set "
+                              f"supernet.steps={self.steps})")
+        if self.steps is not None and self.steps < 1:
+            raise NasoptError(f"supernet.steps must be a positive number of optimizer steps, "
+                              f"got {self.steps}")
+        if ((self.epochs or 0) < 0 or (self.warmup_epochs or 0) < 0 or self.n_random < 0
                 or self.seed < 0):
             raise NasoptError("supernet.epochs, warmup_epochs, n_random and seed must not be "
                               "negative")
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        return max(1, math.ceil(n_train / self.batch_size))
+
+    def resolve(self, n_train: int) -> "SupernetConfig":
+        """This recipe for a training split of ``n_train`` samples: whole ``epochs`` and
+        ``warmup_epochs``, ``steps`` None. Explicit epochs are kept; steps become the epochs
+        that hold them (rounded up); with neither, ``DEFAULT_EPOCHS`` within
+        ``MIN_STEPS``..``MAX_STEPS`` steps."""
+        per_epoch = self.steps_per_epoch(n_train)
+        if self.epochs is not None:
+            epochs = self.epochs
+        elif self.steps is not None:
+            epochs = math.ceil(self.steps / per_epoch)
+        else:
+            epochs = min(max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / per_epoch)),
+                         max(1, MAX_STEPS // per_epoch))
+        warmup = (round(epochs * WARMUP_SHARE) if self.warmup_epochs is None
+                  else self.warmup_epochs)
+        return dataclasses.replace(self, epochs=epochs, steps=None, warmup_epochs=warmup)
+
+    def describe(self, n_train: int) -> str:
+        """One line: the resolved length and where it came from."""
+        r = self.resolve(n_train)
+        source = ("set by supernet.epochs" if self.epochs is not None else
+                  f"supernet.steps={self.steps}, rounded up to whole epochs"
+                  if self.steps is not None else
+                  f"sized by the data: {DEFAULT_EPOCHS} epochs within {MIN_STEPS}..{MAX_STEPS} "
+                  f"steps; set supernet.steps or supernet.epochs to change it")
+        return (f"{r.epochs} epochs = {r.epochs * self.steps_per_epoch(n_train)} steps of "
+                f"{self.batch_size} ({source}), the first {r.warmup_epochs} on the largest "
+                f"subnet alone")
 
 
 def _positive(section: str, **values: float) -> None:

@@ -174,7 +174,7 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
     supernet_s = time.perf_counter() - start
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     evaluator = Evaluator(space, supernet, data, cfg.eval.calib_samples, metric=user)
-    check = _sanity.measure(evaluator, cfg.supernet.epochs)
+    check = _sanity.measure(evaluator, cfg.supernet.resolve(len(data.x_train)).epochs)
     log(_sanity.summary(check))
     for line in _sanity.warnings(check):
         log(f"warning: {line}")

@@ -1,0 +1,178 @@
+"""The supernet recipe sized by the data, its cache key, the fast depthwise path and the
+evaluation pipeline's results."""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nasopt import api
+from nasopt.core.config import (
+    DEFAULT_EPOCHS, MAX_STEPS, MIN_STEPS, SupernetConfig, load_config,
+)
+from nasopt.core.errors import NasoptError
+from nasopt.supernet import elastic
+from nasopt.supernet.elastic import depthwise_dense, supernet_key, train_supernet
+
+
+# --------------------------------------------------------------------------------------------
+# the recipe's length
+@pytest.mark.parametrize("n_train, epochs, warmup", [
+    (1222, DEFAULT_EPOCHS, 8),    # digits: 10 steps an epoch, 400 steps
+    (3400, DEFAULT_EPOCHS, 8),    # MNIST-1D: 27 steps an epoch, 1,080 steps
+    (51000, MAX_STEPS // 399, 2),  # Fashion-MNIST: capped at MAX_STEPS (10 epochs, 3,990)
+    (442, 75, 15),                 # diabetes: raised to MIN_STEPS (4 steps an epoch)
+])
+def test_default_recipe_is_sized_by_the_training_set(n_train, epochs, warmup):
+    r = SupernetConfig().resolve(n_train)
+    assert (r.epochs, r.warmup_epochs, r.steps) == (epochs, warmup, None)
+    steps = epochs * SupernetConfig().steps_per_epoch(n_train)
+    assert MIN_STEPS <= steps <= MAX_STEPS
+    assert f"{epochs} epochs = {steps} steps of 128 (sized by the data" in \
+        SupernetConfig().describe(n_train)
+
+
+def test_explicit_epochs_and_steps_and_which_wins():
+    # explicit epochs keep the old recipe exactly: 100 epochs, a fifth of them warmup
+    assert SupernetConfig(epochs=100).resolve(3400).warmup_epochs == 20
+    assert SupernetConfig(epochs=14, warmup_epochs=3).resolve(51000).epochs == 14
+    # steps are rounded up to whole epochs (27 steps an epoch on 3,400 samples)
+    r = SupernetConfig(steps=500).resolve(3400)
+    assert (r.epochs, r.warmup_epochs) == (19, 4)
+    assert SupernetConfig(steps=2700).resolve(3400).epochs == 100
+    # both set: one line naming the fix
+    with pytest.raises(NasoptError, match=r"both set; set one of them .*supernet.epochs=none"):
+        SupernetConfig(epochs=10, steps=100)
+    cfg = load_config(None, ["supernet.epochs=none", "supernet.steps=270"])
+    assert cfg.supernet.resolve(3400).epochs == 10
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "supernet.steps must be a positive number of optimizer steps, got 0"),
+    ("-5", "supernet.steps must be a positive number of optimizer steps, got -5"),
+    ("many", "config key supernet.steps takes an integer, got 'many'"),
+    ("1.5", "config key supernet.steps takes an integer, got 1.5"),
+])
+def test_bad_steps_are_one_clear_line(value, message):
+    with pytest.raises(NasoptError) as err:
+        load_config(None, [f"supernet.steps={value}"])
+    assert str(err.value) == message
+
+
+def test_configs_under_configs_still_load():
+    from nasopt.pipeline import load_run_config
+    for name, epochs in (("mnist1d", 40), ("headline_mnist1d", 100),
+                         ("headline_fashion-mnist", 14)):
+        cfg = load_run_config(f"configs/{name}.toml")
+        assert cfg.supernet.resolve(3400).epochs == epochs
+
+
+# --------------------------------------------------------------------------------------------
+# the cache key
+def test_cache_key_follows_the_resolved_recipe(datasets):
+    data = datasets["mnist1d"]
+    space = api.make_space("conv1d", data)
+    n = len(data.x_train)
+
+    def key(cfg: SupernetConfig) -> str:
+        return supernet_key(space, data.fingerprint, cfg, n)
+
+    old_default = SupernetConfig(epochs=100, warmup_epochs=20)
+    # the key of the recipe that was the default (100 epochs) is what it was before the recipe
+    # could be sized by the data: its checkpoints are still found by configs that name it
+    assert supernet_key(space, "fingerprint", old_default) == "5d9c4fd534d0bc7b"
+    assert key(SupernetConfig()) != key(old_default)  # the new default never reuses it
+    assert key(SupernetConfig()) == key(SupernetConfig(epochs=DEFAULT_EPOCHS))
+    assert key(SupernetConfig(steps=2700)) == key(old_default)  # the same 100 epochs
+    assert key(SupernetConfig(steps=2701)) != key(old_default)  # 101 epochs
+    assert key(SupernetConfig(epochs=100, warmup_epochs=10)) != key(old_default)
+    # the same default recipe on another training-set size is another length, another key
+    assert supernet_key(space, data.fingerprint, SupernetConfig(), 60000) != key(SupernetConfig())
+    with pytest.raises(TypeError, match="n_train"):
+        supernet_key(space, data.fingerprint, SupernetConfig())
+
+
+def test_training_logs_and_keys_the_resolved_recipe(datasets, tmp_path):
+    full = datasets["mnist1d"]
+    data = dataclasses.replace(full, x_train=full.x_train[:256], y_train=full.y_train[:256])
+    space = api.make_space("conv1d", data, {"s1.depth": [1], "s2.depth": [1], "s3.depth": [1]})
+    logs: list[str] = []
+    cfg = SupernetConfig(steps=4, n_random=0)  # 2 steps an epoch: 2 epochs, no warmup
+    _, path = train_supernet(space, data, cfg, tmp_path, show_progress=False, log=logs.append)
+    assert "2 epochs = 4 steps of 128 (supernet.steps=4, rounded up to whole epochs)" in logs[0]
+    same = SupernetConfig(epochs=2, warmup_epochs=0, n_random=0)
+    assert supernet_key(space, data.fingerprint, same) in path.name
+    logs.clear()
+    train_supernet(space, data, same, tmp_path, show_progress=False, log=logs.append)
+    assert any("reusing" in line for line in logs)
+
+
+# --------------------------------------------------------------------------------------------
+# the dense depthwise path equals the convolution
+@pytest.mark.parametrize("channels, side, k, stride", [
+    (12, 4, 7, 1), (12, 4, 5, 1), (8, 8, 7, 2), (8, 7, 7, 2), (6, 3, 7, 1), (5, 14, 7, 2),
+    (4, 5, 5, 2), (3, 1, 7, 1),
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dense_depthwise_equals_the_convolution(channels, side, k, stride, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(5, channels, side, side)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(channels, 1, k, k)
+    b = torch.randn(channels)
+    x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
+    x2, w2, b2 = (t.clone().requires_grad_() for t in (x, w, b))
+    plain = F.conv2d(x1, w1, b1, stride, k // 2, 1, channels)
+    dense = depthwise_dense(x2, w2, b2, stride, k // 2)
+    assert dense.shape == plain.shape
+    assert dense.is_contiguous(memory_format=torch.channels_last) == \
+        plain.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dense, plain, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(plain)
+    plain.backward(g)
+    dense.backward(g)
+    for a, b_ in ((x1, x2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(b_.grad, a.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_elastic_depthwise_uses_the_dense_path_only_when_training(monkeypatch):
+    conv = elastic.ElasticConv2d(16, 16, 7, depthwise=True)
+    conv.active_k = 5
+    x = torch.randn(3, 12, 4, 4)  # 12 channels arrive: a prefix of the 16
+    calls: list[int] = []
+    real = elastic.depthwise_dense
+    monkeypatch.setattr(elastic, "depthwise_dense",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    conv.train()
+    fast = conv(x)
+    with torch.no_grad():  # BN recalibration, evaluation, export: the convolution itself
+        slow = conv(x)
+    conv.eval()
+    evaluated = conv(x)
+    assert calls == [1]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert torch.equal(slow, evaluated)
+    monkeypatch.setattr(elastic, "DENSE_DEPTHWISE", False)
+    conv.train()
+    assert torch.equal(conv(x), evaluated)
+
+
+def test_supernet_step_gradients_equal_with_and_without_the_dense_path(datasets, monkeypatch):
+    data = datasets["digits"]
+    space = api.make_space("mobilenet", data)
+    torch.manual_seed(0)
+    supernet = space.supernet().train()
+    x, y = data.x_train[:32], data.y_train[:32]
+    grads = []
+    for dense in (True, False):
+        monkeypatch.setattr(elastic, "DENSE_DEPTHWISE", dense)
+        supernet.zero_grad()
+        loss = elastic.sandwich_loss(supernet, random.Random(0), 2, 1.0)(x, y)
+        loss.backward()
+        grads.append([p.grad.clone() for p in supernet.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
