@@ -33,7 +33,16 @@ from nasopt.core.errors import NasoptError
 
 HEADER = "model.h"
 SOURCE = "model.c"
-EMIT_KINDS = {"1d": "nq_conv1d", "2d": "nq_conv2d", "dw": "nq_dwconv2d"}
+EMIT_KINDS = {"1d": "nq_conv1d", "pw": "nq_pointwise", "2d": "nq_conv2d", "dw": "nq_dwconv2d"}
+FLAGS = {"1d": "NQ_USE_CONV1D", "pw": "NQ_USE_POINTWISE", "2d": "NQ_USE_CONV2D", "dw": "NQ_USE_DW"}
+
+
+def kernel_of(op: Mapping[str, Any]) -> str:
+    """The kernel of a conv op: a 1-D op without a window (k = 1, stride 1, no padding: a linear
+    layer or a pointwise conv) runs the pointwise kernel."""
+    if op["kind"] == "1d" and op["k"] == 1 and op["stride"] == 1 and op["pad"] == 0:
+        return "pw"
+    return op["kind"]
 
 
 # ---- the arena ------------------------------------------------------------------------------
@@ -128,10 +137,15 @@ def generate(plan: Mapping[str, Any]) -> dict[str, str]:
     """``{"model.h": ..., "model.c": ...}`` for ``plan``."""
     offsets, arena, peak = plan_arena(plan)
     tensors, ops = plan["tensors"], plan["ops"]
+    for op in ops:  # the kernels' uint16 fields
+        big = [f for f in ("cin", "cout", "k", "in_len", "out_len", "in_h", "in_w", "out_h",
+                           "out_w", "channels") if op.get(f, 0) > 65535]
+        if big:
+            raise NasoptError(f"the C export cannot emit layer {op.get('name')}: its {big[0]} "
+                              f"is {op[big[0]]}, above the kernels' 65535")
     input_size = math.prod(plan["input_shape"])
-    kinds = {op["kind"] for op in ops if op["op"] == "conv"}
-    flag = {"1d": "NQ_USE_CONV1D", "2d": "NQ_USE_CONV2D", "dw": "NQ_USE_DW"}
-    uses = sorted({flag[k] for k in kinds}
+    kinds = {kernel_of(op) for op in ops if op["op"] == "conv"}
+    uses = sorted({FLAGS[k] for k in kinds}
                   | {"NQ_USE_ADD" for op in ops if op["op"] == "add"}
                   | {"NQ_USE_MEAN" for op in ops if op["op"] == "mean"})
     max_row = max((row_length(op) for op in ops if op["op"] == "conv"), default=1)
@@ -196,7 +210,7 @@ void nasopt_logits(const float *x, int32_t *out);
                       op["act_max"], op["bits"], int(op["logits"])]
             parts.append(f"static const nq_conv_t L{i} = {{{', '.join(map(str, fields))}}};\n\n")
             dst = "out" if op["logits"] else f"arena + {offsets[op['out']]}"
-            calls.append(f"    {EMIT_KINDS[op['kind']]}(arena + {offsets[op['in']]}, {dst}, "
+            calls.append(f"    {EMIT_KINDS[kernel_of(op)]}(arena + {offsets[op['in']]}, {dst}, "
                          f"&L{i});")
         elif op["op"] == "add":
             ta, tb, to = (tensors[op[k]] for k in ("a", "b", "out"))

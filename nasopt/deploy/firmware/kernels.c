@@ -31,7 +31,8 @@ static int8_t nq_clamp8(int64_t v, int8_t lo, int8_t hi)
     return (int8_t)(v < lo ? lo : (v > hi ? hi : v));
 }
 
-#if defined(NQ_USE_CONV1D) || defined(NQ_USE_CONV2D) || defined(NQ_USE_DW)
+#if defined(NQ_USE_CONV1D) || defined(NQ_USE_POINTWISE) || defined(NQ_USE_CONV2D) \
+    || defined(NQ_USE_DW)
 /* Decode the next `n` weights (one output channel's row) into int8. */
 static void nq_row(const nq_conv_t *p, int n, int8_t *dst, nq_cursor_t *cur)
 {
@@ -63,7 +64,10 @@ static void nq_row(const nq_conv_t *p, int n, int8_t *dst, nq_cursor_t *cur)
     }
 }
 
-static void nq_store(void *y, int i, int32_t acc, const nq_conv_t *p, int c)
+#if defined(__GNUC__)
+__attribute__((always_inline)) /* one copy per kernel: a call per output costs more */
+#endif
+static inline void nq_store(void *y, int i, int32_t acc, const nq_conv_t *p, int c)
 {
     int64_t v = nq_scale(acc, p->mult[c], p->shift[c]);
     if (p->logits) {
@@ -77,8 +81,7 @@ static void nq_store(void *y, int i, int32_t acc, const nq_conv_t *p, int c)
 #endif
 
 #ifdef NQ_USE_CONV1D
-/* 1-D convolution; also a linear layer (in_w = out_w = 1, k = 1) and a pointwise 2-D conv
- * (in_w = out_w = H * W, k = 1). */
+/* 1-D convolution */
 static void nq_conv1d(const int8_t *x, void *y, const nq_conv_t *p)
 {
     int8_t w[NQ_MAX_ROW];
@@ -98,6 +101,27 @@ static void nq_conv1d(const int8_t *x, void *y, const nq_conv_t *p)
                 for (j = lo; j < hi; j++)
                     acc += (int32_t)(xr[start + j] - zp) * wr[j];
             }
+            nq_store(y, co * p->out_w + l, acc, p, co);
+        }
+    }
+}
+#endif
+
+#ifdef NQ_USE_POINTWISE
+/* a linear layer (in_w = out_w = 1) or a pointwise 2-D conv (in_w = out_w = H * W): k = 1,
+ * stride 1, no padding */
+static void nq_pointwise(const int8_t *x, void *y, const nq_conv_t *p)
+{
+    int8_t w[NQ_MAX_ROW];
+    nq_cursor_t cur = {0u, 0u};
+    const int in_w = p->in_w, zp = p->zp_in;
+    int co, l, ci;
+    for (co = 0; co < p->cout; co++) {
+        nq_row(p, p->cin, w, &cur);
+        for (l = 0; l < p->out_w; l++) {
+            int32_t acc = p->bias[co];
+            for (ci = 0; ci < p->cin; ci++)
+                acc += (int32_t)(x[ci * in_w + l] - zp) * w[ci];
             nq_store(y, co * p->out_w + l, acc, p, co);
         }
     }
@@ -172,7 +196,7 @@ static void nq_dwconv2d(const int8_t *x, void *y, const nq_conv_t *p)
 
 #ifdef NQ_USE_ADD
 typedef struct {
-    uint16_t n;
+    uint32_t n;
     int16_t zp_a, zp_b, zp_out;
     int32_t mult_a, mult_b;  /* < 2^22: the int32 sum cannot overflow */
     uint8_t shift;
@@ -183,7 +207,7 @@ typedef struct {
 static void nq_add(const int8_t *a, const int8_t *b, int8_t *y, const nq_add_t *p)
 {
     const int32_t round = (int32_t)1 << (p->shift - 1);
-    int i;
+    uint32_t i;
     for (i = 0; i < p->n; i++) {
         const int32_t acc = (a[i] - p->zp_a) * p->mult_a + (b[i] - p->zp_b) * p->mult_b + round;
         y[i] = nq_clamp8((int64_t)(acc >> p->shift) + p->zp_out, p->act_min, p->act_max);
@@ -193,7 +217,8 @@ static void nq_add(const int8_t *a, const int8_t *b, int8_t *y, const nq_add_t *
 
 #ifdef NQ_USE_MEAN
 typedef struct {
-    uint16_t channels, spatial;
+    uint16_t channels;
+    uint32_t spatial;
     int16_t zp_in, zp_out;
     int32_t mult;
     uint8_t shift;
@@ -202,7 +227,7 @@ typedef struct {
 /* mean over the spatial positions of each channel */
 static void nq_mean(const int8_t *x, int8_t *y, const nq_mean_t *p)
 {
-    int c, i;
+    uint32_t c, i;
     for (c = 0; c < p->channels; c++) {
         int32_t acc = 0;
         for (i = 0; i < p->spatial; i++)
