@@ -198,7 +198,7 @@ static void nq_dwconv2d(const int8_t *x, void *y, const nq_conv_t *p)
 typedef struct {
     uint32_t n;
     int16_t zp_a, zp_b, zp_out;
-    int32_t mult_a, mult_b;  /* < 2^22: the int32 sum cannot overflow */
+    int32_t mult_a, mult_b;  /* < 2^21: the int32 sum cannot overflow */
     uint8_t shift;
     int8_t act_min, act_max;
 } nq_add_t;

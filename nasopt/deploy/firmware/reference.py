@@ -19,7 +19,7 @@ Numbers:
   ``y = zp_out + ((acc * M[c] + 2^(R[c]-1)) >> R[c])`` in 64-bit, ``M`` < 2^31, then clamped to
   the activation's range. ``M * 2^-R`` approximates ``s_in * s_w[c] / s_out``.
 - **Residual add**: ``y = zp + (((a - zp_a) * A + (b - zp_b) * B + 2^(S-1)) >> S)`` in int32
-  with ``A, B < 2^22``; **mean pooling**: the int32 sum of ``x - zp`` requantized as above.
+  with ``A, B < 2^21``; **mean pooling**: the int32 sum of ``x - zp`` requantized as above.
 - **Input**: the dataset's preprocessing ``(x - mean) / std`` and the input quantization fold
   into two float32 constants: ``u = x * a; u = u + c`` (two IEEE float32 operations, never
   fused), clamped to [0, 511] (NaN: 0), truncated to an integer, minus 256, clamped to int8.
@@ -58,7 +58,7 @@ FLOAT_LAYER_BITS = 8
 #: int32 logits resolve the calibrated logit range to this many steps
 LOGIT_STEPS = 2 ** 20
 #: the residual add's multipliers stay below 2^ADD_BITS (the int32 sum cannot overflow)
-ADD_BITS = 22
+ADD_BITS = 21
 CALIB_SAMPLES = 1000
 
 _ALIAS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
@@ -407,7 +407,12 @@ def _finish(ops: list[dict[str, Any]], tensors: list[dict[str, Any]],
             pairs = [multiplier(s_x * sw / s_out) for sw in s_w]
             op["mult"], op["shift"] = [p[0] for p in pairs], [p[1] for p in pairs]
             bias = np.zeros(op["cout"]) if op["bias"] is None else np.asarray(op["bias"])
-            op["bias"] = np.clip(np.round(bias / (s_x * s_w)), -2 ** 31, 2 ** 31 - 1
+            # the int32 accumulator never overflows: |x - zp| <= 255, |w| <= 127 per product
+            room = 2 ** 31 - 1 - 255 * 127 * len(op["q"][0])
+            if room <= 0:
+                raise NasoptError(f"the C export cannot emit layer {op['name']}: "
+                                  f"{len(op['q'][0])} products per output may overflow int32")
+            op["bias"] = np.clip(np.round(bias / (s_x * s_w)), -room, room
                                  ).astype(np.int64).tolist()
             op["logits"] = op["out"] == last
         elif op["op"] == "add":
