@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from nasopt.core.arch import Value
 from nasopt.compression.compress import compression_genes
+from nasopt.core.metrics import shape_count_key
 from nasopt.core.space import Genes, SearchSpace
 from nasopt.supernet.elastic import (
     ElasticBatchNorm1d, ElasticConv1d, ElasticLinear, Supernet, importance, permute_, permute_bn_,
@@ -66,6 +67,11 @@ class Conv1dNet(ElasticNetwork):
             stages.append(Stage(cin, width, int(dims[f"s{s}.depth"]), int(dims[f"s{s}.k"])))
             cin = width
         self.stages = nn.ModuleList(stages)
+        # a stage computes the same function when its genes and those of the stages before it
+        # are the same (ElasticNetwork.parts)
+        self._part_keys = [tuple((f"s{i}.{g}", dims[f"s{i}.{g}"]) for i in range(1, s + 1)
+                                 for g in ("depth", "k", "width"))
+                           for s in range(1, STAGES + 1)]
         self.out_length = _out_length(length)
         self.head = ElasticLinear(cin * self.out_length, num_classes)
 
@@ -73,6 +79,9 @@ class Conv1dNet(ElasticNetwork):
         for stage in self.stages:
             x = stage(x)
         return self.head(torch.flatten(x, 1))
+
+    def parts(self) -> list[tuple[tuple, nn.Module, nn.Module]]:
+        return [(key, stage, stage) for key, stage in zip(self._part_keys, self.stages)]
 
     def configure(self, arch: Mapping[str, Value] | None) -> None:
         for s, stage in enumerate(self.stages, start=1):
@@ -118,6 +127,9 @@ class Conv1dSpace(SearchSpace):
     def compression_genes(self) -> Genes:
         # bits per stage and for the head; the head (a linear layer) may be low rank
         return compression_genes([f"s{s}" for s in range(1, STAGES + 1)] + ["head"], ["head"])
+
+    def count_key(self, arch: Mapping[str, Value]) -> str:
+        return shape_count_key(self.validate(arch))
 
     def network(self, dims: Mapping[str, Value]) -> nn.Module:
         channels, length = self.input_shape

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from nasopt.core.arch import Value
 from nasopt.compression.compress import compression_genes
 from nasopt.core.errors import NasoptError
+from nasopt.core.metrics import shape_count_key
 from nasopt.core.space import Genes, SearchSpace
 from nasopt.supernet.elastic import (
     ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, importance, permute_, permute_bn_,
@@ -106,14 +107,29 @@ class MobileNet(ElasticNetwork):
             cin = width
         self.stages = nn.ModuleList(stages)
         self.head = ElasticLinear(cin, num_classes)
+        # the stem, then each stage, computes the same function when its genes and those of
+        # the parts before it are the same (ElasticNetwork.parts)
+        keys = [(("stem.width", dims["stem.width"]),)]
+        for s in range(1, len(WIDTHS) + 1):
+            keys.append(keys[-1] + tuple((f"s{s}.{g}", dims[f"s{s}.{g}"])
+                                         for g in ("depth", "k", "expand", "width")))
+        self._part_keys = keys
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _stem(self, x: Tensor) -> Tensor:
         x = F.relu6(self.stem_bn(self.stem(x)))
         if self.channels_last:  # the later convs keep the memory format of their input
             x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._stem(x)
         for stage in self.stages:
             x = stage(x)
         return self.head(x.mean(dim=(2, 3)))
+
+    def parts(self) -> list[tuple[tuple, object, nn.Module]]:
+        return [(self._part_keys[0], self._stem, self.stem_bn),
+                *((key, stage, stage) for key, stage in zip(self._part_keys[1:], self.stages))]
 
     def configure(self, arch: Mapping[str, Value] | None) -> None:
         full = arch is None
@@ -182,6 +198,9 @@ class MobileNetSpace(SearchSpace):
         # bits per stage (and stem, head); 1x1 convs of each stage and the head may be low rank
         stages = [f"s{s}" for s in range(1, len(WIDTHS) + 1)]
         return compression_genes(["stem", *stages, "head"], [*stages, "head"])
+
+    def count_key(self, arch: Mapping[str, Value]) -> str:
+        return shape_count_key(self.validate(arch))
 
     def network(self, dims: Mapping[str, Value]) -> nn.Module:
         channels, height, _ = self.input_shape

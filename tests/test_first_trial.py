@@ -176,3 +176,57 @@ def test_supernet_step_gradients_equal_with_and_without_the_dense_path(datasets,
         grads.append([p.grad.clone() for p in supernet.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation: part-wise recalibration and count caching give the same results
+def _reference(space, supernet, data, arch, calib_samples):
+    """An arch's metrics as evaluated before parts and counts were reused: a fresh evaluator,
+    the whole model recalibrated in one go."""
+    from nasopt.search.evaluate import Evaluator
+    evaluator = Evaluator(space, supernet, data, calib_samples)
+    evaluator._recalibrate = lambda model: elastic.recalibrate_bn(model, evaluator._x_calib)
+    return evaluator(arch)
+
+
+@pytest.mark.parametrize("space_name, dataset, calib", [
+    ("conv1d", "mnist1d", 1024), ("conv1d", "mnist1d", 1500), ("mobilenet", "digits", 1024)])
+def test_evaluation_results_are_unchanged(datasets, space_name, dataset, calib):
+    from nasopt.search.evaluate import Evaluator
+    data = datasets[dataset]
+    # mobilenet: narrow expansions keep the test quick; depth, kernels and widths still vary
+    space = api.make_space(space_name, data, {} if space_name == "conv1d" else {
+        "stem.width": [8], **{f"s{s}.expand": [2] for s in (1, 2, 3)}})
+    torch.manual_seed(0)
+    supernet = space.supernet().eval()
+    rng = random.Random(3)
+    archs = [space.sample(rng) for _ in range(2)]
+    # archs that share their first parts, their architecture, or differ only in compression
+    base = archs[0]
+    for gene in ("s3.width", "s3.k", "sparsity", "s1.bits", "s1.depth"):
+        value = next(v for v in space.genes[gene] if v != base[gene])
+        archs.append(space.validate({**base, gene: value}))
+    evaluator = Evaluator(space, supernet, data, calib)
+    for arch in archs:
+        got = evaluator(arch).to_dict()
+        assert got == _reference(space, supernet, data, arch, calib).to_dict(), arch
+        # the float model (as exported) holds the same BN statistics as well
+        new, old = evaluator.float_model(arch), supernet.extract(arch)
+        elastic.recalibrate_bn(old, evaluator.calibration_samples)
+        for (name, a), b in zip(new.state_dict().items(), old.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert evaluator._parts and len(evaluator._counts) < len(archs)  # both were reused
+
+
+def test_a_network_without_parts_is_recalibrated_whole(datasets, monkeypatch):
+    from nasopt.search.evaluate import Evaluator
+    from nasopt.supernet.network import ElasticNetwork
+    data = datasets["mnist1d"]
+    space = api.make_space("conv1d", data)
+    torch.manual_seed(0)
+    supernet = space.supernet().eval()
+    arch = space.sample(random.Random(0))
+    parted = Evaluator(space, supernet, data)(arch)
+    monkeypatch.setattr(type(supernet.net), "parts", ElasticNetwork.parts)  # the default
+    whole = Evaluator(space, supernet, data)
+    assert whole(arch) == parted and not whole._parts

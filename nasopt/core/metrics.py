@@ -1,7 +1,9 @@
 """Metrics of one evaluated architecture, and the counters that produce them."""
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,6 +45,15 @@ class Metrics:
         fields = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in fields},
                    scores={k: v for k, v in data.items() if k not in fields})
+
+
+def shape_count_key(arch: Mapping[str, Any]) -> str:
+    """A count key (``SearchSpace.count_key``) for a space whose compression genes are the
+    shipped ones (:func:`nasopt.compression.compress.compression_genes`): bit widths and
+    sparsity change stored values, never a layer's shape, so they change neither the deployed
+    model's parameter count nor its MACs; low rank does, and stays in the key."""
+    return json.dumps({g: v for g, v in sorted(arch.items())
+                       if not (g == "sparsity" or g.endswith(".bits"))}, sort_keys=True)
 
 
 def count_params(model: nn.Module) -> int:

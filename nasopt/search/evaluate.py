@@ -1,10 +1,12 @@
 """Evaluator: arch -> Metrics of the *compressed* model, from inherited supernet weights; cached."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from nasopt.core.arch import Arch, Value
 from nasopt.compression.compress import Policy, StoredLayer, compress, nonzero_params
@@ -13,6 +15,7 @@ from nasopt.core.errors import NasoptError
 from nasopt.core.metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
 from nasopt.compression.packed import predicted_size
 from nasopt.supernet.elastic import Supernet, recalibrate_bn
+from nasopt.supernet.network import ElasticNetwork
 from nasopt.core.scores import Metric, scores
 from nasopt.core.task import task_of
 from nasopt.supernet.train import correct, outputs
@@ -26,7 +29,19 @@ class Evaluator:
     evaluation is deterministic); then its compression genes are applied (BN folding, low rank, pruning,
     quantization: :mod:`nasopt.compression.compress`) and the compressed model is measured. Results are
     cached by the arch's canonical key.
+
+    When the space's network splits its forward pass into parts
+    (:meth:`~nasopt.supernet.network.ElasticNetwork.parts`: the stem, each stage), BatchNorm is
+    recalibrated part by part, and a part's statistics and outputs on the calibration samples
+    are kept (up to ``RECAL_CACHE_BYTES``, least recently used dropped first) for the next arch
+    that shares it and every part before it: the same arithmetic on the same inputs, so the
+    statistics are the very ones :func:`recalibrate_bn` computes (a test compares them).
+    Parameter and MAC counts are kept by the space's ``count_key``. The supernet's weights are
+    taken as fixed, as for the results cache.
     """
+
+    #: the calibration outputs of shared parts kept for reuse (bytes)
+    RECAL_CACHE_BYTES = 256 * 2 ** 20
 
     def __init__(self, space, supernet: Supernet, data: Dataset, calib_samples: int = 1024,
                  pruning: str = "magnitude", metric: Metric | None = None):
@@ -48,6 +63,10 @@ class Evaluator:
                                                          data.num_classes)
         self._input_shape = data.input_shape
         self._cache: dict[str, Metrics] = {}
+        #: part key -> (its outputs per calibration batch, its BN statistics)
+        self._parts: OrderedDict[Hashable, tuple[list[torch.Tensor], list[tuple[torch.Tensor, ...]]]] = OrderedDict()
+        self._parts_bytes = 0
+        self._counts: dict[str, tuple[int, int]] = {}  # count key -> (params, MACs) deployed
 
     @property
     def calibration_samples(self) -> torch.Tensor:
@@ -57,8 +76,53 @@ class Evaluator:
     def float_model(self, arch: Mapping[str, Value]) -> nn.Module:
         """The uncompressed standalone model (inherited weights, recalibrated BN)."""
         model = self.supernet.extract(arch)
-        recalibrate_bn(model, self._x_calib)
+        self._recalibrate(model)
         return model.eval()
+
+    @torch.no_grad()
+    def _recalibrate(self, model: nn.Module, batch_size: int = 1024) -> None:
+        """:func:`recalibrate_bn` on the calibration samples, part by part where the network
+        names its parts, reusing the parts already computed for another arch."""
+        parts = model.parts() if isinstance(model, ElasticNetwork) else None
+        every = {id(m) for m in model.modules() if isinstance(m, _BatchNorm)}
+        covered = [] if parts is None else [
+            [m for m in module.modules() if isinstance(m, _BatchNorm)] for _, _, module in parts]
+        if parts is None or {id(m) for bns in covered for m in bns} != every:
+            recalibrate_bn(model, self._x_calib, batch_size)
+            return
+        was_training = model.training
+        model.train()
+        xs = [self._x_calib[start:start + batch_size]
+              for start in range(0, len(self._x_calib), batch_size)]
+        for (key, forward, _), bns in zip(parts, covered):
+            hit = self._parts.get(key)
+            if hit is not None:
+                self._parts.move_to_end(key)
+                xs, stats = hit
+                for bn, values in zip(bns, stats):
+                    for buffer, value in zip(_bn_state(bn), values):
+                        buffer.copy_(value)
+                continue
+            saved = [bn.momentum for bn in bns]
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None  # a cumulative average over the batches, as recalibrate_bn
+            xs = [forward(x) for x in xs]
+            for bn, momentum in zip(bns, saved):
+                bn.momentum = momentum
+            self._keep(key, xs, [tuple(t.clone() for t in _bn_state(bn)) for bn in bns])
+        model.train(was_training)
+
+    def _keep(self, key: Hashable, xs: list[torch.Tensor],
+              stats: list[tuple[torch.Tensor, ...]]) -> None:
+        size = sum(x.numel() * x.element_size() for x in xs)
+        if size > self.RECAL_CACHE_BYTES:
+            return
+        while self._parts and self._parts_bytes + size > self.RECAL_CACHE_BYTES:
+            _, (old, _) = self._parts.popitem(last=False)
+            self._parts_bytes -= sum(x.numel() * x.element_size() for x in old)
+        self._parts[key] = (xs, stats)
+        self._parts_bytes += size
 
     def compressed(self, arch: Mapping[str, Value]) -> tuple[nn.Module, list[StoredLayer]]:
         """The deployed model of ``arch`` exactly as it is scored, and its stored layers."""
@@ -88,11 +152,15 @@ class Evaluator:
         model, stored = self._compress(arch, float_model)
         found = scores(outputs(model, self._x_val).cpu().numpy(), self._y_val.cpu().numpy(),
                        self.metrics)
+        count_key = self.space.count_key(arch)
+        if count_key not in self._counts:
+            self._counts[count_key] = (count_params(model), count_macs(model, self._input_shape))
+        params, macs = self._counts[count_key]
         return Metrics(
             accuracy=found.pop("accuracy", None),  # None for regression
             scores=found,
-            params=count_params(model),
-            macs=count_macs(model, self._input_shape),
+            params=params,
+            macs=macs,
             float_bytes=float_params * FLOAT32_BYTES,
             compressed_bytes=predicted_size(self.space, arch, stored),
             nonzero_params=nonzero_params(stored),
@@ -103,3 +171,8 @@ class Evaluator:
                      "float_bytes": "uncompressed params x 4",
                      "compressed_bytes": "packed file size (formula, nasopt.compression.packed)"},
         )
+
+
+def _bn_state(bn: _BatchNorm) -> tuple[torch.Tensor, ...]:
+    """The buffers recalibration sets."""
+    return bn.running_mean, bn.running_var, bn.num_batches_tracked

@@ -18,7 +18,7 @@ through the functions below, and nowhere else:
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -111,3 +111,12 @@ class ElasticNetwork(nn.Module, metaclass=ABCMeta):
 
     def sort_channels(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Reorder channels by importance (with the optimizer's state); default: no reordering."""
+
+    def parts(self) -> "Sequence[tuple[Hashable, Callable[[torch.Tensor], torch.Tensor], nn.Module]] | None":
+        """Optional, for a standalone model: the first steps of its forward pass as consecutive
+        parts ``(key, function, module)``, holding all its BatchNorm layers (in ``module``). A
+        key is equal for two standalone models of the space exactly when that part and every
+        part before it compute the same function (the genes they depend on). The evaluator then
+        recalibrates BatchNorm part by part and reuses a part's statistics and outputs for archs
+        that share its key (:mod:`nasopt.search.evaluate`). Default None: the whole model."""
+        return None
