@@ -29,6 +29,11 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
     q.add_argument("--standalone-epochs", type=int, default=40)
     q.add_argument("--standalone-seeds", type=int, default=3,
                    help="stand-alone runs per arch, averaged (default 3)")
+    q.add_argument("--compare", action="append", default=[], metavar="'SECTION.KEY=VALUE ...'",
+                   help="also train the supernet with these overrides (space-separated) and "
+                   "rank the same archs with it, e.g. --compare 'supernet.epochs=100'")
+    q.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: "
+                   "torch's default)")
     _add_common(q, "report path (default: results/supernet_DATASET.md)")
     q = bsub.add_parser("compression", help="joint architecture + compression search against "
                         "quantized/pruned baselines (writes results/compression_DATASET.md)")
