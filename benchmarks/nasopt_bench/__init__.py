@@ -105,6 +105,11 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
                         "against scikit-learn's linear models (writes results/tasks.md)")
     from .tasks import add_arguments as add_tasks_arguments
     add_tasks_arguments(q)
+    q = bsub.add_parser("engine", help="per-trial cost of nasopt's search loop beside "
+                        "Optuna's own loop, same sampler and storage, at 100 to 10,000 trials "
+                        "(writes results/engine.md)")
+    from .engine import add_arguments as add_engine_arguments
+    add_engine_arguments(q)
     q = bsub.add_parser("firmware", help="found models as integer C on an emulated Cortex-M4: "
                         "accuracy in QEMU vs ONNX int8 vs packed float, flash, RAM, instructions "
                         "per inference (writes results/firmware.md)")

@@ -134,7 +134,7 @@ def ledger(trials) -> dict[str, Any]:  # noqa: ANN001
     ``complete``; ``gaps`` (trial numbers missing) and ``duplicates`` (numbers seen twice);
     ``running`` left, ``waiting`` (retries never run; ``waiting_with_params``: holding an
     arch that was never evaluated); ``incomplete`` COMPLETE trials without metrics or params; ``surplus``
-    trials (FAIL, user attr ``surplus``) and ``surplus_evaluated`` (those with params);
+    trials (FAIL, user attr ``surplus``) and ``surplus_evaluated`` (those with metrics);
     ``failed`` other FAIL trials; ``died`` those whose worker died (found by its pid: error
     "...died...", or by Optuna's heartbeat: no error recorded), ``unretried`` those without a
     retry, ``double_retries`` trials retried more than once; ``repeated_archs`` complete trials
@@ -160,7 +160,7 @@ def ledger(trials) -> dict[str, Any]:  # noqa: ANN001
             "waiting_with_params": sum(t.state == optuna.trial.TrialState.WAITING and
                                        bool(t.params) for t in trials),
             "incomplete": sum(not (t.user_attrs.get("metrics") and t.params) for t in done),
-            "surplus": len(surplus), "surplus_evaluated": sum(bool(t.params) for t in surplus),
+            "surplus": len(surplus), "surplus_evaluated": sum("metrics" in t.user_attrs for t in surplus),
             "failed": len(failed), "died": len(died),
             "unretried": sum(t.number not in retried for t in died),
             "double_retries": len(retried) - len(set(retried)),
@@ -302,16 +302,16 @@ def _mid_evaluation(n: int) -> None:
     hit = _nth(n)
 
     def make(real):  # noqa: ANN001, ANN202
-        def measure_trial(trial, space, evaluate, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        def finish_trial(trial, arch, evaluate, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
             if not hit():
-                return real(trial, space, evaluate, *args, **kwargs)
+                return real(trial, arch, evaluate, *args, **kwargs)
 
             def dying(arch):  # noqa: ANN001, ANN202
                 evaluate(arch)  # the work is done, its metrics never recorded
                 _die()
-            return real(trial, space, dying, *args, **kwargs)
-        return measure_trial
-    _patch(search, "measure_trial", make)
+            return real(trial, arch, dying, *args, **kwargs)
+        return finish_trial
+    _patch(search, "finish_trial", make)
 
 
 def _final_print(n: int) -> None:
@@ -335,12 +335,12 @@ POINTS: dict[str, tuple[str, Callable[[int], None]]] = {
                      lambda n: _mid_write(n, lambda p: p.parent.name == "configs")),
     "before-worker-record": ("trial N asked (RUNNING), before it records its worker",
                              _before_worker_record),
-    "trial-start": ("trial N started (worker recorded), before its arch is drawn",
+    "trial-start": ("trial N started (its arch and worker recorded), before it is evaluated",
                     lambda n: _at_call(workers, "claim", n)),
     "mid-evaluation": ("trial N evaluated, its metrics not yet recorded", _mid_evaluation),
     "before-tell": ("trial N measured and recorded, before it is told COMPLETE",
                     lambda n: _at_call(__import__("nasopt.search.loop", fromlist=["x"]),
-                                       "measure_trial", n, after=True)),
+                                       "finish_trial", n, after=True)),
     "between-trials": ("after trial N is told COMPLETE, before the next ask",
                        lambda n: _at_call(workers, "wait_for_room", n)),
     "final-print": ("while printing the Pareto front (every trial done)", _final_print),

@@ -15,6 +15,7 @@ from nasopt.core.errors import NasoptError
 from nasopt.core.objectives import Constraint, Objective
 from nasopt.core.progress import progress_bar
 from nasopt.core.space import SearchSpace
+from nasopt.search.ledger import Ledger
 from nasopt.search.study import completed
 from nasopt.search import workers
 
@@ -28,16 +29,22 @@ def suggest_arch(trial: optuna.Trial, space: SearchSpace) -> Arch:
                            for g, opts in space.genes.items()})
 
 
-def measure_trial(trial: optuna.Trial, space: SearchSpace, evaluate: Evaluate,
-                  objectives: Sequence[Objective], trial_attrs: Mapping[str, Any] | None = None,
-                  constraints: Sequence[Constraint] = ()) -> list[float]:
-    """Evaluate the trial's arch and record what every trial of a nasopt study holds: the arch
-    as params (and user attr ``arch``), ``trial_attrs``, ``metrics``, constraint values. Returns
-    the objective values; raises on a failed evaluation or non-finite values."""
+def start_trial(trial: optuna.Trial, space: SearchSpace,
+                trial_attrs: Mapping[str, Any] | None = None) -> Arch:
+    """Draw the trial's arch (its params, and user attr ``arch``) and record ``trial_attrs``."""
+    arch = suggest_arch(trial, space)
     for key, value in (trial_attrs or {}).items():
         trial.set_user_attr(key, value)
-    arch = suggest_arch(trial, space)
     trial.set_user_attr("arch", arch.key)  # the params again, in one line for the dashboard
+    return arch
+
+
+def finish_trial(trial: optuna.Trial, arch: Arch, evaluate: Evaluate,
+                 objectives: Sequence[Objective], constraints: Sequence[Constraint] = ()
+                 ) -> list[float]:
+    """Evaluate ``arch`` and record what every trial of a nasopt study holds: user attr
+    ``metrics``, the constraint values. Returns the objective values; raises on a failed
+    evaluation or non-finite values."""
     metrics = evaluate(arch)
     trial.set_user_attr("metrics", metrics.to_dict())
     violations = {c.name: c.value(metrics) for c in constraints}
@@ -50,6 +57,15 @@ def measure_trial(trial: optuna.Trial, space: SearchSpace, evaluate: Evaluate,
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"non-finite objective values {values} for arch {arch.key}")
     return values
+
+
+def measure_trial(trial: optuna.Trial, space: SearchSpace, evaluate: Evaluate,
+                  objectives: Sequence[Objective], trial_attrs: Mapping[str, Any] | None = None,
+                  constraints: Sequence[Constraint] = ()) -> list[float]:
+    """:func:`start_trial` then :func:`finish_trial`: a whole trial's record, for loops that
+    run outside :func:`run_search` (the NNI bridge)."""
+    arch = start_trial(trial, space, trial_attrs)
+    return finish_trial(trial, arch, evaluate, objectives, constraints)
 
 
 class _SurplusLog(logging.Filter):
@@ -88,6 +104,9 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     Returns the number of trials this call evaluated (COMPLETE or FAIL; a retry of a dead
     worker's trial counts, trials of other workers and surplus trials do not).
     """
+    ledger = Ledger(study._storage)  # the same study, written with the fewest writes per trial
+    study = optuna.Study(study_name=study.study_name, storage=ledger, sampler=study.sampler,
+                         pruner=study.pruner)
     workers.recover(study)  # trials left RUNNING by a killed worker: FAIL, then retried
     remaining = trials - len(completed(study))
     if remaining <= 0:
@@ -95,14 +114,19 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     getattr(study.sampler, "plan", lambda n: None)(trials)  # samplers that plan over a budget
 
     def objective(trial: optuna.Trial) -> list[float]:
+        # the ledger writes the arch and the worker record in one write, before the evaluation
+        # (a killed worker's trial is then retried with its arch), and the rest with the result
+        ledger.hold(trial._trial_id, trial.study._study_id)
+        arch = start_trial(trial, space, trial_attrs)
         trial.set_user_attr(workers.WORKER_ATTR, {**me, "trial": trial.number})
+        ledger.flush(trial._trial_id)
         if not workers.claim(study, trial, trials):  # exact totals with several workers
             trial.set_user_attr(workers.SURPLUS_ATTR, True)
             trial.set_user_attr("error", f"surplus: the study reached {trials} completed trials "
                                 "while this one waited; it evaluated nothing")
             raise workers.Surplus()
         try:
-            return measure(trial)
+            return finish_trial(trial, arch, evaluate, objectives, constraints)
         except OSError as exc:  # a full disk fails every trial alike: stop now, say why
             fault.append(exc)
             study.stop()
@@ -110,9 +134,6 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
         except Exception as exc:  # recorded on the trial (Optuna keeps no reason), then FAIL
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:1000])
             raise
-
-    def measure(trial: optuna.Trial) -> list[float]:
-        return measure_trial(trial, space, evaluate, objectives, trial_attrs, constraints)
 
     bar = progress_bar(total=remaining, desc=f"search {study.study_name}", unit="trial",
                        enabled=show_progress)
@@ -141,6 +162,10 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate,
     try:
         study.optimize(objective, n_trials=None, timeout=timeout, catch=(Exception,),
                        callbacks=[after_trial], gc_after_trial=False)
+    except AssertionError:  # Optuna's words for a trial whose end could not be written
+        if ledger.write_error is not None:
+            raise ledger.write_error
+        raise
     finally:
         optuna_log.removeFilter(quiet)
         bar.close()

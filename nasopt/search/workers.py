@@ -13,7 +13,7 @@ Any number of processes may run the search loop on one study (same ``--storage``
 * **Exact totals.** ``--trials N`` is the number of COMPLETE trials the study should hold, across
   all workers. A trial may start only while (complete + running trials numbered before it) < N;
   otherwise it waits for those to finish. If they all complete it is not needed: it is closed as
-  FAIL with user attr ``surplus`` (it evaluated nothing, has no params, and is not retried), so
+  FAIL with user attr ``surplus`` (it evaluated nothing and is not retried), so
   the COMPLETE count never overshoots N. Between trials a worker waits while complete + running
   >= N, so a surplus trial happens only when two workers ask at the same instant.
 """
@@ -144,13 +144,10 @@ def recover(study: optuna.Study) -> list[int]:
 
 def _counts(study: optuna.Study, below: int | None = None) -> tuple[int, int]:
     """(complete trials, running trials [numbered below ``below``])."""
-    complete = running = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-        if t.state == TrialState.COMPLETE:
-            complete += 1
-        elif below is None or t.number < below:
-            running += 1
-    return complete, running
+    from nasopt.search.ledger import Ledger
+    storage = study._storage
+    ledger = storage if isinstance(storage, Ledger) else Ledger(storage)
+    return ledger.count_trials(study._study_id, below)
 
 
 def claim(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
