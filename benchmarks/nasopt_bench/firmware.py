@@ -6,10 +6,11 @@ Two models:
 - **MNIST-1D**: the whole pipeline, ``nasopt run`` of ``--mnist1d-config`` (default
   configs/mnist1d.toml: conv1d supernet, TPE search under 4 KB, distillation, QAT), exporting
   packed, ONNX int8 and C;
-- **Fashion-MNIST**: a small joint search of the mobilenet space (``--fashion-epochs`` supernet
-  epochs, ``--fashion-trials`` TPE trials, accuracy vs packed size under ``--fashion-budget``),
-  then ``nasopt export --trial best --format packed --format onnx-int8 --format c``: inherited
-  weights, not retrained.
+- **Fashion-MNIST**: a short pipeline, ``nasopt run configs/headline_fashion-mnist.toml`` with
+  ``--fashion-epochs`` supernet epochs, ``--fashion-trials`` TPE trials of the joint space (its
+  compression genes restricted to 4-8 bits, sparsity 0-0.5, ranks 0.5-1) under
+  ``--fashion-budget``, ``--fashion-distill-epochs`` of distillation and
+  ``--fashion-finetune-epochs`` of QAT, exporting packed, ONNX int8 and C.
 
 For each: the test accuracy of the packed float model (``nasopt.load``), of the int8 ONNX file
 (ONNX Runtime) and of the C model (NumPy reference, host gcc build on every test sample, QEMU
@@ -33,6 +34,7 @@ from nasopt_bench.report import LoadSampler, machine, table
 FLASH_TARGET = 8 * 1024
 RAM_TARGET = 2 * 1024
 ACC_TARGET = 0.95
+FASHION_CONFIG = "configs/headline_fashion-mnist.toml"
 #: the Fashion-MNIST search's compression genes: 4-8-bit weights, sparsity up to 0.5, ranks 0.5-1
 #: (a few trials over the full options mostly land on chance-level models)
 RESTRICT = ('{ "stem.bits" = [4, 6, 8], "s1.bits" = [4, 6, 8], "s2.bits" = [4, 6, 8], '
@@ -49,6 +51,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    help="override a value of that config, e.g. --mnist1d-set search.trials=50")
     q.add_argument("--fashion-epochs", type=int, default=3, help="supernet epochs (3)")
     q.add_argument("--fashion-trials", type=int, default=12, help="search trials (12)")
+    q.add_argument("--fashion-distill-epochs", type=int, default=3,
+                   help="distillation epochs (3)")
+    q.add_argument("--fashion-finetune-epochs", type=int, default=2, help="QAT epochs (2)")
     q.add_argument("--fashion-budget", default="32KB", help="size budget of the search (32KB)")
     q.add_argument("--emulator-samples", type=int, default=1000,
                    help="test samples run in the emulator (the first N; default 1000)")
@@ -61,7 +66,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> str:
     return (f"nasopt bench firmware --parts {args.parts} --mnist1d-config {args.mnist1d_config} "
             f"--fashion-epochs {args.fashion_epochs} --fashion-trials {args.fashion_trials} "
-            f"--fashion-budget {args.fashion_budget} --emulator-samples {args.emulator_samples} "
+            f"--fashion-budget {args.fashion_budget} --fashion-distill-epochs "
+            f"{args.fashion_distill_epochs} --fashion-finetune-epochs "
+            f"{args.fashion_finetune_epochs} --emulator-samples {args.emulator_samples} "
             f"--threads {args.threads} --run-dir {args.run_dir} --out {args.out}"
             + "".join(f" --mnist1d-set {v}" for v in args.mnist1d_set))
 
@@ -82,27 +89,30 @@ def _mnist1d_model(args: argparse.Namespace, root: Path, log) -> tuple[Path, str
 
 
 def _fashion_model(args: argparse.Namespace, root: Path, log) -> tuple[Path, str]:  # noqa: ANN001
-    from nasopt import api
+    from nasopt.pipeline import load_run_config, run
     folder = root / "fashion"
-    cfg = api.load_config(None, [
-        'data.dataset="fashion-mnist"', 'search.space="mobilenet"', 'search.strategy="tpe"',
-        f"search.trials={args.fashion_trials}", "search.seed=0", f"search.restrict={RESTRICT}",
-        f"search.budgets={{ size = {json.dumps(args.fashion_budget)} }}",
-        f"supernet.epochs={args.fashion_epochs}",
-        f"supernet.warmup_epochs={max(1, args.fashion_epochs // 3)}", "supernet.n_random=1",
-        "supernet.seed=0", f"run_dir={json.dumps(str(folder))}", 'device="cpu"'])
+    sets = ["search.strategy=\"tpe\"", f"search.trials={args.fashion_trials}", "search.seed=0",
+            f"search.restrict={RESTRICT}",
+            f"search.budgets={{ size = {json.dumps(args.fashion_budget)} }}",
+            f"supernet.epochs={args.fashion_epochs}",
+            f"supernet.warmup_epochs={max(1, args.fashion_epochs // 3)}", "supernet.n_random=1",
+            f"distill.epochs={args.fashion_distill_epochs}",
+            f"distill.patience={args.fashion_distill_epochs}",
+            f"finetune.epochs={args.fashion_finetune_epochs}",
+            f"finetune.patience={args.fashion_finetune_epochs}"]
+    cfg = load_run_config(FASHION_CONFIG, [
+        f"run_dir={json.dumps(str(folder))}", f"export.out={json.dumps(str(folder / 'model'))}",
+        'export.formats=["pytorch", "packed", "onnx-int8", "c"]', *sets])
     start = time.perf_counter()
-    outcome = api.search(cfg, show_progress=False, log=log)
-    out = api.export(outcome.study, "best", folder / "model",
-                     ("pytorch", "packed", "onnx-int8", "c"), force=True)
-    how = (f"a joint search of the mobilenet space (architecture + compression genes, the "
-           f"compression genes restricted to {RESTRICT}): "
-           f"supernet {args.fashion_epochs} epochs (sandwich rule, one random subnet), "
-           f"{args.fashion_trials} TPE trials (seed 0) of accuracy vs packed size under "
-           f"{args.fashion_budget}, then `nasopt export --trial best --format pytorch --format "
-           f"packed --format onnx-int8 --format c`: inherited supernet weights, BN recalibrated, "
-           f"not retrained; {time.perf_counter() - start:.0f} s")
-    return out, how
+    run(cfg, f"nasopt run {FASHION_CONFIG}", show_progress=False, log=log, force=True)
+    how = (f"`nasopt run {FASHION_CONFIG}` with "
+           + ", ".join(f"`{v}`" for v in sets)
+           + f" (run_dir and export.out under {folder}, export.formats pytorch, packed, "
+             f"onnx-int8, c): a short pipeline (supernet, a few TPE trials of the joint "
+             f"architecture + compression space, the compression genes restricted as shown "
+             f"(a few trials over the full options mostly land on chance-level models), pick, "
+             f"distillation, QAT); {time.perf_counter() - start:.0f} s")
+    return folder / "model", how
 
 
 def measure(folder: Path, emulator_samples: int, log) -> dict:  # noqa: ANN001

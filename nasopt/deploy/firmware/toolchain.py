@@ -242,7 +242,8 @@ def verify(folder: str | Path, x: np.ndarray, y: np.ndarray | None = None,
         if wrong:
             raise NasoptError(f"the Cortex-M4 build of {folder}/model.c printed {wrong} of {n} "
                               f"classes that differ from the host's and the reference's")
-        out.update(m4_samples=n, m4_equals_host=True, **m4.to_dict())
+        out.update({k: v for k, v in m4.to_dict().items() if k != "samples"},
+                   m4_samples=n, m4_equals_host=True)
         if y is not None:
             out["m4_accuracy"] = float((m4.classes == np.asarray(y)[:n]).mean())
     return out
