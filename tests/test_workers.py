@@ -59,7 +59,7 @@ def test_sigkill_in_supernet_training_and_mid_search_then_the_same_command_resum
     proc = start(tmp_path, *cmd)
     kill_when(proc, lambda: any(folder.glob("*.partial.pt")))
     proc.wait(timeout=60)
-    assert "training supernet conv1d (" in output(proc)[1]  # the user is told what runs
+    assert "training supernet conv1d: " in output(proc)[1]  # the user is told what runs
     partial = next(folder.glob("*.partial.pt"))
     epoch = torch_load_epoch(partial)
     assert not list(folder.glob("conv1d-????????????????.pt"))  # not finished
