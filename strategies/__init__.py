@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from nasopt.core.strategy import Strategy
 
-from nasopt.strategies import darts, evolution, gdas, nsga2, random_search, reinforce, staged, tpe
+from nasopt.strategies import (darts, evolution, gdas, nsga2, predictor, random_search, reinforce,
+                               staged, tpe)
 
 STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (
-    random_search, nsga2, tpe, evolution, reinforce, staged)}
+    random_search, nsga2, tpe, evolution, reinforce, staged, predictor)}
 GRADIENT_STRATEGIES: dict[str, Strategy] = {m.STRATEGY.name: m.STRATEGY for m in (darts, gdas)}
 
 from nasopt.strategies import nni  # noqa: E402  (after the samplers: it names no sampler)

@@ -7,7 +7,8 @@ child predicted furthest beyond the current Pareto front (:func:`margin`) is the
 The predictor is scikit-learn's extremely randomized trees (one forest per objective, and one for
 the constraint excess when a study has constraints), fitted to the study's completed trials;
 genes are encoded as their option's position (genes are ordinal: widths, depths, kernels, bits,
-sparsities, ranks). Objectives whose values are all positive (sizes, MACs, latency: they span
+sparsities, ranks); a surrogate made with ``categorical=True`` one-hot encodes the genes whose
+options are not all numbers (NAS-Bench-201's operations), which have no order. Objectives whose values are all positive (sizes, MACs, latency: they span
 orders of magnitude) are modelled and compared on a log scale.
 """
 from __future__ import annotations
@@ -31,17 +32,43 @@ TREES = 50
 REFIT = 10
 
 
-def encode(params: Mapping[str, Any], options: Mapping[str, Sequence[Any]]) -> list[float]:
-    """Each gene as its option's position, scaled to [0, 1]."""
-    return [list(opts).index(params[g]) / max(1, len(opts) - 1) for g, opts in options.items()]
+def encode(params: Mapping[str, Any], options: Mapping[str, Sequence[Any]],
+           categorical: frozenset[str] = frozenset()) -> list[float]:
+    """Each gene as its option's position, scaled to [0, 1]; the genes in ``categorical`` as one
+    column per option instead (1 for the arch's option, 0 for the others)."""
+    out: list[float] = []
+    for g, opts in options.items():
+        i = list(opts).index(params[g])
+        if g in categorical:
+            out.extend(float(j == i) for j in range(len(opts)))
+        else:
+            out.append(i / max(1, len(opts) - 1))
+    return out
+
+
+def unordered(options: Mapping[str, Sequence[Any]]) -> frozenset[str]:
+    """The genes whose options are not all numbers (no order to encode)."""
+    return frozenset(g for g, opts in options.items()
+                     if not all(isinstance(o, (int, float)) and not isinstance(o, bool)
+                                for o in opts))
 
 
 class Surrogate:
     """Forests predicting the minimized objectives (and the constraint excess) of an arch."""
 
-    def __init__(self, options: Mapping[str, Sequence[Any]], seed: int = 0):
+    def __init__(self, options: Mapping[str, Sequence[Any]], seed: int = 0,
+                 categorical: bool = False, refit: int = REFIT, signed: bool = False):
         self.options = dict(options)
         self.seed = seed
+        #: genes one-hot encoded (:func:`unordered`) when ``categorical``, else none
+        self.categorical = unordered(options) if categorical else frozenset()
+        #: the forests see the first multiple of ``refit`` completed trials
+        self.refit = refit
+        #: model each constraint's signed value (``value - limit``, as recorded) instead of the
+        #: clipped total excess: a candidate's trees then place the budget's boundary between
+        #: the trials on either side of it, not in leaves mixing both (see :meth:`breaking`)
+        self.signed = signed
+        self.limits: list[ExtraTreesRegressor] = []
         self.fitted_on: tuple[int, ...] = ()  # numbers of the trials the forests were fitted to
         self.logged = np.zeros(0, dtype=bool)
         self.floor = np.zeros(0)
@@ -55,17 +82,17 @@ class Surrogate:
         return out
 
     def fit(self, trials: Sequence[FrozenTrial], directions) -> None:
-        """Fit to the first multiple of :data:`REFIT` of ``trials`` (completed ones), unless
-        already fitted to those."""
+        """Fit to the first multiple of ``refit`` (:data:`REFIT` by default) of ``trials``
+        (completed ones), unless already fitted to those."""
         trials = sorted((t for t in trials  # a resumed study may hold options since restricted
                          if all(t.params.get(g) in o for g, o in self.options.items())),
                         key=lambda t: t.number)
-        trials = trials[:len(trials) // REFIT * REFIT]
+        trials = trials[:len(trials) // self.refit * self.refit]
         # keyed by the trials themselves: with several workers, trials finish out of order
         numbers = tuple(t.number for t in trials)
         if not trials or numbers == self.fitted_on:
             return
-        x = np.array([encode(t.params, self.options) for t in trials])
+        x = np.array([self.encode(t.params) for t in trials])
         y = minimized([t.values for t in trials], directions)
         self.logged = (y > 0).all(0)
         self.floor = y.min(0)  # log of a later non-positive value: clipped to the fitted range
@@ -75,6 +102,10 @@ class Surrogate:
         self.models = [forest().fit(x, y[:, k]) for k in range(y.shape[1])]
         excess = np.array([constraint_excess(t) for t in trials])
         self.excess = forest().fit(x, excess) if excess.any() else None
+        names = sorted({k for t in trials for k in (t.constraints or {})}) \
+            if self.signed and self.excess is not None else []
+        self.limits = [forest().fit(x, np.array([float((t.constraints or {}).get(k, 0.0))
+                                                 for t in trials])) for k in names]
         self.fitted_on = numbers
 
     @property
@@ -85,7 +116,31 @@ class Surrogate:
         """Predicted minimized objectives (on :meth:`transform`'s scale), one row per
         candidate, and the share of trees that predict a constraint excess (zeros without
         constraints)."""
-        return self.predict_encoded(np.array([encode(c, self.options) for c in candidates]))
+        return self.predict_encoded(np.array([self.encode(c) for c in candidates]))
+
+    def encode(self, params: Mapping[str, Any]) -> list[float]:
+        """``params`` as the forests' input row (:func:`encode`)."""
+        return encode(params, self.options, self.categorical)
+
+    def tree_predictions(self, x: np.ndarray) -> np.ndarray:
+        """Every tree's prediction of the modelled objectives for the encoded candidates ``x``:
+        shape (objectives, trees, candidates), on :meth:`transform`'s scale."""
+        x = np.ascontiguousarray(x, dtype=np.float32)  # the trees' own input type
+        return np.stack([np.stack([tree.predict(x, check_input=False) for tree in m.estimators_])
+                         for m in self.models])
+
+    def breaking(self, x: np.ndarray) -> np.ndarray:
+        """The share of the excess forest's trees that predict a constraint excess for each
+        encoded candidate (zeros without constraints)."""
+        if self.excess is None:
+            return np.zeros(len(x))
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.limits:  # a tree breaks the budgets where it predicts any value above 0
+            over = np.stack([np.stack([tree.predict(x, check_input=False) > 0
+                                       for tree in m.estimators_]) for m in self.limits])
+            return over.any(0).mean(0)
+        return np.mean([tree.predict(x, check_input=False) > 0
+                        for tree in self.excess.estimators_], 0)
 
     def predict_encoded(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`predict` of candidates already encoded (one row each, :func:`encode`)."""

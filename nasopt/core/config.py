@@ -133,7 +133,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     space: str = "conv1d"
-    strategy: str = "random"
+    strategy: str = "predictor"
     trials: int = 50  # total finished trials the study should hold
     timeout: float | None = None  # seconds for this invocation
     seed: int = 0

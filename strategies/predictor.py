@@ -1,0 +1,377 @@
+"""``predictor``: local search screened by a predictor (BANANAS / NASLib's local search /
+DyNAS-T's LINAS idea) for every space: architecture-only or joint, tabular or supernet, one or
+several objectives, with or without budgets.
+
+Each new arch is the best of ``CANDIDATES`` distinct proposals never evaluated in the study:
+
+- **proposals**: mutations (one gene, or two with probability 1/3; a numeric gene moves to a
+  neighbouring option half of the time, else to any other option) of a parent, with a share
+  ``RANDOM_SHARE`` of uniformly random archs. Parents are, with one objective, the ``PARENTS``
+  best trials (Deb's rule with budgets: feasible ones first, then the least excess); with
+  several objectives, the members of the Pareto front (of the feasible trials, when there are
+  budgets), half of the time from its leading part (``TOP_PART``, best by the first objective).
+- **budgets** (constraints recorded by ``trial.set_constraint``, as ``nasopt search --max-*``
+  does): with several objectives a share ``FOCUS`` of the new archs aims at the most accurate
+  *feasible* model: the parents are the ``PARENTS`` best feasible trials by the first objective
+  and the proposals are ranked by the predicted first objective, so the front's member nearest
+  the budget keeps being improved while the rest of the front is spread.
+- **predictor** (``strategies/surrogate.py``): extremely randomized trees, one forest per
+  objective and one for the constraint excess, fitted to the completed trials; genes whose
+  options are not numbers (NAS-Bench-201's operations) are one-hot encoded. Each ask scores the
+  proposals with the mean of a random ``SAMPLE_TREES`` of the trees (a Thompson-like draw, so
+  close calls are not always settled the same way): with one objective (and in the ``FOCUS``
+  asks) the predicted value, with several the margin beyond the current front
+  (``surrogate.margin``); proposals most trees predict over a budget come last.
+- the first ``INITIAL`` archs are uniformly random.
+
+Cost: the forests are refitted on a schedule, not at every ask: to the first ``INITIAL`` trials,
+then each time the completed trials have grown by ``max(REFIT, 10 %)`` (a 10,000-trial search
+refits about 50 times); the parents (the best trials, the front) are merged incrementally from
+the trials completed since the last ask. State is a function of the study's trials alone
+(the schedule fixes which trials a forest sees), so a resumed study continues and a seed
+reproduces a search.
+
+Settings (``INITIAL``, ``CANDIDATES``, ``PARENTS``, ``SAMPLE_TREES``, ``REFIT``) were chosen
+between a few designs on NAS-Bench-201 (``nasopt bench strategies --part nb201``) and checked on
+the MNIST-1D supernet space (``--part mnist1d``) and the budgets of ``nasopt bench budget``;
+results/strategies.md says how.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
+
+from nasopt.core.pareto import minimized, nondominated_mask
+from nasopt.core.space import SearchSpace
+from nasopt.core.strategy import GeneSampler, Strategy
+from nasopt.search.study import constraint_excess
+
+from nasopt.strategies.staged import StagedSampler
+from nasopt.strategies.surrogate import Surrogate, margin
+
+INITIAL = 20
+CANDIDATES = 100
+PARENTS = 10
+RANDOM_SHARE = 0.1
+TOP_PART = 0.25
+FOCUS = 0.5
+TREES = 50
+SAMPLE_TREES = 10
+REFIT = 5
+EXPLORE = 0.35
+SHIFT_AND_GROW = 0.3
+
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+
+
+def fitted_count(n: int, initial: int = INITIAL, refit: int = REFIT) -> int:
+    """How many of ``n`` completed trials (the first, by number) the forests see: the largest
+    point <= ``n`` of the schedule ``initial``, then steps of ``max(refit, 10 %)``; 0 below
+    ``initial``."""
+    point = max(1, initial)
+    if n < point:
+        return 0
+    while True:
+        nxt = point + max(refit, point // 10)
+        if nxt > n:
+            return point
+        point = nxt
+
+
+def _key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+class _Elite:
+    """The parents, merged incrementally from completed trials: the ``size`` best by the first
+    objective (Deb's rule: feasible first, then least excess; ties by trial number), and, with
+    several objectives, the front of the feasible trials (or the least infeasible ones while
+    none is feasible). A function of the set of merged trials, whatever order they came in."""
+
+    def __init__(self, directions, size: int, multi: bool):
+        self.sign = 1.0 if directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+        self.directions = directions
+        self.size = size
+        self.multi = multi
+        self.merged: set[int] = set()
+        self.best: list[tuple] = []  # (infeasible, excess, minimized first objective, number, t)
+        self.feasible_best: list[tuple] = []
+        self.front: list[FrozenTrial] = []  # feasible front, by number
+        self.least: list[FrozenTrial] = []  # the least infeasible trials (while none feasible)
+        self.least_excess = np.inf
+        self.feasible_seen = False
+
+    def merge(self, trials: Sequence[FrozenTrial]) -> None:
+        new = [t for t in trials if t.number not in self.merged]
+        if not new:
+            return
+        self.merged.update(t.number for t in new)
+        rows = []
+        for t in new:
+            excess = constraint_excess(t)
+            rows.append((excess > 0, excess, self.sign * t.values[0], t.number, t))
+        self.best = sorted(self.best + rows, key=lambda r: r[:4])[:self.size]
+        self.feasible_best = sorted(self.feasible_best + [r for r in rows if not r[0]],
+                                    key=lambda r: r[:4])[:self.size]
+        if not self.multi:
+            return
+        feasible = [r[4] for r in rows if not r[0]]
+        if feasible:
+            self.feasible_seen = True
+            pool = self.front + feasible
+            keep = nondominated_mask(minimized([t.values for t in pool], self.directions))
+            self.front = sorted((t for t, k in zip(pool, keep) if k), key=lambda t: t.number)
+            self.least = []
+        elif not self.feasible_seen:
+            for r in rows:
+                if r[1] < self.least_excess:
+                    self.least_excess, self.least = r[1], [r[4]]
+                elif r[1] == self.least_excess:
+                    self.least = sorted(self.least + [r[4]], key=lambda t: t.number)
+
+    def parents(self) -> list[FrozenTrial]:
+        """One objective: the best trials; several: the front (or the least infeasible)."""
+        if not self.multi:
+            return [r[4] for r in self.best]
+        return self.front if self.front else self.least
+
+    def feasible(self) -> list[FrozenTrial]:
+        """The best feasible trials by the first objective (empty while none is feasible)."""
+        return [r[4] for r in self.feasible_best]
+
+
+class PredictorSampler(GeneSampler):
+    """Predictor-screened local search over the categorical parameters (see the module doc)."""
+
+    def __init__(self, space: SearchSpace | None = None, seed: int | None = None,
+                 initial: int = INITIAL,
+                 candidates: int = CANDIDATES, parents: int = PARENTS,
+                 sample_trees: int = SAMPLE_TREES, refit: int = REFIT, focus: float = FOCUS,
+                 explore: float = EXPLORE):
+        super().__init__(seed)
+        self.seed = seed or 0
+        self.initial = max(1, initial)
+        self.candidates = max(1, candidates)
+        self.n_parents = max(1, parents)
+        self.sample_trees = sample_trees
+        self.refit = max(1, refit)
+        self.focus = focus
+        self.explore = explore
+        self._surrogate: Surrogate | None = None
+        self._elite: _Elite | None = None
+        self._elite_for: tuple | None = None
+        self._seen: dict[int, tuple] = {}  # finished trials' params keys, by number
+        #: joint spaces (compression genes), several objectives: the asks that do not aim at
+        #: the best feasible model are staged's (architecture first, then compression moves)
+        self._staged = (StagedSampler(space, seed=seed)
+                        if space is not None and space.compression_genes() else None)
+
+    def plan(self, trials: int) -> None:
+        """Called by the search loop with the number of completed trials the study will hold."""
+        if self._staged is not None:
+            self._staged.plan(trials)
+
+    # -- state rebuilt from the study ---------------------------------------------------------
+    def _state(self, study: Study, choices: dict[str, list]):  # noqa: ANN202
+        trials = study.get_trials(deepcopy=False)
+        directions = study.directions
+        key = (id(study._storage), study._study_id, tuple(directions))
+        if self._elite is None or self._elite_for != key:
+            self._elite = _Elite(directions, self.n_parents, len(directions) > 1)
+            self._elite_for = key
+            self._seen = {}
+        done, busy = [], set()
+        for t in trials:
+            if t.state == TrialState.COMPLETE:
+                done.append(t)
+            if t.state in FINISHED:
+                if t.number not in self._seen and t.params:
+                    self._seen[t.number] = _key(t.params)
+            elif t.params:  # running elsewhere: not proposed again
+                busy.add(_key(t.params))
+        # the parents must hold options of this space (a resumed study may have been wider)
+        self._elite.merge([t for t in done if all(t.params.get(g) in c
+                                                  for g, c in choices.items())])
+        return done, busy
+
+    def _model(self, done: list[FrozenTrial], choices: dict[str, list], directions
+               ) -> Surrogate | None:
+        if self._surrogate is None or self._surrogate.options != choices:
+            self._surrogate = Surrogate(choices, seed=self.seed, categorical=True, refit=1,
+                                        signed=True)
+        usable = sorted((t for t in done if all(t.params.get(g) in c for g, c in choices.items())),
+                        key=lambda t: t.number)
+        count = fitted_count(len(usable), self.initial, self.refit)
+        if count:
+            self._surrogate.fit(usable[:count], directions)
+        return self._surrogate if self._surrogate.ready else None
+
+    def _architecture_phase(self, done: list[FrozenTrial]) -> bool:
+        """Joint spaces with a known budget of trials: staged's architecture phase (its asks
+        are all staged's: the best feasible model is sought among the archs it finds)."""
+        staged = self._staged
+        return (staged is not None and staged.budget is not None
+                and len(done) < staged.arch_share * staged.budget)
+
+    # -- the ask ------------------------------------------------------------------------------
+    def sample_relative(self, study: Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        choices = {n: list(d.choices) for n, d in search_space.items()}  # type: ignore[attr-defined]
+        done, busy = self._state(study, choices)
+        if len(done) < self.initial:
+            return {}  # random (sample_independent)
+        elite = self._elite
+        assert elite is not None
+        directions = study.directions
+        constrained = any(t.constraints for t in done[-1:]) or any(
+            t.constraints for t in elite.parents())
+        focus = (elite.multi and constrained and bool(elite.feasible())
+                 and self._rng.rand() < self.focus and not self._architecture_phase(done))
+        if elite.multi and self._staged is not None and not focus:
+            return self._staged.sample_relative(study, trial, search_space)
+        if focus:
+            parents = elite.feasible()
+        else:
+            parents = elite.parents()
+            if elite.multi and parents and self._rng.rand() < 0.5:
+                order = sorted(parents, key=lambda t: (elite.sign * t.values[0], t.number))
+                parents = order[:max(1, int(np.ceil(TOP_PART * len(order))))]
+        seen = set(self._seen.values()) | busy
+        if parents and self._rng.rand() < self.explore:
+            child = self._neighbour(parents[0] if len(directions) == 1 or focus
+                                    else parents[self._rng.randint(len(parents))],
+                                    choices, seen)
+            if child is not None:
+                return child
+        if focus and self._staged is not None:
+            proposals = self._staged_proposals(done, parents, choices, seen, directions)
+        else:
+            proposals = self._propose(parents, choices, seen)
+        if not proposals:  # every proposal a repeat (a tiny space): a random arch
+            return {n: c[self._rng.randint(len(c))] for n, c in choices.items()}
+        model = self._model(done, choices, directions)
+        if model is None or len(proposals) == 1:
+            return proposals[0]
+        x = np.array([model.encode(p) for p in proposals])
+        trees = model.tree_predictions(x)  # (objectives, trees, proposals)
+        if 0 < self.sample_trees < trees.shape[1]:
+            pick = self._rng.choice(trees.shape[1], self.sample_trees, replace=False)
+            trees = trees[:, pick]
+        points = trees.mean(1).T  # (proposals, objectives), minimized, model scale
+        breaking = model.breaking(x)
+        if len(directions) == 1 or focus:
+            score = -points[:, 0]
+        else:
+            front = elite.parents()
+            score = margin(points, model.transform(minimized([t.values for t in front],
+                                                             directions)))
+        score = np.where(breaking < 0.5, score, -1e9 - breaking)
+        return proposals[int(np.argmax(score))]
+
+    def _staged_proposals(self, done: list[FrozenTrial], parents: list[FrozenTrial],
+                          choices: dict[str, list], seen: set, directions
+                          ) -> list[dict[str, Any]]:
+        """Up to ``candidates`` distinct archs not in ``seen`` made by staged's
+        compression-phase moves (architecture moves at the parent's compression, bit-width
+        shifts, compression steps) from ``parents``."""
+        staged = self._staged
+        assert staged is not None
+        out, keys = [], set()
+        pools: list = []  # staged's NSGA-II pool, built once if its architecture phase asks
+
+        def pool():  # noqa: ANN202
+            if not pools:
+                pools.append(staged._pool(done, directions))
+            return pools[0]
+
+        bits = [g for g in staged.compression if g.endswith(".bits") and len(choices.get(g, ())) > 1]
+        architecture = [g for g in staged.architecture if g in choices]
+        for _ in range(3 * self.candidates):
+            if bits and architecture and self._rng.rand() < SHIFT_AND_GROW:
+                # a compound move: every bit-width a step lower, then one or two architecture
+                # genes changed, so the budget freed by the bits can buy a larger network (each
+                # move alone loses accuracy: neither would make a parent)
+                parent = parents[self._rng.randint(len(parents))].params
+                child = {n: parent[n] for n in choices}
+                staged._shift(child, bits, choices)
+                staged._mutate(child, architecture, choices)
+            else:
+                child = staged._propose(done, parents, parents, pool, choices)
+            key = _key(child)
+            if key in seen or key in keys:
+                continue
+            keys.add(key)
+            out.append(child)
+            if len(out) >= self.candidates:
+                break
+        return out
+
+    def _neighbour(self, parent: FrozenTrial, choices: dict[str, list], seen: set
+                   ) -> dict[str, Any] | None:
+        """A random one-gene neighbour of ``parent`` not in ``seen`` (None: all are)."""
+        options = []
+        for gene, values in choices.items():
+            for v in values:
+                if v != parent.params[gene]:
+                    child = {**{n: parent.params[n] for n in choices}, gene: v}
+                    if _key(child) not in seen:
+                        options.append(child)
+        return options[self._rng.randint(len(options))] if options else None
+
+    def _propose(self, parents: list[FrozenTrial], choices: dict[str, list], seen: set
+                 ) -> list[dict[str, Any]]:
+        """Up to ``candidates`` distinct archs not in ``seen``: mutants of ``parents`` and a
+        share of random ones."""
+        out: list[dict[str, Any]] = []
+        keys: set[tuple] = set()
+        names = list(choices)
+        mutable = [n for n in names if len(choices[n]) > 1]
+        for _ in range(3 * self.candidates):
+            if not parents or not mutable or self._rng.rand() < RANDOM_SHARE:
+                child = {n: c[self._rng.randint(len(c))] for n, c in choices.items()}
+            else:
+                parent = parents[self._rng.randint(len(parents))].params
+                child = {n: parent[n] for n in names}
+                self._mutate(child, mutable, choices)
+            key = _key(child)
+            if key in seen or key in keys:
+                continue
+            keys.add(key)
+            out.append(child)
+            if len(out) >= self.candidates:
+                break
+        return out
+
+    def _mutate(self, child: dict[str, Any], mutable: list[str], choices: dict[str, list]
+                ) -> None:
+        count = min(len(mutable), 1 + (self._rng.rand() < 1 / 3))
+        for j in self._rng.choice(len(mutable), count, replace=False):
+            gene = mutable[j]
+            options = choices[gene]
+            i = options.index(child[gene])
+            numeric = all(isinstance(o, (int, float)) and not isinstance(o, bool)
+                          for o in options)
+            if numeric and self._rng.rand() < 0.5:
+                near = [k for k in (i - 1, i + 1) if 0 <= k < len(options)]
+                child[gene] = options[near[self._rng.randint(len(near))]]
+            else:
+                others = [o for k, o in enumerate(options) if k != i]
+                child[gene] = others[self._rng.randint(len(others))]
+
+
+def _make(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    return PredictorSampler(space, seed=seed)
+
+
+STRATEGY = Strategy("predictor", f"local search screened by a predictor: each arch the best of "
+                    f"{CANDIDATES} mutants of the best trials / front by extremely randomized "
+                    f"trees fitted to the study; with budgets, a share aimed at the most "
+                    f"accurate feasible model; every space", _make)
