@@ -115,6 +115,11 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
                         "per inference (writes results/firmware.md)")
     from .firmware import add_arguments as add_firmware_arguments
     add_firmware_arguments(q)
+    q = bsub.add_parser("budget", help="the most accurate model under a size budget and the "
+                        "hypervolume, our strategies vs NNI's RegularizedEvolution on the MNIST-1D "
+                        "joint space (writes results/budget.md)")
+    from .budget import add_arguments as add_budget_arguments
+    add_budget_arguments(q)
     q = bsub.add_parser("first-trial", help="time from nasopt search to its first completed "
                         "trial (digits, MNIST-1D, Fashion-MNIST; the default recipe beside the "
                         "old one) and evaluation archs/s (writes results/first_trial.md)")
