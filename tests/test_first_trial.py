@@ -21,10 +21,10 @@ from nasopt.supernet.elastic import depthwise_dense, supernet_key, train_superne
 # --------------------------------------------------------------------------------------------
 # the recipe's length
 @pytest.mark.parametrize("n_train, epochs, warmup", [
-    (1222, DEFAULT_EPOCHS, 8),    # digits: 10 steps an epoch, 400 steps
-    (3400, DEFAULT_EPOCHS, 8),    # MNIST-1D: 27 steps an epoch, 1,080 steps
-    (51000, MAX_STEPS // 399, 2),  # Fashion-MNIST: capped at MAX_STEPS (10 epochs, 3,990)
-    (442, 75, 15),                 # diabetes: raised to MIN_STEPS (4 steps an epoch)
+    (1222, DEFAULT_EPOCHS, 20),    # digits: 10 steps an epoch, 1,000 steps
+    (3400, DEFAULT_EPOCHS, 20),    # MNIST-1D: 27 steps an epoch, 2,700 steps
+    (51000, MAX_STEPS // 399, 3),  # Fashion-MNIST: capped at MAX_STEPS (15 epochs, 5,985)
+    (200, 150, 30),                # a tiny set: raised to MIN_STEPS (2 steps an epoch)
 ])
 def test_default_recipe_is_sized_by_the_training_set(n_train, epochs, warmup):
     r = SupernetConfig().resolve(n_train)
@@ -84,13 +84,18 @@ def test_cache_key_follows_the_resolved_recipe(datasets):
     # the key of the recipe that was the default (100 epochs) is what it was before the recipe
     # could be sized by the data: its checkpoints are still found by configs that name it
     assert supernet_key(space, "fingerprint", old_default) == "5d9c4fd534d0bc7b"
-    assert key(SupernetConfig()) != key(old_default)  # the new default never reuses it
-    assert key(SupernetConfig()) == key(SupernetConfig(epochs=DEFAULT_EPOCHS))
+    # the default on MNIST-1D is that recipe (100 epochs, 20 warmup): the same checkpoint
+    assert key(SupernetConfig()) == key(old_default)
+    # on a set large enough to be capped it is another recipe: it never finds a 100-epoch one
+    big = 60000
+    assert supernet_key(space, "fp", SupernetConfig(), big) != \
+        supernet_key(space, "fp", old_default, big)
     assert key(SupernetConfig(steps=2700)) == key(old_default)  # the same 100 epochs
     assert key(SupernetConfig(steps=2701)) != key(old_default)  # 101 epochs
     assert key(SupernetConfig(epochs=100, warmup_epochs=10)) != key(old_default)
     # the same default recipe on another training-set size is another length, another key
     assert supernet_key(space, data.fingerprint, SupernetConfig(), 60000) != key(SupernetConfig())
+    assert key(SupernetConfig(steps=1080)) != key(old_default)  # 40 epochs
     with pytest.raises(TypeError, match="n_train"):
         supernet_key(space, data.fingerprint, SupernetConfig())
 
