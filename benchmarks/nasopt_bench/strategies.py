@@ -153,7 +153,7 @@ def _report(args, names, curves, budget_curves, distinct, seconds, budget, optim
     default = SearchConfig().strategy
     if default in final:
         m = float(np.mean(final[default]))
-        targets.append([f"default strategy (`{default}`), mean best", f">= {DEFAULT_TARGET}",
+        targets.append([f"default strategy (`{default}`), mean best", f">= {DEFAULT_TARGET:.2f}",
                         f"{m:.2f} ± {se(final[default]):.2f} s.e.",
                         _verdict(m >= DEFAULT_TARGET)])
     if "random" in final:
