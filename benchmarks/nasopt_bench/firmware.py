@@ -55,8 +55,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    help="distillation epochs (3)")
     q.add_argument("--fashion-finetune-epochs", type=int, default=2, help="QAT epochs (2)")
     q.add_argument("--fashion-budget", default="32KB", help="size budget of the search (32KB)")
-    q.add_argument("--emulator-samples", type=int, default=1000,
-                   help="test samples run in the emulator (the first N; default 1000)")
+    q.add_argument("--emulator-samples", type=int, default=0,
+                   help="test samples run in the emulator: the first N (default 0: all)")
     q.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     q.add_argument("--run-dir", default="runs/firmware",
                    help="studies, supernets and export folders")
@@ -154,7 +154,7 @@ def measure(folder: Path, emulator_samples: int, log) -> dict:  # noqa: ANN001
     log(f"{folder}: host and emulator runs")
     start = time.perf_counter()
     checked = toolchain.verify(folder, x_test, y_test, emulator=True,
-                               emulator_samples=emulator_samples, timeout=1800)
+                               emulator_samples=emulator_samples or None, timeout=3600)
     verify_s = time.perf_counter() - start
     ref_test = reference.predict(plan, x_test)
     space, _, net, _ = reference.read_packed(folder / "model.packed", api.SPACES)
