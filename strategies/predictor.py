@@ -53,7 +53,7 @@ from nasopt.core.strategy import GeneSampler, Strategy
 from nasopt.search.study import constraint_excess
 
 from nasopt.strategies.staged import StagedSampler
-from nasopt.strategies.surrogate import Surrogate, margin
+from nasopt.strategies.surrogate import Surrogate, margin, unordered
 
 INITIAL = 20
 CANDIDATES = 100
@@ -107,8 +107,8 @@ class _Elite:
         self.least_excess = np.inf
         self.feasible_seen = False
 
-    def merge(self, trials: Sequence[FrozenTrial]) -> None:
-        new = [t for t in trials if t.number not in self.merged]
+    def merge(self, new: Sequence[FrozenTrial]) -> None:
+        """Add the completed trials ``new`` (not merged before)."""
         if not new:
             return
         self.merged.update(t.number for t in new)
@@ -167,6 +167,8 @@ class PredictorSampler(GeneSampler):
         self._elite: _Elite | None = None
         self._elite_for: tuple | None = None
         self._seen: dict[int, tuple] = {}  # finished trials' params keys, by number
+        self._seen_keys: set[tuple] = set()
+        self._fitted_count = 0
         #: joint spaces (compression genes), several objectives: the asks that do not aim at
         #: the best feasible model are staged's (architecture first, then compression moves)
         self._staged = (StagedSampler(space, seed=seed)
@@ -181,23 +183,29 @@ class PredictorSampler(GeneSampler):
     def _state(self, study: Study, choices: dict[str, list]):  # noqa: ANN202
         trials = study.get_trials(deepcopy=False)
         directions = study.directions
-        key = (id(study._storage), study._study_id, tuple(directions))
+        key = (id(study._storage), study._study_id, tuple(directions),
+               tuple((n, tuple(c)) for n, c in choices.items()))
         if self._elite is None or self._elite_for != key:
             self._elite = _Elite(directions, self.n_parents, len(directions) > 1)
             self._elite_for = key
-            self._seen = {}
-        done, busy = [], set()
+            self._seen, self._seen_keys = {}, set()
+            self._fitted_count = 0
+        done, busy, new = [], set(), []
         for t in trials:
             if t.state == TrialState.COMPLETE:
                 done.append(t)
+                if t.number not in self._elite.merged:
+                    new.append(t)
             if t.state in FINISHED:
                 if t.number not in self._seen and t.params:
                     self._seen[t.number] = _key(t.params)
+                    self._seen_keys.add(self._seen[t.number])
             elif t.params:  # running elsewhere: not proposed again
                 busy.add(_key(t.params))
         # the parents must hold options of this space (a resumed study may have been wider)
-        self._elite.merge([t for t in done if all(t.params.get(g) in c
-                                                  for g, c in choices.items())])
+        self._elite.merged.update(t.number for t in new)
+        self._elite.merge([t for t in new if all(t.params.get(g) in c
+                                                 for g, c in choices.items())])
         return done, busy
 
     def _model(self, done: list[FrozenTrial], choices: dict[str, list], directions
@@ -205,11 +213,13 @@ class PredictorSampler(GeneSampler):
         if self._surrogate is None or self._surrogate.options != choices:
             self._surrogate = Surrogate(choices, seed=self.seed, categorical=True, refit=1,
                                         signed=True)
-        usable = sorted((t for t in done if all(t.params.get(g) in c for g, c in choices.items())),
-                        key=lambda t: t.number)
-        count = fitted_count(len(usable), self.initial, self.refit)
-        if count:
-            self._surrogate.fit(usable[:count], directions)
+            self._fitted_count = 0
+        # the first ``count`` completed trials by number (those with options of this space)
+        count = fitted_count(len(done), self.initial, self.refit)
+        if count and count != self._fitted_count:
+            first = sorted(done, key=lambda t: t.number)[:count]
+            self._surrogate.fit(first, directions)  # it drops trials with other options
+            self._fitted_count = count
         return self._surrogate if self._surrogate.ready else None
 
     def _architecture_phase(self, done: list[FrozenTrial]) -> bool:
@@ -244,7 +254,7 @@ class PredictorSampler(GeneSampler):
             if elite.multi and parents and self._rng.rand() < 0.5:
                 order = sorted(parents, key=lambda t: (elite.sign * t.values[0], t.number))
                 parents = order[:max(1, int(np.ceil(TOP_PART * len(order))))]
-        seen = set(self._seen.values()) | busy
+        seen = self._seen_keys | busy if busy else self._seen_keys
         if parents and self._rng.rand() < self.explore:
             child = self._neighbour(parents[0] if len(directions) == 1 or focus
                                     else parents[self._rng.randint(len(parents))],
@@ -334,13 +344,14 @@ class PredictorSampler(GeneSampler):
         keys: set[tuple] = set()
         names = list(choices)
         mutable = [n for n in names if len(choices[n]) > 1]
+        ordered = {n for n in mutable if n not in unordered({n: choices[n]})}
         for _ in range(3 * self.candidates):
             if not parents or not mutable or self._rng.rand() < RANDOM_SHARE:
                 child = {n: c[self._rng.randint(len(c))] for n, c in choices.items()}
             else:
                 parent = parents[self._rng.randint(len(parents))].params
                 child = {n: parent[n] for n in names}
-                self._mutate(child, mutable, choices)
+                self._mutate(child, mutable, choices, ordered)
             key = _key(child)
             if key in seen or key in keys:
                 continue
@@ -350,16 +361,14 @@ class PredictorSampler(GeneSampler):
                 break
         return out
 
-    def _mutate(self, child: dict[str, Any], mutable: list[str], choices: dict[str, list]
-                ) -> None:
+    def _mutate(self, child: dict[str, Any], mutable: list[str], choices: dict[str, list],
+                ordered: set[str]) -> None:
         count = min(len(mutable), 1 + (self._rng.rand() < 1 / 3))
         for j in self._rng.choice(len(mutable), count, replace=False):
             gene = mutable[j]
             options = choices[gene]
             i = options.index(child[gene])
-            numeric = all(isinstance(o, (int, float)) and not isinstance(o, bool)
-                          for o in options)
-            if numeric and self._rng.rand() < 0.5:
+            if gene in ordered and self._rng.rand() < 0.5:
                 near = [k for k in (i - 1, i + 1) if 0 <= k < len(options)]
                 child[gene] = options[near[self._rng.randint(len(near))]]
             else:
