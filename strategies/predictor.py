@@ -10,13 +10,24 @@ Each new arch is the best of ``CANDIDATES`` distinct proposals never evaluated i
   best trials (Deb's rule with budgets: feasible ones first, then the least excess); with
   several objectives, the members of the Pareto front (of the feasible trials, when there are
   budgets), half of the time from its leading part (``TOP_PART``, best by the first objective).
+- **exploration**: a share ``EXPLORE`` of the asks skips the screen and evaluates a random
+  one-gene neighbour, not yet evaluated, of the best trial (several objectives: of a random
+  parent), so a neighbour the predictor underrates is still tried (on NAS-Bench-201 the
+  all-3x3-convolution cell, 93.76 %, has a neighbour at 94.36 % that the screen kept missing).
+- **joint spaces, several objectives** (a space with compression genes): the asks that do not
+  aim at a budget are ``staged``'s (``strategies/staged.py``: architecture moves at int8, then
+  architecture and compression moves around the front), which leads on hypervolume there.
 - **budgets** (constraints recorded by ``trial.set_constraint``, as ``nasopt search --max-*``
-  does): with several objectives a share ``FOCUS`` of the new archs aims at the most accurate
-  *feasible* model: the parents are the ``PARENTS`` best feasible trials by the first objective
-  and the proposals are ranked by the predicted first objective, so the front's member nearest
-  the budget keeps being improved while the rest of the front is spread.
+  does): with several objectives a share ``FOCUS`` of the asks (on joint spaces, after
+  ``staged``'s architecture phase) aims at the most accurate *feasible* model: the parents are
+  the ``PARENTS`` best feasible trials by the first objective, the proposals (on joint spaces
+  ``staged``'s compression-phase moves, and in a share ``SHIFT_AND_GROW`` every bit-width a
+  step lower and then one or two architecture genes changed: each move alone loses accuracy,
+  so neither would become a parent) are ranked by the predicted first objective, so the
+  front's member nearest the budget keeps being improved while the rest of the front is spread.
 - **predictor** (``strategies/surrogate.py``): extremely randomized trees, one forest per
-  objective and one for the constraint excess, fitted to the completed trials; genes whose
+  objective and one per constraint (its signed value, so the trees place the budget's boundary
+  between the trials on either side of it), fitted to the completed trials; genes whose
   options are not numbers (NAS-Bench-201's operations) are one-hot encoded. Each ask scores the
   proposals with the mean of a random ``SAMPLE_TREES`` of the trees (a Thompson-like draw, so
   close calls are not always settled the same way): with one objective (and in the ``FOCUS``
@@ -31,10 +42,11 @@ the trials completed since the last ask. State is a function of the study's tria
 (the schedule fixes which trials a forest sees), so a resumed study continues and a seed
 reproduces a search.
 
-Settings (``INITIAL``, ``CANDIDATES``, ``PARENTS``, ``SAMPLE_TREES``, ``REFIT``) were chosen
-between a few designs on NAS-Bench-201 (``nasopt bench strategies --part nb201``) and checked on
-the MNIST-1D supernet space (``--part mnist1d``) and the budgets of ``nasopt bench budget``;
-results/strategies.md says how.
+Settings: ``INITIAL`` and ``EXPLORE`` were chosen between a few variants on NAS-Bench-201
+(``nasopt bench strategies --part nb201``; results/strategies.md says which and how); the
+budget design (``FOCUS`` after the architecture phase, ``staged``'s moves and the compound
+move, signed constraint forests) between a few variants at 300 evaluations under 2 KB and 4 KB
+on MNIST-1D, seeds 0-4 (the seeds ``nasopt bench budget`` reports: results/budget.md).
 """
 from __future__ import annotations
 
