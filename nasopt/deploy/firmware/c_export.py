@@ -189,8 +189,7 @@ void nasopt_logits(const float *x, int32_t *out);
              '#include "model.h"\n#include <stddef.h>\n\n',
              "".join(f"#define {u}\n" for u in uses), f"#define NQ_MAX_ROW {max_row}\n\n",
              kernels, "\n"]
-    calls = [f"    nq_input(x, arena + {offsets[0]}, NASOPT_INPUT_SIZE, {_float(inp['a'])}, "
-             f"{_float(inp['c'])});"]
+    steps = []  # (kernel, layer record, x, x2, y)
     for i, op in enumerate(ops):
         comment = f"/* op {i}: {op['op']} {op.get('layer', op.get('name', ''))} */\n"
         if op["op"] == "conv":
@@ -210,36 +209,46 @@ void nasopt_logits(const float *x, int32_t *out);
                       w_in, h_out, w_out, tensors[op["in"]]["zp"], zp_out, op["act_min"],
                       op["act_max"], op["bits"], int(op["logits"])]
             parts.append(f"static const nq_conv_t L{i} = {{{', '.join(map(str, fields))}}};\n\n")
-            dst = "out" if op["logits"] else f"arena + {offsets[op['out']]}"
-            calls.append(f"    {EMIT_KINDS[kernel_of(op)]}(arena + {offsets[op['in']]}, {dst}, "
-                         f"&L{i});")
+            steps.append((EMIT_KINDS[kernel_of(op)], f"&L{i}", offsets[op["in"]], 0,
+                          "NQ_LOGITS" if op["logits"] else offsets[op["out"]]))
         elif op["op"] == "add":
             ta, tb, to = (tensors[op[k]] for k in ("a", "b", "out"))
             fields = [to["bytes"], ta["zp"], tb["zp"], to["zp"], op["mult_a"], op["mult_b"],
                       op["shift"], op["act_min"], op["act_max"]]
             parts.append(comment + f"static const nq_add_t L{i} = "
                                    f"{{{', '.join(map(str, fields))}}};\n\n")
-            calls.append(f"    nq_add(arena + {offsets[op['a']]}, arena + {offsets[op['b']]}, "
-                         f"arena + {offsets[op['out']]}, &L{i});")
+            steps.append(("nq_add", f"&L{i}", offsets[op["a"]], offsets[op["b"]],
+                          offsets[op["out"]]))
         else:
             fields = [op["channels"], op["spatial"], tensors[op["in"]]["zp"],
                       tensors[op["out"]]["zp"], op["mult"], op["shift"]]
             parts.append(comment + f"static const nq_mean_t L{i} = "
                                    f"{{{', '.join(map(str, fields))}}};\n\n")
-            calls.append(f"    nq_mean(arena + {offsets[op['in']]}, arena + "
-                         f"{offsets[op['out']]}, &L{i});")
+            steps.append(("nq_mean", f"&L{i}", offsets[op["in"]], 0, offsets[op["out"]]))
     if not ops or not ops[-1].get("logits"):
         raise NasoptError("the C export needs the last op to write the logits")
-    parts.append("static int8_t arena[NASOPT_ARENA_BYTES];\n\n"
-                 "void nasopt_logits(const float *x, int32_t *out)\n{\n"
-                 + "\n".join(calls) + "\n}\n\n"
-                 "int nasopt_predict(const float *x)\n{\n"
-                 "    int32_t logits[NASOPT_NUM_CLASSES];\n    int i, best = 0;\n"
-                 "    nasopt_logits(x, logits);\n"
-                 "    for (i = 1; i < NASOPT_NUM_CLASSES; i++)\n"
-                 "        if (logits[i] > logits[best])\n            best = i;\n"
-                 "    return best;\n}\n")
+    rows = [f"    {{{run}, {layer}, {a}, {b}, {y}}}," for run, layer, a, b, y in steps]
+    parts.append(f"static const nq_input_t nq_in = {{{_float(inp['a'])}, {_float(inp['c'])}, "
+                 f"NASOPT_INPUT_SIZE, {offsets[0]}, NASOPT_NUM_CLASSES}};\n"
+                 f"static const nq_step_t nq_steps[{len(steps) + 1}] = {{\n" + "\n".join(rows)
+                 + "\n    {NULL, NULL, 0, 0, 0}\n};\n\n" + GLUE)
     return {HEADER: header, SOURCE: "".join(parts)}
+
+
+#: the model's entry points (their code does not depend on the model: see kernels.c)
+GLUE = """static int8_t arena[NASOPT_ARENA_BYTES];
+static int32_t nq_logits[NASOPT_NUM_CLASSES];
+
+void nasopt_logits(const float *x, int32_t *out)
+{
+    (void)nq_predict(&nq_in, nq_steps, x, out, arena);
+}
+
+int nasopt_predict(const float *x)
+{
+    return nq_predict(&nq_in, nq_steps, x, nq_logits, arena);
+}
+"""
 
 
 def summary(plan: Mapping[str, Any]) -> dict[str, Any]:

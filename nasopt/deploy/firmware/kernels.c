@@ -3,7 +3,41 @@
  * nasopt/deploy/firmware/reference.py; nasopt export --format c checks the two agree bit for bit.
  * Layouts are channel-major (C, L) / (C, H, W), as PyTorch's. Only the kernels a model uses are
  * compiled in (NQ_USE_* set by model.c). Build without floating-point contraction
- * (-ffp-contract=off): the input quantization is two float32 operations, mul then add. */
+ * (-ffp-contract=off): the input quantization is two float32 operations, mul then add.
+ *
+ * The model runs as a table of steps (nq_steps: kernel, layer record, arena offsets) walked by
+ * nq_predict; every model-dependent number (sizes, offsets, scales) is data, not an immediate
+ * in the code, and the row buffer and the logits live in static memory, not on the stack. With
+ * GCC the kernels and nq_row are kept out of line and out of interprocedural optimization
+ * (noipa), the small helpers always inlined: the code of each function does not depend on the
+ * model or on which other kernels are compiled in, so the flash of a model is the sum of the
+ * code of the kernels it uses plus its data (nasopt.deploy.firmware.footprint). */
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#define NQ_OWN __attribute__((noipa))
+#define NQ_INLINE __attribute__((always_inline)) inline
+#elif defined(__GNUC__)
+#define NQ_OWN __attribute__((noinline))
+#define NQ_INLINE __attribute__((always_inline)) inline
+#else
+#define NQ_OWN
+#define NQ_INLINE inline
+#endif
+
+/* one step of the model: run(arena + x, arena + x2, arena + y or the logits, layer) */
+typedef void (*nq_kernel_t)(const int8_t *x, const int8_t *x2, void *y, const void *layer);
+typedef struct {
+    nq_kernel_t run;       /* NULL ends the table */
+    const void *layer;
+    uint32_t x, x2, y;     /* arena offsets; y = NQ_LOGITS: the caller's int32 logits */
+} nq_step_t;
+#define NQ_LOGITS 0xFFFFFFFFu
+
+typedef struct {
+    float a, c;            /* u = x * a; u = u + c (see nq_input) */
+    uint32_t n, y;         /* floats per sample, the input's arena offset */
+    uint32_t classes;
+} nq_input_t;
 
 typedef struct {
     const uint8_t *w;      /* kept weights, `bits` each, row-major (cout, cin, k[, k]) */
@@ -21,20 +55,22 @@ typedef struct {
     uint32_t v, m;  /* next kept value, next mask bit */
 } nq_cursor_t;
 
-static int64_t nq_scale(int32_t acc, int32_t mult, uint8_t shift)
+static NQ_INLINE int64_t nq_scale(int32_t acc, int32_t mult, uint8_t shift)
 {
     return ((int64_t)acc * mult + ((int64_t)1 << (shift - 1))) >> shift;
 }
 
-static int8_t nq_clamp8(int64_t v, int8_t lo, int8_t hi)
+static NQ_INLINE int8_t nq_clamp8(int64_t v, int8_t lo, int8_t hi)
 {
     return (int8_t)(v < lo ? lo : (v > hi ? hi : v));
 }
 
 #if defined(NQ_USE_CONV1D) || defined(NQ_USE_POINTWISE) || defined(NQ_USE_CONV2D) \
     || defined(NQ_USE_DW)
+static int8_t nq_wrow[NQ_MAX_ROW];  /* one output channel's weights, decoded */
+
 /* Decode the next `n` weights (one output channel's row) into int8. */
-static void nq_row(const nq_conv_t *p, int n, int8_t *dst, nq_cursor_t *cur)
+NQ_OWN static void nq_row(const nq_conv_t *p, int n, int8_t *dst, nq_cursor_t *cur)
 {
     const uint32_t bits = p->bits;
     int i;
@@ -82,9 +118,11 @@ static inline void nq_store(void *y, int i, int32_t acc, const nq_conv_t *p, int
 
 #ifdef NQ_USE_CONV1D
 /* 1-D convolution */
-static void nq_conv1d(const int8_t *x, void *y, const nq_conv_t *p)
+NQ_OWN static void nq_conv1d(const int8_t *x, const int8_t *x2, void *y, const void *layer)
 {
-    int8_t w[NQ_MAX_ROW];
+    const nq_conv_t *p = (const nq_conv_t *)layer;
+    int8_t *w = nq_wrow;
+    (void)x2;
     nq_cursor_t cur = {0u, 0u};
     const int n = p->cin * p->k, k = p->k, in_w = p->in_w, zp = p->zp_in;
     int co, l, ci, j;
@@ -110,9 +148,11 @@ static void nq_conv1d(const int8_t *x, void *y, const nq_conv_t *p)
 #ifdef NQ_USE_POINTWISE
 /* a linear layer (in_w = out_w = 1) or a pointwise 2-D conv (in_w = out_w = H * W): k = 1,
  * stride 1, no padding */
-static void nq_pointwise(const int8_t *x, void *y, const nq_conv_t *p)
+NQ_OWN static void nq_pointwise(const int8_t *x, const int8_t *x2, void *y, const void *layer)
 {
-    int8_t w[NQ_MAX_ROW];
+    const nq_conv_t *p = (const nq_conv_t *)layer;
+    int8_t *w = nq_wrow;
+    (void)x2;
     nq_cursor_t cur = {0u, 0u};
     const int in_w = p->in_w, zp = p->zp_in;
     int co, l, ci;
@@ -129,9 +169,11 @@ static void nq_pointwise(const int8_t *x, void *y, const nq_conv_t *p)
 #endif
 
 #ifdef NQ_USE_CONV2D
-static void nq_conv2d(const int8_t *x, void *y, const nq_conv_t *p)
+NQ_OWN static void nq_conv2d(const int8_t *x, const int8_t *x2, void *y, const void *layer)
 {
-    int8_t w[NQ_MAX_ROW];
+    const nq_conv_t *p = (const nq_conv_t *)layer;
+    int8_t *w = nq_wrow;
+    (void)x2;
     nq_cursor_t cur = {0u, 0u};
     const int k = p->k, in_h = p->in_h, in_w = p->in_w, zp = p->zp_in;
     int co, oy, ox, ci, ky, kx;
@@ -163,9 +205,11 @@ static void nq_conv2d(const int8_t *x, void *y, const nq_conv_t *p)
 
 #ifdef NQ_USE_DW
 /* depthwise 2-D convolution: one k x k filter per channel */
-static void nq_dwconv2d(const int8_t *x, void *y, const nq_conv_t *p)
+NQ_OWN static void nq_dwconv2d(const int8_t *x, const int8_t *x2, void *y, const void *layer)
 {
-    int8_t w[NQ_MAX_ROW];
+    const nq_conv_t *p = (const nq_conv_t *)layer;
+    int8_t *w = nq_wrow;
+    (void)x2;
     nq_cursor_t cur = {0u, 0u};
     const int k = p->k, in_h = p->in_h, in_w = p->in_w, zp = p->zp_in;
     int c, oy, ox, ky, kx;
@@ -204,8 +248,10 @@ typedef struct {
 } nq_add_t;
 
 /* y = a + b, requantized; y may be a or b (element by element, in place) */
-static void nq_add(const int8_t *a, const int8_t *b, int8_t *y, const nq_add_t *p)
+NQ_OWN static void nq_add(const int8_t *a, const int8_t *b, void *out, const void *layer)
 {
+    const nq_add_t *p = (const nq_add_t *)layer;
+    int8_t *y = (int8_t *)out;
     const int32_t round = (int32_t)1 << (p->shift - 1);
     uint32_t i;
     for (i = 0; i < p->n; i++) {
@@ -225,8 +271,11 @@ typedef struct {
 } nq_mean_t;
 
 /* mean over the spatial positions of each channel */
-static void nq_mean(const int8_t *x, int8_t *y, const nq_mean_t *p)
+NQ_OWN static void nq_mean(const int8_t *x, const int8_t *x2, void *out, const void *layer)
 {
+    const nq_mean_t *p = (const nq_mean_t *)layer;
+    int8_t *y = (int8_t *)out;
+    (void)x2;
     uint32_t c, i;
     for (c = 0; c < p->channels; c++) {
         int32_t acc = 0;
@@ -239,14 +288,30 @@ static void nq_mean(const int8_t *x, int8_t *y, const nq_mean_t *p)
 
 /* raw float32 samples -> int8: u = x * a; u = u + c (c holds the zero point + 256.5);
  * clamp to [0, 511] (NaN: 0); truncate; - 256 */
-static void nq_input(const float *x, int8_t *y, int n, float a, float c)
+NQ_OWN static void nq_input(const float *x, int8_t *y, const nq_input_t *p)
 {
-    int i;
-    for (i = 0; i < n; i++) {
+    const float a = p->a, c = p->c;
+    uint32_t i;
+    for (i = 0; i < p->n; i++) {
         float u = x[i] * a;
         u = u + c;
         if (!(u > 0.0f)) u = 0.0f;
         if (u > 511.0f) u = 511.0f;
         y[i] = nq_clamp8((int64_t)(int32_t)u - 256, -128, 127);
     }
+}
+
+/* the model: quantize the input, run the steps, write the logits; returns the class */
+NQ_OWN static int nq_predict(const nq_input_t *in, const nq_step_t *s, const float *x,
+                             int32_t *out, int8_t *arena)
+{
+    uint32_t i, best = 0;
+    nq_input(x, arena + in->y, in);
+    for (; s->run; s++)
+        s->run(arena + s->x, arena + s->x2,
+               s->y == NQ_LOGITS ? (void *)out : (void *)(arena + s->y), s->layer);
+    for (i = 1; i < in->classes; i++)
+        if (out[i] > out[best])
+            best = i;
+    return (int)best;
 }

@@ -129,13 +129,7 @@ def m4_run(folder: str | Path, x: np.ndarray, timeout: float = 600) -> M4Result:
             shutil.copy2(folder / name, tmp / name)
         for name in ("m4_startup.c", "m4_main.c", "m4.ld"):
             (tmp / name).write_text(_harness(name))
-        gcc = "arm-none-eabi-gcc"
-        for src in ("model.c", "m4_main.c", "m4_startup.c"):
-            _run([gcc, *M4_FLAGS, "-Werror", "-c", src, "-o", src[:-2] + ".o"], tmp,
-                 f"building {src} for the Cortex-M4")
-        _run([gcc, *M4_FLAGS, "-nostartfiles", "--specs=rdimon.specs", "-T", "m4.ld",
-              "-Wl,--gc-sections", "-Wl,-Map=image.map", "m4_startup.o", "m4_main.o", "model.o",
-              "-lrdimon", "-o", "image.elf"], tmp, "linking the Cortex-M4 image")
+        _m4_link(tmp)
         write_samples(tmp / "samples.bin", x)
         out = _run([*QEMU, "-kernel", "image.elf"], tmp, "the Cortex-M4 run in QEMU", timeout)
         sizes = _model_sizes(tmp)
@@ -157,6 +151,35 @@ def m4_run(folder: str | Path, x: np.ndarray, timeout: float = 600) -> M4Result:
     return M4Result(classes, sizes["flash"], sizes["code"], sizes["const"],
                     sizes["static_ram"] + stack, sizes["static_ram"], stack,
                     ticks * per_tick / len(x), total_text, len(x))
+
+
+def _m4_link(tmp: Path) -> None:
+    """Compile model.c and the harness in ``tmp`` for the Cortex-M4 and link ``image.elf``."""
+    gcc = "arm-none-eabi-gcc"
+    for src in ("model.c", "m4_main.c", "m4_startup.c"):
+        _run([gcc, *M4_FLAGS, "-Werror", "-c", src, "-o", src[:-2] + ".o"], tmp,
+             f"building {src} for the Cortex-M4")
+    _run([gcc, *M4_FLAGS, "-nostartfiles", "--specs=rdimon.specs", "-T", "m4.ld",
+          "-Wl,--gc-sections", "-Wl,-Map=image.map", "m4_startup.o", "m4_main.o", "model.o",
+          "-lrdimon", "-o", "image.elf"], tmp, "linking the Cortex-M4 image")
+
+
+def m4_sizes(folder: str | Path) -> dict[str, int]:
+    """The flash and static RAM of ``folder``'s model.c in a linked Cortex-M4 image, as
+    :func:`m4_run` measures them, without running it: ``flash`` (model.o's code, constants and
+    initialized data, plus the library routines it calls), ``code``, ``const``,
+    ``static_ram`` (.data + .bss)."""
+    _need("arm-none-eabi-gcc", "arm-none-eabi-nm",
+          hint=f"install the Cortex-M4 toolchain and emulator: {APT}")
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="nasopt-m4-") as tmp_name:
+        tmp = Path(tmp_name)
+        for name in ("model.h", "model.c"):
+            shutil.copy2(folder / name, tmp / name)
+        for name in ("m4_startup.c", "m4_main.c", "m4.ld"):
+            (tmp / name).write_text(_harness(name))
+        _m4_link(tmp)
+        return _model_sizes(tmp)
 
 
 _MAP_LINE = re.compile(r"^\s*(\.[\w.$]+)?\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+(\S+)$")
