@@ -92,7 +92,7 @@ Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {
 {table(["strategy", *[f"N = {c}" for c in checkpoints], "s / run"], rows)}
 
 Ranking at N = {args.trials}: {", ".join(ranked)}.
-
+{_predictor_note(names)}
 {_nni_note(names)}
 Nondeterminism: runs are seeded (every strategy, ours and NNI's, gets seeds 0..{args.seeds - 1});
 floating-point results can differ across machines. The per-run seconds are wall time on a
@@ -101,6 +101,16 @@ evaluation cache (later strategies re-use earlier evaluations).
 """
     out.write_text(text)
     return out
+
+
+def _predictor_note(names: list[str]) -> str:
+    if "predictor" not in names:
+        return ""
+    return """
+`predictor` on this joint space with two objectives and no budget: after its own 20 random
+archs, every ask is `staged`'s (its budget-aimed asks need a budget; `nasopt bench budget`
+measures them), so it differs from `staged` by its initial archs and the draws that follow.
+"""
 
 
 def _nni_note(names: list[str]) -> str:
