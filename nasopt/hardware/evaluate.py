@@ -6,6 +6,22 @@ Latency follows the profile's ``metrics.latency``: ``predicted`` from the look-u
 ``measured`` in ONNX Runtime per arch (:mod:`nasopt.hardware.latency`; slow and noisy, but direct).
 SRAM is the peak activation memory at the profile's data type (:mod:`nasopt.hardware.memory`). Both depend
 only on the arch's structure (not its bit-widths or sparsity) and are cached by it.
+
+A profile with ``firmware`` metrics (``cortex-m4``) builds each arch's integer plan
+(:func:`nasopt.deploy.firmware.reference.build_plan`, calibrated on the evaluator's calibration
+samples) and takes from it, per arch (bit-widths and sparsity included):
+
+- ``flash = "firmware"``: ``compressed_bytes`` (the size objective and ``--max-size``) becomes
+  the firmware's flash bytes (:func:`nasopt.deploy.firmware.footprint.predict`); the packed
+  file's size stays in the scores as ``packed_bytes``, the flash also as ``flash_bytes``;
+- ``sram = "firmware"``: ``sram_bytes`` becomes the firmware's RAM (static + stack bound), with
+  ``arena_bytes`` and ``stack_bytes`` in the scores;
+- ``accuracy = "firmware"``: ``accuracy`` becomes the integer model's validation accuracy (bit
+  for bit the C's), the float packed model's stays as ``float_accuracy``. The plan's input
+  quantization applies to the evaluator's validation inputs as they are (after the dataset's
+  preprocessing), with the quantization range calibrated on them; an export folds the
+  preprocessing into that step instead, which can move a rare sample across a rounding
+  boundary of the int8 input.
 """
 from __future__ import annotations
 
@@ -49,6 +65,7 @@ class HardwareEvaluator:
             raise ValueError("a profile with predicted latency needs its latency table")
         self.evaluate, self.space, self.profile, self.table = evaluate, space, profile, table
         self._cache: dict[str, tuple[float | None, int | None]] = {}
+        self.firmware = FirmwareFigures(evaluate, space, profile) if profile.firmware else None
 
     def hardware(self, arch: Mapping[str, Value]) -> tuple[float | None, int | None]:
         """(latency ms, peak SRAM bytes) of ``arch``; None where the profile has no such metric."""
@@ -79,7 +96,75 @@ class HardwareEvaluator:
         if sram is not None:
             sources["sram_bytes"] = (f"peak activation memory at {self.profile.dtype} "
                                      f"(nasopt.hardware.memory), profile {self.profile.name}")
-        return dataclasses.replace(metrics, latency_ms=latency, sram_bytes=sram, sources=sources)
+        metrics = dataclasses.replace(metrics, latency_ms=latency, sram_bytes=sram,
+                                      sources=sources)
+        return self.firmware(arch, metrics) if self.firmware is not None else metrics
+
+
+class FirmwareFigures:
+    """The C export's figures of an arch (see the module doc), cached by the full arch."""
+
+    def __init__(self, evaluate, space, profile: Profile):  # noqa: ANN001
+        from nasopt.deploy.firmware import footprint
+        from nasopt.hardware.profile import costs_path
+        needs = [a for a in ("compressed", "calibration_samples", "_x_val", "_y_val")
+                 if not hasattr(evaluate, a)]
+        if needs:
+            raise NasoptError(f"profile {profile.name} builds the C export of each arch: it needs "
+                              f"a search evaluator with a supernet (nasopt.search.evaluate."
+                              f"Evaluator), not {type(evaluate).__name__}")
+        self.evaluate, self.space, self.profile = evaluate, space, profile
+        self.costs = footprint.load_costs(costs_path(profile.source))
+        self._cache: dict[tuple, dict[str, Any]] = {}
+
+    def figures(self, arch: Mapping[str, Value]) -> dict[str, Any]:
+        """``footprint.predict``'s figures of ``arch`` plus ``accuracy`` (None for regression)."""
+        import numpy as np
+        from nasopt.deploy.firmware import footprint, reference
+        key = tuple(sorted((k, str(v)) for k, v in arch.items()))
+        if key not in self._cache:
+            model, stored = self.evaluate.compressed(arch)
+            plan = reference.build_plan(model, stored, self.space, None,
+                                        self.evaluate.calibration_samples)
+            out = footprint.predict(plan, self.costs)
+            out["accuracy"] = None
+            y = self.evaluate._y_val
+            if self.profile.metrics.get("accuracy") == "firmware" and not y.is_floating_point():
+                x = self.evaluate._x_val.detach().cpu().numpy()
+                classes = reference.run(plan, x).argmax(1)
+                out["accuracy"] = float((classes == y.cpu().numpy()).mean())
+            self._cache[key] = out
+        return self._cache[key]
+
+    def __call__(self, arch: Mapping[str, Value], metrics: Metrics) -> Metrics:
+        fw = self.figures(arch)
+        how = self.profile.metrics
+        sources, scores = dict(metrics.sources), dict(metrics.scores)
+        changes: dict[str, Any] = {}
+        where = f"profile {self.profile.name}, nasopt.deploy.firmware.footprint"
+        if how.get("flash") == "firmware":
+            scores.update(packed_bytes=float(metrics.compressed_bytes),
+                          flash_bytes=float(fw["flash_bytes"]))
+            changes["compressed_bytes"] = fw["flash_bytes"]
+            sources["compressed_bytes"] = (
+                f"flash bytes of the C export (kernel code {fw['code_bytes']} B + weights, "
+                f"masks, per-channel and layer records), predicted from the cost table, "
+                f"{where}; the packed file: packed_bytes")
+        if how.get("sram") == "firmware":
+            scores.update(arena_bytes=float(fw["arena_bytes"]),
+                          stack_bytes=float(fw["stack_bytes"]))
+            changes["sram_bytes"] = fw["ram_bytes"]
+            sources["sram_bytes"] = (f"RAM of the C export: arena + row buffer + logits "
+                                     f"(static, exact) + stack (bound from -fstack-usage), "
+                                     f"{where}")
+        if fw["accuracy"] is not None and metrics.accuracy is not None:
+            scores["float_accuracy"] = float(metrics.accuracy)
+            changes["accuracy"] = fw["accuracy"]
+            sources["accuracy"] = (f"validation accuracy of the integer firmware model (int8 "
+                                   f"activations; bit-exact with the C), profile "
+                                   f"{self.profile.name}; the float packed model's: "
+                                   f"float_accuracy")
+        return dataclasses.replace(metrics, sources=sources, scores=scores, **changes)
 
 
 def check_possible(space, profile: Profile, constraints: Sequence[Constraint],  # noqa: ANN001

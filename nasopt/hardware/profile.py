@@ -2,7 +2,7 @@
 counted for it, and which budgets apply.
 
 A profile is a TOML file (shipped ones in ``nasopt/hardware/profiles/``: ``cpu-ort``, ``cpu-ort-int8``,
-``mcu``; a user's one by path, ``--hardware my.toml``)::
+``mcu``, ``cortex-m4``; a user's one by path, ``--hardware my.toml``)::
 
     name = "cpu-ort"
     description = "..."
@@ -11,12 +11,19 @@ A profile is a TOML file (shipped ones in ``nasopt/hardware/profiles/``: ``cpu-o
                 their lowest median, see nasopt.hardware.latency); max_wait_s; window_pause_ms;
                 noise_threshold (relative IQR above which a timing is flagged; half of it
                 bounds repeat spread and drift in LUT validation)
-    [metrics]   latency = "predicted" | "measured" | "none"; sram / flash = "counted" | "none"
+    [metrics]   latency = "predicted" | "measured" | "none"; sram / flash = "counted" |
+                "firmware" | "none"; accuracy = "float" (default) | "firmware"
     [limits]    latency = "0.3ms"; sram = "32KB"; flash = "64KB"   (all optional)
 
 ``flash`` is the packed file's size (the ``size`` budget); ``sram`` the peak activation memory at
 the profile's data type (:mod:`nasopt.hardware.memory`); ``latency`` batch-1 latency in ONNX Runtime,
 predicted from the look-up table (:mod:`nasopt.hardware.lut`) or measured per arch (:mod:`nasopt.hardware.latency`).
+``firmware`` (int8 only) takes the figures of the C export (:mod:`nasopt.deploy.firmware`) on a
+Cortex-M4: ``flash`` is then the firmware's flash bytes (the model's code, weights and records,
+predicted exactly from the cost table ``<profile>.costs.json`` beside the profile, see
+:mod:`nasopt.deploy.firmware.footprint`), so the size objective and ``--max-size`` are flash;
+``sram`` its RAM (arena + row buffer + logits + stack bound); ``accuracy`` the integer
+firmware's validation accuracy (the float packed model's stays beside it as ``float_accuracy``).
 Unknown keys, wrong types and budgets that are not positive quantities are one clear error each.
 """
 from __future__ import annotations
@@ -41,13 +48,15 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "runtime": {"engine": str, "dtype": str, "threads": int, "warmup": int, "repeats": int,
                 "windows": int, "max_wait_s": (int, float), "window_pause_ms": (int, float),
                 "noise_threshold": (int, float)},
-    "metrics": {"latency": str, "sram": str, "flash": str},
+    "metrics": {"latency": str, "sram": str, "flash": str, "accuracy": str},
     "limits": {"latency": (str, int, float), "sram": (str, int, float),
                "flash": (str, int, float)},
 }
 _CHOICES = {"runtime.engine": ("onnxruntime", "none"), "runtime.dtype": tuple(DTYPE_BYTES),
             "metrics.latency": ("predicted", "measured", "none"),
-            "metrics.sram": ("counted", "none"), "metrics.flash": ("counted", "none")}
+            "metrics.sram": ("counted", "firmware", "none"),
+            "metrics.flash": ("counted", "firmware", "none"),
+            "metrics.accuracy": ("float", "firmware")}
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,11 @@ class Profile:
     source: str = ""
 
     @property
+    def firmware(self) -> bool:
+        """Whether any metric comes from the C export (nasopt.hardware.evaluate.FirmwareFigures)."""
+        return "firmware" in self.metrics.values()
+
+    @property
     def has_latency(self) -> bool:
         return self.metrics.get("latency", "none") != "none"
 
@@ -89,6 +103,12 @@ class Profile:
                 raise NasoptError(f"the {budget} budget needs a profile that provides {metric}, "
                                   f"but profile {self.name!r} has metrics.{metric} = \"none\"; "
                                   f"choose another --hardware profile or drop --max-{budget}")
+
+
+def costs_path(source: str | Path) -> Path:
+    """The Cortex-M4 cost table of the profile file ``source``: ``<stem>.costs.json`` beside it."""
+    source = Path(source)
+    return source.with_name(f"{source.stem}.costs.json")
 
 
 def shipped() -> list[str]:
@@ -157,12 +177,21 @@ def profile_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Profil
                           f"runtime.window_pause_ms must be >= 0, runtime.noise_threshold and "
                           f"runtime.max_wait_s > 0")
     metrics = {m: flat.get(f"metrics.{m}", default) for m, default in
-               (("latency", "predicted"), ("sram", "counted"), ("flash", "counted"))}
+               (("latency", "predicted"), ("sram", "counted"), ("flash", "counted"),
+                                ("accuracy", "float"))}
     engine = flat.get("runtime.engine", "onnxruntime")
     if metrics["latency"] != "none" and engine == "none":
         raise NasoptError(f"hardware profile {source}: metrics.latency = "
                           f"{metrics['latency']!r} needs runtime.engine = \"onnxruntime\" "
                           f"(engine \"none\" runs nothing); set metrics.latency = \"none\"")
+    if "firmware" in metrics.values() and flat.get("runtime.dtype", "fp32") != "int8":
+        raise NasoptError(f"hardware profile {source}: metrics = \"firmware\" (the C export's "
+                          f"integer model) needs runtime.dtype = \"int8\"")
+    if "firmware" in metrics.values() and not costs_path(source).exists():
+        raise NasoptError(f"hardware profile {source}: metrics = \"firmware\" needs the cost "
+                          f"table {costs_path(source)} (write it with python -c 'import json; "
+                          f"from nasopt.deploy.firmware import footprint; print(json.dumps("
+                          f"footprint.measure_costs()))' > that file)")
     limits: dict[str, float] = {}
     for name, budget in LIMIT_BUDGET.items():
         if f"limits.{name}" in flat:
