@@ -177,8 +177,9 @@ def profile_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Profil
                           f"runtime.window_pause_ms must be >= 0, runtime.noise_threshold and "
                           f"runtime.max_wait_s > 0")
     metrics = {m: flat.get(f"metrics.{m}", default) for m, default in
-               (("latency", "predicted"), ("sram", "counted"), ("flash", "counted"),
-                                ("accuracy", "float"))}
+               (("latency", "predicted"), ("sram", "counted"), ("flash", "counted"))}
+    if flat.get("metrics.accuracy", "float") != "float":  # the default stays out of the record
+        metrics["accuracy"] = flat["metrics.accuracy"]  # (a study's setup compares it)
     engine = flat.get("runtime.engine", "onnxruntime")
     if metrics["latency"] != "none" and engine == "none":
         raise NasoptError(f"hardware profile {source}: metrics.latency = "
