@@ -41,6 +41,14 @@ def test_profile_and_its_checks(tmp_path):
            "metrics": {"latency": "none", "flash": "firmware"}}
     with pytest.raises(NasoptError, match='needs runtime.dtype = "int8"'):
         hardware.profile_from_dict(bad, str(PROFILE.source))
+    floor = footprint.flash_floor(COSTS)
+    from nasopt import api
+    from nasopt.core.objectives import Constraint
+    from nasopt.hardware.evaluate import check_possible
+    space = api.SPACES["conv1d"]((1, 40), 10)
+    check_possible(space, PROFILE, [Constraint("size", floor)], None)
+    with pytest.raises(NasoptError, match=f"impossible budget: size .* at least {floor} B"):
+        check_possible(space, PROFILE, [Constraint("size", floor - 1)], None)
     bad["runtime"]["dtype"] = "int8"
     with pytest.raises(NasoptError, match="needs the cost table"):
         hardware.profile_from_dict(bad, str(tmp_path / "x.toml"))

@@ -179,6 +179,16 @@ def check_possible(space, profile: Profile, constraints: Sequence[Constraint],  
                 f"{space.name} needs {need} B of activations at {profile.dtype} (profile "
                 f"{profile.name}); raise --max-sram (or the profile's limits.sram) to at least "
                 f"{need} B")
+    if "size" in limits and profile.metrics.get("flash") == "firmware":
+        from nasopt.deploy.firmware import footprint
+        from nasopt.hardware.profile import costs_path
+        floor = footprint.flash_floor(footprint.load_costs(costs_path(profile.source)))
+        if floor > limits["size"]:
+            raise NasoptError(
+                f"impossible budget: size {limits['size']:.0f} B, but the C export of any arch "
+                f"needs at least {floor} B of flash on profile {profile.name} (entry points, "
+                f"input quantization and one layer's code); raise --max-size to at least "
+                f"{floor} B")
     if "latency" in limits and table is not None:
         floor = latency_floor(table)
         if floor > limits["latency"]:

@@ -98,6 +98,16 @@ def predict(plan: Mapping[str, Any], costs: Mapping[str, Any]) -> dict[str, Any]
             "stack_bytes": stack, "functions": funcs}
 
 
+def flash_floor(costs: Mapping[str, Any]) -> int:
+    """A lower bound of any model's flash: the entry points and input quantization, the
+    cheapest kernel with one record and its step (plus the table's end), one byte of weights."""
+    records = costs["records"]
+    layer = min([costs["code"][k] + costs["code"]["nq_row"] + records["nq_conv_t"] + 1 + 9
+                 for k in CONV_KERNELS])
+    return (sum(costs["code"][f] for f in LINKED) + records["nq_input_t"]
+            + 2 * records["nq_step_t"] + layer)
+
+
 # ---- the cost table -------------------------------------------------------------------------
 def load_costs(path: str | Path) -> dict[str, Any]:
     try:
