@@ -1,6 +1,6 @@
 """The cortex-m4 hardware profile: the firmware's flash predicted from the plan equals the flash of
 the linked Cortex-M4 image exactly (archs of both spaces with every compression), its static RAM
-too, the stack bound holds in QEMU; a search under the profile records the firmware's flash,
+too, and the stack and RAM equal QEMU's; a search under the profile records the firmware's flash,
 RAM and integer accuracy and honours a flash budget."""
 from __future__ import annotations
 
@@ -81,13 +81,13 @@ def test_predicted_flash_equals_the_linked_images(trained, tmp_path):
         assert want["static_ram_bytes"] == got["static_ram"], dict(arch)
         kinds |= {(op.get("bits"), op.get("mask") is not None) for op in plan["ops"]}
     assert {2, 4, 8} <= {b for b, _ in kinds} and any(m for _, m in kinds)
-    # the stack bound and the RAM on the emulated board
+    # the stack and the RAM on the emulated board
     result = toolchain.m4_run(tmp_path / "m0", _raw(data, data.x_val[:2]))
     plan = reference.load(tmp_path / "m0" / c_export.PLAN)
     want = footprint.predict(plan, COSTS)
     assert want["flash_bytes"] == result.flash_bytes
-    assert result.stack_bytes <= want["stack_bytes"] <= result.stack_bytes + 32
-    assert result.ram_bytes <= want["ram_bytes"]
+    assert want["stack_bytes"] == result.stack_bytes
+    assert want["ram_bytes"] == result.ram_bytes
 
 
 @pytest.mark.parametrize("trained", ["conv1d"], indirect=True)

@@ -14,7 +14,7 @@ samples) and takes from it, per arch (bit-widths and sparsity included):
 - ``flash = "firmware"``: ``compressed_bytes`` (the size objective and ``--max-size``) becomes
   the firmware's flash bytes (:func:`nasopt.deploy.firmware.footprint.predict`); the packed
   file's size stays in the scores as ``packed_bytes``, the flash also as ``flash_bytes``;
-- ``sram = "firmware"``: ``sram_bytes`` becomes the firmware's RAM (static + stack bound), with
+- ``sram = "firmware"``: ``sram_bytes`` becomes the firmware's RAM (static + stack), with
   ``arena_bytes`` and ``stack_bytes`` in the scores;
 - ``accuracy = "firmware"``: ``accuracy`` becomes the integer model's validation accuracy (bit
   for bit the C's), the float packed model's stays as ``float_accuracy``. The plan's input
@@ -155,7 +155,7 @@ class FirmwareFigures:
                           stack_bytes=float(fw["stack_bytes"]))
             changes["sram_bytes"] = fw["ram_bytes"]
             sources["sram_bytes"] = (f"RAM of the C export: arena + row buffer + logits "
-                                     f"(static, exact) + stack (bound from -fstack-usage), "
+                                     f"(static, exact) + stack (deepest chain of -fstack-usage frames), "
                                      f"{where}")
         if fw["accuracy"] is not None and metrics.accuracy is not None:
             scores["float_accuracy"] = float(metrics.accuracy)

@@ -22,7 +22,7 @@ predicted from the look-up table (:mod:`nasopt.hardware.lut`) or measured per ar
 Cortex-M4: ``flash`` is then the firmware's flash bytes (the model's code, weights and records,
 predicted exactly from the cost table ``<profile>.costs.json`` beside the profile, see
 :mod:`nasopt.deploy.firmware.footprint`), so the size objective and ``--max-size`` are flash;
-``sram`` its RAM (arena + row buffer + logits + stack bound); ``accuracy`` the integer
+``sram`` its RAM (arena + row buffer + logits + stack); ``accuracy`` the integer
 firmware's validation accuracy (the float packed model's stays beside it as ``float_accuracy``).
 Unknown keys, wrong types and budgets that are not positive quantities are one clear error each.
 """

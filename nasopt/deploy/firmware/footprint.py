@@ -18,9 +18,10 @@ stack frame):
   weight row (``NQ_MAX_ROW`` bytes, when the model has a conv) + the int32 logits, exactly the
   measured ``.data + .bss``;
 - **stack** = the deepest call chain of frames from GCC's ``-fstack-usage`` (``nasopt_predict``,
-  ``nq_predict``, then ``nq_input`` or a kernel with ``nq_row``): an upper bound of the stack
-  high-water mark painted in QEMU (``toolchain.m4_run``), which is 8 to 16 bytes lower
-  (the frames of the harness's caller are not all touched).
+  ``nq_predict``, then ``nq_input`` or the deepest kernel with ``nq_row``). It equalled the
+  stack high-water mark painted in QEMU (``toolchain.m4_run``) in every run measured
+  (results/firmware.md). In general it is an upper bound: painting cannot see a frame slot that
+  is never written.
 
 The table is valid for the compiler and flags it records; :func:`measure_costs` rebuilds it.
 """
