@@ -5,7 +5,10 @@ C99, no dynamic memory, nothing beyond ``<stdint.h>`` / ``<stddef.h>``:
 - weights as ``const uint8_t`` arrays at their bit-width (the packed file's bit order: value after
   value, least significant bit first), a sparse layer's kept values plus a one-bit-per-weight
   mask; int32 biases, a multiplier (int32) and a shift (uint8) per output channel;
-- the kernels the model uses (``kernels.c``, inlined);
+- the kernels the model uses (``kernels.c``, copied in) and the model as a table of steps
+  (``nq_steps``: kernel, layer record, arena offsets; ``nq_in``: the input quantization) walked
+  by ``nq_predict``: every model-dependent number is data, so each function's machine code is
+  the same in every model and the flash is predictable (:mod:`nasopt.deploy.firmware.footprint`);
 - one static activation arena (``NASOPT_ARENA_BYTES``), laid out by :func:`plan_arena`: every
   int8 tensor gets an offset such that tensors alive at the same op never overlap, a residual add
   writes in place over an input it is the last reader of. The network's input (after
