@@ -24,11 +24,11 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.study import Study, StudyDirection
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from nasopt.core.pareto import crowding_distances, minimized, nondominated_ranks
 from nasopt.core.space import SearchSpace
-from nasopt.core.strategy import GeneSampler, Strategy
+from nasopt.core.strategy import GeneSampler, Strategy, completed_trials
 from nasopt.search.study import constraint_excess
 
 POPULATION = 20
@@ -69,7 +69,7 @@ class RegularizedEvolutionSampler(GeneSampler):
 
     def population(self, study: Study) -> list[FrozenTrial]:
         """The current population: the last ``population_size`` complete trials."""
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        done = completed_trials(study)
         return sorted(done, key=lambda t: t.number)[-self.population_size:]
 
     def sample_relative(self, study: Study, trial: FrozenTrial,

@@ -54,14 +54,14 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.study import Study, StudyDirection
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from nasopt.core.checkpoint import atomic_write_bytes
 from nasopt.core.errors import NasoptError
 from nasopt.core.space import SearchSpace
 from nasopt.core.objectives import MNASNET_W
 from nasopt.search.study import constraint_excess
-from nasopt.core.strategy import GeneSampler, Strategy
+from nasopt.core.strategy import GeneSampler, Strategy, completed_trials
 
 LR = 0.05
 BASELINE_DECAY = 0.9
@@ -147,7 +147,7 @@ class ReinforceSampler(GeneSampler):
         valid = np.zeros((len(names), width), dtype=bool)
         for g, c in enumerate(choices):
             valid[g, : len(c)] = True
-        done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+        done = sorted(completed_trials(study),
                       key=lambda t: t.number)
         rewards = rewards_of(done, study.directions, self.w)
         key = json.loads(json.dumps({"version": STATE_VERSION, "genes": names,

@@ -73,7 +73,7 @@ from optuna.trial import FrozenTrial, TrialState
 from nasopt.compression.compress import reference_compression
 from nasopt.core.pareto import minimized, nondominated_mask, ranks_and_crowding
 from nasopt.core.space import SearchSpace
-from nasopt.core.strategy import GeneSampler, Strategy
+from nasopt.core.strategy import GeneSampler, Strategy, completed_trials
 from nasopt.search.study import constraint_excess
 
 from nasopt.strategies import surrogate
@@ -161,7 +161,7 @@ class StagedSampler(GeneSampler):
         if not search_space:
             return {}
         choices = {n: list(d.choices) for n, d in search_space.items()}  # type: ignore[attr-defined]
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        done = completed_trials(study)
         # trials other workers are evaluating now count as seen, so they are not proposed again
         busy = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,
                                                                    TrialState.WAITING))

@@ -8,6 +8,7 @@ resumed search continues where it stopped. Sample-based strategies of our own im
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint
@@ -17,8 +18,7 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
-from optuna.search_space import IntersectionSearchSpace
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from nasopt.core.errors import NasoptError
 from nasopt.core.registry import Registry
@@ -92,6 +92,16 @@ def attach_run_folder(sampler: optuna.samplers.BaseSampler | None, run_dir: str 
     return sampler
 
 
+def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's COMPLETE trials by number. Through nasopt's search loop the study's storage is
+    its ledger (nasopt.search.ledger), which reads them incrementally: a sampler may ask on every
+    trial at a cost that does not grow with the study. Callers must not modify the trials."""
+    read = getattr(study._storage, "completed_trials", None)
+    if read is not None:
+        return read(study._study_id)
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
 class GeneSampler(optuna.samplers.BaseSampler):
     """Base of our own samplers: the arch genes (categorical parameters) are sampled together
     by :meth:`sample_relative`; anything else, and the first trials, fall back to seeded random
@@ -100,7 +110,8 @@ class GeneSampler(optuna.samplers.BaseSampler):
     def __init__(self, seed: int | None = None):
         self._rng = np.random.RandomState(seed)
         self._random = optuna.samplers.RandomSampler(seed=seed)
-        self._search_space = IntersectionSearchSpace()
+        # the intersection of the completed trials' distributions, kept between asks
+        self._space: tuple[int, set[int], dict[str, BaseDistribution] | None] | None = None
 
     def reseed_rng(self) -> None:
         self._rng.seed()
@@ -108,7 +119,19 @@ class GeneSampler(optuna.samplers.BaseSampler):
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
                                     ) -> dict[str, BaseDistribution]:
-        return {name: dist for name, dist in self._search_space.calculate(study).items()
+        """The categorical parameters every completed trial shares (Optuna's intersection
+        search space), updated with the trials completed since the last ask."""
+        if self._space is None or self._space[0] != study._study_id:
+            self._space = (study._study_id, set(), None)
+        _, seen, space = self._space
+        for t in completed_trials(study):
+            if t.number in seen:
+                continue
+            seen.add(t.number)
+            space = (dict(t.distributions) if space is None else
+                     {n: d for n, d in space.items() if t.distributions.get(n) == d})
+        self._space = (study._study_id, seen, space)
+        return {name: copy.deepcopy(dist) for name, dist in sorted((space or {}).items())
                 if isinstance(dist, CategoricalDistribution)}
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,

@@ -14,12 +14,14 @@ in memory until one of two moments:
 So a trial costs three writes (create, start, end) where it cost two plus one per gene and
 attribute, on every storage: SQLite and PostgreSQL write each group in one transaction, a journal
 appends it in one locked write. What a kill -9 can lose is what was never durable before either:
-the measurement of the trial being evaluated. Reads of a held trial see its pending writes. All
-other calls, and writes for trials that are not held (another worker's trial failed by
+the measurement of the trial being evaluated. Reads of a held trial (Optuna reads a trial three
+times per ``tell``) are served from the ledger's own copy, pending writes included, since only
+its owner writes a RUNNING trial; so is the trial it has just finished. All other calls, and writes for trials that are not held (another worker's trial failed by
 :func:`nasopt.search.workers.recover`), go straight to the wrapped storage.
 """
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
@@ -35,15 +37,28 @@ from optuna.trial import FrozenTrial, TrialState
 
 
 @dataclass
+class _View:
+    """What the ledger has read of one study's trials, kept between reads: finished trials never
+    change, so each read looks only at trials it has not seen finished."""
+
+    scanned: int = 0  # trials (by number) looked at so far
+    complete: list[FrozenTrial] = field(default_factory=list)  # by number
+    open: dict[int, FrozenTrial] = field(default_factory=dict)  # number -> unfinished trial
+
+
+@dataclass
 class _Pending:
     """Writes of one held trial not yet in the storage."""
 
     study_id: int
+    #: the trial as its owner knows it, written fields and pending ones: reads of a held trial
+    #: are served from here (only its owner writes a RUNNING trial)
+    trial: FrozenTrial
     params: dict[str, tuple[float, BaseDistribution]] = field(default_factory=dict)
     user_attrs: dict[str, Any] = field(default_factory=dict)
     system_attrs: dict[str, Any] = field(default_factory=dict)
 
-    def __bool__(self) -> bool:
+    def __bool__(self) -> bool:  # anything to write
         return bool(self.params or self.user_attrs or self.system_attrs)
 
 
@@ -58,6 +73,8 @@ class Ledger(BaseStorage, BaseHeartbeat):
         #: the wrapped storage (an RDB storage behind Optuna's read cache, as Optuna uses it)
         self.inner = optuna.storages.get_storage(storage)
         self._held: dict[int, _Pending] = {}
+        self._finished: dict[int, FrozenTrial] = {}  # the last trial this process finished
+        self._views: dict[int, _View] = {}
         self._dists: dict[tuple[int, str], BaseDistribution] = {}
         self._lock = threading.Lock()
         #: the error of a trial's last write that failed (a full disk, a lost server): Optuna
@@ -68,28 +85,30 @@ class Ledger(BaseStorage, BaseHeartbeat):
 
     def hold(self, trial_id: int, study_id: int) -> None:
         """Keep ``trial_id``'s param and attribute writes until :meth:`flush` or its end."""
+        trial = copy.deepcopy(self.inner.get_trial(trial_id))
         with self._lock:
-            self._held.setdefault(trial_id, _Pending(study_id))
+            self._finished.clear()
+            self._held.setdefault(trial_id, _Pending(study_id, trial))
 
     def flush(self, trial_id: int) -> None:
         """Write ``trial_id``'s pending params and attributes now, in one write."""
         with self._lock:
             pending = self._held.get(trial_id)
             if pending:
-                self._held[trial_id] = _Pending(pending.study_id)
+                self._held[trial_id] = _Pending(pending.study_id, pending.trial)
         if pending:
-            self._write(trial_id, pending, None, None)
+            self._write(trial_id, pending, None, None, datetime.now())
 
     # -- batched writes: one transaction or one journal append ------------------------------------
 
     def _write(self, trial_id: int, pending: _Pending, state: TrialState | None,
-               values: Sequence[float] | None) -> bool:
+               values: Sequence[float] | None, when: datetime) -> bool:
         backend = _rdb(self.inner)
         if backend is not None:
-            return self._write_rdb(backend, trial_id, pending, state, values)
+            return self._write_rdb(backend, trial_id, pending, state, values, when)
         journal = self.inner if isinstance(self.inner, optuna.storages.JournalStorage) else None
         if journal is not None:
-            return self._write_journal(journal, trial_id, pending, state, values)
+            return self._write_journal(journal, trial_id, pending, state, values, when)
         # any other storage (in memory, gRPC proxy): Optuna's own calls, one per field
         for name, (value, dist) in pending.params.items():
             self.inner.set_trial_param(trial_id, name, value, dist)
@@ -101,7 +120,7 @@ class Ledger(BaseStorage, BaseHeartbeat):
                                                                             values)
 
     def _write_rdb(self, rdb: Any, trial_id: int, pending: _Pending, state: TrialState | None,
-                   values: Sequence[float] | None) -> bool:
+                   values: Sequence[float] | None, when: datetime) -> bool:
         from optuna.distributions import check_distribution_compatibility
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
@@ -134,7 +153,7 @@ class Ledger(BaseStorage, BaseHeartbeat):
                 for objective, v in enumerate(values or ()):
                     rdb._set_trial_value_without_commit(session, trial, objective, v)
                 trial.state = state
-                trial.datetime_complete = datetime.now()
+                trial.datetime_complete = when
         except sqlalchemy_exc.IntegrityError:
             if state is None:
                 raise
@@ -142,7 +161,8 @@ class Ledger(BaseStorage, BaseHeartbeat):
         return True
 
     def _write_journal(self, journal: Any, trial_id: int, pending: _Pending,
-                       state: TrialState | None, values: Sequence[float] | None) -> bool:
+                       state: TrialState | None, values: Sequence[float] | None,
+                       when: datetime) -> bool:
         from optuna.storages.journal._storage import JournalOperation
 
         logs: list[tuple[int, dict[str, Any]]] = [
@@ -160,7 +180,7 @@ class Ledger(BaseStorage, BaseHeartbeat):
         if state is not None:
             logs.append((JournalOperation.SET_TRIAL_STATE_VALUES,
                          {"trial_id": trial_id, "state": state, "values": values,
-                          "datetime_complete": datetime.now(tz=timezone.utc).isoformat(
+                          "datetime_complete": when.astimezone(timezone.utc).isoformat(
                               timespec="microseconds")}))
         with journal._thread_lock:
             worker = journal._replay_result.worker_id
@@ -171,19 +191,67 @@ class Ledger(BaseStorage, BaseHeartbeat):
 
     # -- counting ------------------------------------------------------------------------------
 
+    def _trials_by_number(self, study_id: int) -> Any:
+        """The storage's own current map of the study's trials (number -> FrozenTrial), brought
+        up to date with one incremental read, or None where the storage keeps none (then every
+        read is a full one)."""
+        inner = self.inner
+        if isinstance(inner, optuna.storages.JournalStorage):
+            with inner._thread_lock:
+                inner._sync_with_backend()
+                replay = inner._replay_result
+                ids = replay._study_id_to_trial_ids.get(study_id, [])
+                return _JournalTrials(replay._trials, ids)
+        if _rdb(inner) is not None and hasattr(inner, "_read_trials_from_remote_storage"):
+            inner._read_trials_from_remote_storage(study_id)  # Optuna's cache: new + unfinished
+            return inner._studies[study_id].trials
+        return None
+
+    def completed_trials(self, study_id: int) -> list[FrozenTrial]:
+        """The study's COMPLETE trials by number, read incrementally (finished trials are read
+        once): what samplers and the loop ask for on every trial, at a cost that does not grow
+        with the study on journal and SQLite/PostgreSQL storages."""
+        trials = self._trials_by_number(study_id)
+        if trials is None:
+            return self.inner.get_all_trials(study_id, deepcopy=False,
+                                             states=(TrialState.COMPLETE,))
+        with self._lock:
+            view = self._views.setdefault(study_id, _View())
+            while view.scanned in trials:
+                view.open[view.scanned] = trials[view.scanned]
+                view.scanned += 1
+            done = []
+            for number in list(view.open):
+                trial = trials[number]  # the storage's newest copy
+                if trial.state.is_finished():
+                    del view.open[number]
+                    if trial.state == TrialState.COMPLETE:
+                        done.append(trial)
+                else:
+                    view.open[number] = trial
+            if done:
+                if view.complete and done[0].number < view.complete[-1].number:
+                    view.complete = sorted(view.complete + done, key=lambda t: t.number)
+                else:
+                    view.complete.extend(sorted(done, key=lambda t: t.number))
+            return list(view.complete)
+
     def count_trials(self, study_id: int, running_below: int | None = None) -> tuple[int, int]:
         """(COMPLETE trials, RUNNING trials [numbered below ``running_below``]) of the study,
-        as the storage holds them now: one counting query on an RDB storage, where reading the
-        trials would build every unfinished and new one."""
+        as the storage holds them now: one counting query on an RDB storage, the incremental
+        view elsewhere."""
         rdb = _rdb(self.inner)
         if rdb is None:
-            complete = running = 0
-            for t in self.inner.get_all_trials(study_id, deepcopy=False,
-                                               states=(TrialState.COMPLETE, TrialState.RUNNING)):
-                if t.state == TrialState.COMPLETE:
-                    complete += 1
-                elif running_below is None or t.number < running_below:
-                    running += 1
+            complete = len(self.completed_trials(study_id))
+            if study_id not in self._views:  # a storage without a view: a full read
+                return complete, sum(
+                    running_below is None or t.number < running_below
+                    for t in self.inner.get_all_trials(study_id, deepcopy=False,
+                                                       states=(TrialState.RUNNING,)))
+            with self._lock:
+                running = sum(t.state == TrialState.RUNNING
+                              and (running_below is None or t.number < running_below)
+                              for t in self._views[study_id].open.values())
             return complete, running
         import sqlalchemy
         from optuna.storages._rdb import models
@@ -209,6 +277,9 @@ class Ledger(BaseStorage, BaseHeartbeat):
             pending = self._held.get(trial_id)
             if pending is not None:
                 pending.params[param_name] = (param_value_internal, distribution)
+                pending.trial.params[param_name] = distribution.to_external_repr(
+                    param_value_internal)
+                pending.trial.distributions[param_name] = distribution
                 return
         self.inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
@@ -217,6 +288,7 @@ class Ledger(BaseStorage, BaseHeartbeat):
             pending = self._held.get(trial_id)
             if pending is not None:
                 pending.user_attrs[key] = value
+                pending.trial.user_attrs[key] = value
                 return
         self.inner.set_trial_user_attr(trial_id, key, value)
 
@@ -225,6 +297,7 @@ class Ledger(BaseStorage, BaseHeartbeat):
             pending = self._held.get(trial_id)
             if pending is not None:
                 pending.system_attrs[key] = value
+                pending.trial.system_attrs[key] = value
                 return
         self.inner.set_trial_system_attr(trial_id, key, value)
 
@@ -233,32 +306,27 @@ class Ledger(BaseStorage, BaseHeartbeat):
         with self._lock:
             pending = self._held.pop(trial_id, None) if state.is_finished() else None
         try:
-            if pending:
-                return self._write(trial_id, pending, state, values)
-            return self.inner.set_trial_state_values(trial_id, state, values)
+            if pending is None:
+                return self.inner.set_trial_state_values(trial_id, state, values)
+            when = datetime.now()
+            written = self._write(trial_id, pending, state, values, when)
         except Exception as exc:
             self.write_error = exc
             raise
+        if written:  # the trial as now stored, for Optuna's reads right after its end
+            trial = pending.trial
+            trial.state, trial.values, trial.datetime_complete = state, values, when
+            with self._lock:
+                self._finished[trial_id] = trial
+        return written
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        trial = self.inner.get_trial(trial_id)
         with self._lock:
             pending = self._held.get(trial_id)
-            if not pending:
-                return trial
-            params = dict(trial.params)
-            dists = dict(trial.distributions)
-            for name, (value, dist) in pending.params.items():
-                params[name] = dist.to_external_repr(value)
-                dists[name] = dist
-            merged = FrozenTrial(
-                number=trial.number, state=trial.state, value=None, values=trial.values,
-                datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete,
-                params=params, distributions=dists,
-                user_attrs={**trial.user_attrs, **pending.user_attrs},
-                system_attrs={**trial.system_attrs, **pending.system_attrs},
-                intermediate_values=dict(trial.intermediate_values), trial_id=trial._trial_id)
-        return merged
+            known = pending.trial if pending is not None else self._finished.get(trial_id)
+            if known is not None:
+                return copy.deepcopy(known)
+        return self.inner.get_trial(trial_id)
 
     # -- everything else: the wrapped storage ----------------------------------------------------
 
@@ -334,6 +402,20 @@ class Ledger(BaseStorage, BaseHeartbeat):
     def get_heartbeat_stale_trial_callback(self) -> Any:
         return (self.inner.get_heartbeat_stale_trial_callback()
                 if isinstance(self.inner, BaseHeartbeat) else None)
+
+
+class _JournalTrials:
+    """A journal replay's trials of one study as a map number -> FrozenTrial (its trial ids
+    in creation order are the numbers' order)."""
+
+    def __init__(self, trials: dict[int, FrozenTrial], ids: list[int]):
+        self._trials, self._ids = trials, ids
+
+    def __contains__(self, number: int) -> bool:
+        return 0 <= number < len(self._ids)
+
+    def __getitem__(self, number: int) -> FrozenTrial:
+        return self._trials[self._ids[number]]
 
 
 def _upsert_attrs(session: Any, dialect: str, model: Any, trial_id: int,

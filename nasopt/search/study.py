@@ -356,7 +356,8 @@ def quality_metric(study: optuna.Study) -> tuple[str, bool]:
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    from nasopt.core.strategy import completed_trials
+    return completed_trials(study)
 
 
 def constraint_excess(trial: optuna.trial.FrozenTrial) -> float:
