@@ -60,7 +60,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001
 
 def _add_common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--hardware", default="cpu-ort", metavar="PROFILE",
-                   help="cpu-ort (default), cpu-ort-int8, mcu or a .toml file")
+                   help="cpu-ort (default), cpu-ort-int8, mcu, cortex-m4 or a .toml file")
     q.add_argument("--storage", help="Optuna storage URL (default: sqlite file in --run-dir)")
     q.add_argument("--run-dir", default="runs")
 

@@ -75,8 +75,9 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
                    "better (--budget f1=0.8, accuracy=90%%), at most where lower is (--budget "
                    "mae=0.5); your --metric by its name; repeatable")
     p.add_argument("--hardware", metavar="PROFILE", help="hardware profile: cpu-ort, "
-                   "cpu-ort-int8, mcu, or a .toml file (see `nasopt hw profiles`); default "
-                   "cpu-ort when --max-latency/--max-sram is given")
+                   "cpu-ort-int8, mcu, cortex-m4 (size = the C firmware's flash), or a .toml "
+                   "file (see `nasopt hw profiles`); default cpu-ort when "
+                   "--max-latency/--max-sram is given")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--table", nargs="?", const=DEFAULT_TABLE, metavar="PATH",
                    help="tabular mode: read accuracy from this CSV (an 'arch' column and an "

@@ -147,7 +147,7 @@ class SearchConfig:
     restrict: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     #: limits, e.g. {size = "4KB", macs = "2M"}: constraints satisfied when value <= limit
     budgets: Mapping[str, str] = field(default_factory=dict)
-    #: hardware profile (nasopt.hardware.profile): a shipped name (cpu-ort, cpu-ort-int8, mcu) or a
+    #: hardware profile (nasopt.hardware.profile): a shipped name (cpu-ort, cpu-ort-int8, mcu, cortex-m4) or a
     #: .toml path; adds latency / sram metrics and the profile's limits as budgets
     hardware: str | None = None
     # tabular mode: accuracy read from this CSV (nasopt.search.tabular); no dataset, no supernet
