@@ -105,6 +105,9 @@ class ExportStep:
         if not {"pytorch", "packed"} & set(self.formats):  # checked before any work
             raise NasoptError(f"export.formats {list(self.formats)} needs pytorch or packed too: "
                               f"the export folder's model, which the other formats join")
+        if "c" in self.formats:  # the C export is verified with a host compiler: found first
+            from nasopt.deploy.firmware.toolchain import host_compiler
+            host_compiler()
 
 
 @dataclass(frozen=True)

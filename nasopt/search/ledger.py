@@ -284,22 +284,23 @@ class Ledger(BaseStorage, BaseHeartbeat):
         self.inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        with self._lock:
-            pending = self._held.get(trial_id)
-            if pending is not None:
-                pending.user_attrs[key] = value
-                pending.trial.user_attrs[key] = value
-                return
-        self.inner.set_trial_user_attr(trial_id, key, value)
+        if not self._keep(trial_id, "user_attrs", key, value):
+            self.inner.set_trial_user_attr(trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if not self._keep(trial_id, "system_attrs", key, value):
+            self.inner.set_trial_system_attr(trial_id, key, value)
+
+    def _keep(self, trial_id: int, kind: str, key: str, value: Any) -> bool:
+        """Keep an attribute write of a held trial (``kind``: user_attrs or system_attrs) for
+        the next write; False when the trial is not held."""
         with self._lock:
             pending = self._held.get(trial_id)
-            if pending is not None:
-                pending.system_attrs[key] = value
-                pending.trial.system_attrs[key] = value
-                return
-        self.inner.set_trial_system_attr(trial_id, key, value)
+            if pending is None:
+                return False
+            getattr(pending, kind)[key] = value
+            getattr(pending.trial, kind)[key] = value
+            return True
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
