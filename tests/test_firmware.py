@@ -191,3 +191,33 @@ def test_cortex_m4_in_qemu_prints_the_reference_classes(trained, tmp_path):
     assert 0 < result["flash_bytes"] < result["image_text_bytes"]
     assert result["ram_bytes"] >= c_export.plan_arena(plan)[1] + result["stack_bytes"]
     assert result["stack_bytes"] > 0 and result["instructions"] > 1000
+
+
+def test_the_published_mnist1d_cnn_goes_through_plan_and_host_c_bit_exactly(tmp_path):
+    """A fixed model (no search space): the published MNIST-1D CNN, untrained, int8 by
+    ``compress``; its plan from a PlanInput, model.c on the host equals the NumPy reference."""
+    from nasopt.compression.compress import Policy, compress
+    from nasopt.core.data import Preprocess
+    from nasopt_bench.compression import ReferenceCNN
+    torch.manual_seed(0)
+    cnn = ReferenceCNN(40, 10)
+    model, stored = compress(cnn, Policy(bits={"all": 8}), lambda name: "all")
+    preprocess = Preprocess(mean=0.5, std=2.0)
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randn((256, 1, 40), generator=g)
+    raw = preprocess.raw(torch.randn((200, 1, 40), generator=g)).numpy()
+    spec = reference.PlanInput("mnist1d-cnn", (1, 40), 10)
+    record = c_export.write(tmp_path, model, stored, spec, preprocess, calib, raw)
+    assert record["verified"] == {**record["verified"], "samples": 200,
+                                  "host_equals_reference": True}
+    plan = reference.load(tmp_path / c_export.PLAN)
+    assert plan["space"] == "mnist1d-cnn" and plan["input_shape"] == [1, 40]
+    convs = [op for op in plan["ops"] if op["op"] == "conv"]
+    assert [(op["cin"], op["cout"], op["k"], op["stride"]) for op in convs] == [
+        (1, 25, 5, 2), (25, 25, 3, 2), (25, 25, 3, 2), (125, 10, 1, 1)]
+    assert [op["act"] for op in convs] == ["relu", "relu", "relu", None]
+    assert {op["bits"] for op in convs} == {8}
+    host = toolchain.host_logits(tmp_path, raw, 10)
+    ref = reference.run(plan, raw)
+    assert np.array_equal(host, ref)
+    assert len(np.unique(ref.argmax(1))) > 1  # the logits depend on the input

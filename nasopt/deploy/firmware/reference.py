@@ -36,7 +36,7 @@ import operator
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -174,6 +174,15 @@ def quant_params(lo: float, hi: float) -> tuple[float, int]:
     return scale, zp
 
 
+class PlanInput(NamedTuple):
+    """What :func:`build_plan` reads of a search space, for a model that is not one of a
+    space's archs (a fixed network): its name in the plan, the input shape of one sample
+    (without the batch dim) and the number of classes."""
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
 # ---- the graph --------------------------------------------------------------------------------
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
@@ -193,11 +202,14 @@ def _unsupported(node: fx.Node, what: str) -> NasoptError:
     return NasoptError(f"the C export cannot emit layer {node.name} ({what}); it emits {EMITS}")
 
 
-def build_plan(model: nn.Module, stored: Sequence[StoredLayer], space: SearchSpace,
-               preprocess: Preprocess | None, calib_x: torch.Tensor) -> dict[str, Any]:
+def build_plan(model: nn.Module, stored: Sequence[StoredLayer],
+               space: SearchSpace | PlanInput, preprocess: Preprocess | None,
+               calib_x: torch.Tensor) -> dict[str, Any]:
     """The integer plan of the deployed ``model`` (its ``stored`` layers' integers), activation
     ranges calibrated on ``calib_x`` (training samples as the network takes them:
-    preprocessed)."""
+    preprocessed). Of ``space`` only the name, input shape and class count are read: a fixed
+    model passes a :class:`PlanInput` (its stored layers from
+    :func:`nasopt.compression.compress.compress`)."""
     from nasopt.deploy.onnx import plain
     preprocess = preprocess or Preprocess()
     try:
@@ -381,7 +393,8 @@ def _layer_op(module: nn.Module, layer: StoredLayer, src: int, out: int, act: st
 
 
 def _finish(ops: list[dict[str, Any]], tensors: list[dict[str, Any]],
-            ranges: Mapping[str, list[float]], space: SearchSpace, preprocess: Preprocess,
+            ranges: Mapping[str, list[float]], space: SearchSpace | PlanInput,
+            preprocess: Preprocess,
             last: int) -> dict[str, Any]:
     for i, t in enumerate(tensors):
         lo, hi = ranges[t["node"]]
