@@ -207,11 +207,12 @@ class Ledger(BaseStorage, BaseHeartbeat):
             return inner._studies[study_id].trials
         return None
 
-    def completed_trials(self, study_id: int) -> list[FrozenTrial]:
+    def completed_trials(self, study_id: int, trials: Any = None) -> list[FrozenTrial]:
         """The study's COMPLETE trials by number, read incrementally (finished trials are read
         once): what samplers and the loop ask for on every trial, at a cost that does not grow
-        with the study on journal and SQLite/PostgreSQL storages."""
-        trials = self._trials_by_number(study_id)
+        with the study on journal and SQLite/PostgreSQL storages. ``trials``: the storage's map
+        just read by :meth:`_trials_by_number` (read here when not given)."""
+        trials = self._trials_by_number(study_id) if trials is None else trials
         if trials is None:
             return self.inner.get_all_trials(study_id, deepcopy=False,
                                              states=(TrialState.COMPLETE,))
@@ -374,6 +375,20 @@ class Ledger(BaseStorage, BaseHeartbeat):
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        """The study's trials; those of unfinished or complete states only (Optuna's ``ask``
+        looks for WAITING trials on every trial) from the incremental view, where the storage
+        has one."""
+        unfinished = (TrialState.WAITING, TrialState.RUNNING)
+        current = (self._trials_by_number(study_id)
+                   if states is not None and all(s in unfinished for s in states) else None)
+        if current is not None:
+            self.completed_trials(study_id, current)  # brings the view up to date
+            with self._lock:
+                trials = [t for t in self._views[study_id].open.values() if t.state in states]
+            return copy.deepcopy(trials) if deepcopy else trials
+        if states is not None and tuple(states) == (TrialState.COMPLETE,):
+            trials = self.completed_trials(study_id)
+            return copy.deepcopy(trials) if deepcopy else trials
         return self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
 
     def get_n_trials(self, study_id: int, state: Any = None) -> int:
