@@ -308,7 +308,7 @@ def _resources(m: dict) -> list[list[str]]:
 
 
 def _section(name: str, how: str, m: dict) -> str:
-    c, s = m["checked"], m["summary"]
+    c = m["checked"]
     arch = ", ".join(f"{k}={v}" for k, v in m["arch"].items())
     rows = [
         ["packed float (`nasopt.load`, PyTorch)", f"{m['float_test']:.4f}",

@@ -119,7 +119,6 @@ class FirmwareFigures:
 
     def figures(self, arch: Mapping[str, Value]) -> dict[str, Any]:
         """``footprint.predict``'s figures of ``arch`` plus ``accuracy`` (None for regression)."""
-        import numpy as np
         from nasopt.deploy.firmware import footprint, reference
         key = tuple(sorted((k, str(v)) for k, v in arch.items()))
         if key not in self._cache:
