@@ -28,7 +28,8 @@ from optuna.trial import FrozenTrial
 
 from nasopt.core.pareto import crowding_distances, minimized, nondominated_ranks
 from nasopt.core.space import SearchSpace
-from nasopt.core.strategy import GeneSampler, Strategy, completed_trials
+from nasopt.core.strategy import GeneSampler, Strategy
+from nasopt.core.trials import completed_trials
 from nasopt.search.study import constraint_excess
 
 POPULATION = 20

@@ -61,7 +61,8 @@ from nasopt.core.errors import NasoptError
 from nasopt.core.space import SearchSpace
 from nasopt.core.objectives import MNASNET_W
 from nasopt.search.study import constraint_excess
-from nasopt.core.strategy import GeneSampler, Strategy, completed_trials
+from nasopt.core.strategy import GeneSampler, Strategy
+from nasopt.core.trials import completed_trials
 
 LR = 0.05
 BASELINE_DECAY = 0.9

@@ -73,7 +73,8 @@ from optuna.trial import FrozenTrial, TrialState
 from nasopt.compression.compress import reference_compression
 from nasopt.core.pareto import minimized, nondominated_mask, ranks_and_crowding
 from nasopt.core.space import SearchSpace
-from nasopt.core.strategy import GeneSampler, Strategy, completed_trials
+from nasopt.core.strategy import GeneSampler, Strategy
+from nasopt.core.trials import completed_trials
 from nasopt.search.study import constraint_excess
 
 from nasopt.strategies import surrogate

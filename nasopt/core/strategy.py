@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from nasopt.core.errors import NasoptError
 from nasopt.core.registry import Registry
 from nasopt.core.space import SearchSpace
+from nasopt.core.trials import completed_trials
 
 SamplerFactory = Callable[[SearchSpace, int], optuna.samplers.BaseSampler]
 
@@ -90,16 +91,6 @@ def attach_run_folder(sampler: optuna.samplers.BaseSampler | None, run_dir: str 
     if sampler is not None and hasattr(sampler, "use_run_folder"):
         sampler.use_run_folder(Path(run_dir), study_name)
     return sampler
-
-
-def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The study's COMPLETE trials by number. Through nasopt's search loop the study's storage is
-    its ledger (nasopt.search.ledger), which reads them incrementally: a sampler may ask on every
-    trial at a cost that does not grow with the study. Callers must not modify the trials."""
-    read = getattr(study._storage, "completed_trials", None)
-    if read is not None:
-        return read(study._study_id)
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
 class GeneSampler(optuna.samplers.BaseSampler):

@@ -20,6 +20,7 @@ import optuna
 import pandas as pd
 
 from nasopt.core.scores import HIGHER_IS_BETTER
+from nasopt.core.trials import completed_trials
 from nasopt.core.errors import NasoptError
 
 SETUP_ATTR = "nasopt"
@@ -356,7 +357,6 @@ def quality_metric(study: optuna.Study) -> tuple[str, bool]:
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    from nasopt.core.strategy import completed_trials
     return completed_trials(study)
 
 
