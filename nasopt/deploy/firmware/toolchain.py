@@ -18,11 +18,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -122,14 +123,7 @@ def m4_run(folder: str | Path, x: np.ndarray, timeout: float = 600) -> M4Result:
     """Build ``folder``'s model.c for the Cortex-M4, run the raw samples ``x`` in QEMU."""
     _need("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm",
           hint=f"install the Cortex-M4 toolchain and emulator: {APT}")
-    folder = Path(folder)
-    with tempfile.TemporaryDirectory(prefix="nasopt-m4-") as tmp_name:
-        tmp = Path(tmp_name)
-        for name in ("model.h", "model.c"):
-            shutil.copy2(folder / name, tmp / name)
-        for name in ("m4_startup.c", "m4_main.c", "m4.ld"):
-            (tmp / name).write_text(_harness(name))
-        _m4_link(tmp)
+    with _m4_image(folder) as tmp:
         write_samples(tmp / "samples.bin", x)
         out = _run([*QEMU, "-kernel", "image.elf"], tmp, "the Cortex-M4 run in QEMU", timeout)
         sizes = _model_sizes(tmp)
@@ -153,6 +147,20 @@ def m4_run(folder: str | Path, x: np.ndarray, timeout: float = 600) -> M4Result:
                     ticks * per_tick / len(x), total_text, len(x))
 
 
+@contextlib.contextmanager
+def _m4_image(folder: str | Path) -> Iterator[Path]:
+    """A temporary folder holding ``folder``'s model.c and model.h with the harness, compiled
+    and linked as ``image.elf`` for the Cortex-M4."""
+    with tempfile.TemporaryDirectory(prefix="nasopt-m4-") as tmp_name:
+        tmp = Path(tmp_name)
+        for name in ("model.h", "model.c"):
+            shutil.copy2(Path(folder) / name, tmp / name)
+        for name in ("m4_startup.c", "m4_main.c", "m4.ld"):
+            (tmp / name).write_text(_harness(name))
+        _m4_link(tmp)
+        yield tmp
+
+
 def _m4_link(tmp: Path) -> None:
     """Compile model.c and the harness in ``tmp`` for the Cortex-M4 and link ``image.elf``."""
     gcc = "arm-none-eabi-gcc"
@@ -171,14 +179,7 @@ def m4_sizes(folder: str | Path) -> dict[str, int]:
     ``static_ram`` (.data + .bss)."""
     _need("arm-none-eabi-gcc", "arm-none-eabi-nm",
           hint=f"install the Cortex-M4 toolchain and emulator: {APT}")
-    folder = Path(folder)
-    with tempfile.TemporaryDirectory(prefix="nasopt-m4-") as tmp_name:
-        tmp = Path(tmp_name)
-        for name in ("model.h", "model.c"):
-            shutil.copy2(folder / name, tmp / name)
-        for name in ("m4_startup.c", "m4_main.c", "m4.ld"):
-            (tmp / name).write_text(_harness(name))
-        _m4_link(tmp)
+    with _m4_image(folder) as tmp:
         return _model_sizes(tmp)
 
 
