@@ -83,48 +83,35 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
                    "model card (metrics.json) instead of running the pipeline again")
     _add_common(q, "report path (default: results/distill.md)")
     q.set_defaults(out="results/distill.md")
-    q = bsub.add_parser("darts-nb201", help="DARTS / DARTS- / GDAS on the NAS-Bench-201 cell "
-                        "space: collapse to parameter-free cells (writes results/darts_nb201.md)")
-    from .darts_nb201 import add_arguments as add_darts_nb201_arguments
-    add_darts_nb201_arguments(q)
-    q = bsub.add_parser("gradient", help="DARTS / GDAS toward size targets on the MNIST-1D "
-                        "conv1d space vs random search (writes results/gradient_mnist1d.md)")
-    from .gradient import add_arguments as add_gradient_arguments
-    add_gradient_arguments(q)
-    q = bsub.add_parser("reliability", help="SIGKILL at many points and re-run, several "
-                        "workers, bad input, torchrun (writes results/reliability.md)")
-    from .reliability import add_arguments as add_reliability_arguments
-    add_reliability_arguments(q)
-    q = bsub.add_parser("headline", help="the whole pipeline (nasopt run) on MNIST-1D and "
-                        "Fashion-MNIST, several seeds, against the published baselines; ours vs "
-                        "NNI on MNIST-1D (writes results/headline.md)")
-    from .headline import add_arguments as add_headline_arguments
-    add_headline_arguments(q)
-    q = bsub.add_parser("tasks", help="a user's own task: regression (diabetes) and imbalanced "
-                        "classification (digits, f1 vs accuracy search) with the tiny MLP space "
-                        "against scikit-learn's linear models (writes results/tasks.md)")
-    from .tasks import add_arguments as add_tasks_arguments
-    add_tasks_arguments(q)
-    q = bsub.add_parser("engine", help="per-trial cost of nasopt's search loop beside "
-                        "Optuna's own loop, same sampler and storage, at 100 to 10,000 trials "
-                        "(writes results/engine.md)")
-    from .engine import add_arguments as add_engine_arguments
-    add_engine_arguments(q)
-    q = bsub.add_parser("firmware", help="found models as integer C on an emulated Cortex-M4: "
-                        "accuracy in QEMU vs ONNX int8 vs packed float, flash, RAM, instructions "
-                        "per inference (writes results/firmware.md)")
-    from .firmware import add_arguments as add_firmware_arguments
-    add_firmware_arguments(q)
-    q = bsub.add_parser("budget", help="the most accurate model under a size budget and the "
-                        "hypervolume, our strategies vs NNI's RegularizedEvolution on the MNIST-1D "
-                        "joint space (writes results/budget.md)")
-    from .budget import add_arguments as add_budget_arguments
-    add_budget_arguments(q)
-    q = bsub.add_parser("first-trial", help="time from nasopt search to its first completed "
-                        "trial (digits, MNIST-1D, Fashion-MNIST; the default recipe beside the "
-                        "old one) and evaluation archs/s (writes results/first_trial.md)")
-    from .first_trial import add_arguments as add_first_trial_arguments
-    add_first_trial_arguments(q)
+    # the benchmarks whose module declares its own options (add_arguments): name, help
+    for name, text in (
+        ("darts-nb201", "DARTS / DARTS- / GDAS on the NAS-Bench-201 cell "
+         "space: collapse to parameter-free cells (writes results/darts_nb201.md)"),
+        ("gradient", "DARTS / GDAS toward size targets on the MNIST-1D "
+         "conv1d space vs random search (writes results/gradient_mnist1d.md)"),
+        ("reliability", "SIGKILL at many points and re-run, several "
+         "workers, bad input, torchrun (writes results/reliability.md)"),
+        ("headline", "the whole pipeline (nasopt run) on MNIST-1D and "
+         "Fashion-MNIST, several seeds, against the published baselines; ours vs "
+         "NNI on MNIST-1D (writes results/headline.md)"),
+        ("tasks", "a user's own task: regression (diabetes) and imbalanced "
+         "classification (digits, f1 vs accuracy search) with the tiny MLP space "
+         "against scikit-learn's linear models (writes results/tasks.md)"),
+        ("engine", "per-trial cost of nasopt's search loop beside "
+         "Optuna's own loop, same sampler and storage, at 100 to 10,000 trials "
+         "(writes results/engine.md)"),
+        ("firmware", "found models as integer C on an emulated Cortex-M4: "
+         "accuracy in QEMU vs ONNX int8 vs packed float, flash, RAM, instructions "
+         "per inference (writes results/firmware.md)"),
+        ("budget", "the most accurate model under a size budget and the "
+         "hypervolume, our strategies vs NNI's RegularizedEvolution on the MNIST-1D "
+         "joint space (writes results/budget.md)"),
+        ("first-trial", "time from nasopt search to its first completed "
+         "trial (digits, MNIST-1D, Fashion-MNIST; the default recipe beside the "
+         "old one) and evaluation archs/s (writes results/first_trial.md)"),
+    ):
+        module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+        module.add_arguments(bsub.add_parser(name, help=text))
     _add_hardware_parser(bsub)
 
 
