@@ -15,6 +15,8 @@ from nasopt.core.config import (
 )
 from nasopt.core.errors import NasoptError
 from nasopt.supernet import elastic
+from nasopt.compression.compress import Policy
+from nasopt.supernet.compressed import compressed_forward
 from nasopt.supernet.elastic import depthwise_dense, supernet_key, train_supernet
 
 
@@ -80,22 +82,31 @@ def test_cache_key_follows_the_resolved_recipe(datasets):
     def key(cfg: SupernetConfig) -> str:
         return supernet_key(space, data.fingerprint, cfg, n)
 
-    old_default = SupernetConfig(epochs=100, warmup_epochs=20)
-    # the key of the recipe that was the default (100 epochs) is what it was before the recipe
-    # could be sized by the data: its checkpoints are still found by configs that name it
+    old_default = SupernetConfig(epochs=100, warmup_epochs=20, compression_aware=False)
+    # the key of the float recipe that was the default (100 epochs) is what it was before the
+    # recipe could be sized by the data or trained under compression: its checkpoints are
+    # still found by configs that name it
     assert supernet_key(space, "fingerprint", old_default) == "5d9c4fd534d0bc7b"
-    # the default on MNIST-1D is that recipe (100 epochs, 20 warmup): the same checkpoint
-    assert key(SupernetConfig()) == key(old_default)
+    float_default = SupernetConfig(compression_aware=False)
+    # the float default on MNIST-1D is that recipe (100 epochs, 20 warmup): the same checkpoint
+    assert key(float_default) == key(old_default)
+    # training under compression is another recipe, and so is another compression sub-space
+    assert key(SupernetConfig()) != key(old_default)
+    assert supernet_key(space.restrict({"sparsity": [0.0]}), data.fingerprint, SupernetConfig(),
+                        n) != key(SupernetConfig())
+    assert supernet_key(space.restrict({"sparsity": [0.0]}), data.fingerprint, float_default,
+                        n) == key(float_default)
     # on a set large enough to be capped it is another recipe: it never finds a 100-epoch one
     big = 60000
-    assert supernet_key(space, "fp", SupernetConfig(), big) != \
+    assert supernet_key(space, "fp", float_default, big) != \
         supernet_key(space, "fp", old_default, big)
-    assert key(SupernetConfig(steps=2700)) == key(old_default)  # the same 100 epochs
-    assert key(SupernetConfig(steps=2701)) != key(old_default)  # 101 epochs
-    assert key(SupernetConfig(epochs=100, warmup_epochs=10)) != key(old_default)
+    assert key(SupernetConfig(steps=2700, compression_aware=False)) == key(old_default)
+    assert key(SupernetConfig(steps=2701, compression_aware=False)) != key(old_default)
+    assert key(SupernetConfig(epochs=100, warmup_epochs=10, compression_aware=False)) != \
+        key(old_default)
     # the same default recipe on another training-set size is another length, another key
     assert supernet_key(space, data.fingerprint, SupernetConfig(), 60000) != key(SupernetConfig())
-    assert key(SupernetConfig(steps=1080)) != key(old_default)  # 40 epochs
+    assert key(SupernetConfig(steps=1080)) != key(SupernetConfig())  # 40 epochs
     with pytest.raises(TypeError, match="n_train"):
         supernet_key(space, data.fingerprint, SupernetConfig())
 
@@ -190,7 +201,7 @@ def _reference(space, supernet, data, arch, calib_samples):
     the whole model recalibrated in one go."""
     from nasopt.search.evaluate import Evaluator
     evaluator = Evaluator(space, supernet, data, calib_samples)
-    evaluator._recalibrate = lambda model: elastic.recalibrate_bn(model, evaluator._x_calib)
+    evaluator._recalibrate = lambda model, compression: elastic.recalibrate_bn(model, evaluator._x_calib)
     return evaluator(arch)
 
 
@@ -215,9 +226,12 @@ def test_evaluation_results_are_unchanged(datasets, space_name, dataset, calib):
     for arch in archs:
         got = evaluator(arch).to_dict()
         assert got == _reference(space, supernet, data, arch, calib).to_dict(), arch
-        # the float model (as exported) holds the same BN statistics as well
+        # the float model (as exported) holds the same BN statistics as well: those of the
+        # whole model recalibrated under the arch's compression
         new, old = evaluator.float_model(arch), supernet.extract(arch)
-        elastic.recalibrate_bn(old, evaluator.calibration_samples)
+        with compressed_forward(old, Policy.from_arch(arch), space.group_of,
+                                evaluator.calibration_samples):
+            elastic.recalibrate_bn(old, evaluator.calibration_samples)
         for (name, a), b in zip(new.state_dict().items(), old.state_dict().values()):
             assert torch.equal(a, b), name
     assert evaluator._parts and len(evaluator._counts) < len(archs)  # both were reused

@@ -25,7 +25,15 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
                         "rank correlation of inherited vs stand-alone accuracy")
     q.add_argument("--space", default="conv1d")
     q.add_argument("--dataset", default="mnist1d")
-    q.add_argument("--archs", type=int, default=16, help="archs trained stand-alone (>= 15)")
+    q.add_argument("--archs", type=int, help="archs ranked (default 16 trained stand-alone; "
+                   "with --joint 24 fine-tuned)")
+    q.add_argument("--joint", action="store_true", help="the joint-space report instead: "
+                   "compressed archs' inherited vs fine-tuned accuracy, compression-aware "
+                   "recipe beside the float one (writes results/supernet_joint_DATASET.md)")
+    q.add_argument("--random-archs", type=int, default=200, help="with --joint: random joint "
+                   "archs for the near-chance share (default 200)")
+    q.add_argument("--finetune-seeds", type=int, default=3, help="with --joint: fine-tuning "
+                   "runs per arch, averaged (default 3)")
     q.add_argument("--standalone-epochs", type=int, default=40)
     q.add_argument("--standalone-seeds", type=int, default=3,
                    help="stand-alone runs per arch, averaged (default 3)")
@@ -133,6 +141,7 @@ def _add_hardware_parser(bsub) -> None:  # noqa: ANN001
 def run(args: argparse.Namespace) -> Path:
     """Run the benchmark ``args.bench_command`` names; the report's path."""
     if getattr(args, "out", "x") is None:
-        args.out = f"results/{args.bench_command}_{args.dataset.replace('.', '_')}.md"
+        joint = "_joint" if getattr(args, "joint", False) else ""
+        args.out = f"results/{args.bench_command}{joint}_{args.dataset.replace('.', '_')}.md"
     bench = importlib.import_module(f"{__name__}.{args.bench_command.replace('-', '_')}")
     return bench.run(args)

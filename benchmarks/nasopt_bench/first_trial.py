@@ -96,7 +96,7 @@ def _throughput(folder: Path, archs_n: int, threads: int, sets: list[str]) -> di
     class Before(Evaluator):
         """The evaluation before parts and counts were reused."""
 
-        def _recalibrate(self, model, batch_size: int = 1024) -> None:  # noqa: ANN001
+        def _recalibrate(self, model, compression, batch_size: int = 1024) -> None:  # noqa: ANN001
             recalibrate_bn(model, self._x_calib, batch_size)
 
         def _measure(self, arch):  # noqa: ANN001, ANN202

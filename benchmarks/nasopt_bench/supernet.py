@@ -59,6 +59,11 @@ def _ranking(inherited: list[float], standalone: list[float], se: float) -> dict
 
 
 def run(args: argparse.Namespace) -> Path:
+    if args.joint:
+        from nasopt_bench import supernet_joint
+        return supernet_joint.run(args)
+    if args.archs is None:
+        args.archs = 16
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -1,18 +1,24 @@
 """Compression of a standalone model by the compression genes of its arch.
 
-Order of operations (the same in the evaluator and in the packed-file loader):
+Order of operations (the same in the evaluator, in quantization-aware fine-tuning and in the
+packed-file loader):
 
-1. **Fold BatchNorm** into the conv registered just before it (what a deployed model does; the
-   conv gains a bias). Every space's network registers each BatchNorm right after its conv.
-2. **Low rank** (``<group>.rank`` < 1): a linear layer or a 1x1 conv of the group becomes two
+1. **Low rank** (``<group>.rank`` < 1): a linear layer or a 1x1 conv of the group becomes two
    layers (``r`` = round(ratio x min(out, in)) channels between them), initialised from the
    truncated SVD ``W ~ (U sqrt(S)) (sqrt(S) V^T)``.
-3. **Unstructured sparsity** (``sparsity``): global magnitude pruning over every stored weight
+2. **Unstructured sparsity** (``sparsity``): global magnitude pruning over every stored weight
    tensor (``torch.nn.utils.prune.global_unstructured`` with L1Unstructured; RandomUnstructured
    for the random-pruning baseline). Exactly ``round(sparsity x N)`` weights become zero.
+3. **Fold BatchNorm** into the conv registered just before it (what a deployed model does; the
+   conv gains a bias; after step 1 that is the second factor). Every space's network registers
+   each BatchNorm right after its conv. Folding scales each output channel, so zeros stay zero.
 4. **Quantization** (``<group>.bits``): symmetric per-output-channel scales,
    ``scale = max|w| / (2^(b-1) - 1)``, integers in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; 32 means
    float32 (no quantization). Biases stay float32.
+
+Factors and masks are taken on the trained weights, before folding, and per-channel quantization
+is unchanged by the fold's per-channel scale: so a supernet trained under compression
+(:mod:`nasopt.supernet.compressed`) computes, batch statistics aside, the very model deployed.
 
 Structured pruning (fraction of channels kept) is the elastic width of the supernet: the width
 genes keep the most L1-important channels, so it needs nothing here.
@@ -87,6 +93,12 @@ class Policy:
         return self.rank.get(group, 1.0)
 
 
+def compresses(policy: Policy) -> bool:
+    """Whether ``policy`` changes any weight (fewer bits than float, a rank below 1, sparsity)."""
+    return (policy.sparsity > 0 or any(b < FLOAT_BITS for b in policy.bits.values())
+            or any(r < 1.0 for r in policy.rank.values()))
+
+
 GroupOf = Callable[[str], str]
 
 
@@ -97,7 +109,7 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. BatchNorm folding
+# 3. BatchNorm folding
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -129,7 +141,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. low rank
+# 1. low rank
 def low_rank_eligible(module: nn.Module) -> bool:
     """Linear layers and 1x1 (non-grouped) convolutions can be factorized."""
     if isinstance(module, nn.Linear):
@@ -182,7 +194,7 @@ def factorize(model: nn.Module, policy: Policy, group_of: GroupOf, *, init: bool
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. sparsity and 4. quantization
+# 2. sparsity and 4. quantization
 def prune_global(model: nn.Module, sparsity: float, method: str = "magnitude",
                  seed: int = 0) -> None:
     """Zero exactly round(sparsity x N) of all stored weights (N over every weight layer)."""
@@ -245,9 +257,9 @@ class StoredLayer:
 
 
 def compressed_structure(model: nn.Module, policy: Policy, group_of: GroupOf) -> nn.Module:
-    """The deployed structure of a standalone model (BN folded, low-rank layers split), without
+    """The deployed structure of a standalone model (low-rank layers split, BN folded), without
     meaningful weights: what the packed-file loader fills."""
-    return factorize(fold_batchnorm(model), policy, group_of, init=False)
+    return fold_batchnorm(factorize(model, policy, group_of, init=False))
 
 
 def compress(model: nn.Module, policy: Policy, group_of: GroupOf, seed: int = 0,
@@ -257,15 +269,23 @@ def compress(model: nn.Module, policy: Policy, group_of: GroupOf, seed: int = 0,
 
     Returns the compressed model (its weights are exactly the dequantized stored values, so its
     outputs equal those of the model loaded from the packed file) and the stored layers."""
-    model = (model if inplace else copy.deepcopy(model)).eval()
-    factorize(fold_batchnorm(model), policy, group_of)
-    prune_global(model, policy.sparsity, policy.pruning, seed)
+    model = deployed_float(model if inplace else copy.deepcopy(model), policy, group_of, seed)
     return model, store_layers(model, policy, group_of)
 
 
+def deployed_float(model: nn.Module, policy: Policy, group_of: GroupOf, seed: int = 0
+                   ) -> nn.Module:
+    """Steps 1-3 in place: ``model`` factorized, pruned and BatchNorm-folded, not yet quantized
+    (what quantization-aware fine-tuning starts from)."""
+    model.eval()
+    factorize(model, policy, group_of)
+    prune_global(model, policy.sparsity, policy.pruning, seed)
+    return fold_batchnorm(model)
+
+
 def store_layers(model: nn.Module, policy: Policy, group_of: GroupOf) -> list[StoredLayer]:
-    """Quantize the weights of a model already in deployed structure (BN folded, factorized,
-    pruned) in place, and return its stored layers: the last step of :func:`compress`, also
+    """Quantize the weights of a model already in deployed structure (factorized, pruned, BN
+    folded) in place, and return its stored layers: the last step of :func:`compress`, also
     used after quantization-aware fine-tuning (:mod:`nasopt.deploy.finetune`). A zero weight counts as
     pruned when the policy prunes."""
     stored = []

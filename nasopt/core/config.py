@@ -70,6 +70,12 @@ class SupernetConfig:
     n_random: int = 4  # random subnets per sandwich step, besides largest and smallest
     kd_temperature: float = 1.0
     seed: int = 0
+    #: the random subnets of each sandwich step also draw compression genes and train under them
+    #: (fake quantization, magnitude masks, factorized weights: nasopt.supernet.compressed);
+    #: False: float training, compression applied only after the fact
+    compression_aware: bool = True
+    #: the share of each step's random subnets that compress (the others stay float)
+    compressed_share: float = 0.25
 
     def __post_init__(self) -> None:
         _positive("supernet", batch_size=self.batch_size, lr=self.lr,
@@ -79,6 +85,10 @@ class SupernetConfig:
                               f"({self.steps}) are both set; set one of them (to replace a "
                               f"config file's epochs: --set supernet.epochs=none --set "
                               f"supernet.steps={self.steps})")
+        if not 0.0 <= self.compressed_share <= 1.0:
+            raise NasoptError(f"supernet.compressed_share is the share of random subnets that "
+                              f"train compressed: give a number from 0 to 1, got "
+                              f"{self.compressed_share}")
         if self.steps is not None and self.steps < 1:
             raise NasoptError(f"supernet.steps must be a positive number of optimizer steps, "
                               f"got {self.steps}")

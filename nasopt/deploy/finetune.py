@@ -2,8 +2,8 @@
 re-heading an exported model for transfer learning.
 
 The model is put in its deployed structure exactly as :func:`nasopt.compression.compress.compress` does
-(BatchNorm folded into the convs, low-rank layers split into their SVD factors, global magnitude
-pruning), then every weight layer gets a parametrization (``torch.nn.utils.parametrize``)::
+(low-rank layers split into their SVD factors, global magnitude pruning, BatchNorm folded into the
+convs), then every weight layer gets a parametrization (``torch.nn.utils.parametrize``)::
 
     weight = fake_quantize(latent * mask, bits)
 
@@ -36,8 +36,8 @@ from torch.nn.utils import parametrize
 
 from nasopt.core.task import task_of
 from nasopt.compression.compress import (
-    FLOAT_BITS, GroupOf, Policy, StoredLayer, compressed_structure, dequantize, factorize,
-    fold_batchnorm, prune_global, quantize, store_layers, weight_layers,
+    FLOAT_BITS, GroupOf, Policy, StoredLayer, compressed_structure, deployed_float, dequantize,
+    quantize, store_layers, weight_layers,
 )
 from nasopt.core.data import Dataset
 from nasopt.supernet.early_stopping import History, train_early_stopping
@@ -83,8 +83,7 @@ def prepare_qat(model: nn.Module, policy: Policy, group_of: GroupOf, *, deployed
     already compressed model (an export; its zero weights are the pruning mask)."""
     model = copy.deepcopy(model).eval()
     if not deployed:
-        factorize(fold_batchnorm(model), policy, group_of)
-        prune_global(model, policy.sparsity, policy.pruning, seed)
+        deployed_float(model, policy, group_of, seed)
     for name, module in weight_layers(model):
         mask = (module.weight.detach() != 0).float() if policy.sparsity > 0 else None
         parametrize.register_parametrization(

@@ -9,11 +9,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nasopt.core.arch import Arch, Value
-from nasopt.compression.compress import Policy, StoredLayer, compress, nonzero_params
+from nasopt.compression.compress import Policy, StoredLayer, compress, compresses, nonzero_params
 from nasopt.core.data import Dataset
 from nasopt.core.errors import NasoptError
 from nasopt.core.metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
 from nasopt.compression.packed import predicted_size
+from nasopt.supernet.compressed import compressed_forward
 from nasopt.supernet.elastic import Supernet, recalibrate_bn
 from nasopt.supernet.network import ElasticNetwork
 from nasopt.core.scores import Metric, scores
@@ -44,7 +45,8 @@ class Evaluator:
     RECAL_CACHE_BYTES = 256 * 2 ** 20
 
     def __init__(self, space, supernet: Supernet, data: Dataset, calib_samples: int = 1024,
-                 pruning: str = "magnitude", metric: Metric | None = None):
+                 pruning: str = "magnitude", metric: Metric | None = None,
+                 compressed_recalibration: bool = True):
         self.space = space
         self.task = task_of(data)
         #: the scores of every evaluation: the task's built-in metrics, and a user's own one
@@ -52,6 +54,9 @@ class Evaluator:
                         **({metric.name: metric} if metric is not None else {})}
         self.supernet = supernet
         self.pruning = pruning
+        #: False: recalibrate BatchNorm on the float model, whatever the compression (the
+        #: benchmarks compare both)
+        self.compressed_recalibration = compressed_recalibration
         if calib_samples < 1:
             raise NasoptError(f"eval.calib_samples must be at least 1, got {calib_samples}")
         # a fixed, seeded random subset: training data may be sorted by class
@@ -67,6 +72,7 @@ class Evaluator:
         self._parts: OrderedDict[Hashable, tuple[list[torch.Tensor], list[tuple[torch.Tensor, ...]]]] = OrderedDict()
         self._parts_bytes = 0
         self._counts: dict[str, tuple[int, int]] = {}  # count key -> (params, MACs) deployed
+        self._compression_genes = set(space.compression_genes()) if space.compression else set()
 
     @property
     def calibration_samples(self) -> torch.Tensor:
@@ -74,15 +80,30 @@ class Evaluator:
         return self._x_calib
 
     def float_model(self, arch: Mapping[str, Value]) -> nn.Module:
-        """The uncompressed standalone model (inherited weights, recalibrated BN)."""
+        """The uncompressed standalone model (inherited weights), its BatchNorm recalibrated
+        under the arch's compression genes: the statistics of the compressed forward
+        (:func:`nasopt.supernet.compressed.compressed_forward`), which the deployed model folds.
+        An arch without compression (or the random-pruning baseline) recalibrates float."""
         model = self.supernet.extract(arch)
-        self._recalibrate(model)
+        policy = Policy.from_arch(self.space.validate(arch), self.pruning) \
+            if self.space.compression else Policy()
+        if (not compresses(policy) or self.pruning != "magnitude"
+                or not self.compressed_recalibration):
+            self._recalibrate(model, ())
+            return model.eval()
+        arch = self.space.validate(arch)
+        compression = tuple((g, v) for g, v in arch.items() if g in self._compression_genes)
+        if policy.sparsity > 0:  # every layer's weights choose the masks
+            compression = (arch.key,)
+        with compressed_forward(model, policy, self.space.group_of, self._x_calib):
+            self._recalibrate(model, compression)
         return model.eval()
 
     @torch.no_grad()
-    def _recalibrate(self, model: nn.Module, batch_size: int = 1024) -> None:
+    def _recalibrate(self, model: nn.Module, compression: tuple, batch_size: int = 1024) -> None:
         """:func:`recalibrate_bn` on the calibration samples, part by part where the network
-        names its parts, reusing the parts already computed for another arch."""
+        names its parts, reusing the parts already computed for another arch with the same
+        ``compression`` (its key: the compression genes, or the whole arch)."""
         parts = model.parts() if isinstance(model, ElasticNetwork) else None
         every = {id(m) for m in model.modules() if isinstance(m, _BatchNorm)}
         covered = [] if parts is None else [
@@ -90,6 +111,8 @@ class Evaluator:
         if parts is None or {id(m) for bns in covered for m in bns} != every:
             recalibrate_bn(model, self._x_calib, batch_size)
             return
+        if compression:
+            parts = [((key, compression), forward, module) for key, forward, module in parts]
         was_training = model.training
         model.train()
         xs = [self._x_calib[start:start + batch_size]

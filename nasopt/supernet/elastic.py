@@ -74,6 +74,9 @@ class _ElasticConv:
 
     active_out: int | None = None
     active_k: int | None = None
+    #: set by :func:`nasopt.supernet.compressed.compressed_forward`: the active weight's
+    #: compressed form
+    compression: Callable[[nn.Module, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         weight, bias = self.weight, self.bias
@@ -88,6 +91,8 @@ class _ElasticConv:
         k = self.active_k or weight.shape[-1]
         if k != weight.shape[-1]:
             weight = centre_crop(weight, k)
+        if self.compression is not None:
+            weight = self.compression(self, weight)
         if bias is not None:
             bias = bias[:out]
         if (depthwise and x.dim() == 4 and self.training and torch.is_grad_enabled()
@@ -209,11 +214,15 @@ class ElasticLinear(nn.Linear):
     and whose outputs are the first ``active_out`` (None: all), as the elastic convolutions."""
 
     active_out: int | None = None
+    compression: Callable[[nn.Module, Tensor], Tensor] | None = None  # as the convolutions'
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.active_out or self.out_features
         bias = None if self.bias is None else self.bias[:out]
-        return F.linear(x, self.weight[:out, : x.shape[1]], bias)
+        weight = self.weight[:out, : x.shape[1]]
+        if self.compression is not None:
+            weight = self.compression(self, weight)
+        return F.linear(x, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,23 +321,44 @@ def recalibrate_bn(model: nn.Module, x: Tensor, batch_size: int = 1024) -> None:
 
 
 def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, temperature: float,
-                  task: "Task | None" = None):
+                  task: "Task | None" = None, compression: "Mapping[str, Sequence[Value]] | None" = None,
+                  group_of: "Callable[[str], str] | None" = None, compressed_share: float = 1.0):
     """Loss of one sandwich-rule step: the largest subnet learns from labels, the smallest and
     ``n_random`` random subnets from the largest one's outputs (in-place distillation: soft
-    logits for classification, the outputs themselves for regression; ``task``)."""
+    logits for classification, the outputs themselves for regression; ``task``).
+
+    With ``compression`` (the space's compression genes and their options) the first
+    ``round(compressed_share x n_random)`` random subnets also draw a value of every compression
+    gene and compute under it (:func:`nasopt.supernet.compressed.compressed_forward`: fake
+    quantization, magnitude masks, factorized weights); the others, the largest and the smallest
+    stay float."""
+    from nasopt.compression.compress import Policy
     from nasopt.core.task import CLASSIFICATION
+    from nasopt.supernet.compressed import compressed_forward
     task = task or CLASSIFICATION
     space = supernet.space
     largest, smallest = space.largest(), space.smallest()
+    genes = dict(compression or {})
+    if genes and group_of is None:
+        raise TypeError("sandwich_loss needs group_of with compression genes")
+    n_compressed = round(compressed_share * n_random) if genes else 0
+
+    def student(arch: Mapping[str, Value], x: Tensor, compressed: bool) -> Tensor:
+        with supernet.activate(arch):
+            if not compressed:
+                return supernet(x)
+            policy = Policy.from_arch({g: rng.choice(options) for g, options in genes.items()})
+            with compressed_forward(supernet.net, policy, group_of, x):
+                return supernet(x)
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         with supernet.activate(largest):
             teacher = supernet(x)
         total = task.loss(teacher, y)
-        for arch in [smallest] + [space.sample(rng) for _ in range(n_random)]:
-            with supernet.activate(arch):
-                student = supernet(x)
-            total = total + task.distillation_loss(student, teacher, temperature)
+        total = total + task.distillation_loss(student(smallest, x, False), teacher, temperature)
+        for i in range(n_random):
+            out = student(space.sample(rng), x, i < n_compressed)
+            total = total + task.distillation_loss(out, teacher, temperature)
         return total
 
     return loss
@@ -359,6 +389,15 @@ KEY_FIELDS = ("epochs", "warmup_epochs", "batch_size", "lr", "weight_decay", "n_
               "kd_temperature", "seed")
 
 
+def training_compression(space: "SearchSpace", cfg: Any) -> dict[str, tuple[Value, ...]]:
+    """The compression genes a recipe draws during training: the space's, when the recipe is
+    compression-aware (``supernet.compression_aware``); none otherwise."""
+    if not getattr(cfg, "compression_aware", False) or not space.compression:
+        return {}
+    names = space.compression_genes()
+    return {g: tuple(o) for g, o in space.genes.items() if g in names}
+
+
 def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any,
                  n_train: int | None = None) -> str:
     """Hash of everything the trained supernet depends on: the (sub-)space, the data, the recipe.
@@ -374,10 +413,17 @@ def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any,
         cfg = cfg.resolve(n_train if n_train is not None else 1)
     train = dataclasses.asdict(cfg)
     if hasattr(cfg, "resolve"):
-        extra = {k: v for k, v in train.items() if k not in KEY_FIELDS and v is not None}
+        extra = {k: v for k, v in train.items()
+                 if k not in KEY_FIELDS and v is not None and v is not False}
+        if not train.get("compression_aware"):  # the float recipe keys as it always did
+            extra.pop("compressed_share", None)
         train = {**{k: train[k] for k in KEY_FIELDS}, **extra}
-    payload = json.dumps({"space": space.architecture_space().describe(), "data": data_fingerprint,
-                          "train": train}, sort_keys=True)
+    described = {"space": space.architecture_space().describe(), "data": data_fingerprint,
+                 "train": train}
+    drawn = training_compression(space, cfg)
+    if drawn:  # a compression-aware recipe trains for the (sub-)space's compression options
+        described["compression"] = {g: list(o) for g, o in drawn.items()}
+    payload = json.dumps(described, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -412,7 +458,7 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     partial = folder / f"{space.name}-{key}.partial.pt"
     torch.manual_seed(cfg.seed)
     supernet = space.supernet().to(device)
-    space = supernet.space  # the architecture genes only
+    full_space, space = space, supernet.space  # space: the architecture genes only
     main = group is None or group.is_main
 
     def read(path: Path) -> dict | None:
@@ -439,7 +485,9 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     rng = random.Random()
     largest = space.largest()
     task = task_of(data)
-    sandwich = sandwich_loss(supernet, rng, cfg.n_random, cfg.kd_temperature, task)
+    sandwich = sandwich_loss(supernet, rng, cfg.n_random, cfg.kd_temperature, task,
+                             training_compression(full_space, cfg), full_space.group_of,
+                             cfg.compressed_share)
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         if epoch_now[0] < cfg.warmup_epochs:

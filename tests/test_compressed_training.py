@@ -1,0 +1,112 @@
+"""Training with compression in the loop (nasopt.supernet.compressed): the compressed forward of an
+elastic network equals the model the packed file stores, per gene, and gradients reach the latent
+weights."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nasopt.compression.compress import Policy, compress, dequantize, quantize
+from nasopt.supernet.compressed import compressed_forward, global_masks
+from nasopt.supernet.elastic import ElasticConv1d, ElasticLinear
+
+
+class _Net(nn.Module):
+    """A 1x1 conv (low-rank eligible), a 3-tap conv, a linear head: groups a, b, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = ElasticConv1d(3, 12, 1, bias=True)
+        self.b = ElasticConv1d(12, 10, 3)
+        self.head = ElasticLinear(10 * 16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(torch.relu(self.b(torch.relu(self.a(x)))), 1))
+
+
+def _group(name: str) -> str:
+    return name.split(".")[0]
+
+
+@pytest.fixture
+def net() -> _Net:
+    torch.manual_seed(0)
+    return _Net().eval()
+
+
+X = torch.randn(32, 3, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(bits={"a": 4, "b": 2, "head": 8}),  # quantization alone
+    Policy(rank={"a": 0.5, "head": 0.25}),  # factorized forward alone
+    Policy(sparsity=0.75),  # masks alone
+    Policy(bits={"a": 2, "b": 6, "head": 4}, rank={"a": 0.25, "head": 0.5}, sparsity=0.5),
+], ids=["bits", "rank", "sparsity", "joint"])
+def test_compressed_forward_equals_the_stored_model(net, policy):
+    # the model compress() stores (what the packed file holds and the exporter writes)
+    deployed, _ = compress(copy.deepcopy(net), policy, _group)
+    with torch.no_grad(), compressed_forward(net, policy, _group, X):
+        trained = net(X)
+    assert torch.allclose(trained, deployed(X), atol=1e-5)
+    with torch.no_grad():  # and outside the block the float network is back
+        assert torch.equal(net(X), _Net.forward(net, X))
+    assert all("compression" not in vars(m) for m in net.modules())
+
+
+def test_fake_quantization_is_the_packed_quantizer(net):
+    captured = {}
+
+    def keep(module, inputs, output):  # noqa: ANN001
+        captured[module] = (inputs[0], output)
+
+    net.head.register_forward_hook(keep)
+    with torch.no_grad(), compressed_forward(net, Policy(bits={"head": 3}), _group, X):
+        net(X)
+    flat, out = captured[net.head]
+    w = dequantize(*quantize(net.head.weight, 3))
+    assert torch.allclose(out, flat @ w.t() + net.head.bias, atol=1e-6)
+    assert len(torch.unique(w[0])) <= 2 ** 3 - 1  # at most 7 levels per output row
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.9])
+def test_masks_keep_exactly_the_drawn_fraction(sparsity):
+    torch.manual_seed(0)
+    mags = [torch.rand(7, 5), torch.rand(13), torch.rand(4, 4, 3)]
+    masks = global_masks(mags, sparsity)
+    total = sum(m.numel() for m in mags)
+    assert sum(int((~m).sum()) for m in masks) == round(sparsity * total)
+    dropped = torch.cat([v[~m] for v, m in zip(mags, masks)])
+    kept = torch.cat([v[m] for v, m in zip(mags, masks)])
+    assert dropped.max() <= kept.min()  # the smallest magnitudes go, across layers
+
+
+def test_gradients_reach_the_latent_weights_straight_through(net):
+    policy = Policy(bits={"a": 4, "b": 4, "head": 4}, rank={"head": 0.5}, sparsity=0.5)
+    with compressed_forward(net, policy, _group, X):
+        net(X).square().mean().backward()
+    for p in net.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, shape", [("conv1d", (1, 40)), ("mobilenet", (1, 8, 8))])
+def test_with_batchnorm_in_eval_mode_the_compressed_forward_is_the_deployed_model(name, shape):
+    from nasopt import api
+    from nasopt.supernet.elastic import recalibrate_bn
+    space = api.SPACES[name](shape, 10)
+    rng = __import__("random").Random(3)
+    torch.manual_seed(0)
+    x = torch.randn(64, *shape)
+    for _ in range(4):
+        arch = space.sample(rng)
+        model = space.build(arch)
+        recalibrate_bn(model, x)
+        model.eval()
+        policy = Policy.from_arch(arch)
+        deployed, _ = compress(model, policy, space.group_of)
+        with torch.no_grad(), compressed_forward(model, policy, space.group_of, x):
+            ours = model(x)
+        assert torch.allclose(ours, deployed(x), atol=1e-4, rtol=1e-4), arch
