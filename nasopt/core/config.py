@@ -74,7 +74,7 @@ class SupernetConfig:
     #: (fake quantization, magnitude masks, factorized weights: nasopt.supernet.compressed);
     #: False: float training, compression applied only after the fact
     compression_aware: bool = True
-    #: the share of each step's random subnets that compress (the others stay float)
+    #: the probability that a random subnet of a step trains compressed (else float)
     compressed_share: float = 0.25
 
     def __post_init__(self) -> None:
@@ -86,8 +86,8 @@ class SupernetConfig:
                               f"config file's epochs: --set supernet.epochs=none --set "
                               f"supernet.steps={self.steps})")
         if not 0.0 <= self.compressed_share <= 1.0:
-            raise NasoptError(f"supernet.compressed_share is the share of random subnets that "
-                              f"train compressed: give a number from 0 to 1, got "
+            raise NasoptError(f"supernet.compressed_share is the probability that a random "
+                              f"subnet trains compressed: give a number from 0 to 1, got "
                               f"{self.compressed_share}")
         if self.steps is not None and self.steps < 1:
             raise NasoptError(f"supernet.steps must be a positive number of optimizer steps, "

@@ -327,11 +327,11 @@ def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, tempera
     ``n_random`` random subnets from the largest one's outputs (in-place distillation: soft
     logits for classification, the outputs themselves for regression; ``task``).
 
-    With ``compression`` (the space's compression genes and their options) the first
-    ``round(compressed_share x n_random)`` random subnets also draw a value of every compression
-    gene and compute under it (:func:`nasopt.supernet.compressed.compressed_forward`: fake
-    quantization, magnitude masks, factorized weights); the others, the largest and the smallest
-    stay float."""
+    With ``compression`` (the space's compression genes and their options) each random subnet,
+    with probability ``compressed_share``, also draws a value of every compression gene and
+    computes under it (:func:`nasopt.supernet.compressed.compressed_forward`: fake quantization,
+    magnitude masks, factorized weights); the others, the largest and the smallest stay
+    float. Every draw comes from ``rng``."""
     from nasopt.compression.compress import Policy
     from nasopt.core.task import CLASSIFICATION
     from nasopt.supernet.compressed import compressed_forward
@@ -341,7 +341,6 @@ def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, tempera
     genes = dict(compression or {})
     if genes and group_of is None:
         raise TypeError("sandwich_loss needs group_of with compression genes")
-    n_compressed = round(compressed_share * n_random) if genes else 0
 
     def student(arch: Mapping[str, Value], x: Tensor, compressed: bool) -> Tensor:
         with supernet.activate(arch):
@@ -356,8 +355,9 @@ def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, tempera
             teacher = supernet(x)
         total = task.loss(teacher, y)
         total = total + task.distillation_loss(student(smallest, x, False), teacher, temperature)
-        for i in range(n_random):
-            out = student(space.sample(rng), x, i < n_compressed)
+        for _ in range(n_random):
+            arch = space.sample(rng)
+            out = student(arch, x, bool(genes) and rng.random() < compressed_share)
             total = total + task.distillation_loss(out, teacher, temperature)
         return total
 
