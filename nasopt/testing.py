@@ -20,7 +20,11 @@ weights:
 - ``recalibrate``: BatchNorm recalibration of an extracted subnet leaves finite outputs;
 - ``packed``: the compressed model's packed file is exactly ``predicted_size`` bytes and loads
   back to the same outputs;
-- ``export``: an export folder written and loaded back (``nasopt.load``) gives the same outputs.
+- ``export``: an export folder written and loaded back (``nasopt.load``) gives the same outputs;
+- ``compressed`` (weight-sharing spaces with compression genes): the compressed forward a
+  compression-aware supernet trains with (:func:`nasopt.supernet.compressed.compressed_forward`,
+  BatchNorm in eval mode) computes the deployed model's outputs: the network's weight layers
+  are elastic layers, and every BatchNorm follows the conv it folds into.
 """
 from __future__ import annotations
 
@@ -140,6 +144,28 @@ class _Checks:
                 diff = (model(self.x) - loaded(self.x)).abs().max().item()
             assert diff < TOLERANCE, f"the packed file loads to outputs off by {diff:.3g}"
 
+    def compressed(self) -> None:
+        from nasopt.compression.compress import Policy, compress, weight_layers
+        from nasopt.supernet.compressed import compressed_forward
+        from nasopt.supernet.elastic import recalibrate_bn
+        for arch in self.archs[:4]:
+            model = self.space.build(arch)
+            recalibrate_bn(model, self.x)
+            model.eval()
+            plain = [n for n, m in weight_layers(model) if not hasattr(m, "compression")]
+            assert not plain, (f"weight layers {plain[:3]} are not elastic layers: a "
+                               f"compression-aware supernet cannot train them compressed; build "
+                               f"them from nasopt's Elastic* layers")
+            policy = Policy.from_arch(arch)
+            deployed, _ = compress(model, policy, self.space.group_of)
+            with torch.no_grad(), compressed_forward(model, policy, self.space.group_of, self.x):
+                ours = model(self.x)
+                diff = (ours - deployed(self.x)).abs().max().item()
+            scale = max(1.0, deployed(self.x).abs().max().item()) if diff else 1.0
+            assert diff < 1e-4 * scale, (
+                f"the compressed forward of {dict(arch)} differs from its deployed model by "
+                f"{diff:.3g}: every BatchNorm must follow the conv it normalises")
+
     def export(self) -> None:
         from nasopt.deploy.export import export_model, load
         spaces = {**_shipped(), self.space.name: type(self.space)}
@@ -159,7 +185,8 @@ def _shipped() -> dict[str, type[SearchSpace]]:
 
 
 #: every rule, in the order they run
-RULES: tuple[str, ...] = ("sample", "build", "extract", "recalibrate", "packed", "export")
+RULES: tuple[str, ...] = ("sample", "build", "extract", "recalibrate", "packed", "export",
+                          "compressed")
 
 
 def check_space(cls: type[SearchSpace], input_shape: tuple[int, ...] | None = None,
@@ -174,10 +201,10 @@ def check_space(cls: type[SearchSpace], input_shape: tuple[int, ...] | None = No
         return [Failure("construct", f"{type(exc).__name__}: {exc}")]
     failures = []
     for rule in rules:
-        if rule in ("packed", "export") and not (space.compression
-                                                  and space.compression_genes()):
+        if rule in ("packed", "export", "compressed") and not (space.compression
+                                                                and space.compression_genes()):
             continue  # no compression genes: nothing is packed (nb201 is searched from a table)
-        if rule == "export" and not cls.weight_sharing:
+        if rule in ("export", "compressed") and not cls.weight_sharing:
             continue  # a space without a supernet is exported from a table: no model to export
         try:
             getattr(checks, rule)()
@@ -218,4 +245,7 @@ class SpaceContract:
 
     def test_export(self) -> None:
         self._rule("export")
+
+    def test_compressed(self) -> None:
+        self._rule("compressed")
 
