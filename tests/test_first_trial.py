@@ -228,7 +228,7 @@ def test_evaluation_results_are_unchanged(datasets, space_name, dataset, calib):
         assert got == _reference(space, supernet, data, arch, calib).to_dict(), arch
         # the float model (as exported) holds the same BN statistics as well: those of the
         # whole model recalibrated under the arch's compression
-        new, old = evaluator.float_model(arch), supernet.extract(arch)
+        new, old = evaluator.calibrated_model(arch), supernet.extract(arch)
         with compressed_forward(old, Policy.from_arch(arch), space.group_of,
                                 evaluator.calibration_samples):
             elastic.recalibrate_bn(old, evaluator.calibration_samples)

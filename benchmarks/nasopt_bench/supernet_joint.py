@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> Path:
             t0 = time.perf_counter()
             accs = []
             for seed in seeds:
-                qat = prepare_qat(ev.float_model(arch), policy, space.group_of)
+                qat = prepare_qat(ev.calibrated_model(arch), policy, space.group_of)
                 model, _, _ = finetune(qat, policy, space.group_of, data,
                                        dataclasses.replace(ft, seed=seed))
                 accs.append(accuracy(model, data.x_val, data.y_val))

@@ -72,7 +72,30 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     p.add_argument("--fraction", type=float, default=1.0,
                    help="keep this stratified fraction of train and validation (e.g. 0.1)")
     p.add_argument("--freeze", default="", help="groups to keep fixed, e.g. s1,s2")
+    p.add_argument("--shots", type=_positive_int, metavar="K", help="few-shot target: keep K "
+                   "training samples of every class (validation and test unchanged)")
+    p.add_argument("--shots-seed", type=int, default=0, metavar="N",
+                   help="with --shots: which K samples (another N, another draw; default 0)")
     _add_training(p, epochs=20, lr=1e-3, patience=5)
+    meta = p.add_argument_group(
+        "meta-learned initialisation", "With --meta the re-headed model is meta-trained by "
+        "Reptile (first-order meta-learning) on few-shot tasks drawn from the training split of "
+        "source classes other than the target's, then fine-tuned on the target as usual "
+        "(nasopt/deploy/meta.py). Its seed is --seed.")
+    meta.add_argument("--meta", action="store_true",
+                      help="meta-train the initialisation before fine-tuning")
+    meta.add_argument("--meta-classes", metavar="C1,C2,...", help="source classes of the source "
+                      "model's dataset (default: every class of it not in --classes)")
+    meta.add_argument("--meta-iterations", type=_positive_int, metavar="N",
+                      help="tasks, one outer update each (default 1000)")
+    meta.add_argument("--meta-shots", type=_positive_int, metavar="K",
+                      help="support samples per class and task (default 10)")
+    meta.add_argument("--meta-inner-steps", type=_positive_int, metavar="N",
+                      help="Adam steps per task (default 5)")
+    meta.add_argument("--meta-inner-lr", type=float, metavar="LR",
+                      help="the inner steps' learning rate (default 0.003)")
+    meta.add_argument("--meta-lr", type=float, metavar="EPS", help="outer step size, decaying "
+                      "linearly to 0 (default 1.0)")
     add_out(p, "export folder to write")
     _add_storage(p)
 
@@ -300,6 +323,7 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience, seed=args.seed,
                          freeze=tuple(g.strip() for g in args.freeze.split(",") if g.strip()))
+    meta_cfg = _meta_config(args)  # checked before any model or data is read
     data = None
     deployed = False
     if args.study:
@@ -307,7 +331,7 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
             raise NasoptError("--study needs --trial N")
         study, evaluator, data = _study_evaluator(args.study, args.storage, args.run_dir)
         arch = _trial_arch(study, evaluator, args.trial)
-        space, model = evaluator.space, evaluator.float_model(arch)
+        space, model = evaluator.space, evaluator.calibrated_model(arch)
         from nasopt.search.study import setup_of
         data_setup = setup_of(study)["data"]
     else:
@@ -333,9 +357,17 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     if spec is None:
         raise NasoptError("the source does not name its dataset; give --dataset")
     classes = _numbers(args.classes, int, "--classes", "5,6,7,8,9") or None
-    if data is None or args.dataset or classes or args.fraction != 1:
-        if args.dataset or classes or args.fraction != 1:  # load_dataset checks the fraction
-            data = load_dataset(spec, classes=classes, fraction=args.fraction)
+    # the dataset meta-training draws from: the source model's (its other classes)
+    meta_spec = data_setup.get("dataset") or spec
+    if meta_cfg is not None and meta_spec == spec and not classes:
+        raise NasoptError(f"--meta needs --classes: the target classes (e.g. --classes "
+                          f"5,6,7,8,9); meta-training draws its tasks from the other classes of "
+                          f"{spec} (--meta-classes)")
+    if data is None or args.dataset or classes or args.fraction != 1 or args.shots:
+        if args.dataset or classes or args.fraction != 1 or args.shots:
+            # load_dataset checks the fraction and the shots
+            data = load_dataset(spec, classes=classes, fraction=args.fraction, shots=args.shots,
+                                shots_seed=args.shots_seed)
         else:  # the source's own split
             keys = ("seed", "val_fraction", "test_fraction", "label_column", "classes",
                     "fraction", "task")
@@ -345,18 +377,34 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     if data.input_shape != tuple(space.input_shape):
         raise NasoptError(f"{data.name} samples are shaped {data.input_shape}, the model takes "
                           f"{tuple(space.input_shape)}; transfer needs the same input shape")
+    source = None
+    if meta_cfg is not None:  # the source classes' training split, checked before any training
+        source = _meta_source(meta_spec, spec, classes, args.meta_classes, data, space)
     out = check_out(args.out, args.force)  # the inputs above are read, no training yet
-    if data.num_classes != space.num_classes or args.dataset or classes:
+    if data.num_classes != space.num_classes or args.dataset or classes or source:
         if not deployed:  # re-heading works on the deployed structure
             from nasopt.compression.compress import compress
             model, deployed = compress(model, policy, space.group_of)[0], True
         model, space = reheaded(model, space, arch, data.num_classes, args.seed)
     qat = prepare_qat(model, policy, space.group_of, deployed=deployed, seed=args.seed)
+    meta_record = None
+    if source is not None:
+        from nasopt.deploy.meta import reptile
+        meta_classes, x_source, y_source = source
+        meta_history = reptile(qat, x_source, y_source, meta_cfg, show_progress=True)
+        meta_record = {**dataclasses.asdict(meta_cfg), "ways": meta_history.ways,
+                       "dataset": meta_spec, "classes": meta_classes,
+                       "train_samples": len(y_source), "seconds": meta_history.seconds,
+                       "loss_before_adaptation": meta_history.loss_before,
+                       "loss_after_adaptation": meta_history.loss_after}
     final, stored, history = finetune(qat, policy, space.group_of, data, cfg, show_progress=True)
     distilled = args.source is not None and (Path(args.source) / STUDENT_CARD).exists()
-    info = {"origin": f"nasopt finetune (QAT) from {args.source or args.study}",
-            "weights": "distilled, fine-tuned" if distilled else "fine-tuned",
+    weights = "distilled, fine-tuned" if distilled else "fine-tuned"
+    info = {"origin": f"nasopt finetune (QAT{', Reptile first' if source else ''}) from "
+                      f"{args.source or args.study}",
+            "weights": ("meta-trained, " + weights) if source else weights,
             "dataset": {"dataset": spec, "classes": classes, "fraction": args.fraction,
+                        "shots": args.shots, "shots_seed": args.shots_seed if args.shots else None,
                         "task": data.task}}
     export_model(final, stored, arch, space, out, info, api.SPACES, preprocess=data.preprocess)
     # model.ts takes raw samples too (the preprocessing inside), as every model file there
@@ -368,9 +416,56 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
                f"val_{name}": history.best_val_accuracy, f"test_{name}_packed": test,
                "packed_bytes": (out / "model.packed").stat().st_size,
                "finetune": dataclasses.asdict(cfg), "history": dataclasses.asdict(history)}
+    if meta_record is not None:
+        metrics["meta"] = meta_record
     from nasopt.search.study import mask_secrets
     (out / "metrics.json").write_text(json.dumps(mask_secrets(metrics), indent=2) + "\n")
+    if meta_record is not None:
+        print(f"meta-trained (Reptile) on {meta_record['iterations']} tasks of "
+              f"{meta_record['ways']} classes drawn from {meta_spec} classes "
+              f"{','.join(map(str, meta_record['classes']))} ({meta_record['seconds']:.0f} s)")
     print(f"fine-tuned (QAT) on {data.summary()}: val {name} {history.best_val_accuracy:.4f}; "
           f"test {name} of model.packed {test:.4f} ({metrics['packed_bytes']} B); wrote {out}/ "
           f"(arch.json, model.json, weights.pt, model.packed, model.ts, metrics.json)")
     return 0
+
+
+#: the options of ``finetune --meta`` and the MetaConfig fields they set
+META_OPTIONS = {"meta_iterations": "iterations", "meta_shots": "shots",
+                "meta_inner_steps": "inner_steps", "meta_inner_lr": "inner_lr",
+                "meta_lr": "meta_lr"}
+
+
+def _meta_config(args: argparse.Namespace):  # noqa: ANN202 - a MetaConfig or None
+    """``finetune``'s meta-learning settings (None without --meta); a meta option without
+    --meta is one line."""
+    given = {field: getattr(args, option) for option, field in META_OPTIONS.items()
+             if getattr(args, option) is not None}
+    if not args.meta:
+        stray = [f"--{o.replace('_', '-')}" for o in (*META_OPTIONS, "meta_classes")
+                 if getattr(args, o) is not None]
+        if stray:
+            raise NasoptError(f"{', '.join(stray)} only apply with --meta; add --meta or drop them")
+        return None
+    from nasopt.deploy.meta import MetaConfig
+    return MetaConfig(seed=args.seed, **given)
+
+
+def _meta_source(meta_spec: str, spec: str, target: list[int] | None, given: str | None,
+                 data, space):  # noqa: ANN001, ANN202
+    """(source classes, their training samples, labels 0..k-1) for ``finetune --meta``: the
+    classes of ``meta_spec`` (the source model's dataset) that ``--meta-classes`` names, or
+    else every one not among the ``target`` classes of the same dataset."""
+    from nasopt.core.data import load_dataset
+    from nasopt.deploy.meta import source_classes, source_split
+    if data.task != "classification":
+        raise NasoptError(f"--meta draws classes; {data.name} is a regression dataset")
+    full = load_dataset(meta_spec)  # its training split is all meta-training reads
+    if full.input_shape != tuple(space.input_shape):
+        raise NasoptError(f"{meta_spec} samples are shaped {full.input_shape}, the model takes "
+                          f"{tuple(space.input_shape)}; meta-training needs the model's inputs")
+    labels = sorted(set(full.y_train.tolist()))
+    chosen = source_classes(labels, target if meta_spec == spec else None,
+                            _numbers(given, int, "--meta-classes", "0,1,2,3,4") or None,
+                            data.num_classes, meta_spec)
+    return (chosen, *source_split(full, chosen))

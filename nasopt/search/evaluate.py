@@ -80,18 +80,24 @@ class Evaluator:
         return self._x_calib
 
     def float_model(self, arch: Mapping[str, Value]) -> nn.Module:
-        """The uncompressed standalone model (inherited weights), its BatchNorm recalibrated
-        under the arch's compression genes: the statistics of the compressed forward
-        (:func:`nasopt.supernet.compressed.compressed_forward`), which the deployed model folds.
-        An arch without compression (or the random-pruning baseline) recalibrates float."""
+        """The uncompressed standalone model (inherited weights, BatchNorm recalibrated)."""
         model = self.supernet.extract(arch)
-        policy = Policy.from_arch(self.space.validate(arch), self.pruning) \
-            if self.space.compression else Policy()
+        self._recalibrate(model, ())
+        return model.eval()
+
+    def calibrated_model(self, arch: Mapping[str, Value]) -> nn.Module:
+        """The standalone model (inherited weights) whose BatchNorm is recalibrated under the
+        arch's compression genes: the statistics of the compressed forward
+        (:func:`nasopt.supernet.compressed.compressed_forward`), which the deployed model
+        folds. What :func:`~nasopt.compression.compress.compress` turns into the scored model,
+        and where quantization-aware fine-tuning of a trial starts. An arch without compression
+        (or the random-pruning baseline) is the float model."""
+        arch = self.space.validate(arch)
+        policy = Policy.from_arch(arch, self.pruning) if self.space.compression else Policy()
         if (not compresses(policy) or self.pruning != "magnitude"
                 or not self.compressed_recalibration):
-            self._recalibrate(model, ())
-            return model.eval()
-        arch = self.space.validate(arch)
+            return self.float_model(arch)
+        model = self.supernet.extract(arch)
         compression = tuple((g, v) for g, v in arch.items() if g in self._compression_genes)
         if policy.sparsity > 0:  # every layer's weights choose the masks
             compression = (arch.key,)
@@ -150,7 +156,7 @@ class Evaluator:
     def compressed(self, arch: Mapping[str, Value]) -> tuple[nn.Module, list[StoredLayer]]:
         """The deployed model of ``arch`` exactly as it is scored, and its stored layers."""
         arch = self.space.validate(arch)
-        return self._compress(arch, self.float_model(arch))
+        return self._compress(arch, self.calibrated_model(arch))
 
     def _compress(self, arch: Arch, float_model: nn.Module
                   ) -> tuple[nn.Module, list[StoredLayer]]:
@@ -170,9 +176,9 @@ class Evaluator:
         return self._cache[arch.key]
 
     def _measure(self, arch: Arch) -> Metrics:
-        float_model = self.float_model(arch)
-        float_params = count_params(float_model)  # before compress() changes it in place
-        model, stored = self._compress(arch, float_model)
+        calibrated = self.calibrated_model(arch)
+        float_params = count_params(calibrated)  # before compress() changes it in place
+        model, stored = self._compress(arch, calibrated)
         found = scores(outputs(model, self._x_val).cpu().numpy(), self._y_val.cpu().numpy(),
                        self.metrics)
         count_key = self.space.count_key(arch)
