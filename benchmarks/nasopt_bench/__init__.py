@@ -34,6 +34,8 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
                    "archs for the near-chance share (default 200)")
     q.add_argument("--finetune-seeds", type=int, default=3, help="with --joint: fine-tuning "
                    "runs per arch, averaged (default 3)")
+    q.add_argument("--cost-steps", type=int, default=30, help="with --joint: sandwich steps "
+                   "per recipe timed alternating for the step-cost ratio (default 30)")
     q.add_argument("--standalone-epochs", type=int, default=40)
     q.add_argument("--standalone-seeds", type=int, default=3,
                    help="stand-alone runs per arch, averaged (default 3)")
