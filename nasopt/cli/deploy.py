@@ -93,9 +93,9 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     meta.add_argument("--meta-inner-steps", type=_positive_int, metavar="N",
                       help="Adam steps per task (default 5)")
     meta.add_argument("--meta-inner-lr", type=float, metavar="LR",
-                      help="the inner steps' learning rate (default 0.003)")
+                      help="the inner steps' learning rate (default 0.001)")
     meta.add_argument("--meta-lr", type=float, metavar="EPS", help="outer step size, decaying "
-                      "linearly to 0 (default 1.0)")
+                      "linearly to 0 (default 0.1)")
     add_out(p, "export folder to write")
     _add_storage(p)
 
@@ -445,7 +445,8 @@ def _meta_config(args: argparse.Namespace):  # noqa: ANN202 - a MetaConfig or No
         stray = [f"--{o.replace('_', '-')}" for o in (*META_OPTIONS, "meta_classes")
                  if getattr(args, o) is not None]
         if stray:
-            raise NasoptError(f"{', '.join(stray)} only apply with --meta; add --meta or drop them")
+            raise NasoptError(f"{', '.join(stray)} only apply with --meta; add --meta or drop "
+                              f"them")
         return None
     from nasopt.deploy.meta import MetaConfig
     return MetaConfig(seed=args.seed, **given)

@@ -138,12 +138,17 @@ def cache_dir() -> Path:
 def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
                  test_fraction: float = 0.2, label_column: str = "label",
                  classes: Sequence[int] | None = None, fraction: float = 1.0,
-                 task: str | None = None) -> Dataset:
+                 task: str | None = None, shots: int | None = None,
+                 shots_seed: int = 0) -> Dataset:
     """Load ``spec`` (a built-in name or a .npz / .csv path) and split it.
 
     ``classes`` keeps only those labels (train, val and test), renumbered 0..k-1 in the order
     given (e.g. Fashion-MNIST classes 5-9 for transfer learning); ``fraction`` < 1 keeps a seeded,
     stratified fraction of the train and validation splits (the test split stays whole).
+    ``shots`` keeps ``shots`` training samples of every class (after ``classes`` and
+    ``fraction``: a few-shot task), drawn by a generator seeded with ``seed`` and
+    ``shots_seed`` (another ``shots_seed``, another draw); validation and test are those of the
+    same call without ``shots``.
 
     Official test sets (MNIST-1D's 1000 samples, Fashion-MNIST's 10000) are kept as the test split;
     other data gets a stratified ``test_fraction``. Validation is a stratified ``val_fraction`` of
@@ -175,6 +180,13 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
     regression = kind == "regression"
     if regression and classes is not None:
         raise NasoptError(f"{spec}: a class subset needs classes; this is a regression dataset")
+    if regression and shots is not None:
+        raise NasoptError(f"{spec}: shots per class need classes; this is a regression dataset "
+                          f"(use fraction for a smaller training split)")
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, (int, np.integer))
+                              or shots < 1):
+        raise NasoptError(f"shots must be a whole number >= 1 (training samples per class), "
+                          f"got {shots!r}")
     x, y = _checked(spec, x, y, signals, regression)
     if not 0 < fraction <= 1:
         raise NasoptError(f"fraction must lie in (0, 1], got {fraction}")
@@ -197,6 +209,8 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
     if fraction < 1:
         train_idx = train_idx[split(y[train_idx], fraction, rng)[1]]
         val_idx = val_idx[split(y[val_idx], fraction, rng)[1]]
+    if shots is not None:
+        train_idx = _shots(spec, y, train_idx, shots, seed, shots_seed, classes)
     if regression:
         outputs = y.shape[1]
     else:
@@ -217,6 +231,8 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
         h.update(f"/fraction={fraction}".encode())
     if regression:
         h.update(b"/regression")
+    if shots is not None:
+        h.update(f"/shots={shots}/{shots_seed}".encode())
     as_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     as_y = lambda a: torch.from_numpy(np.ascontiguousarray(  # noqa: E731
         a, dtype=np.float32 if regression else np.int64))
@@ -225,6 +241,8 @@ def load_dataset(spec: str, *, seed: int = 0, val_fraction: float = 0.15,
         name += "[" + ",".join(str(c) for c in classes) + "]"
     if fraction < 1:
         name += f"@{fraction:g}"
+    if shots is not None:
+        name += f"+{shots}shot" + (f"#{shots_seed}" if shots_seed else "")
     return Dataset(name, as_x(x[train_idx]), as_y(y[train_idx]), as_x(x[val_idx]),
                    as_y(y[val_idx]), as_x(xt), as_y(yt), outputs, h.hexdigest()[:16],
                    preprocess_of(spec), kind)
@@ -297,6 +315,23 @@ def _class_subset(spec: str, classes: Sequence[int], x, y, xt, yt):  # noqa: ANN
         return xs[sel], lookup[ys[sel]]
 
     return (*keep(x, y), *keep(xt, yt))
+
+
+def _shots(spec: str, y: np.ndarray, train_idx: np.ndarray, shots: int, seed: int,
+           shots_seed: int, classes: Sequence[int] | None) -> np.ndarray:
+    """``shots`` indices of every class among ``train_idx`` (sorted), from a generator of its
+    own: the splits drawn before are those of the same call without ``shots``."""
+    rng = np.random.default_rng([seed, shots_seed, 0x5407])
+    keep = []
+    for c in np.unique(y[train_idx]):
+        idx = train_idx[y[train_idx] == c]
+        if len(idx) < shots:
+            label = classes[c] if classes is not None else c
+            raise NasoptError(f"{spec}: class {label} has {len(idx)} training samples, fewer "
+                              f"than shots={shots}; ask for at most {len(idx)} shots (or a "
+                              f"larger fraction)")
+        keep.append(rng.choice(idx, size=shots, replace=False))
+    return np.sort(np.concatenate(keep))
 
 
 def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator):
