@@ -119,6 +119,8 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
         ("first-trial", "time from nasopt search to its first completed "
          "trial (digits, MNIST-1D, Fashion-MNIST; the default recipe beside the "
          "old one) and evaluation archs/s (writes results/first_trial.md)"),
+        ("meta", "few-shot transfer to held-out classes: meta-learned init vs plain "
+         "transfer vs scratch at 1, 5, 10, 50 shots (writes results/meta.md)"),
     ):
         module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
         module.add_arguments(bsub.add_parser(name, help=text))
