@@ -143,3 +143,39 @@ def test_a_supernet_trained_under_compression_scores_compressed_subnets_higher(d
         scores[aware] = [evaluator(arch).accuracy for arch in archs]
     assert min(scores[True]) > chance + 0.1, scores
     assert sum(scores[True]) / len(archs) - sum(scores[False]) / len(archs) >= 0.06, scores
+
+
+def test_a_study_scored_before_compression_aware_training_is_not_continued(tmp_path):
+    from nasopt.core.errors import NasoptError
+    from nasopt.search.evaluate import SCORING
+    from nasopt.search.study import open_storage, open_study
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    old = {"space": {"name": "conv1d"}, "objectives": ["accuracy", "size"],
+           "supernet": {"epochs": 10}}  # no scoring: made by an older nasopt
+    open_study(storage, "s", old, ["maximize", "minimize"])
+    new = {**old, "scoring": SCORING, "supernet": {"epochs": 10, "compression_aware": True}}
+    with pytest.raises(NasoptError, match="scoring 1.*scoring 2.*new --study name"):
+        open_study(storage, "s", new, ["maximize", "minimize"])
+
+
+def test_an_older_study_is_re_scored_as_it_was_scored(datasets):
+    """Export re-scores a trial before writing it: a study without a recorded scoring gets the
+    evaluation it was made with (BatchNorm recalibrated float, folded before pruning)."""
+    from nasopt import api
+    from nasopt.search.evaluate import Evaluator
+    from nasopt.supernet.elastic import recalibrate_bn
+    data = datasets["mnist1d"]
+    space = api.make_space("conv1d", data)
+    torch.manual_seed(0)
+    supernet = space.supernet().eval()
+    arch = space.validate({**space.sample(__import__("random").Random(2)), "sparsity": 0.75,
+                           "s1.bits": 4, "head.rank": 0.5})
+    old, new = Evaluator(space, supernet, data, scoring=1), Evaluator(space, supernet, data)
+    model = supernet.extract(arch)
+    recalibrate_bn(model, old.calibration_samples)
+    expected, _ = compress(model, Policy.from_arch(arch), space.group_of, fold_first=True)
+    got, _ = old.compressed(arch)
+    x = data.x_val[:64]
+    with torch.no_grad():
+        assert torch.equal(got(x), expected(x))
+        assert not torch.allclose(new.compressed(arch)[0](x), expected(x))

@@ -263,13 +263,22 @@ def compressed_structure(model: nn.Module, policy: Policy, group_of: GroupOf) ->
 
 
 def compress(model: nn.Module, policy: Policy, group_of: GroupOf, seed: int = 0,
-             inplace: bool = False) -> tuple[nn.Module, list[StoredLayer]]:
+             inplace: bool = False, fold_first: bool = False
+             ) -> tuple[nn.Module, list[StoredLayer]]:
     """Apply ``policy`` to ``model`` (a standalone model with final BN statistics), or to a copy
     of it unless ``inplace``.
 
     Returns the compressed model (its weights are exactly the dequantized stored values, so its
-    outputs equal those of the model loaded from the packed file) and the stored layers."""
-    model = deployed_float(model if inplace else copy.deepcopy(model), policy, group_of, seed)
+    outputs equal those of the model loaded from the packed file) and the stored layers.
+    ``fold_first``: BatchNorm folded before factorizing and pruning, the order studies scored
+    before compression-aware training used (:data:`nasopt.search.evaluate.SCORING` 1)."""
+    model = model if inplace else copy.deepcopy(model)
+    if fold_first:
+        model.eval()
+        factorize(fold_batchnorm(model), policy, group_of)
+        prune_global(model, policy.sparsity, policy.pruning, seed)
+    else:
+        deployed_float(model, policy, group_of, seed)
     return model, store_layers(model, policy, group_of)
 
 

@@ -22,6 +22,14 @@ from nasopt.core.task import task_of
 from nasopt.supernet.train import correct, outputs
 
 
+#: how trials are scored, recorded in a study's setup. 1: BatchNorm recalibrated on the float
+#: model, folded before low rank and pruning; 2: recalibrated under the arch's compression, folded
+#: after low rank and pruning (:mod:`nasopt.compression.compress`), as a compression-aware
+#: supernet trains. A study keeps the scoring its trials were made with.
+SCORING = 2
+SCORINGS = (1, 2)
+
+
 class Evaluator:
     """Scores archs of ``space`` on the validation split of ``data`` (never on test).
 
@@ -46,7 +54,7 @@ class Evaluator:
 
     def __init__(self, space, supernet: Supernet, data: Dataset, calib_samples: int = 1024,
                  pruning: str = "magnitude", metric: Metric | None = None,
-                 compressed_recalibration: bool = True):
+                 compressed_recalibration: bool = True, scoring: int = SCORING):
         self.space = space
         self.task = task_of(data)
         #: the scores of every evaluation: the task's built-in metrics, and a user's own one
@@ -56,7 +64,11 @@ class Evaluator:
         self.pruning = pruning
         #: False: recalibrate BatchNorm on the float model, whatever the compression (the
         #: benchmarks compare both)
-        self.compressed_recalibration = compressed_recalibration
+        if scoring not in SCORINGS:
+            raise NasoptError(f"this nasopt scores trials in the ways {SCORINGS}, not {scoring}; "
+                              f"use a newer nasopt for this study")
+        self.scoring = scoring
+        self.compressed_recalibration = compressed_recalibration and scoring >= 2
         if calib_samples < 1:
             raise NasoptError(f"eval.calib_samples must be at least 1, got {calib_samples}")
         # a fixed, seeded random subset: training data may be sorted by class
@@ -161,7 +173,7 @@ class Evaluator:
     def _compress(self, arch: Arch, float_model: nn.Module
                   ) -> tuple[nn.Module, list[StoredLayer]]:
         return compress(float_model, Policy.from_arch(arch, self.pruning), self.space.group_of,
-                        inplace=True)
+                        inplace=True, fold_first=self.scoring < 2)
 
     def correct(self, arch: Mapping[str, Value]) -> torch.Tensor:
         """Which validation samples the compressed model of ``arch`` classifies right (a bool

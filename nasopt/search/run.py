@@ -28,7 +28,7 @@ from nasopt.core.space_import import Spaces
 from nasopt.core.strategy import Strategy, attach_run_folder
 from nasopt.search import sanity as _sanity
 from nasopt.search import study as _study
-from nasopt.search.evaluate import Evaluator
+from nasopt.search.evaluate import SCORING, Evaluator
 from nasopt.search.loop import run_search
 from nasopt.search.tabular import TabularEvaluator, table_name
 from nasopt.supernet.elastic import Supernet, load_weights, train_supernet
@@ -155,6 +155,7 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
              "preprocess": data.preprocess.to_dict(),  # what the loader did to raw samples
              "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
              "packed_format": PACKED_VERSION,  # the size objective counts this format's bytes
+             "scoring": SCORING,  # how a trial's model is calibrated and compressed
              "objectives": list(s.objectives),
              "budgets": {c.name: c.limit for c in constraints}}
     if user is not None:  # found again by every command and worker
@@ -348,4 +349,4 @@ def rebuild(study: optuna.Study, spaces: Spaces, device: str = "cpu"
     data = data.to(device)
     metric = metric_from_record(setup["metric"]) if "metric" in setup else None
     return Evaluator(space, supernet.eval(), data, setup["eval"]["calib_samples"],
-                     metric=metric), data
+                     metric=metric, scoring=setup.get("scoring", 1)), data
