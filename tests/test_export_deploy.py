@@ -20,7 +20,7 @@ from nasopt.search.study import completed, is_feasible
 from nasopt.supernet.train import accuracy
 
 # a small, lightly compressed sub-space: accurate enough that predictions mean something
-FAST = ["--set", "supernet.epochs=2", "--set", "supernet.warmup_epochs=1",
+FAST = ["--set", "supernet.epochs=3", "--set", "supernet.warmup_epochs=1",
         "--set", "supernet.n_random=1", "--restrict", "sparsity=0.0",
         "--restrict", "stem.bits=8,32", "--restrict", "head.bits=8,32",
         "--restrict", "head.rank=1.0",
