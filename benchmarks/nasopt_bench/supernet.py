@@ -45,6 +45,19 @@ def spread_archs(space, n: int, seed: int = 0) -> list:
     return [ends[0], *middle, ends[1]]
 
 
+def train_fresh(space, data, recipes: dict, log) -> dict:  # noqa: ANN001
+    """Each recipe's supernet trained from scratch (seed 0) in a temporary folder, one after the
+    other: name -> (supernet, seconds). Fresh training: the time is the point."""
+    trained = {}
+    for name, recipe in recipes.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            supernet, _ = train_supernet(space, data, recipe, Path(tmp), log=log)
+            trained[name] = (supernet, time.perf_counter() - start)
+    return trained
+
+
 def _ranking(inherited: list[float], standalone: list[float], se: float) -> dict:
     """Kendall tau, Spearman rho, and the share of clearly separated pairs ordered alike."""
     n = len(inherited)
@@ -79,13 +92,7 @@ def run(args: argparse.Namespace) -> Path:
         recipes[spec] = other
     n_train = len(data.x_train)
     load = LoadSampler().start()
-    trained = {}
-    for name, recipe in recipes.items():
-        with tempfile.TemporaryDirectory() as tmp:  # fresh training: the time is the point
-            torch.manual_seed(0)
-            start = time.perf_counter()
-            supernet, _ = train_supernet(space, data, recipe, Path(tmp), log=log)
-            trained[name] = (supernet, time.perf_counter() - start)
+    trained = train_fresh(space, data, recipes, log)
     supernet, train_seconds = trained["this recipe"]
 
     rng = random.Random(1)

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +30,9 @@ from nasopt.compression.compress import Policy
 from nasopt.core.errors import NasoptError
 from nasopt.deploy.finetune import FinetuneConfig, finetune, prepare_qat
 from nasopt.search.evaluate import Evaluator
-from nasopt.supernet.elastic import train_supernet
 from nasopt.supernet.train import accuracy
 from nasopt_bench.report import LoadSampler, machine, table
+from nasopt_bench.supernet import train_fresh
 
 TAU_TARGET = 0.8
 NEAR_CHANCE_TARGET = 0.02
@@ -96,13 +95,7 @@ def run(args: argparse.Namespace) -> Path:
     recipes = {NEW: dataclasses.replace(cfg.supernet, compression_aware=True),
                OLD: dataclasses.replace(cfg.supernet, compression_aware=False)}
     load = LoadSampler().start()
-    trained = {}
-    for name, recipe in recipes.items():
-        with tempfile.TemporaryDirectory() as tmp:  # fresh training: the time is the point
-            torch.manual_seed(0)
-            start = time.perf_counter()
-            supernet, _ = train_supernet(space, data, recipe, Path(tmp), log=log)
-            trained[name] = (supernet, time.perf_counter() - start)
+    trained = train_fresh(space, data, recipes, log)
     evaluators = {name: Evaluator(space, sn, data, cfg.eval.calib_samples)
                   for name, (sn, _) in trained.items()}
     step_cost = _step_cost(space, data, recipes, args.cost_steps)
