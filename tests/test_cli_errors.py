@@ -88,10 +88,13 @@ def test_ctrl_c_gives_one_line_and_keeps_the_trials(tmp_path):
     import optuna
 
     db = tmp_path / "studies.db"
+    # a shell's background job (nohup, &) inherits SIGINT ignored; Python then installs no
+    # KeyboardInterrupt handler: give the search the default disposition a terminal gives it
     proc = subprocess.Popen([sys.executable, "-m", "nasopt.cli", "search", "--space", "nb201",
                              "--table", "--trials", "100000", "--study", "s", "--quiet",
                              "--run-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def completed() -> int:
         try:
@@ -104,7 +107,10 @@ def test_ctrl_c_gives_one_line_and_keeps_the_trials(tmp_path):
     while completed() < 5 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left running when the assertion below fails
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1].startswith("nasopt: interrupted; finished trials are kept")
