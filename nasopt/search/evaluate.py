@@ -54,7 +54,7 @@ class Evaluator:
 
     def __init__(self, space, supernet: Supernet, data: Dataset, calib_samples: int = 1024,
                  pruning: str = "magnitude", metric: Metric | None = None,
-                 compressed_recalibration: bool = True, scoring: int = SCORING):
+                 scoring: int = SCORING):
         self.space = space
         self.task = task_of(data)
         #: the scores of every evaluation: the task's built-in metrics, and a user's own one
@@ -62,13 +62,10 @@ class Evaluator:
                         **({metric.name: metric} if metric is not None else {})}
         self.supernet = supernet
         self.pruning = pruning
-        #: False: recalibrate BatchNorm on the float model, whatever the compression (the
-        #: benchmarks compare both)
         if scoring not in SCORINGS:
             raise NasoptError(f"this nasopt scores trials in the ways {SCORINGS}, not {scoring}; "
                               f"use a newer nasopt for this study")
         self.scoring = scoring
-        self.compressed_recalibration = compressed_recalibration and scoring >= 2
         if calib_samples < 1:
             raise NasoptError(f"eval.calib_samples must be at least 1, got {calib_samples}")
         # a fixed, seeded random subset: training data may be sorted by class
@@ -107,7 +104,7 @@ class Evaluator:
         arch = self.space.validate(arch)
         policy = Policy.from_arch(arch, self.pruning) if self.space.compression else Policy()
         if (not compresses(policy) or self.pruning != "magnitude"
-                or not self.compressed_recalibration):
+                or self.scoring < 2):
             return self.float_model(arch)
         model = self.supernet.extract(arch)
         compression = tuple((g, v) for g, v in arch.items() if g in self._compression_genes)
