@@ -102,14 +102,17 @@ def add_parsers(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("run", help="the whole pipeline from a TOML config",
                        description="train supernet -> search -> pick -> distill -> fine-tune "
                        "(QAT) -> export -> report (metrics.json and REPORT.md in the export "
-                       "folder). Sections: data, supernet, eval, search, gradient, pick, "
-                       f"distill, finetune, export; top-level {', '.join(RUN_TOP_LEVEL)} "
+                       "folder); with a [meta] section also few-shot transfer from a "
+                       "meta-learned initialisation to a target task, exported to a folder of "
+                       "its own. Sections: data, supernet, eval, search, gradient, pick, "
+                       f"distill, finetune, export, meta; top-level {', '.join(RUN_TOP_LEVEL)} "
                        "(see nasopt/pipeline.py and configs/mnist1d.toml). Re-running the same "
                        "config reuses the trained supernet and the finished trials.")
     p.add_argument("config", help="TOML file, e.g. configs/mnist1d.toml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set search.trials=50")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP.format("export.out"))
+    p.add_argument("--force", action="store_true",
+                   help=FORCE_HELP.format("export.out (and meta.out)"))
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
@@ -186,6 +189,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
     result = run(cfg, command, show_progress=not args.quiet, log=_log(args.quiet),
                  force=args.force)
     print((result.out / "REPORT.md").read_text(), end="")
+    meta = result.card.get("meta")
+    if meta:  # the [meta] step's adapted model
+        print(f"wrote {meta['out']}/ ({', '.join(meta['files'])})")
     print(f"wrote {result.out}/ ({', '.join(result.card['files'])})")
     return 0
 
@@ -311,10 +317,10 @@ def _distill(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace, command: str) -> int:
     from nasopt import api
     from nasopt.core.arch import Arch
-    from nasopt.compression.compress import Policy
     from nasopt.core.data import load_dataset
     from nasopt.deploy.export import check_out, export_model, read_card, with_preprocess
-    from nasopt.deploy.finetune import FinetuneConfig, finetune, prepare_qat, reheaded
+    from nasopt.deploy.finetune import FinetuneConfig
+    from nasopt.pipeline import transfer
     from nasopt.core.space import space_from_description
     from nasopt.deploy.torchscript import FILE as TS_FILE
     from nasopt.deploy.torchscript import write as write_torchscript
@@ -373,31 +379,20 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
                     "fraction", "task")
             data = load_dataset(spec, **{k: data_setup[k] for k in keys
                                          if data_setup.get(k) is not None})
-    policy = Policy.from_arch(arch)
     if data.input_shape != tuple(space.input_shape):
         raise NasoptError(f"{data.name} samples are shaped {data.input_shape}, the model takes "
                           f"{tuple(space.input_shape)}; transfer needs the same input shape")
     source = None
     if meta_cfg is not None:  # the source classes' training split, checked before any training
-        source = _meta_source(meta_spec, spec, classes, args.meta_classes, data, space)
+        source = _meta_source(meta_spec, spec, classes, args.meta_classes, data, space,
+                              meta_cfg)
     out = check_out(args.out, args.force)  # the inputs above are read, no training yet
-    if data.num_classes != space.num_classes or args.dataset or classes or source:
-        if not deployed:  # re-heading works on the deployed structure
-            from nasopt.compression.compress import compress
-            model, deployed = compress(model, policy, space.group_of)[0], True
-        model, space = reheaded(model, space, arch, data.num_classes, args.seed)
-    qat = prepare_qat(model, policy, space.group_of, deployed=deployed, seed=args.seed)
-    meta_record = None
-    if source is not None:
-        from nasopt.deploy.meta import reptile
-        meta_classes, x_source, y_source = source
-        meta_history = reptile(qat, x_source, y_source, meta_cfg, show_progress=True)
-        meta_record = {**dataclasses.asdict(meta_cfg), "ways": meta_history.ways,
-                       "dataset": meta_spec, "classes": meta_classes,
-                       "train_samples": len(y_source), "seconds": meta_history.seconds,
-                       "loss_before_adaptation": meta_history.loss_before,
-                       "loss_after_adaptation": meta_history.loss_after}
-    final, stored, history = finetune(qat, policy, space.group_of, data, cfg, show_progress=True)
+    result = transfer(model, space, arch, data, cfg, deployed=deployed,
+                      rehead=bool(data.num_classes != space.num_classes or args.dataset
+                                  or classes),
+                      meta=meta_cfg, source=source, show_progress=True)
+    final, stored, history, space = result.model, result.stored, result.history, result.space
+    meta_record = result.meta
     distilled = args.source is not None and (Path(args.source) / STUDENT_CARD).exists()
     weights = "distilled, fine-tuned" if distilled else "fine-tuned"
     info = {"origin": f"nasopt finetune (QAT{', Reptile first' if source else ''}) from "
@@ -453,20 +448,15 @@ def _meta_config(args: argparse.Namespace):  # noqa: ANN202 - a MetaConfig or No
 
 
 def _meta_source(meta_spec: str, spec: str, target: list[int] | None, given: str | None,
-                 data, space):  # noqa: ANN001, ANN202
-    """(source classes, their training samples, labels 0..k-1) for ``finetune --meta``: the
+                 data, space, cfg):  # noqa: ANN001, ANN202
+    """The source task (:class:`nasopt.deploy.meta.SourceTask`) of ``finetune --meta``: the
     classes of ``meta_spec`` (the source model's dataset) that ``--meta-classes`` names, or
     else every one not among the ``target`` classes of the same dataset."""
     from nasopt.core.data import load_dataset
-    from nasopt.deploy.meta import source_classes, source_split
+    from nasopt.deploy.meta import source_task
     if data.task != "classification":
         raise NasoptError(f"--meta draws classes; {data.name} is a regression dataset")
     full = load_dataset(meta_spec)  # its training split is all meta-training reads
-    if full.input_shape != tuple(space.input_shape):
-        raise NasoptError(f"{meta_spec} samples are shaped {full.input_shape}, the model takes "
-                          f"{tuple(space.input_shape)}; meta-training needs the model's inputs")
-    labels = sorted(set(full.y_train.tolist()))
-    chosen = source_classes(labels, target if meta_spec == spec else None,
-                            _numbers(given, int, "--meta-classes", "0,1,2,3,4") or None,
-                            data.num_classes, meta_spec)
-    return (chosen, *source_split(full, chosen))
+    return source_task(full, data, target if meta_spec == spec else None,
+                       _numbers(given, int, "--meta-classes", "0,1,2,3,4") or None, cfg,
+                       space.input_shape, dataset=meta_spec)

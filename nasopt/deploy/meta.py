@@ -25,6 +25,7 @@ initialisation. Only the training split of the source data is read.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Sequence
@@ -122,6 +123,56 @@ def source_split(data: Dataset, classes: Sequence[int]) -> tuple[Tensor, Tensor]
     keep = lookup[data.y_train.cpu()] >= 0
     return data.x_train[keep.to(data.x_train.device)], lookup[data.y_train.cpu()[keep]].to(
         data.y_train.device)
+
+
+@dataclass
+class SourceTask:
+    """What meta-training reads of the source data: its ``classes`` (labels of the source
+    dataset, in order) and their training samples ``x`` with labels ``y`` renumbered 0..k-1."""
+
+    dataset: str
+    classes: list[int]
+    x: Tensor
+    y: Tensor
+
+
+def source_task(source: Dataset, target: Dataset, target_classes: Sequence[int] | None,
+                given: Sequence[int] | None, cfg: MetaConfig, input_shape: Sequence[int], *,
+                dataset: str | None = None) -> SourceTask:
+    """The source classes meta-training draws its tasks from, and their training split, for a
+    model taking ``input_shape`` that fine-tuning then adapts to ``target``: the ``given``
+    classes of ``source``, or else every class of it not among ``target_classes`` (None: the
+    target is another dataset). Checked before any training: both are classification data, the
+    source samples fit the model, the classes are labels of the source and none of the
+    target's, at least as many as the target has (the classes per task), each with at least
+    ``cfg.shots`` training samples. ``dataset`` names the source in messages (default: its
+    name)."""
+    name = dataset or source.name
+    for data in (target, source):
+        if data.task != "classification":
+            raise NasoptError(f"meta-training draws classes; {data.name} is a regression "
+                              f"dataset: use plain fine-tuning for it")
+    if source.input_shape != tuple(input_shape):
+        raise NasoptError(f"{name} samples are shaped {source.input_shape}, the model takes "
+                          f"{tuple(input_shape)}; meta-training needs the model's inputs")
+    labels = sorted(set(source.y_train.tolist()))
+    chosen = source_classes(labels, target_classes, given, cfg.ways or target.num_classes, name)
+    x, y = source_split(source, chosen)
+    counts = torch.bincount(y.cpu(), minlength=len(chosen))
+    short = [c for c, n in zip(chosen, counts.tolist()) if n < cfg.shots]
+    if short:
+        raise NasoptError(f"source class {short[0]} of {name} has "
+                          f"{int(counts[chosen.index(short[0])])} training samples, fewer than "
+                          f"meta shots={cfg.shots}; lower the meta shots")
+    return SourceTask(name, chosen, x, y)
+
+
+def meta_record(cfg: MetaConfig, history: MetaHistory, source: SourceTask) -> dict:
+    """The model card's ``meta``: the settings, the source classes and what training did."""
+    return {**dataclasses.asdict(cfg), "ways": history.ways, "dataset": source.dataset,
+            "classes": source.classes, "train_samples": len(source.y),
+            "seconds": history.seconds, "loss_before_adaptation": history.loss_before,
+            "loss_after_adaptation": history.loss_after}
 
 
 def reptile(model: nn.Module, x: Tensor, y: Tensor, cfg: MetaConfig, *,
