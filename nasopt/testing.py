@@ -195,7 +195,8 @@ def check_space(cls: type[SearchSpace], input_shape: tuple[int, ...] | None = No
     """Run the contract's ``rules`` on the space class ``cls``; the failures (empty: it holds).
     A rule that raises fails with the exception as its message."""
     try:
-        space = cls(tuple(input_shape or default_input_shape(cls)), num_classes)
+        # every option, the opt-in genes' too: a user may search any of them
+        space = cls(tuple(input_shape or default_input_shape(cls)), num_classes).full_space()
         checks = _Checks(space, samples, seed)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return [Failure("construct", f"{type(exc).__name__}: {exc}")]

@@ -6,8 +6,10 @@ like the reference MNIST-1D CNN (3 conv layers of 25 channels + linear, 5,210 pa
 
 Genes per stage ``sN``: ``depth`` (blocks), ``k`` (kernel, centre-cropped from 7), ``width``
 (channels, the most L1-important ones: structured pruning). Compression genes: ``sN.bits`` and
-``head.bits`` (weight bit-width, 32 = float), ``sparsity`` (global magnitude pruning) and
-``head.rank`` (low-rank ratio of the linear head).
+``head.bits`` (weight bit-width, 32 = float), ``sN.quant`` and ``head.quant`` (``uniform`` or
+``codebook`` quantization), ``sparsity`` (global magnitude pruning), ``head.rank`` (low-rank ratio
+of the linear head) and ``sN.rank`` (of each stage's convolutions: a k-tap conv into ``r``
+channels, then a 1x1 conv).
 """
 from __future__ import annotations
 
@@ -125,8 +127,15 @@ class Conv1dSpace(SearchSpace):
         return genes
 
     def compression_genes(self) -> Genes:
-        # bits per stage and for the head; the head (a linear layer) may be low rank
-        return compression_genes([f"s{s}" for s in range(1, STAGES + 1)] + ["head"], ["head"])
+        # bits and quantizer per stage and for the head; the head (a linear layer) and each
+        # stage's convs may be low rank (head.rank first: the order packed files were written in)
+        stages = [f"s{s}" for s in range(1, STAGES + 1)]
+        return compression_genes(stages + ["head"], ["head", *stages])
+
+    def opt_in_genes(self) -> dict[str, Value]:
+        # the stage convolutions' rank too: searched when a restriction asks for it
+        return {**super().opt_in_genes(),
+                **{f"s{s}.rank": 1.0 for s in range(1, STAGES + 1) if self.compression}}
 
     def count_key(self, arch: Mapping[str, Value]) -> str:
         return shape_count_key(self.validate(arch))

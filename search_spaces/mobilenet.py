@@ -15,8 +15,9 @@ training step about 6x faster on 28x28 (1 thread, measured on a shared machine).
 Genes: ``stem.width``; per stage ``sN``: ``depth`` {1,2,3}, ``k`` {3,5,7} (centre-cropped shared
 kernels), ``expand`` (hidden = expand x input channels), ``width`` (output channels). Every
 channel choice keeps the most L1-important channels (structured pruning). Compression genes:
-``stem.bits``, ``sN.bits``, ``head.bits``, ``sparsity``, and ``sN.rank`` / ``head.rank`` (low-rank
-ratio of the 1x1 convs of a stage, of the linear head).
+``stem.bits``, ``sN.bits``, ``head.bits``, ``stem.quant``, ``sN.quant``, ``head.quant``
+(``uniform`` or ``codebook``), ``sparsity``, and ``sN.rank`` / ``head.rank`` (low-rank ratio of
+the 1x1 convs of a stage, of the linear head).
 """
 from __future__ import annotations
 
@@ -195,7 +196,8 @@ class MobileNetSpace(SearchSpace):
                               f"{self.input_shape[2]}; pad or crop them to a square")
 
     def compression_genes(self) -> Genes:
-        # bits per stage (and stem, head); 1x1 convs of each stage and the head may be low rank
+        # bits and quantizer per stage (and stem, head); the non-depthwise convs of each stage (1x1)
+        # and the head may be low rank
         stages = [f"s{s}" for s in range(1, len(WIDTHS) + 1)]
         return compression_genes(["stem", *stages, "head"], [*stages, "head"])
 

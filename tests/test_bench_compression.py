@@ -67,7 +67,8 @@ def test_baseline_b_is_the_float_search_front_then_uniform_int8(trained):
     genes = space.compression_genes()
     float_genes = uniform_compression(genes, FLOAT_BITS)
     assert float_genes == {**{g: 32 for g in genes if g.endswith(".bits")}, "sparsity": 0.0,
-                           **{g: 1.0 for g in genes if g.endswith(".rank")}}
+                           **{g: 1.0 for g in genes if g.endswith(".rank")},
+                           **{g: "uniform" for g in genes if g.endswith(".quant")}}
     int8_genes = reference_compression(genes)
     float_space = space.restrict({g: [v] for g, v in float_genes.items()})
     int8_space = space.restrict({g: [v] for g, v in int8_genes.items()})

@@ -123,7 +123,8 @@ def test_packed_round_trip_reproduces_the_compressed_model(name):
 
 def test_compression_shrinks_and_costs_accuracy_in_the_expected_direction():
     space, arch, model = next(_random_models("conv1d", 1))
-    arch = space.validate({**arch, "sparsity": 0.0, "head.rank": 1.0,
+    arch = space.validate({**arch, "sparsity": 0.0,
+                           **{f"{g}.rank": 1.0 for g in ("s1", "s2", "s3", "head")},
                            **{f"{g}.bits": 32 for g in ("s1", "s2", "s3", "head")}})
     x = torch.randn(32, 1, 40)
     float_model, float_stored = compress(model, Policy.from_arch(arch), space.group_of)
@@ -172,7 +173,8 @@ def test_a_version_1_packed_file_without_checksum_still_loads():
 def test_fixing_all_compression_genes_equals_the_uncompressed_search(trained):
     space_full, supernet, data = trained
     space = api.SPACES[space_full.name](space_full.input_shape, space_full.num_classes)
-    fixed = space.restrict({g: [{"bits": 32, "rank": 1.0, "sparsity": 0.0}[g.split(".")[-1]]]
+    fixed = space.restrict({g: [{"bits": 32, "rank": 1.0, "sparsity": 0.0,
+                                 "quant": "uniform"}[g.split(".")[-1]]]
                             for g in space.compression_genes()})
     plain = space.architecture_space()
     results = []
@@ -196,8 +198,9 @@ def test_folding_keeps_the_outputs_of_every_space(name):
     """BN folding relies on each space registering a BatchNorm right after its conv."""
     x = torch.randn(8, *SHAPES[name])
     for space, arch, model in _random_models(name, 5):
-        plain = space.validate({**arch, **{g: [32, 1.0, 0.0][["bits", "rank", "sparsity"].index(
-            g.split(".")[-1])] for g in space.compression_genes()}})
+        plain = space.validate({**arch, **{g: [32, 1.0, 0.0, "uniform"][
+            ["bits", "rank", "sparsity", "quant"].index(g.split(".")[-1])]
+            for g in space.compression_genes()}})
         folded, _ = compress(model, Policy.from_arch(plain), space.group_of)
         with torch.no_grad():
             assert (folded(x) - model(x)).abs().max().item() < 1e-4

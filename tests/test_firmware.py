@@ -26,10 +26,12 @@ def _archs(space, n, seed=0):
     """``n`` sampled archs, the first ones forced onto each kind of compression."""
     rng = random.Random(seed)
     genes = space.genes
-    forced = [{"sparsity": 0.75, "bits": 4, "rank": 0.25},
-              {"sparsity": 0.0, "bits": 2, "rank": 0.5},
-              {"sparsity": 0.5, "bits": 32, "rank": 1.0},
-              {"sparsity": 0.0, "bits": 6, "rank": 1.0}]
+    forced = [{"sparsity": 0.75, "bits": 4, "rank": 0.25, "quant": "uniform"},
+              {"sparsity": 0.0, "bits": 2, "rank": 0.5, "quant": "uniform"},
+              {"sparsity": 0.5, "bits": 32, "rank": 1.0, "quant": "uniform"},
+              {"sparsity": 0.0, "bits": 6, "rank": 1.0, "quant": "uniform"},
+              # codebook layers are emitted as 8-bit integers
+              {"sparsity": 0.5, "bits": 4, "rank": 0.5, "quant": "codebook"}]
     archs = []
     for i in range(n):
         arch = dict(space.sample(rng))
@@ -44,6 +46,7 @@ def _archs(space, n, seed=0):
 
 def _plans(trained, n):
     space, supernet, data = trained
+    space = space.full_space()  # the opt-in genes too: codebook layers
     evaluator = Evaluator(space, supernet, data, calib_samples=256)
     out = []
     for arch in _archs(space, n):

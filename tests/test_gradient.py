@@ -50,11 +50,20 @@ def one_hot(arch, genes) -> dict[str, torch.Tensor]:
             for g, o in genes.items()}
 
 
+def test_gradient_search_refuses_a_space_without_uniform_quantization(tiny):
+    space, supernet, _ = tiny
+    with pytest.raises(NasoptError, match=r"restrict s2.quant=uniform"):
+        relax(space.restrict({"s2.quant": ["codebook"]}), supernet)
+
+
 def test_expected_size_is_the_packed_size_at_one_hot(tiny):
     space, supernet, data = tiny
     relaxation = relax(space, supernet)
     assert isinstance(relaxation, Relaxation)
-    assert "sparsity" not in relaxation.genes and relaxation.fixed == {"sparsity": 0.0}
+    assert "sparsity" not in relaxation.genes
+    assert relaxation.fixed == {"sparsity": 0.0, **{f"s{i}.rank": 1.0 for i in (1, 2, 3)},
+                                **{f"{g}.quant": "uniform" for g in ("s1", "s2", "s3", "head")}}
+    assert "head.rank" in relaxation.genes
     evaluator = Evaluator(space, supernet, data, calib_samples=64)
     rng = random.Random(1)
     archs = [relaxation.full_arch(space.sample(rng)) for _ in range(12)]

@@ -49,7 +49,8 @@ def test_reference_compression_is_int8_dense_full_rank_or_closest():
     genes = space().compression_genes()
     ref = reference_compression(genes)
     assert ref == {**{g: 8 for g in genes if g.endswith(".bits")}, "sparsity": 0.0,
-                   "head.rank": 1.0}
+                   **{g: 1.0 for g in genes if g.endswith(".rank")},
+                   **{g: "uniform" for g in genes if g.endswith(".quant")}}
     assert reference_compression({"s1.bits": (2, 4), "head.rank": (0.25, 0.5)}) == \
         {"s1.bits": 4, "head.rank": 0.5}
 

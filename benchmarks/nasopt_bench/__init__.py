@@ -121,6 +121,9 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
          "old one) and evaluation archs/s (writes results/first_trial.md)"),
         ("meta", "few-shot transfer to held-out classes: meta-learned init vs plain "
          "transfer vs scratch at 1, 5, 10, 50 shots (writes results/meta.md)"),
+        ("techniques", "codebook quantization and the decomposition of k-tap convolutions, "
+         "searched with and without at equal evaluations on MNIST-1D and Fashion-MNIST "
+         "(writes results/techniques.md)"),
     ):
         module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
         module.add_arguments(bsub.add_parser(name, help=text))

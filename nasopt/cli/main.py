@@ -285,8 +285,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             line = doc.splitlines()[0].replace("``", "") if doc else ""
             print(line if line.startswith(f"{name}:") else f"{name}: {line}".rstrip(": "))
             shape = (1, 40) if cls.input_rank == 2 else (1, 28, 28)
-            for gene, opts in cls(shape, 10).genes.items():
-                print(f"  {gene:<12} {list(opts)}")
+            space = cls(shape, 10)
+            opt_in = space.opt_in_genes()
+            for gene, opts in space.full_genes().items():
+                note = (f"  (opt-in: {opt_in[gene]!r} unless --restrict {gene}=...)"
+                        if gene in opt_in and len(opts) > 1 else "")
+                print(f"  {gene:<12} {list(opts)}{note}")
         return _report_broken(broken)
     if args.command == "check-space":
         return _check_space(args, api)

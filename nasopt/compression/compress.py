@@ -3,18 +3,28 @@
 Order of operations (the same in the evaluator, in quantization-aware fine-tuning and in the
 packed-file loader):
 
-1. **Low rank** (``<group>.rank`` < 1): a linear layer or a 1x1 conv of the group becomes two
-   layers (``r`` = round(ratio x min(out, in)) channels between them), initialised from the
-   truncated SVD ``W ~ (U sqrt(S)) (sqrt(S) V^T)``.
+1. **Low rank** (``<group>.rank`` < 1): a linear layer or a (non-grouped) convolution of the
+   group becomes two layers, initialised from the truncated SVD ``W ~ (U sqrt(S)) (sqrt(S) V^T)``
+   of its weight unfolded to ``out x (in * kernel taps)``, ``r`` = round(ratio x min(out,
+   in * taps)) channels between them: a linear layer gives two linear layers; a k-tap (k x k)
+   convolution gives a k-tap convolution into ``r`` channels (same stride, padding, dilation)
+   followed by a 1x1 convolution (the channel decomposition of Zhang et al., "Accelerating Very
+   Deep Convolutional Networks", TPAMI 2016). Depthwise convolutions are not factorized.
 2. **Unstructured sparsity** (``sparsity``): global magnitude pruning over every stored weight
    tensor (``torch.nn.utils.prune.global_unstructured`` with L1Unstructured; RandomUnstructured
    for the random-pruning baseline). Exactly ``round(sparsity x N)`` weights become zero.
 3. **Fold BatchNorm** into the conv registered just before it (what a deployed model does; the
    conv gains a bias; after step 1 that is the second factor). Every space's network registers
    each BatchNorm right after its conv. Folding scales each output channel, so zeros stay zero.
-4. **Quantization** (``<group>.bits``): symmetric per-output-channel scales,
-   ``scale = max|w| / (2^(b-1) - 1)``, integers in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; 32 means
-   float32 (no quantization). Biases stay float32.
+4. **Quantization** (``<group>.bits``, ``<group>.quant``): ``uniform`` is symmetric
+   per-output-channel scales, ``scale = max|w| / (2^(b-1) - 1)``, integers in
+   ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; ``codebook`` (Deep Compression's weight sharing, Han et al.,
+   ICLR 2016, with a scale per output row) divides each row by its entry of largest magnitude
+   (signed, :func:`row_scales`), replaces each kept weight by the nearest of 2^b levels shared by
+   the layer, found by k-means (Lloyd's algorithm from a linear initialisation) on those
+   normalised weights, and stores the scales, the levels and each weight's b-bit index: a
+   non-uniform grid that, like the uniform one, is unchanged by BatchNorm folding. 32 bits means float32 (no
+   quantization, either way). Biases stay float32.
 
 Factors and masks are taken on the trained weights, before folding, and per-channel quantization
 is unchanged by the fold's per-channel scale: so a supernet trained under compression
@@ -38,15 +48,31 @@ from nasopt.core.arch import Value
 BITS: tuple[int, ...] = (2, 4, 6, 8, 32)
 SPARSITIES: tuple[float, ...] = (0.0, 0.5, 0.75, 0.9)
 RANKS: tuple[float, ...] = (0.25, 0.5, 1.0)
+QUANTS: tuple[str, ...] = ("uniform", "codebook")
 FLOAT_BITS = 32
+#: the value a file written before a gene kind existed means (no factorization, uniform
+#: quantization): :meth:`nasopt.core.space.SearchSpace.gene_defaults`
+ABSENT: dict[str, Value] = {"rank": 1.0, "quant": "uniform"}
 
 
 def compression_genes(groups: list[str], rank_groups: list[str]) -> dict[str, tuple[Value, ...]]:
-    """The compression genes of a space: bits per group, one global sparsity, rank ratios."""
+    """The compression genes of a space: bits per group, one global sparsity, rank ratios, then
+    the quantizer per group (``uniform`` or ``codebook``).
+
+    Genes added to a space go after the others, so that the arch indices of a packed file written
+    without them still read (:mod:`nasopt.compression.packed`)."""
     genes: dict[str, tuple[Value, ...]] = {f"{g}.bits": BITS for g in groups}
     genes["sparsity"] = SPARSITIES
     genes.update({f"{g}.rank": RANKS for g in rank_groups})
+    genes.update({f"{g}.quant": QUANTS for g in groups})
     return genes
+
+
+def absent_value(gene: str) -> Value | None:
+    """What a missing ``gene`` means in a description, arch or packed file written before genes
+    of its kind existed (:data:`ABSENT`); None: the gene is required."""
+    group, dot, kind = gene.rpartition(".")
+    return ABSENT.get(kind) if dot and group else None
 
 
 REFERENCE_BITS = 8  # the usual deployment default: uniform int8, dense, full rank
@@ -60,7 +86,9 @@ def uniform_compression(genes: Mapping[str, tuple[Value, ...]], bits: int
     out: dict[str, Value] = {}
     for gene, options in genes.items():
         kind = gene.rsplit(".", 1)[-1]
-        if kind in target:
+        if kind == "quant":
+            out[gene] = "uniform" if "uniform" in options else options[0]
+        elif kind in target:
             out[gene] = min(options, key=lambda v: abs(float(v) - target[kind]))
     return out
 
@@ -79,15 +107,21 @@ class Policy:
     rank: Mapping[str, float] = field(default_factory=dict)
     sparsity: float = 0.0
     pruning: str = "magnitude"  # or "random": the baseline the literature compares against
+    quant: Mapping[str, str] = field(default_factory=dict)  # group -> "codebook" (else uniform)
 
     @classmethod
     def from_arch(cls, arch: Mapping[str, Value], pruning: str = "magnitude") -> "Policy":
         bits = {g[:-5]: int(v) for g, v in arch.items() if g.endswith(".bits")}
         rank = {g[:-5]: float(v) for g, v in arch.items() if g.endswith(".rank")}
-        return cls(bits, rank, float(arch.get("sparsity", 0.0)), pruning)
+        quant = {g[:-6]: str(v) for g, v in arch.items() if g.endswith(".quant")}
+        return cls(bits, rank, float(arch.get("sparsity", 0.0)), pruning, quant)
 
     def bits_of(self, group: str) -> int:
         return self.bits.get(group, FLOAT_BITS)
+
+    def codebook_of(self, group: str) -> bool:
+        """Whether ``group``'s weights are stored as a codebook (a codebook at 32 bits is float)."""
+        return self.quant.get(group, "uniform") == "codebook" and self.bits_of(group) < FLOAT_BITS
 
     def rank_of(self, group: str) -> float:
         return self.rank.get(group, 1.0)
@@ -143,16 +177,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # 1. low rank
 def low_rank_eligible(module: nn.Module) -> bool:
-    """Linear layers and 1x1 (non-grouped) convolutions can be factorized."""
+    """Linear layers and non-grouped convolutions (any kernel) can be factorized."""
     if isinstance(module, nn.Linear):
         return True
-    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
-            and all(k == 1 for k in module.kernel_size))
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
 
 
 def rank_for(module: nn.Module, ratio: float) -> int:
-    out_f, in_f = module.weight.shape[:2]
-    return max(1, round(ratio * min(out_f, in_f)))
+    """Channels between the two factors: ``round(ratio x min(out, in x taps))``, at least 1."""
+    rows = module.weight.shape[0]
+    return max(1, round(ratio * min(rows, module.weight[0].numel())))
 
 
 def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -168,7 +202,9 @@ def _factorized(module: nn.Module, rank: int) -> nn.Sequential:
     if isinstance(module, nn.Linear):
         return nn.Sequential(nn.Linear(in_f, rank, bias=False), nn.Linear(rank, out_f, bias=has_bias))
     conv = nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
-    return nn.Sequential(conv(in_f, rank, 1, stride=module.stride, bias=False),
+    return nn.Sequential(conv(in_f, rank, module.kernel_size, stride=module.stride,
+                              padding=module.padding, dilation=module.dilation, bias=False,
+                              padding_mode=module.padding_mode),
                          conv(rank, out_f, 1, bias=has_bias))
 
 
@@ -232,6 +268,78 @@ def dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.view(shape)
 
 
+#: Lloyd iterations at most (1-D k-means converges in a few dozen on a layer's weights)
+KMEANS_ITERATIONS = 50
+
+
+def kmeans_1d(values: Tensor, k: int, iterations: int = KMEANS_ITERATIONS
+              ) -> tuple[Tensor, Tensor]:
+    """1-D k-means of ``values``: (``k`` sorted float32 centroids, the index of each value's
+    nearest centroid). Lloyd's algorithm in float64 from ``k`` points spaced evenly over
+    ``[min, max]`` (Deep Compression's linear initialisation), deterministic. With at most ``k``
+    distinct values the centroids are those values (the last repeated), so a codebook-quantized
+    tensor quantizes to itself."""
+    v = values.detach().reshape(-1).double()
+    if v.numel() == 0:
+        return torch.zeros(k), torch.zeros(0, dtype=torch.int64)
+    distinct = torch.unique(v)
+    if distinct.numel() <= k:
+        centroids = torch.cat([distinct, distinct[-1:].expand(k - distinct.numel())])
+    else:
+        centroids = torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64)
+        for _ in range(iterations):
+            index = _nearest(v, centroids)
+            sums = torch.zeros(k, dtype=torch.float64).index_add_(0, index, v)
+            counts = torch.bincount(index, minlength=k)
+            moved = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+            moved = torch.sort(moved).values  # an empty cluster keeps its place
+            if torch.equal(moved, centroids):
+                break
+            centroids = moved
+    centroids = centroids.float()
+    return centroids, _nearest(v, centroids.double())
+
+
+def _nearest(v: Tensor, centroids: Tensor) -> Tensor:
+    """Index of the nearest of the sorted ``centroids`` for every value (ties: the lower)."""
+    return torch.bucketize(v, (centroids[1:] + centroids[:-1]) / 2, right=False)
+
+
+def row_scales(weight: Tensor) -> Tensor:
+    """A codebook layer's scale per output row: the row's entry of largest magnitude, with its
+    sign (1 for an all-zero row). Scaling a row by any factor scales its scale alike, so a
+    codebook of ``weight / scale`` is unchanged by BatchNorm folding (as per-channel uniform
+    quantization is)."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    peak = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    return torch.where(peak != 0, peak, torch.ones_like(peak)).float()
+
+
+def codebook_quantize(weight: Tensor, bits: int, mask: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """(index per weight (int64, 0 where ``mask`` drops it), the 2^bits float32 shared levels,
+    the float32 scale per output row) of ``weight``: k-means over the kept entries of ``weight``
+    divided by their row's scale (:func:`row_scales`), which all lie in [-1, 1]."""
+    scale = row_scales(weight)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    normal = weight.detach().float() / scale.view(shape)
+    kept = normal if mask is None else normal[mask]
+    levels, index = kmeans_1d(kept, 2 ** bits)
+    full = torch.zeros(weight.numel(), dtype=torch.int64)
+    if mask is None:
+        full = index
+    else:
+        full[mask.reshape(-1)] = index
+    return full.reshape(weight.shape), levels, scale
+
+
+def decode(index: Tensor, levels: Tensor, scale: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The weights of a codebook record: ``scale[row] * levels[index]``, zero where ``mask``
+    drops them."""
+    w = levels[index] * scale.view((-1,) + (1,) * (index.dim() - 1))
+    return w if mask is None else torch.where(mask, w, torch.zeros_like(w))
+
+
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class StoredTensor:
@@ -240,13 +348,18 @@ class StoredTensor:
     bits: int
     shape: tuple[int, ...]
     masked: bool  # whether a sparsity mask is stored (the arch prunes)
-    q: Tensor | None  # integers (bits < 32)
+    q: Tensor | None  # integers (bits < 32); the level indices of a codebook layer
     scale: Tensor | None  # per output row (bits < 32)
     values: Tensor | None  # float32 values (bits == 32)
     mask: Tensor | None = None  # kept weights (when masked); a kept weight may quantize to 0
+    codebook: Tensor | None = None  # the 2^bits shared levels (bits < 32, codebook)
 
     def dense(self) -> Tensor:
-        return self.values if self.values is not None else dequantize(self.q, self.scale)
+        if self.values is not None:
+            return self.values
+        if self.codebook is not None:
+            return decode(self.q, self.codebook, self.scale, self.mask)
+        return dequantize(self.q, self.scale)
 
 
 @dataclass
@@ -292,24 +405,33 @@ def deployed_float(model: nn.Module, policy: Policy, group_of: GroupOf, seed: in
     return fold_batchnorm(model)
 
 
-def store_layers(model: nn.Module, policy: Policy, group_of: GroupOf) -> list[StoredLayer]:
+def store_layers(model: nn.Module, policy: Policy, group_of: GroupOf,
+                 codebooks: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None
+                 ) -> list[StoredLayer]:
     """Quantize the weights of a model already in deployed structure (factorized, pruned, BN
     folded) in place, and return its stored layers: the last step of :func:`compress`, also
     used after quantization-aware fine-tuning (:mod:`nasopt.deploy.finetune`). A zero weight counts as
-    pruned when the policy prunes."""
+    pruned when the policy prunes. ``codebooks``: a codebook layer's (index, levels, scale) by
+    layer name, stored as given instead of found by k-means (fine-tuned levels)."""
     stored = []
     with torch.no_grad():
         for name, module in weight_layers(model):
-            bits = policy.bits_of(group_of(name))
+            group = group_of(name)
+            bits = policy.bits_of(group)
             w = module.weight.detach()
+            masked = policy.sparsity > 0
+            mask = w != 0 if masked else None
             if bits >= FLOAT_BITS:
-                tensor = StoredTensor(bits, tuple(w.shape), policy.sparsity > 0, None, None,
-                                      w.clone().float())
+                tensor = StoredTensor(bits, tuple(w.shape), masked, None, None, w.clone().float())
+            elif policy.codebook_of(group):
+                given = (codebooks or {}).get(name)
+                index, levels, scale = given if given else codebook_quantize(w, bits, mask)
+                tensor = StoredTensor(bits, tuple(w.shape), masked, index, scale, None,
+                                      codebook=levels)
             else:
                 q, scale = quantize(w, bits)
-                tensor = StoredTensor(bits, tuple(w.shape), policy.sparsity > 0, q, scale, None)
-            if tensor.masked:
-                tensor.mask = w != 0
+                tensor = StoredTensor(bits, tuple(w.shape), masked, q, scale, None)
+            tensor.mask = mask
             module.weight.copy_(tensor.dense())
             bias = None if module.bias is None else module.bias.detach().clone().float()
             stored.append(StoredLayer(name, tensor, bias))

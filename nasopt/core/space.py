@@ -54,7 +54,8 @@ class SearchSpace(ABC):
                 f"or (N, channels, height, width) images, and as (N, channels, length) signals "
                 f"when the .npz also holds layout='signals'")
         full = self.full_genes()
-        self.genes: Genes = dict(full) if genes is None else self._checked_subset(full, genes)
+        self.genes: Genes = (self.default_genes() if genes is None
+                             else self._checked_subset(full, genes))
 
     # ---- what a concrete space provides -------------------------------------------------
     @abstractmethod
@@ -62,10 +63,38 @@ class SearchSpace(ABC):
         """Every architecture gene with all its options, smallest first."""
 
     def compression_genes(self) -> Genes:
-        """Compression genes (``<group>.bits``, ``sparsity``, ``<group>.rank``); none by default.
+        """Compression genes (``<group>.bits``, ``sparsity``, ``<group>.rank``,
+        ``<group>.quant``); none by default.
 
         A group is a prefix of module names as given by :meth:`group_of`."""
         return {}
+
+    def opt_in_genes(self) -> dict[str, Value]:
+        """Genes a search leaves at one value unless it restricts them to more options
+        (``--restrict s1.quant=uniform,codebook``), with that value: every ``<group>.quant`` at
+        ``uniform``. Codebook quantization and the factorization of k-tap convolutions did not
+        help at equal evaluations (``nasopt bench techniques``), and drawing them in supernet
+        training costs the other archs accuracy; so a search uses them when asked."""
+        return {g: "uniform" for g, options in self.full_genes().items()
+                if g.endswith(".quant") and "uniform" in options}
+
+    def default_genes(self) -> Genes:
+        """The genes of the space a search uses by default: every option of every gene, but one
+        (:meth:`opt_in_genes`) for the opt-in genes."""
+        opt_in = self.opt_in_genes()
+        return {g: ((opt_in[g],) if g in opt_in else tuple(o))
+                for g, o in self.full_genes().items()}
+
+    def full_space(self) -> "SearchSpace":
+        """This space with every option of every gene, the opt-in genes' included."""
+        return type(self)(self.input_shape, self.num_classes, self.full_genes(), self.compression)
+
+    def gene_defaults(self) -> dict[str, Value]:
+        """Genes that a description, an arch or a packed file may lack, with the value that
+        reproduces what such a file meant: compression genes added in later versions (a rank
+        ratio of 1, uniform quantization; :func:`nasopt.compression.compress.absent_value`)."""
+        from nasopt.compression.compress import absent_value  # local: compress imports core
+        return {g: v for g in self.full_genes() if (v := absent_value(g)) is not None}
 
     #: the gene group of a module by its name (:func:`nasopt.supernet.network.group_of`, the
     #: one rule: ``stages.<i>.…`` -> ``s<i+1>``, else its first name component)
@@ -133,8 +162,7 @@ class SearchSpace(ABC):
         return desc
 
     def architecture_space(self) -> "SearchSpace":
-        """This (sub-)space without compression genes: what the supernet is built and trained on,
-        so that restricting compression genes never changes the supernet."""
+        """This (sub-)space without compression genes: what the supernet is built on."""
         if not self.compression:
             return self
         names = self.architecture_genes()
@@ -153,21 +181,24 @@ class SearchSpace(ABC):
         return n
 
     def restrict(self, restrictions: Mapping[str, Sequence[Value]]) -> "SearchSpace":
-        """A sub-space whose listed genes keep only the given options."""
+        """A sub-space whose listed genes take exactly the given options (among all the gene's
+        options: an opt-in gene, :meth:`opt_in_genes`, is searched this way); the other genes keep
+        this space's options."""
         genes = dict(self.genes)
+        full = self.full_genes()
         for gene, options in restrictions.items():
             if gene not in genes:
                 raise NasoptError(f"unknown gene {gene!r} for space {self.name!r}; "
                                   f"known genes: {', '.join(genes)}")
             kept = tuple(self._coerce(gene, o) for o in options)
-            bad = [o for o in kept if o not in genes[gene]]
+            bad = [o for o in kept if o not in full[gene]]
             if bad:
                 raise NasoptError(f"option(s) {bad} not available for gene {gene!r}; "
-                                  f"choose among {list(genes[gene])}")
+                                  f"choose among {list(full[gene])}")
             if not kept:
                 raise NasoptError(f"restriction leaves gene {gene!r} with no option; "
-                                  f"keep at least one of {list(genes[gene])}")
-            genes[gene] = tuple(o for o in genes[gene] if o in kept)
+                                  f"keep at least one of {list(full[gene])}")
+            genes[gene] = tuple(o for o in full[gene] if o in kept)
         return type(self)(self.input_shape, self.num_classes, genes, self.compression)
 
     def validate(self, arch: Mapping[str, Value], strict: bool = False) -> Arch:
@@ -178,6 +209,9 @@ class SearchSpace(ABC):
         if unknown:
             raise NasoptError(f"unknown gene(s) {unknown} for space {self.name!r}; "
                               f"known genes: {', '.join(self.genes)}")
+        defaults = self.gene_defaults()
+        arch = {**{g: v for g, v in defaults.items() if g in self.genes and g not in arch
+                   and v in self.genes[g]}, **arch}
         missing = [g for g in self.genes if g not in arch]
         if missing:
             raise NasoptError(f"arch lacks gene(s) {missing} of space {self.name!r}")
@@ -231,6 +265,8 @@ class SearchSpace(ABC):
             raise NasoptError(f"gene {gene!r} takes {kind.__name__} values, got {value!r}") from None
 
     def _checked_subset(self, full: Genes, genes: Mapping[str, Sequence[Value]]) -> Genes:
+        defaults = self.gene_defaults()  # a description written before these genes existed
+        genes = {**{g: (v,) for g, v in defaults.items() if g not in genes}, **genes}
         if set(genes) != set(full):
             raise NasoptError(f"space {self.name!r} has genes {list(full)}; got {list(genes)}")
         out: Genes = {}

@@ -13,7 +13,11 @@ convs), then every weight layer gets a parametrization (``torch.nn.utils.paramet
   per output channel, scale = max|w| / (2^(b-1) - 1)), the very quantizer of the packed file,
   with a straight-through estimator: its gradient is the identity (nothing clips, because the
   scale comes from the maximum). 32-bit groups are not quantized;
-- low-rank factors are trained as two layers (each quantized at its group's bit-width).
+- low-rank factors are trained as two layers (each quantized at its group's bit-width);
+- a ``codebook`` group's layers (:func:`nasopt.compression.compress.codebook_quantize`) train
+  their shared levels instead (Deep Compression's centroid fine-tuning): each weight's level
+  index and its row's scale are fixed, ``weight = scale[row] * levels[index] * mask``, so a
+  level's gradient is the sum of the gradients of the weights that share it.
 
 :func:`finalize` removes the parametrizations, writes ``latent * mask`` into the layers and
 quantizes them with :func:`nasopt.compression.compress.store_layers`, so the deployed weights equal what the
@@ -36,8 +40,8 @@ from torch.nn.utils import parametrize
 
 from nasopt.core.task import task_of
 from nasopt.compression.compress import (
-    FLOAT_BITS, GroupOf, Policy, StoredLayer, compressed_structure, deployed_float, dequantize,
-    quantize, store_layers, weight_layers,
+    FLOAT_BITS, GroupOf, Policy, StoredLayer, codebook_quantize, compressed_structure, decode,
+    deployed_float, dequantize, quantize, store_layers, weight_layers,
 )
 from nasopt.core.data import Dataset
 from nasopt.supernet.early_stopping import History, train_early_stopping
@@ -75,6 +79,28 @@ class CompressedWeight(nn.Module):
         return fake_quantize(w, self.bits)
 
 
+class CodebookWeight(nn.Module):
+    """Parametrization of a codebook layer: ``scale[row] * levels[index]`` (times the mask),
+    the shared ``levels`` trained, the indices and scales fixed (the latent weight is unused)."""
+
+    def __init__(self, weight: Tensor, bits: int, mask: Tensor | None):
+        super().__init__()
+        keep = None if mask is None else mask.bool()
+        index, levels, scale = codebook_quantize(weight.detach(), bits, keep)
+        self.bits = bits
+        self.register_buffer("mask", mask)
+        self.register_buffer("index", index)
+        self.register_buffer("scale", scale)
+        self.levels = nn.Parameter(levels)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        return decode(self.index, self.levels, self.scale,
+                      None if self.mask is None else self.mask.bool())
+
+    def codebook(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.index, self.levels.detach().clone(), self.scale
+
+
 def prepare_qat(model: nn.Module, policy: Policy, group_of: GroupOf, *, deployed: bool = False,
                 seed: int = 0) -> nn.Module:
     """A copy of ``model`` ready for quantization-aware training.
@@ -86,8 +112,11 @@ def prepare_qat(model: nn.Module, policy: Policy, group_of: GroupOf, *, deployed
         deployed_float(model, policy, group_of, seed)
     for name, module in weight_layers(model):
         mask = (module.weight.detach() != 0).float() if policy.sparsity > 0 else None
-        parametrize.register_parametrization(
-            module, "weight", CompressedWeight(policy.bits_of(group_of(name)), mask))
+        group = group_of(name)
+        weight = (CodebookWeight(module.weight, policy.bits_of(group), mask)
+                  if policy.codebook_of(group) else
+                  CompressedWeight(policy.bits_of(group), mask))
+        parametrize.register_parametrization(module, "weight", weight)
     return model
 
 
@@ -95,18 +124,25 @@ def finalize(model: nn.Module, policy: Policy, group_of: GroupOf
              ) -> tuple[nn.Module, list[StoredLayer]]:
     """Remove the parametrizations in place and quantize: the deployed model and its stored
     layers (what ``nasopt.deploy.export`` writes)."""
+    codebooks = {}
     with torch.no_grad():
-        for _, module in weight_layers(model):
+        for name, module in weight_layers(model):
             if not parametrize.is_parametrized(module, "weight"):
                 raise NasoptError("finalize() takes a model from prepare_qat()")
             p = module.parametrizations.weight[0]
-            latent = module.parametrizations.weight.original.detach().clone()
+            if isinstance(p, CodebookWeight):
+                codebooks[name] = p.codebook()
+                latent = module.weight.detach().clone()  # the decoded codebook weight
+            else:
+                latent = module.parametrizations.weight.original.detach().clone()
+                if p.mask is not None:
+                    latent = latent * p.mask
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-            module.weight.copy_(latent if p.mask is None else latent * p.mask)
+            module.weight.copy_(latent)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(True)
-    return model, store_layers(model, policy, group_of)
+    return model, store_layers(model, policy, group_of, codebooks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,10 @@ keeps the same fraction (an approximation: exact only at sparsity 0).
   the gradient reaches the weight through ``B = S^-1/2 U^T W``.
 
 At a one-hot the relaxed network computes the extracted subnet (a test checks it).
+
+**Genes fixed besides sparsity** (:func:`fixed_genes`): the quantizer (``uniform``; a codebook's
+levels come from k-means, not a function of the logits) and the rank of the stages' convolutions
+(1: only the head's rank is relaxed). Derived archs carry those values.
 """
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ from torch import Tensor, nn
 
 from nasopt.core.arch import Arch, Value
 from nasopt.compression.compress import (
-    FLOAT_BITS, Policy, StoredLayer, StoredTensor, factorize, fold_batchnorm, weight_layers,
+    FLOAT_BITS, Policy, StoredLayer, StoredTensor, absent_value, factorize, fold_batchnorm,
+    weight_layers,
 )
 from nasopt.core.errors import NasoptError
 from nasopt.deploy.finetune import fake_quantize
@@ -78,6 +83,28 @@ def fixed_sparsity(space: SearchSpace, sparsity: float | None = None) -> dict[st
         raise NasoptError(f"sparsity {sparsity} is not an allowed option; choose among "
                           f"{list(opts)}")
     return {"sparsity": value}
+
+
+def fixed_genes(space: SearchSpace, sparsity: float | None = None,
+                relaxed: Sequence[str] = ()) -> dict[str, Value]:
+    """The genes a relaxation does not relax, with their values: ``sparsity``
+    (:func:`fixed_sparsity`); every ``<group>.quant`` at ``uniform`` (the expected size counts
+    uniform records); every ``<group>.rank`` not in ``relaxed`` at 1 (no factorization). A gene
+    restricted so that it lacks that value is refused in one line."""
+    fixed = fixed_sparsity(space, sparsity)
+    for gene, options in space.genes.items():
+        kind = gene.rpartition(".")[2]
+        if gene in fixed or gene in relaxed or kind not in ("quant", "rank"):
+            continue
+        value = absent_value(gene)
+        if value not in options:
+            raise NasoptError(
+                f"gradient search relaxes uniform quantization and the rank of "
+                f"{', '.join(relaxed) or 'no layer'} only, but gene {gene!r} is restricted to "
+                f"{list(options)}: allow {value!r} (e.g. --restrict {gene}={value}) or use a "
+                f"sampling strategy")
+        fixed[gene] = value
+    return fixed
 
 
 class ExpectedSize:
@@ -222,7 +249,7 @@ def _centre_mask(p: Tensor, options: Sequence[int], size: int) -> Tensor:
 
 class Conv1dRelaxation(nn.Module):
     """The relaxed ``conv1d`` supernet (module docstring): ``genes`` are the space's genes but
-    ``sparsity`` (fixed, see :func:`fixed_sparsity`); weights start as a copy of ``supernet``'s.
+    ``sparsity``, the quantizers and the stage ranks (fixed, see :func:`fixed_genes`); weights start as a copy of ``supernet``'s.
     Implements :class:`nasopt.gradient.search.Relaxation`; ``expected_cost`` gives ``{"size": bytes}``,
     plus ``"latency"`` (ms, :meth:`nasopt.hardware.lut.LatencyTable.expected_latency`: exact, the
     prediction is a sum over units) when a latency table of the space is given, and ``"sram"``
@@ -235,7 +262,7 @@ class Conv1dRelaxation(nn.Module):
         if space.name != "conv1d":
             raise NasoptError(f"Conv1dRelaxation relaxes the conv1d space, not {space.name!r}")
         self.space = space
-        self.fixed = fixed_sparsity(space, sparsity)
+        self.fixed = fixed_genes(space, sparsity, relaxed=("head.rank",))
         self.genes: dict[str, tuple] = {g: tuple(o) for g, o in space.genes.items()
                                         if g not in self.fixed}
         self.net = copy.deepcopy(supernet.net)  # never touches the supernet's own weights
@@ -253,9 +280,16 @@ class Conv1dRelaxation(nn.Module):
     def expected_cost(self, probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = {"size": self.size(probs)}
         if self.latency is not None:
-            # every relaxed gene at its options; the fixed ones (sparsity) change no unit
-            out["latency"] = self.latency.expected_latency(
-                {g: p for g, p in probs.items() if g in self.genes})
+            # every relaxed gene at its options, the fixed ones (a stage's rank changes its
+            # units) one-hot at their value
+            given = {g: p for g, p in probs.items() if g in self.genes}
+            like = next(iter(given.values()))
+            for gene, value in self.fixed.items():
+                options = self.latency.space["genes"].get(gene)
+                if options is not None:
+                    given[gene] = torch.tensor([float(o == value) for o in options],
+                                               dtype=like.dtype, device=like.device)
+            out["latency"] = self.latency.expected_latency(given)
         if self.sram is not None:
             out["sram"] = self.sram(probs)
         return out

@@ -150,9 +150,10 @@ def peak_bytes(model: nn.Module, input_shape: Sequence[int], dtype: str = "int8"
 
 def structure_key(space, arch: Mapping[str, Value]) -> str:  # noqa: ANN001
     """What activation memory (and latency) depends on: the architecture genes and the low-rank
-    ratios (factorized layers add a tensor); not bit-widths or sparsity (dense kernels)."""
+    ratios (factorized layers add a tensor); not bit-widths, quantizers or sparsity (dense
+    kernels)."""
     return ",".join(f"{g}={v}" for g, v in arch.items()
-                    if not g.endswith(".bits") and g != "sparsity")
+                    if not g.endswith((".bits", ".quant")) and g != "sparsity")
 
 
 def deployed_structure(space, arch: Mapping[str, Value]) -> nn.Module:  # noqa: ANN001

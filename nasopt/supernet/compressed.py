@@ -10,8 +10,10 @@ weights the arch's compressed model stores (:mod:`nasopt.compression.compress`):
   a factorized weight): exactly ``round(sparsity x N)`` weights are zero. The mask is chosen on a
   probe pass of one sample, because a global threshold needs every layer's active weights before
   the first layer runs;
-- **bits**: symmetric per-output-channel quantization of each stored tensor, the packed file's
-  quantizer (:func:`nasopt.compression.compress.quantize`).
+- **bits** and **quant**: symmetric per-output-channel quantization of each stored tensor, the
+  packed file's quantizer (:func:`nasopt.compression.compress.quantize`), or its codebook
+  (k-means levels over the row-normalised kept weights, recomputed each step:
+  :func:`nasopt.compression.compress.codebook_quantize`).
 
 The gradient is the straight-through estimator: the latent weight receives the gradient of the
 compressed one, so training moves the shared float weights towards values whose compressed
@@ -30,19 +32,27 @@ import torch
 from torch import Tensor, nn
 
 from nasopt.compression.compress import (
-    FLOAT_BITS, GroupOf, Policy, dequantize, low_rank_eligible, quantize, svd_factors,
-    weight_layers,
+    FLOAT_BITS, GroupOf, Policy, codebook_quantize, decode, dequantize, low_rank_eligible,
+    quantize, svd_factors, weight_layers,
 )
 
 
-def quantized(weight: Tensor, bits: int) -> Tensor:
-    """The dequantized ``bits``-bit weight the packed file stores (no gradient)."""
-    return weight if bits >= FLOAT_BITS else dequantize(*quantize(weight, bits))
+def quantized(weight: Tensor, bits: int, codebook: bool = False, mask: Tensor | None = None
+              ) -> Tensor:
+    """The decoded ``bits``-bit weight the packed file stores (no gradient): uniform, or with
+    ``codebook`` the codebook of the entries ``mask`` keeps (all without one)."""
+    if bits >= FLOAT_BITS:
+        return weight
+    if codebook:
+        index, levels, scale = codebook_quantize(weight, bits, mask)
+        return decode(index, levels, scale, mask).to(weight.dtype)
+    return dequantize(*quantize(weight, bits))
 
 
 def stored_tensors(module: nn.Module, weight: Tensor, ratio: float) -> list[Tensor]:
     """The tensors the deployed model stores for a layer's active ``weight``: the weight itself,
-    or at a rank ratio below 1 on an eligible layer its SVD factors ``[B (r x in), A (out x r)]``
+    or at a rank ratio below 1 on an eligible layer the SVD factors of its ``out x (in x taps)``
+    unfolding, ``[B (r x in x taps), A (out x r)]``
     (first layer, then second, as :func:`nasopt.compression.compress.factorize` builds them)."""
     if ratio >= 1.0 or not low_rank_eligible(module):
         return [weight]
@@ -84,11 +94,12 @@ class _Compressor:
             self.probe.append((id(module), [t.detach().abs() for t in tensors]))
             return weight
         masks = self.masks.get(id(module))
-        bits = self.policy.bits_of(group)
+        bits, codebook = self.policy.bits_of(group), self.policy.codebook_of(group)
         with torch.no_grad():
             kept = [t.detach() for t in tensors] if masks is None else [
                 t.detach() * m for t, m in zip(tensors, masks)]
-            stored = [quantized(t, bits) for t in kept]
+            stored = [quantized(t, bits, codebook, None if masks is None else m)
+                      for t, m in zip(kept, masks or [None] * len(kept))]
             dense = stored[0] if len(stored) == 1 else (stored[1] @ stored[0]).reshape(weight.shape)
         return weight + (dense - weight).detach()  # straight-through estimator
 

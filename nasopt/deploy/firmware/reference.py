@@ -7,8 +7,9 @@ writes the same plan as C. Both must give the same int32 logits, bit for bit.
 Numbers:
 
 - **Weights** keep the arch's searched bit-width (2/4/6/8) and per-output-channel scales, exactly
-  the integers of the packed file (:mod:`nasopt.compression.packed`); a float32 (32-bit) layer is
-  quantized to 8 bits per output channel (symmetric, as the packed file quantizes). Sparse layers
+  the integers of the packed file (:mod:`nasopt.compression.packed`); a float32 (32-bit) layer,
+  and a codebook layer (decoded), is quantized to 8 bits per output channel (symmetric, as the
+  packed file quantizes): the firmware stores a codebook layer as 8-bit weights. Sparse layers
   keep their zeros; low-rank pairs are two layers.
 - **Activations** are int8, asymmetric per tensor (``real = scale * (q - zero_point)``), their
   ranges calibrated (min/max) on training samples only. ReLU/ReLU6 are fused into the producing
@@ -33,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import operator
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,9 +45,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from nasopt.compression import packed
-from nasopt.compression.compress import (
-    FLOAT_BITS, Policy, StoredLayer, StoredTensor, quantize, weight_layers,
-)
+from nasopt.compression.compress import FLOAT_BITS, StoredLayer, quantize
 from nasopt.core.data import Preprocess
 from nasopt.core.errors import NasoptError
 from nasopt.core.space import SearchSpace
@@ -76,65 +74,18 @@ def read_packed(path: str | Path, spaces: Mapping[str, type[SearchSpace]]
                 ) -> tuple[SearchSpace, Any, nn.Module, list[StoredLayer]]:
     """(space, arch, deployed model, stored layers) of a packed file: the integers and scales
     exactly as stored (the loaded model holds them dequantized)."""
-    data = Path(path).read_bytes()
-    model, arch = packed.unpack(data, spaces)  # checks the checksum and the structure
-    space, arch, pos = packed._read_header(data, spaces)
-    if data[4] >= 2:
-        data = data[:-packed.CHECKSUM_BYTES]
-    policy = Policy.from_arch(arch)
-    stored = []
-    for name, module in weight_layers(model):
-        bits = policy.bits_of(space.group_of(name))
-        shape = tuple(module.weight.shape)
-        n = math.prod(shape)
-        count, mask = n, None
-        if policy.sparsity > 0:
-            count, encoding = struct.unpack_from("<IB", data, pos)
-            pos += 5
-            if encoding == 0:
-                size = math.ceil(n / 8)
-                mask = np.unpackbits(np.frombuffer(data[pos:pos + size], np.uint8),
-                                     bitorder="little")[:n].astype(bool)
-            else:
-                itemsize = 2 if n <= 65536 else 4
-                size = count * itemsize
-                mask = np.zeros(n, bool)
-                mask[np.frombuffer(data[pos:pos + size], f"<u{itemsize}")] = True
-            pos += size
-        q = scale = values = None
-        if bits < FLOAT_BITS:
-            scale = torch.from_numpy(np.frombuffer(data[pos:pos + 4 * shape[0]], "<f4").copy())
-            pos += 4 * shape[0]
-            size = math.ceil(count * bits / 8)
-            ints = packed._unpack_ints(data[pos:pos + size], count, bits)
-            pos += size
-            full = np.zeros(n, np.int64)
-            full[mask if mask is not None else slice(None)] = ints
-            q = torch.from_numpy(full).to(torch.int32).reshape(shape)
-        else:
-            floats = np.frombuffer(data[pos:pos + 4 * count], "<f4")
-            pos += 4 * count
-            full = np.zeros(n, np.float32)
-            full[mask if mask is not None else slice(None)] = floats
-            values = torch.from_numpy(full).reshape(shape)
-        tensor = StoredTensor(bits, shape, mask is not None, q, scale, values,
-                              None if mask is None else torch.from_numpy(mask).reshape(shape))
-        bias = None
-        if module.bias is not None:
-            bias = torch.from_numpy(np.frombuffer(data[pos:pos + 4 * shape[0]], "<f4").copy())
-            pos += 4 * shape[0]
-        stored.append(StoredLayer(name, tensor, bias))
-    return space, arch, model, stored
+    return packed.unpack_stored(Path(path).read_bytes(), spaces)
 
 
 def _integer_weights(layer: StoredLayer) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """(integers, float scale per output channel, bits, kept mask or None) of a stored layer;
-    a float32 layer is quantized to :data:`FLOAT_LAYER_BITS` here."""
+    a float32 layer, and a codebook layer (its decoded weights: the C code holds integers with a
+    scale per output channel, not codebooks), is quantized to :data:`FLOAT_LAYER_BITS` here."""
     w = layer.weight
     mask = None if w.mask is None else w.mask.numpy().astype(bool)
-    if w.bits < FLOAT_BITS:
+    if w.bits < FLOAT_BITS and w.codebook is None:
         return w.q.numpy().astype(np.int64), w.scale.numpy().astype(np.float64), w.bits, mask
-    q, scale = quantize(w.values, FLOAT_LAYER_BITS)
+    q, scale = quantize(w.dense(), FLOAT_LAYER_BITS)
     return (q.numpy().astype(np.int64), scale.numpy().astype(np.float64), FLOAT_LAYER_BITS,
             mask)
 
