@@ -19,31 +19,12 @@ from nasopt.deploy.finetune import FinetuneConfig
 from nasopt.deploy.meta import MetaConfig
 from nasopt.pipeline import MetaStep, load_run_config
 from nasopt.supernet.train import quality
+from test_distill import TINY
+from test_meta import one_thread  # noqa: F401 - one torch thread, module-wide
 
 SOURCE, TARGET = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 
-#: the tiny pipeline of tests/test_distill.py
-RUN = """
-run_dir = "{run}"
-[data]
-dataset = "mnist1d"
-[supernet]
-epochs = 2
-warmup_epochs = 1
-n_random = 1
-[search]
-space = "conv1d"
-strategy = "random"
-trials = 4
-restrict = {{ "s1.depth" = [1], "s2.depth" = [1], "s3.depth" = [1], "s1.width" = [8, 16], "s2.width" = [8, 16], "s3.width" = [8, 16] }}
-[distill]
-epochs = 2
-[finetune]
-epochs = 2
-[export]
-out = "{out}"
-formats = ["pytorch", "packed", "torchscript"]
-"""
+RUN = TINY  # the tiny pipeline of tests/test_distill.py
 #: the few-shot target: MNIST-1D classes 5-9, 5 training samples each; Reptile on classes 0-4
 META = """
 [meta]
@@ -53,14 +34,6 @@ meta_iterations = 20
 meta_shots = 4
 epochs = 3
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(folder: Path, meta: str = META) -> Path:
