@@ -38,6 +38,15 @@ def trained(request, datasets, tmp_path_factory):
     return space, supernet, data
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (tiny models train fastest on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(0)

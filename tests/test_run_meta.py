@@ -20,10 +20,10 @@ from nasopt.deploy.meta import MetaConfig
 from nasopt.pipeline import MetaStep, load_run_config
 from nasopt.supernet.train import quality
 from test_distill import TINY
-from test_meta import one_thread  # noqa: F401 - one torch thread, module-wide
 
 SOURCE, TARGET = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RUN = TINY  # the tiny pipeline of tests/test_distill.py
 #: the few-shot target: MNIST-1D classes 5-9, 5 training samples each; Reptile on classes 0-4
 META = """
