@@ -312,3 +312,27 @@ def test_uniform_full_rank_restriction_searches_as_without_the_genes(sampler):
             seen.append(({g: v for g, v in arch.items() if g in old.genes}, size, first))
         runs.append(seen)
     assert runs[0] == runs[1]
+
+
+def test_the_default_space_trains_and_keys_the_supernet_as_without_the_genes():
+    from nasopt.core.config import SupernetConfig
+    from nasopt.supernet.elastic import supernet_key, training_compression
+    new, old = SPACES["conv1d"](SHAPES["conv1d"], 5), _BeforeTheGenes(SHAPES["conv1d"], 5)
+    cfg = SupernetConfig(steps=10)
+    assert training_compression(new, cfg) == training_compression(old, cfg)
+    assert supernet_key(new, "data", cfg, 100) == supernet_key(old, "data", cfg, 100)
+    asked = new.restrict({"s1.quant": ["uniform", "codebook"]})
+    assert "s1.quant" in training_compression(asked, cfg)
+    assert supernet_key(asked, "data", cfg, 100) != supernet_key(new, "data", cfg, 100)
+
+
+def test_a_study_recorded_without_the_genes_goes_on(tmp_path):
+    from nasopt.search.study import open_storage, open_study
+    new, old = SPACES["conv1d"](SHAPES["conv1d"], 5), _BeforeTheGenes(SHAPES["conv1d"], 5)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    setup = {"objectives": ["accuracy", "size"], "packed_format": packed.SIZE_FORMAT}
+    open_study(storage, "s", {**setup, "space": old.describe()}, ["maximize", "minimize"])
+    open_study(storage, "s", {**setup, "space": new.describe()}, ["maximize", "minimize"])
+    asked = new.restrict({"s1.quant": ["uniform", "codebook"]})
+    with pytest.raises(NasoptError, match="different setup"):
+        open_study(storage, "s", {**setup, "space": asked.describe()}, ["maximize", "minimize"])

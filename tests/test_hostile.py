@@ -111,7 +111,7 @@ def test_negative_numbers_are_one_line(tmp_path, capsys, args, message):
 
 def test_a_study_sized_in_the_older_packed_format_is_not_continued(tmp_path):
     from nasopt.core.errors import NasoptError
-    from nasopt.compression.packed import VERSION
+    from nasopt.compression.packed import SIZE_FORMAT as VERSION
     from nasopt.search.study import open_storage, open_study
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     old = {"space": {"name": "conv1d"}, "objectives": ["accuracy", "size"]}  # no packed_format

@@ -50,6 +50,10 @@ MAGIC = b"NSOP"
 VERSION = 3
 #: versions :func:`unpack` reads (1: no checksum; 2: no codebook records)
 READABLE = (1, 2, 3)
+#: the last version that changed the bytes of a record an earlier version could write: what a
+#: study's size objective counts (version 3 only added codebook records, so a study sized in
+#: version 2 goes on in version 3)
+SIZE_FORMAT = 2
 #: the CRC-32 at the end of a version-2 file
 CHECKSUM_BYTES = 4
 

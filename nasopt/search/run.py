@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from nasopt.compression.packed import VERSION as PACKED_VERSION
+from nasopt.compression.packed import SIZE_FORMAT
 from nasopt.core.config import Config
 from nasopt.core.data import Dataset, load_dataset
 from nasopt.core.errors import NasoptError
@@ -154,7 +154,7 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
              "data_fingerprint": data.fingerprint,
              "preprocess": data.preprocess.to_dict(),  # what the loader did to raw samples
              "supernet": dataclasses.asdict(cfg.supernet), "eval": dataclasses.asdict(cfg.eval),
-             "packed_format": PACKED_VERSION,  # the size objective counts this format's bytes
+             "packed_format": SIZE_FORMAT,  # the size objective counts this format's bytes
              "scoring": SCORING,  # how a trial's model is calibrated and compressed
              "objectives": list(s.objectives),
              "budgets": {c.name: c.limit for c in constraints}}

@@ -291,6 +291,7 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str,
     if old is None:
         raise NasoptError(f"study {name!r} exists but was not created by nasopt; "
                           f"choose another --study name")
+    old = {**old, "space": with_later_genes(old.get("space"), setup.get("space"))}
     diffs = [k for k in sorted(set(old) | set(setup)) if k not in FREE_KEYS
              and old.get(k) != setup.get(k)]
     if "packed_format" in diffs:
@@ -309,6 +310,21 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str,
         raise NasoptError(f"study {name!r} was created with a different setup ({detail}); "
                           f"use a new --study name, or the study's original settings")
     return study
+
+
+def with_later_genes(recorded: Any, current: Any) -> Any:
+    """A study's recorded space description with the genes the space gained since filled in,
+    where ``current`` holds them at their absent value only (what the recorded study meant):
+    such a study goes on. Anything else is returned as it was."""
+    from nasopt.compression.compress import absent_value
+    if not (isinstance(recorded, dict) and isinstance(current, dict)
+            and isinstance(recorded.get("genes"), dict) and isinstance(current.get("genes"), dict)):
+        return recorded
+    genes = dict(recorded["genes"])
+    for gene, options in current["genes"].items():
+        if gene not in genes and list(options) == [absent_value(gene)]:
+            genes[gene] = options
+    return {**recorded, "genes": genes}
 
 
 #: how long a worker waits for the setup of a study another worker has just created

@@ -391,11 +391,15 @@ KEY_FIELDS = ("epochs", "warmup_epochs", "batch_size", "lr", "weight_decay", "n_
 
 def training_compression(space: "SearchSpace", cfg: Any) -> dict[str, tuple[Value, ...]]:
     """The compression genes a recipe draws during training: the space's, when the recipe is
-    compression-aware (``supernet.compression_aware``); none otherwise."""
+    compression-aware (``supernet.compression_aware``); none otherwise. A gene held at its absent
+    value (an opt-in gene not asked for) compresses nothing and is left out, so the recipe, its
+    draws and its checkpoint key are those of a space without it."""
     if not getattr(cfg, "compression_aware", False) or not space.compression:
         return {}
+    from nasopt.compression.compress import absent_value
     names = space.compression_genes()
-    return {g: tuple(o) for g, o in space.genes.items() if g in names}
+    return {g: tuple(o) for g, o in space.genes.items()
+            if g in names and tuple(o) != (absent_value(g),)}
 
 
 def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any,
