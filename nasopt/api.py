@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from nasopt.compression.packed import VERSION as PACKED_VERSION
+from nasopt.compression.packed import SIZE_FORMAT
 from nasopt.core.config import Config, load_config
 from nasopt.core.data import Dataset, load_dataset
 from nasopt.core.errors import NasoptError
@@ -171,7 +171,7 @@ def export(study: optuna.Study, trial: int | str, out: str | Path,
     evaluator, data = rebuild(study)
     arch = evaluator.space.validate(t.params)
     recorded = dict(t.user_attrs.get("metrics", {}))
-    if (_study.setup_of(study).get("packed_format", 1) != PACKED_VERSION
+    if (_study.setup_of(study).get("packed_format", 1) < SIZE_FORMAT
             and recorded.get("compressed_bytes") is not None):  # sized without the checksum
         from nasopt.compression.packed import CHECKSUM_BYTES
         recorded["compressed_bytes"] += CHECKSUM_BYTES
