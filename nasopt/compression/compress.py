@@ -280,16 +280,18 @@ def kmeans_1d(values: Tensor, k: int, iterations: int = KMEANS_ITERATIONS
     distinct values the centroids are those values (the last repeated), so a codebook-quantized
     tensor quantizes to itself."""
     v = values.detach().reshape(-1).double()
+    device = v.device
     if v.numel() == 0:
-        return torch.zeros(k), torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(k, device=device), torch.zeros(0, dtype=torch.int64, device=device)
     distinct = torch.unique(v)
     if distinct.numel() <= k:
         centroids = torch.cat([distinct, distinct[-1:].expand(k - distinct.numel())])
     else:
-        centroids = torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64)
+        centroids = torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64,
+                                   device=device)
         for _ in range(iterations):
             index = _nearest(v, centroids)
-            sums = torch.zeros(k, dtype=torch.float64).index_add_(0, index, v)
+            sums = torch.zeros(k, dtype=torch.float64, device=device).index_add_(0, index, v)
             counts = torch.bincount(index, minlength=k)
             moved = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
             moved = torch.sort(moved).values  # an empty cluster keeps its place
@@ -325,7 +327,7 @@ def codebook_quantize(weight: Tensor, bits: int, mask: Tensor | None = None
     normal = weight.detach().float() / scale.view(shape)
     kept = normal if mask is None else normal[mask]
     levels, index = kmeans_1d(kept, 2 ** bits)
-    full = torch.zeros(weight.numel(), dtype=torch.int64)
+    full = torch.zeros(weight.numel(), dtype=torch.int64, device=weight.device)
     if mask is None:
         full = index
     else:
