@@ -184,31 +184,36 @@ def _part(part: str, args: argparse.Namespace, log) -> tuple[str, dict]:  # noqa
     variants.append(DEFAULT_SUPERNET)
     objectives = get_objectives(["accuracy", "size"])
     ref = ref_kb * 1024
-    rows, fronts, best = [], {}, {}
+    scorers = {v: default_evaluator if v == DEFAULT_SUPERNET else evaluator for v in variants}
+    # per variant, one value per seed: the hypervolume, the best validation accuracy per budget
+    hv: dict[str, list[float]] = {v: [] for v in variants}
+    best_val: dict[str, dict[int, list[float]]] = {v: {kb: [] for kb in budgets}
+                                                   for v in variants}
+    rows, best = [], {}
     for variant in variants:
         sub = space.restrict(restrictions(space, variant if variant != DEFAULT_SUPERNET
                                           else "uniform"))
-        scorer = default_evaluator if variant == DEFAULT_SUPERNET else evaluator
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             study = optuna.create_study(
                 directions=["maximize", "minimize"],
                 sampler=api.STRATEGIES[args.strategy].make_sampler(sub, seed))
-            run_search(study, sub, scorer, objectives, args.evaluations, show_progress=False)
+            run_search(study, sub, scorers[variant], objectives, args.evaluations,
+                       show_progress=False)
             done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
             points = [(t.values[0], t.values[1], json.dumps(t.params)) for t in done]
             front = pareto(points)
-            fronts[(variant, seed)] = front
+            hv[variant].append(hypervolume([(a, s) for a, s, _ in points], ref))
             for kb in budgets:
                 fit = [p for p in points if p[1] <= kb * 1024]
                 if fit:
                     top = max(fit, key=lambda p: (p[0], -p[1]))
+                    best_val[variant][kb].append(top[0])
                     if (variant, kb) not in best or top[0] > best[(variant, kb)][0]:
                         best[(variant, kb)] = top
             share = ("-" if variant in ("uniform", DEFAULT_SUPERNET) else
                      f"{np.mean([uses(json.loads(p[2]), variant, conv_ranks) for p in front]):.0%}")
-            rows.append([variant, seed,
-                         f"{hypervolume([(a, s) for a, s, _ in points], ref):.4f}",
+            rows.append([variant, seed, f"{hv[variant][-1]:.4f}",
                          *[_pct(max((a for a, s, _ in points if s <= kb * 1024), default=None))
                            for kb in budgets],
                          len(front), share, f"{time.perf_counter() - t0:.0f}"])
@@ -216,34 +221,28 @@ def _part(part: str, args: argparse.Namespace, log) -> tuple[str, dict]:  # noqa
     # the medians over seeds, then the test accuracy of each variant's best arch per budget
     summary = []
     for variant in variants:
-        mine = [r for r in rows if r[0] == variant]
-        hv = [float(r[2]) for r in mine]
-        accs = [[float(r[3 + i].rstrip(" %")) for r in mine if r[3 + i] != "-"]
-                for i in range(len(budgets))]
         tests = []
         for kb in budgets:
             top = best.get((variant, kb))
             if top is None:
                 tests.append("-")
                 continue
-            model, _ = (default_evaluator if variant == DEFAULT_SUPERNET
-                        else evaluator).compressed(json.loads(top[2]))
+            model, _ = scorers[variant].compressed(json.loads(top[2]))
             right = correct(model, data.x_test, data.y_test)
             tests.append(f"{right.float().mean().item():.2%} ({top[1]:.0f} B)")
-        summary.append([variant, f"{np.median(hv):.4f} [{min(hv):.4f}, {max(hv):.4f}]",
-                        *[f"{np.median(a):.2f} %" if a else "-" for a in accs], *tests])
-    base = {r[0]: r for r in summary}
+        h = hv[variant]
+        summary.append([variant, f"{np.median(h):.4f} [{min(h):.4f}, {max(h):.4f}]",
+                        *[f"{100 * np.median(a):.2f} %" if a else "-"
+                          for a in best_val[variant].values()], *tests])
     verdicts = []
     for variant in variants[1:-1]:
-        gain = float(base[variant][1].split()[0]) - float(base["uniform"][1].split()[0])
-        wins = sum(float(r[2]) > float(u[2]) for r, u in zip(
-            [r for r in rows if r[0] == variant], [r for r in rows if r[0] == "uniform"]))
+        gain = float(np.median(hv[variant]) - np.median(hv["uniform"]))
+        wins = sum(a > b for a, b in zip(hv[variant], hv["uniform"]))
         verdicts.append(f"- **{variant}** against uniform: median hypervolume "
                         f"{'+' if gain >= 0 else ''}{gain:.4f}; higher in {wins} of {args.seeds} "
                         f"seeds. {'Helps' if gain > 0 and wins > args.seeds / 2 else 'Does not help'}"
                         f" on this dataset at {args.evaluations} evaluations.")
-    own = (float(base[DEFAULT_SUPERNET][1].split()[0])
-           - float(base["uniform"][1].split()[0]))
+    own = float(np.median(hv[DEFAULT_SUPERNET]) - np.median(hv["uniform"]))
     verdicts.append(f"- **The default space on its own supernet** (trained without the techniques' "
                     f"draws) against the same space on the full-space supernet: median "
                     f"hypervolume {'+' if own >= 0 else ''}{own:.4f}.")
