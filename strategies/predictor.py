@@ -64,6 +64,7 @@ from nasopt.core.space import SearchSpace
 from nasopt.core.strategy import GeneSampler, Strategy
 from nasopt.search.study import constraint_excess
 
+from nasopt.strategies import moves
 from nasopt.strategies.staged import StagedSampler
 from nasopt.strategies.surrogate import Surrogate, margin, unordered
 
@@ -311,7 +312,7 @@ class PredictorSampler(GeneSampler):
 
         def pool():  # noqa: ANN202
             if not pools:
-                pools.append(staged._pool(done, directions))
+                pools.append(staged.pool(done, directions))
             return pools[0]
 
         bits = [g for g in staged.compression if g.endswith(".bits") and len(choices.get(g, ())) > 1]
@@ -323,10 +324,10 @@ class PredictorSampler(GeneSampler):
                 # move alone loses accuracy: neither would make a parent)
                 parent = parents[self._rng.randint(len(parents))].params
                 child = {n: parent[n] for n in choices}
-                staged._shift(child, bits, choices)
-                staged._mutate(child, architecture, choices)
+                moves.shift(child, bits, choices)
+                moves.mutate(self._rng, child, architecture, choices)
             else:
-                child = staged._propose(done, parents, parents, pool, choices)
+                child = staged.propose(done, parents, parents, pool, choices)
             key = _key(child)
             if key in seen or key in keys:
                 continue

@@ -77,7 +77,7 @@ from nasopt.core.strategy import GeneSampler, Strategy
 from nasopt.core.trials import completed_trials
 from nasopt.search.study import constraint_excess
 
-from nasopt.strategies import surrogate
+from nasopt.strategies import moves, surrogate
 from nasopt.strategies.surrogate import Surrogate
 
 ARCH_SHARE = 0.5
@@ -174,7 +174,7 @@ class StagedSampler(GeneSampler):
 
         def pool() -> _Pool:
             if not pools:
-                pools.append(self._pool(done, study.directions))
+                pools.append(self.pool(done, study.directions))
             return pools[0]
 
         if (SWEEP and self.budget is not None and parents
@@ -186,7 +186,7 @@ class StagedSampler(GeneSampler):
                 return child
         candidates: list[dict[str, Any]] = []
         for _ in range(RETRIES + self.screen):
-            child = self._propose(done, parents, top, pool, choices)
+            child = self.propose(done, parents, top, pool, choices)
             key = tuple(sorted(child.items()))
             if key not in seen:
                 seen.add(key)
@@ -248,7 +248,7 @@ class StagedSampler(GeneSampler):
         child.update(fixed)
         return {n: child.get(n, choices[n][0]) for n in choices}
 
-    def _propose(self, done: list[FrozenTrial], parents: list[FrozenTrial],
+    def propose(self, done: list[FrozenTrial], parents: list[FrozenTrial],
                  top: list[FrozenTrial], pool: Callable[[], _Pool], choices: dict[str, list]
                  ) -> dict[str, Any]:
         # compression genes fixed to one option (``--restrict``) cannot move
@@ -273,17 +273,17 @@ class StagedSampler(GeneSampler):
             bits = [g for g in compression if g.endswith(".bits") and len(choices[g]) > 1]
             architecture = [g for g in self.architecture if g in choices]
             if architecture and self._rng.rand() < ARCH_MOVES:
-                self._cross(child, pick(), architecture, choices)
-                self._mutate(child, architecture, choices)
+                moves.cross(self._rng, child, pick(), architecture, choices)
+                moves.mutate(self._rng, child, architecture, choices)
             elif bits and self._rng.rand() < SHIFT_SHARE:
-                self._shift(child, bits, choices)
+                moves.shift(child, bits, choices)
             else:
-                self._step(child, compression, choices)
+                moves.step(self._rng, child, compression, choices)
             return child
         child.update({g: v for g, v in self.reference.items() if g in choices})
         return child
 
-    def _pool(self, done: list[FrozenTrial], directions) -> _Pool:
+    def pool(self, done: list[FrozenTrial], directions) -> _Pool:
         """The trials at the reference compression, with NSGA-II's tournament key (feasibility,
         then Pareto rank, then crowding) of each."""
         pool = [t for t in done if all(t.params.get(g) == v for g, v in self.reference.items())]
@@ -309,47 +309,8 @@ class StagedSampler(GeneSampler):
         child = {n: (mother if self._rng.rand() < 0.5 else father).get(n) for n in choices}
         child = {n: v if v in choices[n] else choices[n][self._rng.randint(len(choices[n]))]
                  for n, v in child.items()}
-        self._mutate(child, genes, choices)
+        moves.mutate(self._rng, child, genes, choices)
         return child
-
-    def _cross(self, child: dict[str, Any], other: dict[str, Any], genes: list[str],
-               choices: dict[str, list]) -> None:
-        """With probability 1/2, uniform crossover of the architecture genes with ``other``
-        (another front member); the child keeps its own compression genes."""
-        if self._rng.rand() < 0.5:
-            for g in genes:
-                if self._rng.rand() < 0.5 and other.get(g) in choices[g]:
-                    child[g] = other[g]
-
-    def _shift(self, child: dict[str, Any], bits: list[str], choices: dict[str, list]) -> None:
-        """Every bit-width one option lower (where there is one): the whole model a step
-        smaller, at the cost of a little accuracy at most."""
-        for g in bits:
-            i = choices[g].index(child[g])
-            if i > 0:
-                child[g] = choices[g][i - 1]
-
-    def _step(self, child: dict[str, Any], genes: list[str], choices: dict[str, list]) -> None:
-        """One or two genes moved to a neighbouring option (options are ordered: bits,
-        sparsity and rank are ordinal), so a child stays near its parent on the front."""
-        mutable = [g for g in genes if len(choices[g]) > 1]
-        if not mutable:
-            return
-        count = min(len(mutable), 1 + (self._rng.rand() < 1 / 3))
-        for j in self._rng.choice(len(mutable), count, replace=False):
-            gene = mutable[j]
-            i, n = choices[gene].index(child[gene]), len(choices[gene])
-            near = [j for j in (i - 1, i + 1) if 0 <= j < n]
-            child[gene] = choices[gene][near[self._rng.randint(len(near))]]
-
-    def _mutate(self, child: dict[str, Any], genes: list[str], choices: dict[str, list]) -> None:
-        mutable = [g for g in genes if len(choices[g]) > 1]
-        if not mutable:
-            return
-        for _ in range(1 + (self._rng.rand() < 1 / 3)):
-            gene = mutable[self._rng.randint(len(mutable))]
-            others = [c for c in choices[gene] if c != child[gene]]
-            child[gene] = others[self._rng.randint(len(others))]
 
 
 def _make(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:

@@ -168,7 +168,7 @@ def test_compression_phase_draws_half_its_parents_from_the_most_accurate_quarter
         (compression moves keep their parent's architecture; architecture moves change it)."""
         sampler = StagedSampler(sp, seed=0)
         sampler.plan(100)  # the study holds 100 trials: the compression phase
-        children = [sampler._propose(done, parents, top, lambda: None, choices)
+        children = [sampler.propose(done, parents, top, lambda: None, choices)
                     for _ in range(2000)]
         return np.mean([tuple(c[g] for g in architecture) in archs(top) for c in children])
 
