@@ -68,11 +68,20 @@ DEFAULT_EXPORT_FORMATS = EXPORT_FORMATS[:-1]
 class PickConfig:
     rule: str = "best"  # best | knee
     trial: int | None = None  # pick this trial number instead of applying the rule
+    #: rule "best": the this-many most accurate feasible trials are each fine-tuned briefly
+    #: (QAT from the inherited weights, ``rerank_epochs``) and the best on validation is picked;
+    #: 0: the most accurate by inherited weights
+    rerank: int = 0
+    rerank_epochs: int = 5
 
     def __post_init__(self) -> None:
         if self.rule not in PICK_RULES:
             raise NasoptError(f"pick.rule must be one of {', '.join(PICK_RULES)}, got "
                               f"{self.rule!r}")
+        if self.rerank < 0 or self.rerank_epochs < 1:
+            raise NasoptError(f"pick.rerank must be >= 0 (0: no re-ranking) and "
+                              f"pick.rerank_epochs >= 1, got {self.rerank} and "
+                              f"{self.rerank_epochs}")
 
 
 @dataclass(frozen=True)
@@ -262,13 +271,20 @@ def load_search_config(path: str | Path | None, overrides: Sequence[str] = ()
 
 # ---------------------------------------------------------------------------------------------
 def pick_trial(study: optuna.Study, cfg: PickConfig) -> int:
-    """The number of the trial to deploy (see the module doc)."""
+    """The number of the trial to deploy by the rule alone (see the module doc;
+    :func:`rerank_trials` then re-ranks the leading ones when ``cfg.rerank`` asks)."""
+    return pick_candidates(study, cfg)[0]
+
+
+def pick_candidates(study: optuna.Study, cfg: PickConfig) -> list[int]:
+    """The trial the rule picks, first; with rule "best" followed by the next most accurate
+    feasible trials, up to ``max(1, cfg.rerank)`` in all."""
     from nasopt.search.study import quality_metric, trials_frame
     frame = trials_frame(study)
     if cfg.trial is not None:
         if cfg.trial not in set(frame["trial"]):
             raise NasoptError(f"pick.trial {cfg.trial} is not a trial of {study.study_name!r}")
-        return int(cfg.trial)
+        return [int(cfg.trial)]
     ok = frame[(frame["state"] == "COMPLETE") & frame["feasible"]]
     if ok.empty:
         raise NasoptError(f"no completed trial of {study.study_name!r} meets the budgets; "
@@ -280,10 +296,40 @@ def pick_trial(study: optuna.Study, cfg: PickConfig) -> int:
     if cfg.rule == "knee":
         front = ok[ok["pareto"]].sort_values("compressed_bytes")
         if len(front) >= 3:
-            return int(front.iloc[knee_index(front["compressed_bytes"].to_numpy(float),
-                                             front["quality"].to_numpy(float))]["trial"])
-    best = ok.sort_values(["quality", "compressed_bytes"], ascending=[False, True])
-    return int(best.iloc[0]["trial"])
+            return [int(front.iloc[knee_index(front["compressed_bytes"].to_numpy(float),
+                                              front["quality"].to_numpy(float))]["trial"])]
+    best = ok.sort_values(["quality", "compressed_bytes", "trial"], ascending=[False, True, True])
+    return [int(n) for n in best["trial"].iloc[:max(1, cfg.rerank)]]
+
+
+def rerank_trials(study: optuna.Study, numbers: Sequence[int], evaluator, data: Dataset,  # noqa: ANN001
+                  cfg: PickConfig, finetune_cfg: FinetuneConfig, log: Log = lambda s: None
+                  ) -> tuple[int, list[dict[str, Any]]]:
+    """Of the trials ``numbers`` (the rule's order), the one whose arch scores best on the
+    validation split after a short fine-tune: quantization-aware training of its compressed
+    model from the inherited weights for ``cfg.rerank_epochs`` epochs (``finetune_cfg``'s
+    learning rate, batch and seed). Ties keep the rule's order. Returns the number and one
+    record per trial (inherited and fine-tuned validation score)."""
+    metric, score = scorer(data)
+    higher = metric == "accuracy"
+    short = dataclasses.replace(finetune_cfg, epochs=cfg.rerank_epochs,
+                                patience=cfg.rerank_epochs, freeze=())
+    records = []
+    for number in numbers:
+        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+        arch = evaluator.space.validate(trial.params)
+        policy = Policy.from_arch(arch)
+        qat = prepare_qat(evaluator.calibrated_model(arch), policy, evaluator.space.group_of)
+        model, _, _ = finetune(qat, policy, evaluator.space.group_of, data, short)
+        value = score(model, data.x_val, data.y_val)
+        inherited = trial.user_attrs.get("metrics", {}).get(metric)
+        records.append({"trial": number, f"inherited_val_{metric}": inherited,
+                        f"short_finetune_val_{metric}": value})
+        log(f"re-ranking trial {number}: val {metric} {inherited:.4f} inherited, {value:.4f} "
+            f"after {cfg.rerank_epochs} epochs of QAT")
+    values = [r[f"short_finetune_val_{metric}"] for r in records]
+    best = max(range(len(values)), key=lambda i: (values[i] if higher else -values[i], -i))
+    return numbers[best], records
 
 
 def knee_index(size, acc) -> int:  # noqa: ANN001
@@ -444,15 +490,22 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     study = outcome.study
     for line in outcome.warnings:  # supernet or best trial near chance (nasopt.search.sanity)
         log(f"warning: {line}")
-    number = pick_trial(study, cfg.pick)
-    trial = next(tr for tr in study.trials if tr.number == number)
+    candidates = pick_candidates(study, cfg.pick)
     evaluator, data = api.rebuild(study, str(api.resolve_device(cfg.device)))
+    number, reranked = candidates[0], []
+    if len(candidates) > 1:
+        number, reranked = rerank_trials(study, candidates, evaluator, data, cfg.pick,
+                                         cfg.finetune, log)
+        lap("pick")
+    trial = next(tr for tr in study.trials if tr.number == number)
     space = evaluator.space
     arch = space.validate(trial.params)
     searched = evaluator(arch)
     metric, score = scorer(data)  # accuracy, or mae for regression
     searched_value = searched.accuracy if metric == "accuracy" else searched.scores[metric]
-    log(f"picked trial {number} ({cfg.pick.rule if cfg.pick.trial is None else 'by number'}): "
+    how = ("by number" if cfg.pick.trial is not None else
+           f"{cfg.pick.rule}, re-ranked among {len(candidates)}" if reranked else cfg.pick.rule)
+    log(f"picked trial {number} ({how}): "
         f"val {metric} {searched_value:.4f} (inherited weights), "
         f"{searched.compressed_bytes} B")
     policy = Policy.from_arch(arch)
@@ -504,7 +557,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     card = {
         "command": command,
         "study": study.study_name, "trial": number, "arch": dict(arch),
-        "pick": dataclasses.asdict(cfg.pick),
+        "pick": {**dataclasses.asdict(cfg.pick), "reranked": reranked},
         "dataset": data.summary(),
         # validation accuracy of the supernet's largest / smallest subnets vs the majority class
         "sanity": {**(outcome.sanity or {}), "warnings": outcome.warnings},
@@ -771,6 +824,13 @@ def report_markdown(card: Mapping[str, Any]) -> str:
     reason = int8_not_written(card)
     not_written = f"\n**model.int8.onnx not written**: {reason}" if reason else ""
     check = _sanity_markdown(card.get("sanity"))
+    reranked = card["pick"].get("reranked") or []
+    if reranked:
+        lines = "\n".join(f"| {r['trial']} | {r[f'inherited_val_{metric}']:.4f} | "
+                          f"{r[f'short_finetune_val_{metric}']:.4f} |" for r in reranked)
+        check += (f"Re-ranked by {card['pick']['rerank_epochs']} epochs of QAT each (validation "
+                  f"{named}):\n\n| trial | inherited | after the short fine-tune |\n"
+                  f"|---|---|---|\n{lines}\n\n")
     return f"""# nasopt run: {card['study']}, trial {card['trial']}
 
 Command: `{card['command']}`
@@ -778,7 +838,7 @@ Machine: {card['machine']}
 Data: {card['dataset']}
 
 Picked trial {card['trial']} (rule: {card['pick']['rule'] if card['pick']['trial'] is None
-                                     else 'by number'}): {genes}
+                                     else 'by number'}{', re-ranked' if reranked else ''}): {genes}
 
 {check}Validation {named}: searched {val['searched']:.4f} (inherited supernet
 weights), distilled {val['distilled'] or float('nan'):.4f}, fine-tuned

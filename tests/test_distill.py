@@ -372,3 +372,22 @@ def test_a_run_config_drives_nasopt_search(pipeline_run, capsys):
     # a typo in a section the search does not use is still refused, before any work
     assert main(["search", "--config", config, "--set", "distill.epoch=3", "--quiet"]) != 0
     assert "unknown config key(s) ['distill.epoch']" in capsys.readouterr().err
+
+
+def test_a_rerank_fine_tunes_the_leading_trials_and_picks_the_best_of_them(pipeline_run):
+    config = str(pipeline_run / "tiny.toml")
+    out = pipeline_run / "reranked"
+    assert main(["run", config, "--quiet", "--set", "pick.rerank=3", "--set",
+                 "pick.rerank_epochs=1", "--set", f"export.out={out}"]) == 0
+    card = json.loads((out / "metrics.json").read_text())
+    records = card["pick"]["reranked"]
+    assert len(records) == 3 and card["pick"]["rerank"] == 3
+    inherited = [r["inherited_val_accuracy"] for r in records]
+    assert inherited == sorted(inherited, reverse=True)  # the rule's order: best first
+    tuned = [r["short_finetune_val_accuracy"] for r in records]
+    assert card["trial"] == records[tuned.index(max(tuned))]["trial"]
+    assert "pick" in card["timings_s"]
+    assert "re-ranked" in (out / "REPORT.md").read_text()
+    from nasopt.pipeline import PickConfig
+    with pytest.raises(NasoptError, match="pick.rerank"):
+        PickConfig(rerank=-1)
