@@ -75,7 +75,7 @@ class SupernetConfig:
     #: False: float training, compression applied only after the fact
     compression_aware: bool = True
     #: the probability that a random subnet of a step trains compressed (else float)
-    compressed_share: float = 0.25
+    compressed_share: float = 0.1
 
     def __post_init__(self) -> None:
         _positive("supernet", batch_size=self.batch_size, lr=self.lr,
