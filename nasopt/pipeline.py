@@ -7,7 +7,9 @@ train supernet → search → pick → distill → fine-tune (QAT) → export �
   accuracy (ties: the smaller packed size); ``rule = "knee"``: the knee of the feasible
   accuracy/size Pareto front, the point farthest above the straight line between the front's two
   ends after scaling both axes to [0, 1] (the "Kneedle" idea, Satopää et al., ICDCS-W 2011);
-  ``trial = N`` picks a trial by number.
+  ``trial = N`` picks a trial by number. ``rerank = K`` (rule "best"): the K most accurate
+  feasible trials each get a short QAT fine-tune from the inherited weights and the best on
+  validation is deployed (:func:`rerank_trials`).
 - **distill**: the picked arch's float model, from inherited supernet weights (``init =
   "inherit"``) or a fresh seeded initialisation (``"scratch"``), trained with the KD loss from
   the teacher(s) (:mod:`nasopt.deploy.distill`); early stopping on validation.
@@ -325,8 +327,9 @@ def rerank_trials(study: optuna.Study, numbers: Sequence[int], evaluator, data: 
         inherited = trial.user_attrs.get("metrics", {}).get(metric)
         records.append({"trial": number, f"inherited_val_{metric}": inherited,
                         f"short_finetune_val_{metric}": value})
-        log(f"re-ranking trial {number}: val {metric} {inherited:.4f} inherited, {value:.4f} "
-            f"after {cfg.rerank_epochs} epochs of QAT")
+        was = "?" if inherited is None else f"{inherited:.4f}"
+        log(f"re-ranking trial {number}: val {metric} {was} inherited, {value:.4f} after "
+            f"{cfg.rerank_epochs} epochs of QAT")
     values = [r[f"short_finetune_val_{metric}"] for r in records]
     best = max(range(len(values)), key=lambda i: (values[i] if higher else -values[i], -i))
     return numbers[best], records
@@ -826,7 +829,7 @@ def report_markdown(card: Mapping[str, Any]) -> str:
     check = _sanity_markdown(card.get("sanity"))
     reranked = card["pick"].get("reranked") or []
     if reranked:
-        lines = "\n".join(f"| {r['trial']} | {r[f'inherited_val_{metric}']:.4f} | "
+        lines = "\n".join(f"| {r['trial']} | {r[f'inherited_val_{metric}'] or float('nan'):.4f} | "
                           f"{r[f'short_finetune_val_{metric}']:.4f} |" for r in reranked)
         check += (f"Re-ranked by {card['pick']['rerank_epochs']} epochs of QAT each (validation "
                   f"{named}):\n\n| trial | inherited | after the short fine-tune |\n"
