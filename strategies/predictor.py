@@ -59,12 +59,13 @@ from optuna.distributions import BaseDistribution
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-from nasopt.core.pareto import minimized, nondominated_mask
+from nasopt.core.pareto import minimized
 from nasopt.core.space import SearchSpace
 from nasopt.core.strategy import GeneSampler, Strategy
 from nasopt.search.study import constraint_excess
 
 from nasopt.strategies import moves
+from nasopt.strategies.front import IncrementalFront
 from nasopt.strategies.staged import StagedSampler
 from nasopt.strategies.surrogate import Surrogate, margin, unordered
 
@@ -115,10 +116,7 @@ class _Elite:
         self.merged: set[int] = set()
         self.best: list[tuple] = []  # (infeasible, excess, minimized first objective, number, t)
         self.feasible_best: list[tuple] = []
-        self.front: list[FrozenTrial] = []  # feasible front, by number
-        self.least: list[FrozenTrial] = []  # the least infeasible trials (while none feasible)
-        self.least_excess = np.inf
-        self.feasible_seen = False
+        self.pareto = IncrementalFront(directions)  # with several objectives
 
     def merge(self, new: Sequence[FrozenTrial]) -> None:
         """Add the completed trials ``new`` (not merged before)."""
@@ -132,27 +130,14 @@ class _Elite:
         self.best = sorted(self.best + rows, key=lambda r: r[:4])[:self.size]
         self.feasible_best = sorted(self.feasible_best + [r for r in rows if not r[0]],
                                     key=lambda r: r[:4])[:self.size]
-        if not self.multi:
-            return
-        feasible = [r[4] for r in rows if not r[0]]
-        if feasible:
-            self.feasible_seen = True
-            pool = self.front + feasible
-            keep = nondominated_mask(minimized([t.values for t in pool], self.directions))
-            self.front = sorted((t for t, k in zip(pool, keep) if k), key=lambda t: t.number)
-            self.least = []
-        elif not self.feasible_seen:
-            for r in rows:
-                if r[1] < self.least_excess:
-                    self.least_excess, self.least = r[1], [r[4]]
-                elif r[1] == self.least_excess:
-                    self.least = sorted(self.least + [r[4]], key=lambda t: t.number)
+        if self.multi:
+            self.pareto.merge(new)
 
     def parents(self) -> list[FrozenTrial]:
         """One objective: the best trials; several: the front (or the least infeasible)."""
         if not self.multi:
             return [r[4] for r in self.best]
-        return self.front if self.front else self.least
+        return self.pareto.members()
 
     def feasible(self) -> list[FrozenTrial]:
         """The best feasible trials by the first objective (empty while none is feasible)."""

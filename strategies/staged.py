@@ -71,13 +71,14 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from nasopt.compression.compress import reference_compression
-from nasopt.core.pareto import minimized, nondominated_mask, ranks_and_crowding
+from nasopt.core.pareto import minimized, ranks_and_crowding
 from nasopt.core.space import SearchSpace
 from nasopt.core.strategy import GeneSampler, Strategy
 from nasopt.core.trials import completed_trials
 from nasopt.search.study import constraint_excess
 
 from nasopt.strategies import moves, surrogate
+from nasopt.strategies.front import IncrementalFront
 from nasopt.strategies.surrogate import Surrogate
 
 ARCH_SHARE = 0.5
@@ -106,20 +107,6 @@ SWEEP_MAX = 200_000
 def _points(trials: Sequence[FrozenTrial], directions) -> np.ndarray:
     """The trials' objective values, every objective minimized (one row per trial)."""
     return minimized([t.values for t in trials], directions)
-
-
-def front(trials: Sequence[FrozenTrial], directions) -> list[FrozenTrial]:
-    """The non-dominated trials; with constraints, among the feasible ones (or, when none is
-    feasible, the least infeasible)."""
-    if not trials:
-        return []
-    excess = [constraint_excess(t) for t in trials]
-    feasible = [t for t, e in zip(trials, excess) if e <= 0]
-    if not feasible:
-        least = min(excess)
-        return [t for t, e in zip(trials, excess) if e == least]
-    keep = nondominated_mask(_points(feasible, directions))
-    return [t for t, k in zip(feasible, keep) if k]
 
 
 def leading(members: Sequence[FrozenTrial], directions, part: float) -> list[FrozenTrial]:
@@ -152,6 +139,8 @@ class StagedSampler(GeneSampler):
         self.budget: int | None = None
         self._grid: tuple | None = None  # (choices, option positions, encoded) of _sweep
         self._swept: tuple | None = None  # ((trials fitted on, fixed genes), predictions)
+        #: (study, its front merged incrementally, completed trials' parameter keys by number)
+        self._front: tuple | None = None
 
     def plan(self, trials: int) -> None:
         """Called by the search loop with the number of completed trials the study will hold."""
@@ -167,8 +156,16 @@ class StagedSampler(GeneSampler):
         busy = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,
                                                                    TrialState.WAITING))
                 if t.params]
-        seen = {tuple(sorted(t.params.items())) for t in (*done, *busy)}
-        parents = front(done, study.directions)
+        state = (study._study_id, tuple(study.directions))
+        if self._front is None or self._front[0] != state:
+            self._front = (state, IncrementalFront(study.directions), {})
+        _, merged, keys = self._front
+        for t in done:  # each completed trial's key, once
+            if t.number not in keys:
+                keys[t.number] = tuple(sorted(t.params.items()))
+        seen = set(keys.values()) | {tuple(sorted(t.params.items())) for t in busy}
+        merged.merge(done)
+        parents = merged.members()
         top = leading(parents, study.directions, TOP_PART)
         pools: list[_Pool] = []  # the NSGA-II pool, built once and only when a proposal needs it
 

@@ -16,7 +16,8 @@ from nasopt.search.loop import run_search
 from nasopt.spaces.conv1d import Conv1dSpace
 from nasopt.strategies import STRATEGIES
 from nasopt.strategies import staged, surrogate
-from nasopt.strategies.staged import INITIAL, TOP_PART, StagedSampler, front, leading
+from nasopt.strategies.front import front
+from nasopt.strategies.staged import INITIAL, TOP_PART, StagedSampler, leading
 from nasopt.strategies.surrogate import Surrogate
 
 
