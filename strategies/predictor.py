@@ -18,8 +18,9 @@ Each new arch is the best of ``CANDIDATES`` distinct proposals never evaluated i
   aim at a budget are ``staged``'s (``strategies/staged.py``: architecture moves at int8, then
   architecture and compression moves around the front), which leads on hypervolume there.
 - **budgets** (constraints recorded by ``trial.set_constraint``, as ``nasopt search --max-*``
-  does): with several objectives a share ``FOCUS`` of the asks (on joint spaces, after
-  ``staged``'s architecture phase) aims at the most accurate *feasible* model: the parents are
+  does): with several objectives a share ``FOCUS`` of the asks (from the first feasible trial
+  on, through ``staged``'s architecture phase too) aims at the most accurate *feasible* model:
+  the parents are
   the ``PARENTS`` best feasible trials by the first objective, the proposals (on joint spaces
   ``staged``'s compression-phase moves, and in a share ``SHIFT_AND_GROW`` every bit-width a
   step lower and then one or two architecture genes changed: each move alone loses accuracy,
@@ -44,9 +45,10 @@ reproduces a search.
 
 Settings: ``INITIAL`` and ``EXPLORE`` were chosen between a few variants on NAS-Bench-201
 (``nasopt bench strategies --part nb201``; results/strategies.md says which and how); the
-budget design (``FOCUS`` after the architecture phase, ``staged``'s moves and the compound
-move, signed constraint forests) between a few variants at 300 evaluations under 2 KB and 4 KB
-on MNIST-1D, seeds 0-4 (the seeds ``nasopt bench budget`` reports: results/budget.md).
+budget design (``FOCUS`` asks from the start rather than after the architecture phase, their
+share, ``staged``'s moves and the compound move, signed constraint forests) between a few
+variants at 300 evaluations under 2 KB and 4 KB on MNIST-1D, seeds 0-4 (the seeds ``nasopt
+bench budget`` reports: results/budget.md), so those figures are not a held-out test of it.
 """
 from __future__ import annotations
 
@@ -220,13 +222,6 @@ class PredictorSampler(GeneSampler):
             self._fitted_count = count
         return self._surrogate if self._surrogate.ready else None
 
-    def _architecture_phase(self, done: list[FrozenTrial]) -> bool:
-        """Joint spaces with a known budget of trials: staged's architecture phase (its asks
-        are all staged's: the best feasible model is sought among the archs it finds)."""
-        staged = self._staged
-        return (staged is not None and staged.budget is not None
-                and len(done) < staged.arch_share * staged.budget)
-
     # -- the ask ------------------------------------------------------------------------------
     def sample_relative(self, study: Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -242,7 +237,7 @@ class PredictorSampler(GeneSampler):
         constrained = any(t.constraints for t in done[-1:]) or any(
             t.constraints for t in elite.parents())
         focus = (elite.multi and constrained and bool(elite.feasible())
-                 and self._rng.rand() < self.focus and not self._architecture_phase(done))
+                 and self._rng.rand() < self.focus)
         if elite.multi and self._staged is not None and not focus:
             return self._staged.sample_relative(study, trial, search_space)
         if focus:
