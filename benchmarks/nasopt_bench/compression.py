@@ -363,7 +363,7 @@ scales, biases, sparse masks/indices, header). The reference CNN's sizes use the
 without the ~25-byte header. Models are evaluated with inherited supernet weights after BN
 recalibration and compression; **no distillation or fine-tuning**.
 
-Setup: supernet {cfg.supernet.epochs} epochs (sandwich rule). Each search has {args.evaluations}
+Setup: supernet {cfg.supernet.describe(len(data.x_train))} (sandwich rule). Each search has {args.evaluations}
 evaluations (seed {first} in the sections up to "Every seed", {args.seeds} seeds there):
 
 - **joint** search over architecture and compression genes, by `{joint_strategy}`
