@@ -317,8 +317,9 @@ def rerank_trials(study: optuna.Study, numbers: Sequence[int], evaluator, data: 
     short = dataclasses.replace(finetune_cfg, epochs=cfg.rerank_epochs,
                                 patience=cfg.rerank_epochs, freeze=())
     records = []
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     for number in numbers:
-        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+        trial = by_number[number]
         arch = evaluator.space.validate(trial.params)
         policy = Policy.from_arch(arch)
         qat = prepare_qat(evaluator.calibrated_model(arch), policy, evaluator.space.group_of)

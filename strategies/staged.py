@@ -139,7 +139,7 @@ class StagedSampler(GeneSampler):
         self.budget: int | None = None
         self._grid: tuple | None = None  # (choices, option positions, encoded) of _sweep
         self._swept: tuple | None = None  # ((trials fitted on, fixed genes), predictions)
-        #: (study, its front merged incrementally, completed trials' parameter keys by number)
+        #: (study, its front merged incrementally, the completed trials' parameter keys)
         self._front: tuple | None = None
 
     def plan(self, trials: int) -> None:
@@ -158,13 +158,12 @@ class StagedSampler(GeneSampler):
                 if t.params]
         state = (study._study_id, tuple(study.directions))
         if self._front is None or self._front[0] != state:
-            self._front = (state, IncrementalFront(study.directions), {})
-        _, merged, keys = self._front
-        for t in done:  # each completed trial's key, once
-            if t.number not in keys:
-                keys[t.number] = tuple(sorted(t.params.items()))
-        seen = set(keys.values()) | {tuple(sorted(t.params.items())) for t in busy}
+            self._front = (state, IncrementalFront(study.directions), set())
+        _, merged, done_keys = self._front
+        done_keys.update(tuple(sorted(t.params.items())) for t in done
+                         if t.number not in merged.merged)  # each completed trial's, once
         merged.merge(done)
+        seen = {tuple(sorted(t.params.items())) for t in busy}  # and this ask's candidates
         parents = merged.members()
         top = leading(parents, study.directions, TOP_PART)
         pools: list[_Pool] = []  # the NSGA-II pool, built once and only when a proposal needs it
@@ -185,7 +184,7 @@ class StagedSampler(GeneSampler):
         for _ in range(RETRIES + self.screen):
             child = self.propose(done, parents, top, pool, choices)
             key = tuple(sorted(child.items()))
-            if key not in seen:
+            if key not in done_keys and key not in seen:
                 seen.add(key)
                 candidates.append(child)
             if len(candidates) >= self.screen:
