@@ -61,12 +61,20 @@ def run(args: argparse.Namespace) -> int:
         supernet, path = train_supernet(space, data.to(device), cfg.supernet,
                                         Path(cfg.run_dir) / "supernets", device=device,
                                         show_progress=not args.quiet, log=log, group=group)
-    finally:
+    except BaseException:
         distributed.leave(group)
+        raise
     rank = "" if group is None else f"rank {group.rank}/{group.world_size}: "
     line = f"{rank}supernet {path} weights sha256 {distributed.state_hash(supernet.net.state_dict())}\n"
     # one write of the whole line: under torchrun every rank shares this stdout, and print()'s
     # separate text and newline writes can interleave with another rank's line
     sys.stdout.flush()
     os.write(sys.stdout.fileno(), line.encode())
+    if group is not None:
+        # The checkpoint is written and every rank has passed the final barrier. Tearing the
+        # gloo group down in the interpreter's own exit can abort a rank (SIGABRT from the
+        # group's native threads, now and then), which torchrun reports as a failed run: the
+        # rank ends here instead, its output flushed.
+        sys.stderr.flush()
+        os._exit(0)
     return 0
