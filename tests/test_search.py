@@ -134,3 +134,18 @@ def test_a_search_that_only_fails_stops_with_the_reason(tmp_path):
         run_search(study, space, broken, get_objectives(["accuracy", "size"]), trials=5,
                    show_progress=False)
     assert [t.state.name for t in study.trials] == ["FAIL"] * 20
+
+
+def test_a_busy_cpu_gets_one_line_naming_one_thread():
+    import torch
+
+    from nasopt.search.run import cpu_contention
+    cpu = torch.device("cpu")
+    line = cpu_contention(cpu, threads=2, cores=2, load=1.0)  # one other busy process
+    assert line is not None and "OMP_NUM_THREADS=1" in line and "\n" not in line
+    assert cpu_contention(cpu, threads=2, cores=2, load=0.1) is None  # idle cores
+    assert cpu_contention(cpu, threads=1, cores=2, load=3.0) is None  # one thread already
+    assert cpu_contention(cpu, threads=4, cores=8, load=3.0) is None  # enough free cores
+    assert cpu_contention(cpu, threads=8, cores=8, load=3.0) is not None
+    assert cpu_contention(cpu, threads=2, cores=2, load=None) is None  # the OS does not say
+    assert cpu_contention(torch.device("cuda"), threads=2, cores=2, load=2.0) is None

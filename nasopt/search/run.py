@@ -7,6 +7,7 @@ passes (:mod:`nasopt.api` passes the shipped and installed ones)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -59,6 +60,29 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise NasoptError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+def cpu_contention(device: torch.device, threads: int, cores: int | None,
+                   load: float | None) -> str | None:
+    """One line when torch's CPU threads will compete with other busy processes for the cores
+    (1-minute ``load`` before this run's work; None where the OS does not say). Two threads beside
+    one busy process measured ~25x slower per supernet step on 2 cores than one thread: the
+    threads wait on each other."""
+    if device.type != "cpu" or threads <= 1 or not cores or load is None:
+        return None
+    free = cores - load
+    if threads <= max(1.0, free + 0.5):
+        return None
+    return (f"note: the CPU is busy (1-minute load {load:.1f} on {cores} cores) and torch uses "
+            f"{threads} threads, which can run many times slower than one when they wait on "
+            f"each other; OMP_NUM_THREADS=1 (or `threads = 1` in a `nasopt run` config) avoids it")
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every OS
+        return None
 
 
 def make_space(spaces: Spaces, name: str, data: Dataset, restrict: dict | None = None
@@ -169,6 +193,9 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
                strategy.make_sampler(space, s.seed * 7919 + len(existing.trials)))
     attach_run_folder(sampler, cfg.run_dir, name)  # REINFORCE saves its controller there
     data = data.to(device)
+    busy = cpu_contention(device, torch.get_num_threads(), os.cpu_count(), _load_average())
+    if busy:
+        log(busy)
     start = time.perf_counter()
     supernet, path = train_supernet(space, data, cfg.supernet, Path(cfg.run_dir) / "supernets",
                                     device=device, show_progress=show_progress, log=log)
