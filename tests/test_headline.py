@@ -30,6 +30,9 @@ def test_headline_report_rows_come_from_the_model_cards(tmp_path, capsys):
         assert card["config"]["supernet"]["seed"] == seed  # every step's seed is the run's
     if jobs > 1:
         assert "`--jobs 2`" in text
+    # the section names the pipelines' torch threads (the config's `threads = 1`), not the
+    # bench process's
+    assert "each with 1 torch thread(s)." in text
     assert "**median [min, max]**" in text and "fashion-mnist" in text  # named as not run
     # two epochs of supernet training cannot reach 94 %: the verdict says by how much
     assert "**missed** by" in text and "Published baselines" in text

@@ -221,6 +221,8 @@ def _dataset_section(target: Target, runs: list[dict], jobs: int) -> tuple[str, 
         f"{' (on 1 core each)' if jobs > 1 else ''} | "
         f"{'met' if ok_time else f'**missed** by {med_min - target.max_minutes:.1f} min'} |"]
     c0 = runs[0]["card"]
+    # the pipelines' own torch threads (the config's `threads`), not the bench process's
+    threads = " / ".join(sorted({r["card"]["machine"].split(", ")[1] for r in runs}))
     text = f"""## {target.dataset}
 
 Config: `{target.config}`; {len(runs)} seeds; data: {c0['dataset']}. One row per seed (the
@@ -230,7 +232,7 @@ Runtime (`cpu-ort`: fp32, `cpu-ort-int8`: the int8 QDQ graph; 1 thread, `nasopt.
 wall times in seconds{
     f", each pipeline pinned to one core while {jobs - 1} other pipeline(s) ran on the other "
     f"core(s) (`--jobs {jobs}`); latencies measured after all pipelines, one at a time"
-    if jobs > 1 else ", one pipeline at a time"}.
+    if jobs > 1 else ", one pipeline at a time"}, each with {threads}.
 
 {table(["seed", "trial", "packed B", "MACs", *[label for label, _ in ARTIFACTS],
         "latency fp32 (us)", "latency int8 (us)", *[f"{s} s" for s in STAGES]], rows)}
@@ -389,7 +391,7 @@ def _report(targets: list[Target], args: argparse.Namespace, log, start: float) 
     out.write_text(f"""# Headline results: the whole nasopt pipeline, end to end
 
 Command: `{command}` ({(time.perf_counter() - start) / 60:.0f} min)
-Machine: {machine()}; {load.note()}
+Machine: {machine()} in the bench process (each pipeline's threads: its section); {load.note()}
 
 Everything below ran through the public CLI (`nasopt run` with the committed configs): supernet
 training, joint architecture + compression search on the validation split, pick, distillation
