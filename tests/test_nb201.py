@@ -99,6 +99,7 @@ def test_tabular_evaluator_reads_the_table_and_counts_the_network(space):
     model = space.build(from_string(ROW[0]))
     assert (m.params, m.macs) == (count_params(model), count_macs(model, CIFAR10_SHAPE))
     assert m.float_bytes == 4 * m.params
+    assert m.nonzero_params == m.params  # no pruning in a table's networks
     assert m.sources["accuracy"] == f"table: {TABLE} column cifar10_test_acc"
     # counts are cached per op multiset: an arch with the same ops elsewhere counts the same
     moved = from_string("|skip_connect~0|+|skip_connect~0|nor_conv_1x1~1|+|avg_pool_3x3~0|"

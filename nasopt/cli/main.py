@@ -199,6 +199,22 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]
     return parser
 
 
+def _attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--max-size -4KB`` as ``--max-size=-4KB``: argparse takes a value that starts with a
+    dash and is not a plain number for an option, and would answer with its usage; attached,
+    the value reaches the option's own check and its one-line error."""
+    command = _command_parser(parser, argv)
+    takes_value = {s for a in command._actions if a.nargs != 0 for s in a.option_strings}
+    out: list[str] = []
+    for token in argv:
+        if (out and out[-1] in takes_value and len(token) > 1 and token[0] == "-"
+                and token[1].isdigit()):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -206,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NasoptError as exc:
         print(f"nasopt: error: {exc}", file=sys.stderr)
         return 2
+    argv = _attach_negative_values(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would name the top-level usage: name the command's, and a near miss
         command = _command_parser(parser, argv)

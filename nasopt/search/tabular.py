@@ -106,7 +106,8 @@ def load_table(path: Path, metric: str) -> dict[str, float]:
         raise NasoptError(f"table {path} lists {len(repeated)} arch(s) more than once (e.g. "
                           f"{repeated.iloc[0]}); keep one row per arch")
     # a missing value stays NaN: that trial is then recorded as failed, the search goes on
-    return dict(zip(archs, (values / 100.0).tolist()))
+    # rounded: percent / 100 in binary floating point prints 93.3533 as 0.9335330000000001
+    return dict(zip(archs, (values / 100.0).round(10).tolist()))
 
 
 class TabularEvaluator:
@@ -168,8 +169,10 @@ class TabularEvaluator:
         return Metrics(
             accuracy=self.accuracy(arch), params=params, macs=macs,
             float_bytes=params * FLOAT32_BYTES, compressed_bytes=params * FLOAT32_BYTES,
+            nonzero_params=params,
             sources={"accuracy": f"table: {self.path} column {self.metric}",
                      "params": "counted from build(arch)",
                      "macs": "counted from the executed ops of build(arch)",
                      "float_bytes": "params x 4",
-                     "compressed_bytes": "params x 4 (no compression genes: float32 weights)"})
+                     "compressed_bytes": "params x 4 (no compression genes: float32 weights)",
+                     "nonzero_params": "params (no pruning)"})
