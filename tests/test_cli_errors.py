@@ -131,6 +131,15 @@ def test_a_mistyped_option_names_the_command_and_the_near_miss(capsys):
                                      f"did you mean {near}?")
 
 
+def test_a_size_with_a_space_before_its_unit_says_to_write_it_without(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["search", "--max-size", "4", "KB"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("nasopt search: error: unrecognized arguments: KB; write a "
+                                 "size without a space (e.g. 4KB)"), err
+
+
 def test_an_interrupted_command_is_not_kept_alive_by_a_lingering_thread():
     """Optuna's heartbeat thread of a trial interrupted as it starts is never stopped: the
     command exits with 130 anyway (its finished trials are committed)."""
