@@ -584,6 +584,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         "config": cfg.to_dict(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
                    f"torch {torch.__version__}, Python {platform.python_version()}",
+        "torch_threads": torch.get_num_threads(),
     }
     if adapted is not None:  # the adapted model's target test split, read here, once
         card["meta"] = meta_report(cfg, adapted, command, number, out)

@@ -137,7 +137,12 @@ def test_a_size_with_a_space_before_its_unit_says_to_write_it_without(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.rstrip().endswith("nasopt search: error: unrecognized arguments: KB; write a "
-                                 "size without a space (e.g. 4KB)"), err
+                                 "budget without a space before its unit: 4KB"), err
+    with pytest.raises(SystemExit):
+        cli.main(["search", "--max-macs", "2", "M", "--max-latency", "300", "us"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: M us; write a budget without a space before its unit: " \
+        "2M, 300us" in err, err
 
 
 def test_an_interrupted_command_is_not_kept_alive_by_a_lingering_thread():

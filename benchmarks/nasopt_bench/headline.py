@@ -222,7 +222,8 @@ def _dataset_section(target: Target, runs: list[dict], jobs: int) -> tuple[str, 
         f"{'met' if ok_time else f'**missed** by {med_min - target.max_minutes:.1f} min'} |"]
     c0 = runs[0]["card"]
     # the pipelines' own torch threads (the config's `threads`), not the bench process's
-    threads = " / ".join(sorted({r["card"]["machine"].split(", ")[1] for r in runs}))
+    threads = " / ".join(f"{n} torch thread(s)"
+                         for n in sorted({r["card"]["torch_threads"] for r in runs}))
     text = f"""## {target.dataset}
 
 Config: `{target.config}`; {len(runs)} seeds; data: {c0['dataset']}. One row per seed (the

@@ -71,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     os.write(sys.stdout.fileno(), line.encode())
     if group is not None:
-        # The checkpoint is written and every rank has passed the final barrier. Tearing the
-        # gloo group down in the interpreter's own exit can abort a rank (SIGABRT from the
-        # group's native threads, now and then), which torchrun reports as a failed run: the
-        # rank ends here instead, its output flushed.
+        # Every rank holds its weights and rank 0 has written the checkpoint; once all are
+        # here, each ends at once. Tearing the gloo group down in the interpreter's own exit
+        # can abort a rank (SIGABRT from the group's native threads, now and then), which
+        # torchrun reports as a failed run.
+        distributed.barrier(group)
         sys.stderr.flush()
         os._exit(0)
     return 0

@@ -229,9 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = [s for a in command._actions for s in a.option_strings]
         near = [m for u in unknown if u.startswith("-")
                 for m in difflib.get_close_matches(u.split("=")[0], options, 1)]
-        units = [u for u in unknown if u.lower() in ("b", "kb", "kib", "mb", "mib", "gb", "gib")]
-        hint = (f"; write a size without a space (e.g. 4{units[0]})" if units
-                else f"; did you mean {', '.join(near)}?" if near else "")
+        from nasopt.core.objectives import BUDGET_UNITS
+        apart = [f"{argv[i - 1]}{u}" for i, u in enumerate(argv)
+                 if i and u in unknown and u.lower() in BUDGET_UNITS]
+        hint = ((f"; write a budget without a space before its unit: {', '.join(apart)}"
+                 if apart else "") + (f"; did you mean {', '.join(near)}?" if near else ""))
         command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     args.argv = argv  # for model cards: the command
     try:

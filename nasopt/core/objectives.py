@@ -96,6 +96,8 @@ def get_objectives(names: Sequence[str], budgets: Mapping[str, float] | None = N
 _UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1024 ** 2, "mib": 1024 ** 2,
           "k": 1e3, "m": 1e6, "g": 1e9}
 _TIME_UNITS = {"": 1.0, "ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}  # -> milliseconds
+#: the units a budget may end with (lower case), e.g. to recognise one written apart
+BUDGET_UNITS = frozenset(u for u in (*_UNITS, *_TIME_UNITS) if u)
 
 
 def parse_quantity(text: str | float, what: str) -> float:

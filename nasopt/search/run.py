@@ -63,26 +63,41 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_contention(device: torch.device, threads: int, cores: int | None,
-                   load: float | None) -> str | None:
-    """One line when torch's CPU threads will compete with other busy processes for the cores
-    (1-minute ``load`` before this run's work; None where the OS does not say). Two threads beside
-    one busy process measured ~25x slower per supernet step on 2 cores than one thread: the
+                   others: int | None) -> str | None:
+    """One line when torch's CPU threads will compete for the ``cores`` this process may use
+    with ``others`` busy processes (None where the OS does not say). Two threads beside one
+    busy process measured ~25x slower per supernet step on 2 cores than one thread: the
     threads wait on each other."""
-    if device.type != "cpu" or threads <= 1 or not cores or load is None:
+    if device.type != "cpu" or threads <= 1 or not cores or not others:
         return None
-    free = cores - load
-    if threads <= max(1.0, free + 0.5):
+    if threads <= max(1, cores - others):
         return None
-    return (f"note: the CPU is busy (1-minute load {load:.1f} on {cores} cores) and torch uses "
-            f"{threads} threads, which can run many times slower than one when they wait on "
-            f"each other; OMP_NUM_THREADS=1 (or `threads = 1` in a `nasopt run` config) avoids it")
+    return (f"note: {others} other busy process(es) share this machine's {cores} cores and "
+            f"torch uses {threads} threads, which can run many times slower than one when they "
+            f"wait on each other; OMP_NUM_THREADS=1 (or `threads = 1` in a `nasopt run` "
+            f"config) avoids it")
 
 
-def _load_average() -> float | None:
+def busy_others(samples: int = 5, every: float = 0.05) -> int | None:
+    """Runnable tasks besides this one, the least over a few samples of ``/proc/loadavg``
+    (a process busy throughout is in every sample, a passing one is not); None off Linux."""
+    least = None
+    for i in range(samples):
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        least = running - 1 if least is None else min(least, running - 1)
+        if i + 1 < samples:
+            time.sleep(every)
+    return max(0, least or 0)
+
+
+def usable_cores() -> int | None:
     try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on every OS
-        return None
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every OS
+        return os.cpu_count()
 
 
 def make_space(spaces: Spaces, name: str, data: Dataset, restrict: dict | None = None
@@ -193,7 +208,7 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
                strategy.make_sampler(space, s.seed * 7919 + len(existing.trials)))
     attach_run_folder(sampler, cfg.run_dir, name)  # REINFORCE saves its controller there
     data = data.to(device)
-    busy = cpu_contention(device, torch.get_num_threads(), os.cpu_count(), _load_average())
+    busy = cpu_contention(device, torch.get_num_threads(), usable_cores(), busy_others())
     if busy:
         log(busy)
     start = time.perf_counter()
