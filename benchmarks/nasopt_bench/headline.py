@@ -71,7 +71,8 @@ TARGETS = {
 ARTIFACTS = (("packed file (nasopt.load)", "model.packed via nasopt.load"),
              ("ONNX fp32 (ORT)", "model.onnx via ONNX Runtime"),
              ("ONNX int8 (ORT)", "model.int8.onnx via ONNX Runtime"))
-STAGES = ("supernet", "search", "distill", "fine-tune", "export", "total")
+#: wall-time columns of the model cards ("pick" only where the config re-ranks: pick.rerank)
+STAGES = ("supernet", "search", "pick", "distill", "fine-tune", "export", "total")
 #: the steps whose seed is the run's
 SEEDED = ("supernet", "search", "distill", "finetune")
 
@@ -185,7 +186,8 @@ def _dataset_section(target: Target, runs: list[dict], jobs: int) -> tuple[str, 
                        else "-" for _, key in ARTIFACTS],
                      *[f"{r['latency'][p][0] * 1000:.1f}" if p in r["latency"] else "-"
                        for p in ("cpu-ort", "cpu-ort-int8")],
-                     *[f"{c['timings_s'].get(s, float('nan')):.0f}" for s in STAGES]])
+                     *[f"{c['timings_s'][s]:.0f}" if s in c["timings_s"] else "-"
+                       for s in STAGES]])
 
     def column(get) -> list[float]:  # noqa: ANN001
         out = []
