@@ -155,6 +155,8 @@ CASES = [
     ("negative size budget", ["search", "--max-size=-4KB", *QUICK], "must be positive"),
     ("negative size budget, value apart", ["search", "--max-size", "-4KB", *QUICK],
      "must be positive"),
+    ("negative size budget, option abbreviated", ["search", "--max-si", "-4KB", *QUICK],
+     "must be positive"),
     ("unreadable budget", ["search", "--max-macs", "lots", *QUICK], "write e.g."),
     ("negative timeout", [*SEARCH_TABLE, "--timeout", "-5"], "positive seconds"),
     ("unknown objective", [*SEARCH_TABLE, "--objectives", "accuracy,speed"],

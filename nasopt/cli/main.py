@@ -205,9 +205,17 @@ def _attach_negative_values(parser: argparse.ArgumentParser, argv: list[str]) ->
     the value reaches the option's own check and its one-line error."""
     command = _command_parser(parser, argv)
     takes_value = {s for a in command._actions if a.nargs != 0 for s in a.option_strings}
+    options = {s for a in command._actions for s in a.option_strings}
+
+    def value_option(token: str) -> bool:  # an option taking a value, or its unique prefix
+        if token in takes_value:
+            return True
+        named = [s for s in options if token.startswith("--") and s.startswith(token)]
+        return len(named) == 1 and named[0] in takes_value
+
     out: list[str] = []
     for token in argv:
-        if (out and out[-1] in takes_value and len(token) > 1 and token[0] == "-"
+        if (out and value_option(out[-1]) and len(token) > 1 and token[0] == "-"
                 and token[1].isdigit()):
             out[-1] = f"{out[-1]}={token}"
         else:
