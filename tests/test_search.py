@@ -139,15 +139,31 @@ def test_a_search_that_only_fails_stops_with_the_reason(tmp_path):
 def test_a_busy_cpu_gets_one_line_naming_one_thread():
     import torch
 
-    from nasopt.search.run import busy_others, cpu_contention
+    from nasopt.search.run import cpu_contention
     cpu = torch.device("cpu")
-    line = cpu_contention(cpu, threads=2, cores=2, others=1)  # one other busy process
+    line = cpu_contention(cpu, threads=2, cores=2, busy=lambda: 1)  # one other busy process
     assert line is not None and "OMP_NUM_THREADS=1" in line and "\n" not in line
-    assert cpu_contention(cpu, threads=2, cores=2, others=0) is None  # idle cores
-    assert cpu_contention(cpu, threads=1, cores=2, others=3) is None  # one thread already
-    assert cpu_contention(cpu, threads=4, cores=8, others=3) is None  # enough free cores
-    assert cpu_contention(cpu, threads=8, cores=8, others=3) is not None
-    assert cpu_contention(cpu, threads=2, cores=2, others=None) is None  # the OS does not say
-    assert cpu_contention(torch.device("cuda"), threads=2, cores=2, others=2) is None
-    others = busy_others(samples=2, every=0.0)
-    assert others is None or others >= 0
+    assert cpu_contention(cpu, threads=2, cores=2, busy=lambda: 0) is None  # idle cores
+    assert cpu_contention(cpu, threads=1, cores=2, busy=lambda: 3) is None  # one thread already
+    assert cpu_contention(cpu, threads=4, cores=8, busy=lambda: 3) is None  # enough free cores
+    assert cpu_contention(cpu, threads=8, cores=8, busy=lambda: 3) is not None
+    assert cpu_contention(cpu, threads=2, cores=2, busy=lambda: None) is None  # OS does not say
+    assert cpu_contention(torch.device("cuda"), threads=2, cores=2, busy=lambda: 2) is None
+
+
+def test_a_spinning_process_is_counted_as_busy():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from nasopt.search.run import busy_others
+    if not Path("/proc/loadavg").exists():
+        pytest.skip("the count reads Linux's /proc/loadavg")
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+        time.sleep(0.3)  # started and runnable
+        assert busy_others() >= 1
+    finally:
+        spin.kill()
+        spin.wait()

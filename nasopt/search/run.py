@@ -63,12 +63,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_contention(device: torch.device, threads: int, cores: int | None,
-                   others: int | None) -> str | None:
+                   busy: Callable[[], int | None]) -> str | None:
     """One line when torch's CPU threads will compete for the ``cores`` this process may use
-    with ``others`` busy processes (None where the OS does not say). Two threads beside one
-    busy process measured ~25x slower per supernet step on 2 cores than one thread: the
-    threads wait on each other."""
-    if device.type != "cpu" or threads <= 1 or not cores or not others:
+    with the busy processes ``busy()`` counts (None where the OS does not say; asked only when
+    the answer matters). Two threads beside one busy process measured ~25x slower per supernet
+    step on 2 cores than one thread: the threads wait on each other."""
+    if device.type != "cpu" or threads <= 1 or not cores:
+        return None
+    others = busy()
+    if not others:
         return None
     if threads <= max(1, cores - others):
         return None
@@ -90,7 +93,7 @@ def busy_others(samples: int = 5, every: float = 0.05) -> int | None:
         least = running - 1 if least is None else min(least, running - 1)
         if i + 1 < samples:
             time.sleep(every)
-    return max(0, least or 0)
+    return max(0, least)
 
 
 def usable_cores() -> int | None:
@@ -208,7 +211,7 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
                strategy.make_sampler(space, s.seed * 7919 + len(existing.trials)))
     attach_run_folder(sampler, cfg.run_dir, name)  # REINFORCE saves its controller there
     data = data.to(device)
-    busy = cpu_contention(device, torch.get_num_threads(), usable_cores(), busy_others())
+    busy = cpu_contention(device, torch.get_num_threads(), usable_cores(), busy_others)
     if busy:
         log(busy)
     start = time.perf_counter()
