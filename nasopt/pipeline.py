@@ -321,7 +321,7 @@ def rerank_trials(study: optuna.Study, numbers: Sequence[int], evaluator, data: 
     for number in numbers:
         trial = by_number[number]
         arch = evaluator.space.validate(trial.params)
-        policy = Policy.from_arch(arch)
+        policy = Policy.from_arch(arch, evaluator.pruning)  # as the study scored it
         qat = prepare_qat(evaluator.calibrated_model(arch), policy, evaluator.space.group_of)
         model, _, _ = finetune(qat, policy, evaluator.space.group_of, data, short)
         value = score(model, data.x_val, data.y_val)
@@ -512,7 +512,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     log(f"picked trial {number} ({how}): "
         f"val {metric} {searched_value:.4f} (inherited weights), "
         f"{searched.compressed_bytes} B")
-    policy = Policy.from_arch(arch)
+    policy = Policy.from_arch(arch, evaluator.pruning)  # the study's pruning criterion
     d = cfg.distill
     student = student_model(evaluator, arch, d.init if d.enabled else "inherit", d.seed)
     teachers = None

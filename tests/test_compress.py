@@ -1,6 +1,7 @@
 """Per-gene compression tests with numbers, exact size accounting, packed round trips."""
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -12,8 +13,8 @@ from torch import nn
 from nasopt import api
 from nasopt.compression import packed
 from nasopt.compression.compress import (
-    Policy, compress, dequantize, fold_batchnorm, prune_global, quantize, svd_factors,
-    weight_layers,
+    Policy, compress, dequantize, fold_batchnorm, lamp_scores, prune_global, quantize,
+    svd_factors, weight_layers,
 )
 from nasopt.search.evaluate import Evaluator
 from nasopt.core.objectives import get_objectives
@@ -232,3 +233,44 @@ def test_evaluation_never_reads_the_test_split(trained):
     evaluator = Evaluator(space, supernet, poisoned)
     m = evaluator(space.sample(random.Random(0)))
     assert m.accuracy == Evaluator(space, supernet, data)(space.sample(random.Random(0))).accuracy
+
+
+def test_lamp_scores_follow_their_definition():
+    w = torch.tensor([[3.0, -1.0], [0.0, 2.0]])
+    scores = lamp_scores(w)
+    # squares 9, 1, 0, 4: each over the sum of the squares at least as large
+    expected = torch.tensor([[9 / 9, 1 / 14], [0.0, 4 / 13]])
+    assert torch.allclose(scores, expected)
+    assert scores.shape == w.shape and scores.max() == 1.0
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_lamp_pruning_keeps_the_exact_fraction_and_every_layer_alive(sparsity):
+    """A layer of small weights (a wide layer whose BatchNorm undoes its scale) loses all but a
+    sliver of its weights to magnitude pruning; LAMP keeps the largest weights of every layer
+    and, within a layer, the larger weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)  # the same function after a normalisation, tiny magnitudes
+    before = [m.weight.detach().clone() for _, m in weight_layers(model)]
+    total = sum(b.numel() for b in before)
+    magnitude = copy.deepcopy(model)
+    prune_global(magnitude, sparsity, "magnitude")
+    prune_global(model, sparsity, "lamp")
+    zeros = sum(int((m.weight == 0).sum()) for _, m in weight_layers(model))
+    assert zeros == round(sparsity * total)
+    kept_lamp = [int((m.weight != 0).sum()) for _, m in weight_layers(model)]
+    kept_magnitude = [int((m.weight != 0).sum()) for _, m in weight_layers(magnitude)]
+    assert kept_magnitude[0] < kept_lamp[0]
+    assert kept_lamp[0] > 0.5 * (1 - sparsity) * before[0].numel()
+    if sparsity == 0.9:
+        assert kept_magnitude[0] == 0  # the whole layer gone: the model is dead
+    for b, (_, m) in zip(before, weight_layers(model)):
+        kept = m.weight != 0
+        assert b[kept].abs().min() >= b[~kept].abs().max()  # within a layer: the larger stay
+
+
+def test_an_unknown_pruning_criterion_is_refused():
+    with pytest.raises(ValueError, match="lamp, magnitude, random"):
+        prune_global(nn.Linear(4, 4), 0.5, "l1")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from nasopt.compression.compress import Policy, compress, dequantize, quantize
+from nasopt.compression.compress import Policy, compress, dequantize, prune_global, quantize
 from nasopt.supernet.compressed import compressed_forward, global_masks
 from nasopt.supernet.elastic import ElasticConv1d, ElasticLinear
 
@@ -76,12 +76,26 @@ def test_fake_quantization_is_the_packed_quantizer(net):
 def test_masks_keep_exactly_the_drawn_fraction(sparsity):
     torch.manual_seed(0)
     mags = [torch.rand(7, 5), torch.rand(13), torch.rand(4, 4, 3)]
-    masks = global_masks(mags, sparsity)
+    masks = global_masks(mags, sparsity, "magnitude")
     total = sum(m.numel() for m in mags)
     assert sum(int((~m).sum()) for m in masks) == round(sparsity * total)
     dropped = torch.cat([v[~m] for v, m in zip(mags, masks)])
     kept = torch.cat([v[m] for v, m in zip(mags, masks)])
     assert dropped.max() <= kept.min()  # the smallest magnitudes go, across layers
+
+
+@pytest.mark.parametrize("method", ["lamp", "magnitude"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_training_masks_are_the_masks_deployment_prunes(method, sparsity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 30), nn.Linear(30, 20), nn.Linear(20, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(0.05)  # layers of unequal scales
+    weights = [m.weight.detach().clone() for m in model]
+    masks = global_masks(weights, sparsity, method)
+    prune_global(model, sparsity, method)
+    for mask, layer in zip(masks, model):
+        assert torch.equal(mask, layer.weight != 0)
 
 
 def test_gradients_reach_the_latent_weights_straight_through(net):
@@ -154,8 +168,12 @@ def test_a_study_scored_before_compression_aware_training_is_not_continued(tmp_p
            "supernet": {"epochs": 10}}  # no scoring: made by an older nasopt
     open_study(storage, "s", old, ["maximize", "minimize"])
     new = {**old, "scoring": SCORING, "supernet": {"epochs": 10, "compression_aware": True}}
-    with pytest.raises(NasoptError, match="scoring 1.*scoring 2.*new --study name"):
+    with pytest.raises(NasoptError, match=f"scoring 1.*scoring {SCORING}.*new --study name"):
         open_study(storage, "s", new, ["maximize", "minimize"])
+    # a study that pruned by magnitude (scoring 2) is told so
+    open_study(storage, "m", {**new, "scoring": 2}, ["maximize", "minimize"])
+    with pytest.raises(NasoptError, match=f"magnitude \\(scoring 2\\).*LAMP.*scoring {SCORING}"):
+        open_study(storage, "m", new, ["maximize", "minimize"])
 
 
 def test_an_older_study_is_re_scored_as_it_was_scored(datasets):
@@ -173,7 +191,8 @@ def test_an_older_study_is_re_scored_as_it_was_scored(datasets):
     old, new = Evaluator(space, supernet, data, scoring=1), Evaluator(space, supernet, data)
     model = supernet.extract(arch)
     recalibrate_bn(model, old.calibration_samples)
-    expected, _ = compress(model, Policy.from_arch(arch), space.group_of, fold_first=True)
+    expected, _ = compress(model, Policy.from_arch(arch, "magnitude"), space.group_of,
+                           fold_first=True)
     got, _ = old.compressed(arch)
     x = data.x_val[:64]
     with torch.no_grad():

@@ -235,8 +235,9 @@ def run(args: argparse.Namespace) -> Path:
     baseline, cnn_right = [], {}
     for bits, sparsity in ((32, 0.0), (8, 0.0), (4, 0.0), (8, 0.5), (8, 0.75), (4, 0.5),
                            (8, 0.9)):
-        model, stored = compress(reference, Policy(bits={"all": bits}, sparsity=sparsity),
-                                 lambda name: "all")
+        # the baseline as the literature states it: global magnitude pruning after training
+        model, stored = compress(reference, Policy(bits={"all": bits}, sparsity=sparsity,
+                                                   pruning="magnitude"), lambda name: "all")
         size = sum(layer_size(layer) for layer in stored)
         label = f"{bits}-bit" + (f", {sparsity:.0%} pruned" if sparsity else "")
         cnn_right[label] = correct(model, data.x_val, data.y_val)

@@ -119,9 +119,9 @@ def run(args: argparse.Namespace) -> Path:
     tuned = {name: [] for name in recipes}
     rows = []
     for i, arch in enumerate(picked):
-        policy = Policy.from_arch(arch)
         row = [i + 1, f"{metrics[NEW][arch.key].compressed_bytes:,}"]
         for name, ev in evaluators.items():
+            policy = Policy.from_arch(arch, ev.pruning)
             t0 = time.perf_counter()
             accs = []
             for seed in seeds:
@@ -171,7 +171,7 @@ predict the model a user gets after fine-tuning? Two supernet recipes, trained f
 one after the other ({recipes[NEW].describe(n_train)}):
 
 - **{NEW}**: each sandwich step's random subnets also draw compression genes and train under
-  them (fake quantization, global magnitude masks, factorized weights, straight-through
+  them (fake quantization, global pruning masks by LAMP scores, factorized weights, straight-through
   gradients; `nasopt.supernet.compressed`); evaluation recalibrates BatchNorm under the arch's
   compression;
 - **{OLD}**: float training, `--set supernet.compression_aware=false`.

@@ -71,7 +71,7 @@ class SupernetConfig:
     kd_temperature: float = 1.0
     seed: int = 0
     #: the random subnets of each sandwich step also draw compression genes and train under them
-    #: (fake quantization, magnitude masks, factorized weights: nasopt.supernet.compressed);
+    #: (fake quantization, pruning masks, factorized weights: nasopt.supernet.compressed);
     #: False: float training, compression applied only after the fact
     compression_aware: bool = True
     #: the probability that a random subnet of a step trains compressed (else float)

@@ -2,13 +2,13 @@
 re-heading an exported model for transfer learning.
 
 The model is put in its deployed structure exactly as :func:`nasopt.compression.compress.compress` does
-(low-rank layers split into their SVD factors, global magnitude pruning, BatchNorm folded into the
+(low-rank layers split into their SVD factors, global pruning, BatchNorm folded into the
 convs), then every weight layer gets a parametrization (``torch.nn.utils.parametrize``)::
 
     weight = fake_quantize(latent * mask, bits)
 
 - ``mask`` is the pruning mask, a fixed buffer: pruned weights stay zero (their latent values
-  get no gradient), so the sparsity pattern chosen by global magnitude pruning is held fixed;
+  get no gradient), so the sparsity pattern chosen by global pruning is held fixed;
 - ``fake_quantize`` is :func:`nasopt.compression.compress.quantize` followed by ``dequantize`` (symmetric,
   per output channel, scale = max|w| / (2^(b-1) - 1)), the very quantizer of the packed file,
   with a straight-through estimator: its gradient is the identity (nothing clips, because the

@@ -9,7 +9,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nasopt.core.arch import Arch, Value
-from nasopt.compression.compress import Policy, StoredLayer, compress, compresses, nonzero_params
+from nasopt.compression.compress import (
+    PRUNING, PRUNINGS, Policy, StoredLayer, compress, compresses, nonzero_params,
+)
 from nasopt.core.data import Dataset
 from nasopt.core.errors import NasoptError
 from nasopt.core.metrics import FLOAT32_BYTES, Metrics, count_macs, count_params
@@ -25,9 +27,12 @@ from nasopt.supernet.train import correct, outputs
 #: how trials are scored, recorded in a study's setup. 1: BatchNorm recalibrated on the float
 #: model, folded before low rank and pruning; 2: recalibrated under the arch's compression, folded
 #: after low rank and pruning (:mod:`nasopt.compression.compress`), as a compression-aware
-#: supernet trains. A study keeps the scoring its trials were made with.
-SCORING = 2
-SCORINGS = (1, 2)
+#: supernet trains; 3: as 2, pruning by LAMP scores in place of magnitudes (in training and in
+#: scoring). A study keeps the scoring its trials were made with.
+SCORING = 3
+SCORINGS = (1, 2, 3)
+#: the global pruning criterion of each scoring
+PRUNING_OF_SCORING = {1: "magnitude", 2: "magnitude", 3: PRUNING}
 
 
 class Evaluator:
@@ -53,7 +58,7 @@ class Evaluator:
     RECAL_CACHE_BYTES = 256 * 2 ** 20
 
     def __init__(self, space, supernet: Supernet, data: Dataset, calib_samples: int = 1024,
-                 pruning: str = "magnitude", metric: Metric | None = None,
+                 pruning: str | None = None, metric: Metric | None = None,
                  scoring: int = SCORING):
         self.space = space
         self.task = task_of(data)
@@ -61,10 +66,14 @@ class Evaluator:
         self.metrics = {**self.task.metrics,
                         **({metric.name: metric} if metric is not None else {})}
         self.supernet = supernet
-        self.pruning = pruning
         if scoring not in SCORINGS:
             raise NasoptError(f"this nasopt scores trials in the ways {SCORINGS}, not {scoring}; "
                               f"use a newer nasopt for this study")
+        #: the global pruning criterion: the scoring's, or ``random`` (the baseline)
+        self.pruning = pruning or PRUNING_OF_SCORING[scoring]
+        if self.pruning not in PRUNINGS:
+            raise NasoptError(f"unknown pruning criterion {self.pruning!r}; use one of "
+                              f"{', '.join(PRUNINGS)}")
         self.scoring = scoring
         if calib_samples < 1:
             raise NasoptError(f"eval.calib_samples must be at least 1, got {calib_samples}")
@@ -103,8 +112,7 @@ class Evaluator:
         (or the random-pruning baseline) is the float model."""
         arch = self.space.validate(arch)
         policy = Policy.from_arch(arch, self.pruning) if self.space.compression else Policy()
-        if (not compresses(policy) or self.pruning != "magnitude"
-                or self.scoring < 2):
+        if not compresses(policy) or self.pruning == "random" or self.scoring < 2:
             return self.float_model(arch)
         model = self.supernet.extract(arch)
         compression = tuple((g, v) for g, v in arch.items() if g in self._compression_genes)

@@ -300,11 +300,13 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, setup: dict[str,
                           f"{setup['packed_format']} (with a checksum, 4 bytes more); continue "
                           f"it with the nasopt that made it, or search into a new --study name")
     if "scoring" in diffs:
-        raise NasoptError(f"study {name!r} scored its trials on a float-trained supernet with "
-                          f"BatchNorm folded before pruning (scoring {old.get('scoring', 1)}); "
-                          f"this nasopt trains the supernet under compression and scores "
-                          f"otherwise (scoring {setup.get('scoring')}): its trials stay readable "
-                          f"and exportable; search into a new --study name")
+        was = old.get("scoring", 1)
+        how = ("on a float-trained supernet with BatchNorm folded before pruning" if was == 1
+               else "pruning by weight magnitude" if was == 2 else "otherwise")
+        raise NasoptError(f"study {name!r} scored its trials {how} (scoring {was}); this nasopt "
+                          f"trains the supernet under compression and prunes by LAMP scores "
+                          f"(scoring {setup.get('scoring')}): its trials stay readable and "
+                          f"exportable; search into a new --study name")
     if diffs:
         detail = "; ".join(f"{k}: study has {old.get(k)!r}, now {setup.get(k)!r}" for k in diffs)
         raise NasoptError(f"study {name!r} was created with a different setup ({detail}); "

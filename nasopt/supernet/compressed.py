@@ -6,10 +6,11 @@ weights the arch's compressed model stores (:mod:`nasopt.compression.compress`):
 
 - **low rank** (``<group>.rank`` < 1 on a linear layer or a 1x1 convolution): the truncated SVD
   factors of the active weight, ``r = round(ratio x min(out, in))``, as two stored tensors;
-- **sparsity**: one global magnitude mask over every active stored tensor (the factors in place of
-  a factorized weight): exactly ``round(sparsity x N)`` weights are zero. The mask is chosen on a
-  probe pass of one sample, because a global threshold needs every layer's active weights before
-  the first layer runs;
+- **sparsity**: one global mask over every active stored tensor (the factors in place of a
+  factorized weight) by the policy's pruning criterion (LAMP scores by default, or magnitudes):
+  exactly ``round(sparsity x N)`` weights are zero, the very ones deployment prunes. The mask is
+  chosen on a probe pass of one sample, because a global threshold needs every layer's active
+  weights before the first layer runs;
 - **bits** and **quant**: symmetric per-output-channel quantization of each stored tensor, the
   packed file's quantizer (:func:`nasopt.compression.compress.quantize`), or its codebook
   (k-means levels over the row-normalised kept weights, recomputed each step:
@@ -32,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from nasopt.compression.compress import (
-    FLOAT_BITS, GroupOf, Policy, codebook_quantize, decode, dequantize, low_rank_eligible,
-    quantize, svd_factors, weight_layers,
+    FLOAT_BITS, PRUNING, GroupOf, Policy, codebook_quantize, decode, dequantize,
+    low_rank_eligible, pruning_scores, quantize, svd_factors, weight_layers,
 )
 
 
@@ -62,18 +63,23 @@ def stored_tensors(module: nn.Module, weight: Tensor, ratio: float) -> list[Tens
     return [b.to(weight.dtype), a.to(weight.dtype)]
 
 
-def global_masks(magnitudes: list[Tensor], sparsity: float) -> list[Tensor]:
-    """Keep-masks over ``magnitudes`` (one per stored tensor) that zero exactly
-    ``round(sparsity x N)`` of the N entries, the smallest ones (as global L1 pruning)."""
-    flat = torch.cat([m.reshape(-1) for m in magnitudes])
+def global_masks(tensors: list[Tensor], sparsity: float, method: str = PRUNING) -> list[Tensor]:
+    """Keep-masks over ``tensors`` (the stored tensors of every layer) that zero exactly
+    ``round(sparsity x N)`` of the N entries, those of lowest
+    :func:`~nasopt.compression.compress.pruning_scores` (as
+    :func:`~nasopt.compression.compress.prune_global` with the same ``method``)."""
+    if method not in ("lamp", "magnitude"):
+        raise ValueError(f"a compressed forward prunes by lamp or magnitude scores, not "
+                         f"{method!r}")
+    flat = torch.cat([pruning_scores(t, method).reshape(-1) for t in tensors])
     drop = round(sparsity * flat.numel())
     keep = torch.ones_like(flat, dtype=torch.bool)
     if drop > 0:
         keep[torch.topk(flat, drop, largest=False).indices] = False
     masks, start = [], 0
-    for m in magnitudes:
-        masks.append(keep[start:start + m.numel()].view_as(m))
-        start += m.numel()
+    for t in tensors:
+        masks.append(keep[start:start + t.numel()].view_as(t))
+        start += t.numel()
     return masks
 
 
@@ -83,7 +89,7 @@ class _Compressor:
 
     def __init__(self, names: dict[int, str], policy: Policy, group_of: GroupOf):
         self.names, self.policy, self.group_of = names, policy, group_of
-        #: the probe pass collects (layer, magnitudes of its stored tensors) here
+        #: the probe pass collects (layer, its stored tensors) here
         self.probe: list[tuple[int, list[Tensor]]] | None = None
         self.masks: dict[int, list[Tensor]] = {}
 
@@ -91,7 +97,7 @@ class _Compressor:
         group = self.group_of(self.names[id(module)])
         tensors = stored_tensors(module, weight, self.policy.rank_of(group))
         if self.probe is not None:
-            self.probe.append((id(module), [t.detach().abs() for t in tensors]))
+            self.probe.append((id(module), [t.detach() for t in tensors]))
             return weight
         masks = self.masks.get(id(module))
         bits, codebook = self.policy.bits_of(group), self.policy.codebook_of(group)
@@ -109,7 +115,8 @@ class _Compressor:
         self.probe = None
         if self.policy.sparsity <= 0 or not found:
             return
-        masks = global_masks([m for _, ms in found for m in ms], self.policy.sparsity)
+        masks = global_masks([t for _, ts in found for t in ts], self.policy.sparsity,
+                             self.policy.pruning)
         at = 0
         for layer, ms in found:
             self.masks[layer] = masks[at:at + len(ms)]

@@ -330,7 +330,7 @@ def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, tempera
     With ``compression`` (the space's compression genes and their options) each random subnet,
     with probability ``compressed_share``, also draws a value of every compression gene and
     computes under it (:func:`nasopt.supernet.compressed.compressed_forward`: fake quantization,
-    magnitude masks, factorized weights); the others, the largest and the smallest stay
+    pruning masks by the default criterion, factorized weights); the others, the largest and the smallest stay
     float. Every draw comes from ``rng``."""
     from nasopt.compression.compress import Policy
     from nasopt.core.task import CLASSIFICATION
@@ -427,6 +427,9 @@ def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any,
     drawn = training_compression(space, cfg)
     if drawn:  # a compression-aware recipe trains for the (sub-)space's compression options
         described["compression"] = {g: list(o) for g, o in drawn.items()}
+        if any(float(v) > 0 for v in drawn.get("sparsity", ())):
+            from nasopt.compression.compress import PRUNING
+            described["pruning"] = PRUNING  # the criterion of the masks it trains under
     payload = json.dumps(described, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 

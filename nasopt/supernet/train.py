@@ -108,7 +108,6 @@ def train_model(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, *,
 
 
 @torch.no_grad()
-@torch.no_grad()
 def outputs(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
     """The outputs of ``model`` in eval mode on ``x``, batch by batch."""
     if len(x) == 0:
