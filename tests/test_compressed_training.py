@@ -198,3 +198,26 @@ def test_an_older_study_is_re_scored_as_it_was_scored(datasets):
     with torch.no_grad():
         assert torch.equal(got(x), expected(x))
         assert not torch.allclose(new.compressed(arch)[0](x), expected(x))
+
+
+def test_a_study_that_pruned_by_magnitude_is_re_scored_by_magnitude(datasets):
+    """Scoring 2 pruned by weight magnitude: its evaluator (export, `nasopt run`) still does,
+    while new studies prune by LAMP scores."""
+    from nasopt import api
+    from nasopt.search.evaluate import Evaluator
+    data = datasets["mnist1d"]
+    space = api.make_space("conv1d", data)
+    torch.manual_seed(0)
+    supernet = space.supernet().eval()
+    arch = space.validate({**space.sample(__import__("random").Random(2)), "sparsity": 0.9})
+    old, new = Evaluator(space, supernet, data, scoring=2), Evaluator(space, supernet, data)
+    assert (old.pruning, new.pruning) == ("magnitude", "lamp")
+    expected, _ = compress(old.calibrated_model(arch), Policy.from_arch(arch, "magnitude"),
+                           space.group_of)
+    got, _ = old.compressed(arch)
+    x = data.x_val[:64]
+    with torch.no_grad():
+        assert torch.equal(got(x), expected(x))
+    zeros = lambda m: [l.weight == 0 for l in m.modules() if hasattr(l, "weight")  # noqa: E731
+                       and isinstance(l, (nn.Conv1d, nn.Linear))]
+    assert any(not torch.equal(a, b) for a, b in zip(zeros(got), zeros(new.compressed(arch)[0])))
