@@ -16,8 +16,8 @@ distributions the expectation is then ``header + sum_slots sum_combos P(combo) *
 (a one-hot gives ``packed.predicted_size`` of that arch; a test checks it, and checks the
 expectation against brute force over a small space), differentiable, float64.
 
-**Sparsity is not relaxed.** Global magnitude pruning splits the zeros between layers by the
-weights' magnitudes, so a record's size at sparsity > 0 is not a function of the arch. The
+**Sparsity is not relaxed.** Global pruning splits the zeros between layers by the trained
+weights (their LAMP scores), so a record's size at sparsity > 0 is not a function of the arch. The
 relaxation fixes ``sparsity`` (default: its smallest allowed option, 0 in the full space) and the
 derived archs carry that value. At a fixed sparsity > 0 the expected size assumes every layer
 keeps the same fraction (an approximation: exact only at sparsity 0).
