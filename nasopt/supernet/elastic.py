@@ -330,8 +330,8 @@ def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, tempera
     With ``compression`` (the space's compression genes and their options) each random subnet,
     with probability ``compressed_share``, also draws a value of every compression gene and
     computes under it (:func:`nasopt.supernet.compressed.compressed_forward`: fake quantization,
-    pruning masks by the default criterion, factorized weights); the others, the largest and the smallest stay
-    float. Every draw comes from ``rng``."""
+    pruning masks by the default criterion, factorized weights); the others, the largest and
+    the smallest stay float. Every draw comes from ``rng``."""
     from nasopt.compression.compress import Policy
     from nasopt.core.task import CLASSIFICATION
     from nasopt.supernet.compressed import compressed_forward
