@@ -221,3 +221,14 @@ def test_a_study_that_pruned_by_magnitude_is_re_scored_by_magnitude(datasets):
     zeros = lambda m: [l.weight == 0 for l in m.modules() if hasattr(l, "weight")  # noqa: E731
                        and isinstance(l, (nn.Conv1d, nn.Linear))]
     assert any(not torch.equal(a, b) for a, b in zip(zeros(got), zeros(new.compressed(arch)[0])))
+
+
+def test_an_unknown_pruning_criterion_is_one_clear_error(datasets):
+    from nasopt import api
+    from nasopt.core.errors import NasoptError
+    from nasopt.search.evaluate import Evaluator
+    data = datasets["mnist1d"]
+    space = api.make_space("conv1d", data)
+    with pytest.raises(NasoptError, match="unknown pruning criterion 'l1'; use one of lamp, "
+                                          "magnitude, random"):
+        Evaluator(space, space.supernet(), data, pruning="l1")

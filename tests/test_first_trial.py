@@ -249,3 +249,23 @@ def test_a_network_without_parts_is_recalibrated_whole(datasets, monkeypatch):
     monkeypatch.setattr(type(supernet.net), "parts", ElasticNetwork.parts)  # the default
     whole = Evaluator(space, supernet, data)
     assert whole(arch) == parted and not whole._parts
+
+
+def test_cache_key_records_the_pruning_criterion_of_a_recipe_that_prunes(datasets, monkeypatch):
+    """Training masks follow the pruning criterion: a supernet trained under magnitude masks is
+    not found by a recipe that prunes by LAMP scores, and a recipe that never prunes keeps its
+    key whichever criterion is the default."""
+    from nasopt.compression import compress
+    data = datasets["mnist1d"]
+    space = api.make_space("conv1d", data)
+    dense = space.restrict({"sparsity": [0.0]})
+    n = len(data.x_train)
+
+    def keys() -> tuple[str, str]:
+        return (supernet_key(space, data.fingerprint, SupernetConfig(), n),
+                supernet_key(dense, data.fingerprint, SupernetConfig(), n))
+
+    lamp = keys()
+    monkeypatch.setattr(compress, "PRUNING", "magnitude")
+    magnitude = keys()
+    assert lamp[0] != magnitude[0] and lamp[1] == magnitude[1]
