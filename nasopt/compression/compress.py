@@ -19,8 +19,7 @@ packed-file loader):
    by the sum of the squares of the weights of its layer at least as large, so scores compare
    across layers whose scales differ (a convolution followed by BatchNorm computes the same
    function at any weight scale) and every layer keeps its largest weights; plain magnitudes
-   strip the layers of small weights first (the wide 1x1 convolutions, kept at 1-5 % while the
-   stem keeps half at 0.9 sparsity on digits).
+   strip the layers of small weights first (in a BatchNorm network, the wide ones).
 3. **Fold BatchNorm** into the conv registered just before it (what a deployed model does; the
    conv gains a bias; after step 1 that is the second factor). Every space's network registers
    each BatchNorm right after its conv. Folding scales each output channel, so zeros stay zero.
