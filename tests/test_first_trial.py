@@ -269,3 +269,35 @@ def test_cache_key_records_the_pruning_criterion_of_a_recipe_that_prunes(dataset
     monkeypatch.setattr(compress, "PRUNING", "magnitude")
     magnitude = keys()
     assert lamp[0] != magnitude[0] and lamp[1] == magnitude[1]
+
+
+def test_an_unset_compressed_share_is_the_spaces_own(datasets):
+    """The share of random subnets trained compressed defaults to the space's; setting the same
+    value explicitly is the same recipe (one checkpoint), another value another recipe."""
+    n = 1000
+    digits = api.make_space("mobilenet", datasets["digits"])
+    mnist1d = api.make_space("conv1d", datasets["mnist1d"])
+    assert SupernetConfig().resolve(n, digits).compressed_share == digits.compressed_share == 0.25
+    assert SupernetConfig().resolve(n, mnist1d).compressed_share == mnist1d.compressed_share == 0.1
+    assert SupernetConfig(compressed_share=0.5).resolve(n, digits).compressed_share == 0.5
+    assert SupernetConfig().resolve(n).compressed_share is None  # no space: left unset
+
+    def key(space, cfg: SupernetConfig) -> str:  # noqa: ANN001
+        return supernet_key(space, "fp", cfg, n)
+
+    for space in (digits, mnist1d):
+        own = SupernetConfig(compressed_share=space.compressed_share)
+        assert key(space, SupernetConfig()) == key(space, own)
+        assert key(space, SupernetConfig()) != key(space, SupernetConfig(compressed_share=0.5))
+
+
+def test_a_space_with_a_share_outside_0_1_fails_the_contract():
+    from search_spaces.conv1d import Conv1dSpace
+    from nasopt.testing import check_space
+
+    class Bad(Conv1dSpace):
+        compressed_share = 1.5
+
+    failures = check_space(Bad)
+    assert [f.rule for f in failures] == ["construct"]
+    assert "compressed_share is a probability; set it within 0..1, got 1.5" in failures[0].message

@@ -58,6 +58,7 @@ def _step_cost(space, data, recipes: dict, steps: int) -> dict[str, float]:  # n
     from nasopt.supernet.elastic import sandwich_loss, training_compression
     from nasopt.supernet.train import minibatches
     supernet = space.supernet()
+    recipes = {name: r.resolve(len(data.x_train), space) for name, r in recipes.items()}
     losses = {name: sandwich_loss(supernet, random.Random(i), r.n_random, r.kd_temperature,
                                   task_of(data), training_compression(space, r), space.group_of,
                                   r.compressed_share)

@@ -74,8 +74,9 @@ class SupernetConfig:
     #: (fake quantization, pruning masks, factorized weights: nasopt.supernet.compressed);
     #: False: float training, compression applied only after the fact
     compression_aware: bool = True
-    #: the probability that a random subnet of a step trains compressed (else float)
-    compressed_share: float = 0.1
+    #: the probability that a random subnet of a step trains compressed (else float); None:
+    #: the search space's own (``SearchSpace.compressed_share``)
+    compressed_share: float | None = None
 
     def __post_init__(self) -> None:
         _positive("supernet", batch_size=self.batch_size, lr=self.lr,
@@ -85,7 +86,7 @@ class SupernetConfig:
                               f"({self.steps}) are both set; set one of them (to replace a "
                               f"config file's epochs: --set supernet.epochs=none --set "
                               f"supernet.steps={self.steps})")
-        if not 0.0 <= self.compressed_share <= 1.0:
+        if self.compressed_share is not None and not 0.0 <= self.compressed_share <= 1.0:
             raise NasoptError(f"supernet.compressed_share is the probability that a random "
                               f"subnet trains compressed: give a number from 0 to 1, got "
                               f"{self.compressed_share}")
@@ -100,11 +101,12 @@ class SupernetConfig:
     def steps_per_epoch(self, n_train: int) -> int:
         return max(1, math.ceil(n_train / self.batch_size))
 
-    def resolve(self, n_train: int) -> "SupernetConfig":
+    def resolve(self, n_train: int, space: Any = None) -> "SupernetConfig":
         """This recipe for a training split of ``n_train`` samples: whole ``epochs`` and
         ``warmup_epochs``, ``steps`` None. Explicit epochs are kept; steps become the epochs
         that hold them (rounded up); with neither, ``DEFAULT_EPOCHS`` within
-        ``MIN_STEPS``..``MAX_STEPS`` steps."""
+        ``MIN_STEPS``..``MAX_STEPS`` steps. With ``space`` (a search space), an unset
+        ``compressed_share`` becomes the space's."""
         per_epoch = self.steps_per_epoch(n_train)
         if self.epochs is not None:
             epochs = self.epochs
@@ -115,7 +117,15 @@ class SupernetConfig:
                          max(1, MAX_STEPS // per_epoch))
         warmup = (round(epochs * WARMUP_SHARE) if self.warmup_epochs is None
                   else self.warmup_epochs)
-        return dataclasses.replace(self, epochs=epochs, steps=None, warmup_epochs=warmup)
+        recipe = self if space is None else self.for_space(space)
+        return dataclasses.replace(recipe, epochs=epochs, steps=None, warmup_epochs=warmup)
+
+    def for_space(self, space: Any) -> "SupernetConfig":
+        """This recipe with an unset ``compressed_share`` set to ``space``'s
+        (``SearchSpace.compressed_share``)."""
+        if self.compressed_share is not None:
+            return self
+        return dataclasses.replace(self, compressed_share=space.compressed_share)
 
     def describe(self, n_train: int) -> str:
         """One line: the resolved length and where it came from."""

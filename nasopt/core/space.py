@@ -38,9 +38,17 @@ class SearchSpace(ABC):
     name: ClassVar[str]
     #: rank of the per-sample input tensor the space accepts (2: (C, L) signals; 3: (C, H, W) images)
     input_rank: ClassVar[int | None] = None  # dims of one sample (2: signals, 3: images; None: any)
+    #: the probability that a compression-aware supernet trains a random subnet of a step under
+    #: drawn compression genes, unless the recipe sets ``supernet.compressed_share``: more
+    #: compressed steps lift what heavily compressed archs inherit, fewer leave the float
+    #: subnets more of the training (results/README.md measures both per shipped space)
+    compressed_share: ClassVar[float] = 0.1
 
     def __init__(self, input_shape: Sequence[int], num_classes: int,
                  genes: Mapping[str, Sequence[Value]] | None = None, compression: bool = True):
+        if not 0.0 <= self.compressed_share <= 1.0:
+            raise NasoptError(f"space {self.name!r}: compressed_share is a probability; set it "
+                              f"within 0..1, got {self.compressed_share}")
         self.compression = compression
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)

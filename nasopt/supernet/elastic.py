@@ -407,14 +407,15 @@ def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any,
     """Hash of everything the trained supernet depends on: the (sub-)space, the data, the recipe.
 
     A :class:`~nasopt.core.config.SupernetConfig` is keyed by its recipe resolved for the
-    training split (``n_train`` samples; :meth:`SupernetConfig.resolve`): the default recipe
-    sized by the data, ``steps`` and ``epochs`` that give the same whole epochs share a key;
-    any other length, warmup or setting gives another key."""
+    training split (``n_train`` samples) and the space (:meth:`SupernetConfig.resolve`): the
+    default recipe sized by the data, ``steps`` and ``epochs`` that give the same whole epochs
+    share a key, and so do an unset ``compressed_share`` and the space's own value set
+    explicitly; any other length, warmup or setting gives another key."""
     if hasattr(cfg, "resolve"):
         if cfg.epochs is None or cfg.warmup_epochs is None:
             if n_train is None:
                 raise TypeError("supernet_key needs n_train for a recipe sized by the data")
-        cfg = cfg.resolve(n_train if n_train is not None else 1)
+        cfg = cfg.resolve(n_train if n_train is not None else 1, space)
     train = dataclasses.asdict(cfg)
     if hasattr(cfg, "resolve"):
         extra = {k: v for k, v in train.items()
@@ -459,7 +460,7 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
 
     n_train = len(data.x_train)
     length = cfg.describe(n_train)
-    cfg = cfg.resolve(n_train)  # whole epochs and warmup epochs: the recipe that runs
+    cfg = cfg.resolve(n_train, space)  # whole epochs, the space's compressed share: what runs
     key = supernet_key(space, data.fingerprint, cfg)
     final = folder / f"{space.name}-{key}.pt"
     partial = folder / f"{space.name}-{key}.partial.pt"
