@@ -23,17 +23,39 @@ def test_fp32_and_int8_round_trip(trained, tmp_path):
     space, supernet, data = trained
     evaluator = Evaluator(space, supernet, data, calib_samples=256)
     x_val, y_val = data.x_val[:300], data.y_val[:300]
+    calib = data.x_train[:256]
+    written = 0
     # mobilenet graphs take seconds to quantize on 2 shared cores: one arch there
     for i, arch in enumerate(_archs(space, 3 if space.name == "conv1d" else 1)):
         model, _ = evaluator.compressed(arch)
         folder = tmp_path / f"a{i}"
         folder.mkdir()
-        record = onnx_export.write(model, folder, space.input_shape, ("onnx", "onnx-int8"),
-                                   data.x_train[:256], x_val, y_val)
-        assert record["onnx"]["max_abs_diff"] < onnx_export.FP32_TOLERANCE
-        # the files on disk, run again in a fresh session, batch size other than 1
         with torch.no_grad():
             ref = model.eval()(x_val).numpy()
+        try:
+            record = onnx_export.write(model, folder, space.input_shape, ("onnx", "onnx-int8"),
+                                       calib, x_val, y_val)
+        except onnx_export.Int8CheckFailed as refused:
+            # the fixtures' supernets train for seconds: on a subnet's near-tied logits the int8
+            # rule (a rule for trained models) may refuse. Then the refusal is the rule applied
+            # to the graph's true agreement and accuracy, and only the verified float file is kept
+            int8 = onnx_export.quantize_int8(onnx_export.to_onnx_bytes(
+                onnx_export.plain(model), space.input_shape), calib.numpy())
+            got = onnx_export.run(onnx_export.session(int8), x_val).argmax(1)
+            agreement = float((got == ref.argmax(1)).mean())
+            labels = y_val.numpy()
+            drop = float((ref.argmax(1) == labels).mean() - (got == labels).mean())
+            assert (agreement < onnx_export.INT8_MIN_AGREEMENT
+                    or drop > onnx_export.INT8_MAX_ACCURACY_DROP), (agreement, drop)
+            assert f"agree on {agreement:.1%}" in str(refused) or "accuracy drops" in str(refused)
+            assert (folder / onnx_export.FP32_FILE).exists()
+            assert not (folder / onnx_export.INT8_FILE).exists()
+            got = onnx_export.run(onnx_export.session(folder / onnx_export.FP32_FILE), x_val, 37)
+            assert np.abs(ref - got).max() < onnx_export.FP32_TOLERANCE
+            continue
+        written += 1
+        assert record["onnx"]["max_abs_diff"] < onnx_export.FP32_TOLERANCE
+        # the files on disk, run again in a fresh session, batch size other than 1
         got = onnx_export.run(onnx_export.session(folder / onnx_export.FP32_FILE), x_val, 37)
         assert np.abs(ref - got).max() < onnx_export.FP32_TOLERANCE
         int8 = onnx_export.run(onnx_export.session(folder / onnx_export.INT8_FILE), x_val)
@@ -43,6 +65,8 @@ def test_fp32_and_int8_round_trip(trained, tmp_path):
         import onnx
         ops = {n.op_type for n in onnx.load(str(folder / onnx_export.INT8_FILE)).graph.node}
         assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    if space.name == "conv1d":  # the int8 files themselves are checked on this space's archs
+        assert written >= 1
 
 
 def test_int8_verification_rejects_a_wrong_graph(trained):
