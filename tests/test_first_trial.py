@@ -119,6 +119,8 @@ def test_training_logs_and_keys_the_resolved_recipe(datasets, tmp_path):
     cfg = SupernetConfig(steps=4, n_random=0)  # 2 steps an epoch: 2 epochs, no warmup
     _, path = train_supernet(space, data, cfg, tmp_path, show_progress=False, log=logs.append)
     assert "2 epochs = 4 steps of 128 (supernet.steps=4, rounded up to whole epochs)" in logs[0]
+    assert ("each random subnet trains compressed with probability 0.1 "
+            "(supernet.compressed_share)") in logs[0]  # conv1d's share
     same = SupernetConfig(epochs=2, warmup_epochs=0, n_random=0)
     assert supernet_key(space, data.fingerprint, same) in path.name
     logs.clear()

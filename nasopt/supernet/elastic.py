@@ -488,8 +488,11 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
         start, resume = state["epoch"] + 1, state
         log(f"resuming supernet training at epoch {start + 1} from {partial}")
     elif main:
-        log(f"training supernet {space.name}: {length}; saved to {final}, reused by later "
-            f"runs with this space, data and recipe")
+        drawn = (f"; each random subnet trains compressed with probability "
+                 f"{cfg.compressed_share:g} (supernet.compressed_share)"
+                 if training_compression(full_space, cfg) else "")
+        log(f"training supernet {space.name}: {length}{drawn}; saved to {final}, reused by "
+            f"later runs with this space, data and recipe")
     rng = random.Random()
     largest = space.largest()
     task = task_of(data)
