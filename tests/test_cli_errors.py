@@ -117,6 +117,31 @@ def test_ctrl_c_gives_one_line_and_keeps_the_trials(tmp_path):
     assert completed() >= 5
 
 
+def test_an_error_raised_while_ctrl_c_unwinds_reads_as_the_interrupt(monkeypatch, capsys):
+    """A library's clean-up that fails after Ctrl-C (Optuna's trial runner reads a state it never
+    set when the interrupt lands early) exits 130 with the interrupt's one line; an error with
+    no interrupt behind it still propagates."""
+    def cleanup_fails(args):  # noqa: ANN001, ANN202
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise UnboundLocalError("cannot access local variable 'updated_state'")
+
+    monkeypatch.setattr(cli, "_dispatch", cleanup_fails)
+    assert cli.main(["search", "--space", "nb201", "--table", "--trials", "1"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "nasopt: interrupted; finished trials are kept in the study; re-run the same command "
+        "to continue"]
+
+    def plain_bug(args):  # noqa: ANN001, ANN202
+        raise UnboundLocalError("a bug")
+
+    monkeypatch.setattr(cli, "_dispatch", plain_bug)
+    with pytest.raises(UnboundLocalError):
+        cli.main(["search", "--space", "nb201", "--table", "--trials", "1"])
+
+
 def test_a_mistyped_option_names_the_command_and_the_near_miss(capsys):
     for argv, usage, near in ((["search", "--max-sise", "4KB"], "nasopt search", "--max-size"),
                               (["studies", "show", "s", "--pareto-only"], "nasopt studies show",

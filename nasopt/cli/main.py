@@ -258,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nasopt: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # the storage went away mid-run: no traceback with its URL
+        if _raised_by_an_interrupt(exc):
+            return _interrupted()
         drivers = ("sqlalchemy", "psycopg", "psycopg2")
         if (type(exc).__module__.split(".")[0] not in drivers
                 and type(exc).__name__ != "StorageInternalError"):  # Optuna's, around a driver's
@@ -276,9 +278,27 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"command to continue", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("nasopt: interrupted; finished trials are kept in the study; re-run the same "
-              "command to continue", file=sys.stderr)
-        return 130
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    print("nasopt: interrupted; finished trials are kept in the study; re-run the same "
+          "command to continue", file=sys.stderr)
+    return 130
+
+
+def _raised_by_an_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while a Ctrl-C unwound the stack: a library's clean-up that
+    fails on the way out (Optuna's trial runner, when the interrupt lands before it records the
+    trial's state) must read as the interrupt it is, not as a crash."""
+    seen: set[int] = set()
+    context = exc.__context__
+    while context is not None and id(context) not in seen:
+        if isinstance(context, KeyboardInterrupt):
+            return True
+        seen.add(id(context))
+        context = context.__context__
+    return False
 
 
 def _dispatch(args: argparse.Namespace) -> int:
