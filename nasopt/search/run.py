@@ -195,7 +195,8 @@ def search(cfg: Config, spaces: Spaces, strategies: Mapping[str, Strategy], *,
     setup = {"space": space.describe(), "data": {**dataclasses.asdict(cfg.data), "task": data.task},
              "data_fingerprint": data.fingerprint,
              "preprocess": data.preprocess.to_dict(),  # what the loader did to raw samples
-             "supernet": dataclasses.asdict(cfg.supernet.for_space(space)), "eval": dataclasses.asdict(cfg.eval),
+             "supernet": dataclasses.asdict(cfg.supernet.for_space(space)),
+             "eval": dataclasses.asdict(cfg.eval),
              "packed_format": SIZE_FORMAT,  # the size objective counts this format's bytes
              "scoring": SCORING,  # how a trial's model is calibrated and compressed
              "objectives": list(s.objectives),
