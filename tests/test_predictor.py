@@ -98,6 +98,35 @@ def test_a_budget_is_honoured_and_its_best_feasible_model_sought():
     assert best > max(t.values[0] for t in random.trials if is_feasible(t))
 
 
+def test_accurate_archs_over_the_budget_are_tried_at_fewer_bits():
+    """The squeeze move: members of the front of the infeasible trials (accuracy against
+    excess), every bit-width lowered to an option between the second lowest and its own."""
+    from nasopt.search.study import constraint_excess
+    space = Conv1dSpace((1, 40), 10)
+    study = joint_run(0, 60, 1500.0)
+    sampler = PredictorSampler(space, seed=1)
+    choices = {n: list(o) for n, o in space.genes.items()}
+    done = [t for t in study.trials if t.values is not None]
+    sampler._state(study, choices)
+    bits = [g for g in choices if g.endswith(".bits")]
+    architecture = [g for g in space.genes if g not in space.compression_genes()]
+    seen = {tuple(sorted(t.params.items())) for t in done}
+    out = sampler._squeezed(done, bits, architecture, choices, seen, 20)
+    assert out and len({tuple(sorted(c.items())) for c in out}) == len(out)
+    over = [t for t in done if constraint_excess(t) > 0]
+    front = [t for t in over if not any(
+        o.values[0] >= t.values[0] and constraint_excess(o) <= constraint_excess(t)
+        and (o.values[0], constraint_excess(o)) != (t.values[0], constraint_excess(t))
+        for o in over)]
+    for child in out:
+        assert tuple(sorted(child.items())) not in seen
+        parents = [t.params for t in front if all(
+            choices[g].index(child[g]) <= choices[g].index(t.params[g]) and
+            (choices[g].index(child[g]) >= 1 or t.params[g] == choices[g][0]) for g in bits)
+            and sum(child[g] != t.params[g] for g in architecture) <= 2]
+        assert parents, child  # a front member, at fewer (or as many) bits
+
+
 def joint_run_random(seed: int, trials: int, budget: float) -> optuna.Study:
     space = Conv1dSpace((1, 40), 10)
     objs = get_objectives(["accuracy", "size"])

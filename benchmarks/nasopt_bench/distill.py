@@ -39,7 +39,7 @@ from nasopt.deploy.export import export_model
 from nasopt.deploy.finetune import FinetuneConfig, finetune, prepare_qat, reheaded
 from nasopt.supernet.train import accuracy
 from nasopt_bench.report import LoadSampler, machine, table
-from nasopt_bench.setup import conv1d_supernet
+from nasopt_bench.setup import conv1d_supernet, supernet_epochs
 
 #: the student: ~4 KB packed, a point of the joint search's front region (bits 8/6/4, half the
 #: weights pruned)
@@ -120,7 +120,7 @@ Data: {data.summary()}. Student (conv1d): `{json.dumps(dict(arch))}` —
 s1 8 / s2 6 / s3 6 / head 4, global magnitude pruning 50 %.
 Teachers: the supernet's largest subnet (inherited weights, BN recalibrated) and, for
 multi-teacher KD, also the subnet `{json.dumps(SECOND_TEACHER)}` (soft targets averaged 0.5/0.5).
-Supernet: default recipe ({cfg.supernet.epochs} epochs, sandwich rule).
+Supernet: default recipe ({supernet_epochs(cfg, data, space)} epochs, sandwich rule).
 Distillation: alpha 0.5, T 4, Adam lr {dcfg.lr}, cosine, <= {dcfg.epochs} epochs, early stopping
 on validation (patience {dcfg.patience}); QAT: <= {fcfg.epochs} epochs, lr {fcfg.lr}, patience
 {fcfg.patience}. {args.seeds} seeds (0..{args.seeds - 1}); mean ± sd of **test** accuracy (%).

@@ -27,7 +27,7 @@ from nasopt.gradient.search import VARIANTS, gradient_search, plot_trajectory, s
 from nasopt.core.objectives import hypervolume, parse_quantity
 from nasopt.gradient.relaxation import relax
 from nasopt_bench.report import machine, table
-from nasopt_bench.setup import conv1d_supernet
+from nasopt_bench.setup import conv1d_supernet, supernet_epochs
 
 REFERENCE_KB = 16  # hypervolume reference: accuracy 0 at 16 KB (as in the other MNIST-1D benches)
 
@@ -120,7 +120,7 @@ Machine: {machine()}
 Data: {data.summary()}; the search reads train (weights) and validation (logits) only;
 derived archs are scored on validation by the search's Evaluator (the test split is not used).
 Space: `conv1d` with compression genes ({space.size():,} archs). The supernet
-(`{ckpt.name}`, {cfg.supernet.epochs} epochs) is the cached one; each search fine-tunes its own
+(`{ckpt.name}`, {supernet_epochs(cfg, data, space)} epochs) is the cached one; each search fine-tunes its own
 relaxed copy ({args.epochs} epochs x {args.max_batches or 'all'} steps of 128 samples; Adam lr_w
 {args.lr_w}, lr_alpha {args.lr_alpha}), and derived archs are scored with the supernet's own
 weights, like every trial of every strategy. `sparsity` is not relaxed (fixed at 0).

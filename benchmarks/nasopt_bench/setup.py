@@ -22,6 +22,12 @@ class BenchSupernet(NamedTuple):
     checkpoint: Path
 
 
+def supernet_epochs(cfg: Config, data: Dataset, space: SearchSpace) -> int:
+    """The epochs the supernet of ``cfg`` trains on ``data`` for ``space`` (the default recipe's
+    length is sized by the data: its ``epochs`` field is unset until resolved)."""
+    return cfg.supernet.resolve(len(data.x_train), space).epochs
+
+
 def bench_config(overrides: Sequence[str] = (), dataset: str = "mnist1d") -> Config:
     """The config of :func:`conv1d_supernet` (cheap: to check arguments before training)."""
     return api.load_config(None, [f"data.dataset={dataset}", "search.space=conv1d", *overrides])

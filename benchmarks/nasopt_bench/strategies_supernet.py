@@ -23,7 +23,7 @@ from nasopt.strategies.nni_bridge import NNI_STRATEGIES, POPULATION, SAMPLE, run
 from nasopt.core.objectives import MNASNET_W, get_objectives, hypervolume
 from nasopt.search.loop import run_search
 from nasopt_bench.report import machine, table
-from nasopt_bench.setup import conv1d_supernet
+from nasopt_bench.setup import conv1d_supernet, supernet_epochs
 
 REFERENCE_KB = 16  # hypervolume reference: accuracy 0 at 16 KB (as in the compression benchmark)
 
@@ -81,7 +81,7 @@ Command: `{command}`
 Machine: {machine()}
 Data: {data.summary()}; validation accuracy (the test split is not used).
 Space: `conv1d` with compression genes ({space.size():,} archs); objectives validation accuracy
-(max) and packed bytes (min); one supernet ({cfg.supernet.epochs} epochs) shared by all runs.
+(max) and packed bytes (min); one supernet ({supernet_epochs(cfg, data, space)} epochs) shared by all runs.
 Budget: {args.trials} evaluations per run, {args.seeds} seeds (0..{args.seeds - 1}) per strategy.
 Hypervolume reference point: accuracy 0 at {REFERENCE_KB} KB (sizes divided by {REFERENCE_KB} KB).
 
