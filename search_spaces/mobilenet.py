@@ -6,11 +6,12 @@ downsample (stride 2 while the feature map is larger than 4x4) and changes width
 are residual. The head is global average pooling and a linear classifier.
 
 Large inputs (side >= ``STEM_STRIDE_FROM`` = 16, e.g. Fashion-MNIST's 28x28) get a stride-2 stem
-(28 -> 14 -> 7 -> 4 -> 4: about 4x fewer MACs in every layer) and run channels-last after the
-stem: on CPU the depthwise convolutions' backward pass, most of the training time, is 2-5x
-faster in that memory format (same results; ONNX ignores the format). Together: a supernet
-training step about 6x faster on 28x28 (1 thread, measured on a shared machine). Smaller inputs
-(digits 8x8) keep the stride-1 stem and the default memory format.
+(28 -> 14 -> 7 -> 4 -> 4: about 4x fewer MACs in every layer): a supernet training step about
+6x faster on 28x28 (1 thread, measured on a shared machine). Smaller inputs (digits 8x8) keep
+the stride-1 stem. Every input runs channels-last after the stem: on CPU the depthwise
+convolutions' backward pass is 2-5x faster in that memory format, BatchNorm on small maps 2-4x,
+and training computes the 1x1 convolutions as matrix products over the channels
+(:func:`nasopt.supernet.elastic.pointwise_matmul`); same results, ONNX ignores the format.
 
 Genes: ``stem.width``; per stage ``sN``: ``depth`` {1,2,3}, ``k`` {3,5,7} (centre-cropped shared
 kernels), ``expand`` (hidden = expand x input channels), ``width`` (output channels). Every
@@ -96,8 +97,8 @@ class MobileNet(ElasticNetwork):
         self.stem = ElasticConv2d(in_channels, stem, 3, stride)
         size = (size - 1) // stride + 1
         self.stem_bn = ElasticBatchNorm2d(stem)
-        # large inputs run channels-last: depthwise backward on CPU is 2-5x faster that way
-        self.channels_last = stride > 1
+        # channels-last after the stem: depthwise backward and BatchNorm on CPU are faster so
+        self.channels_last = True
         stages, cin = [], stem
         for s in range(1, len(WIDTHS) + 1):
             stride = 2 if size > 4 else 1

@@ -157,6 +157,45 @@ def test_dense_depthwise_equals_the_convolution(channels, side, k, stride, chann
         torch.testing.assert_close(b_.grad, a.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("side", [4, 1])
+def test_pointwise_matmul_equals_the_convolution(side):
+    torch.manual_seed(0)
+    x = torch.randn(5, 12, side, side).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(7, 12, 1, 1), torch.randn(7)
+    x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
+    x2, w2, b2 = (t.clone().requires_grad_() for t in (x, w, b))
+    plain = F.conv2d(x1, w1, b1)
+    fast = elastic.pointwise_matmul(x2, w2, b2)
+    assert fast.shape == plain.shape and fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(plain)
+    plain.backward(g)
+    fast.backward(g)
+    for a, b_ in ((x1, x2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(b_.grad, a.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_elastic_pointwise_uses_the_matmul_only_training_on_channels_last(monkeypatch):
+    conv = elastic.ElasticConv2d(16, 16, 1)
+    conv.active_out = 9
+    x = torch.randn(3, 12, 4, 4)  # 12 channels arrive: a prefix of the 16
+    calls: list[int] = []
+    real = elastic.pointwise_matmul
+    monkeypatch.setattr(elastic, "pointwise_matmul",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    conv.train()
+    plain = conv(x)  # the default memory format: the convolution
+    last = x.contiguous(memory_format=torch.channels_last)
+    fast = conv(last)
+    with torch.no_grad():
+        slow = conv(last)
+    conv.eval()
+    evaluated = conv(last)
+    assert calls == [1] and fast.shape == (3, 9, 4, 4)
+    for other in (plain, slow, evaluated):
+        torch.testing.assert_close(fast, other, rtol=1e-5, atol=1e-5)
+
+
 def test_elastic_depthwise_uses_the_dense_path_only_when_training(monkeypatch):
     conv = elastic.ElasticConv2d(16, 16, 7, depthwise=True)
     conv.active_k = 5

@@ -1,5 +1,5 @@
-"""``mobilenet`` on large inputs (Fashion-MNIST's 28x28): stride-2 stem, channels-last; small
-inputs (digits 8x8) keep the stride-1 stem and the default memory format."""
+"""``mobilenet`` on large inputs (Fashion-MNIST's 28x28): stride-2 stem; small inputs (digits
+8x8) keep the stride-1 stem; both run channels-last after the stem."""
 from __future__ import annotations
 
 import random
@@ -20,9 +20,12 @@ def _space(shape=SHAPE):
     return api.SPACES["mobilenet"](shape, 10)
 
 
-def test_small_inputs_keep_the_stride_1_stem_and_memory_format():
+def test_small_inputs_keep_the_stride_1_stem_and_run_channels_last():
     net = _space((1, 8, 8)).build(_space((1, 8, 8)).smallest())
-    assert net.stem.stride == (1, 1) and not net.channels_last
+    assert net.stem.stride == (1, 1) and net.channels_last
+    with torch.no_grad():
+        out = net.eval()(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 10) and out.is_contiguous()
 
 
 def test_large_inputs_get_a_stride_2_stem_and_the_hand_counted_macs():

@@ -233,6 +233,13 @@ and exit. The supernet check gives the largest and smallest subnet's validation 
   (1 thread, shared machine).
 - Evaluation: BatchNorm recalibrated part by part, reusing the parts shared with archs already
   evaluated, and counts reused by count key.
+- The mobilenet space runs channels-last after the stem on every input (digits too), where
+  training computes its 1x1 convolutions as matrix products over the channels and BatchNorm on
+  small maps is 2-4x faster; the dense depthwise form gives its gradients back in the layouts
+  its forward pass used (a strided gradient made the batched product fall back to one small
+  product per channel) and, channels-last, serves only maps no larger than the kernel. A
+  sandwich step (1 thread, CPU time, the previous code in the same minutes): digits about
+  205 -> 180 ms, Fashion-MNIST about 345 -> 265 ms.
 """
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
