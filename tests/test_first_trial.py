@@ -129,7 +129,35 @@ def test_training_logs_and_keys_the_resolved_recipe(datasets, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# the dense depthwise path equals the convolution
+# the fast training paths equal the convolution
+def assert_same_as_convolution(conv, fast, x, w, b) -> torch.Tensor:  # noqa: ANN001
+    """``fast(x, w, b)`` gives ``conv(x, w, b)``'s output, memory format and gradients."""
+    x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
+    x2, w2, b2 = (t.clone().requires_grad_() for t in (x, w, b))
+    plain, out = conv(x1, w1, b1), fast(x2, w2, b2)
+    assert out.shape == plain.shape
+    assert out.is_contiguous(memory_format=torch.channels_last) == \
+        plain.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(plain)
+    plain.backward(g)
+    out.backward(g)
+    for a, b_ in ((x1, x2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(b_.grad, a.grad, rtol=1e-4, atol=1e-4)
+    for layout in (torch.contiguous_format, torch.channels_last):  # the input's gradient layout
+        assert x2.grad.is_contiguous(memory_format=layout) == \
+            x1.grad.is_contiguous(memory_format=layout)
+    return out
+
+
+def counting(monkeypatch, name: str) -> list[int]:  # noqa: ANN001
+    """Each call of ``elastic.<name>`` appends to the list returned."""
+    calls: list[int] = []
+    real = getattr(elastic, name)
+    monkeypatch.setattr(elastic, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("channels, side, k, stride", [
     (12, 4, 7, 1), (12, 4, 5, 1), (8, 8, 7, 2), (8, 7, 7, 2), (6, 3, 7, 1), (5, 14, 7, 2),
     (4, 5, 5, 2), (3, 1, 7, 1),
@@ -140,49 +168,26 @@ def test_dense_depthwise_equals_the_convolution(channels, side, k, stride, chann
     x = torch.randn(5, channels, side, side)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(channels, 1, k, k)
-    b = torch.randn(channels)
-    x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
-    x2, w2, b2 = (t.clone().requires_grad_() for t in (x, w, b))
-    plain = F.conv2d(x1, w1, b1, stride, k // 2, 1, channels)
-    dense = depthwise_dense(x2, w2, b2, stride, k // 2)
-    assert dense.shape == plain.shape
-    assert dense.is_contiguous(memory_format=torch.channels_last) == \
-        plain.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(dense, plain, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(plain)
-    plain.backward(g)
-    dense.backward(g)
-    for a, b_ in ((x1, x2), (w1, w2), (b1, b2)):
-        torch.testing.assert_close(b_.grad, a.grad, rtol=1e-4, atol=1e-4)
+    assert_same_as_convolution(
+        lambda x, w, b: F.conv2d(x, w, b, stride, k // 2, 1, channels),
+        lambda x, w, b: depthwise_dense(x, w, b, stride, k // 2),
+        x, torch.randn(channels, 1, k, k), torch.randn(channels))
 
 
 @pytest.mark.parametrize("side", [4, 1])
 def test_pointwise_matmul_equals_the_convolution(side):
     torch.manual_seed(0)
     x = torch.randn(5, 12, side, side).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(7, 12, 1, 1), torch.randn(7)
-    x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
-    x2, w2, b2 = (t.clone().requires_grad_() for t in (x, w, b))
-    plain = F.conv2d(x1, w1, b1)
-    fast = elastic.pointwise_matmul(x2, w2, b2)
-    assert fast.shape == plain.shape and fast.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(plain)
-    plain.backward(g)
-    fast.backward(g)
-    for a, b_ in ((x1, x2), (w1, w2), (b1, b2)):
-        torch.testing.assert_close(b_.grad, a.grad, rtol=1e-4, atol=1e-4)
+    out = assert_same_as_convolution(F.conv2d, elastic.pointwise_matmul, x,
+                                     torch.randn(7, 12, 1, 1), torch.randn(7))
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_elastic_pointwise_uses_the_matmul_only_training_on_channels_last(monkeypatch):
     conv = elastic.ElasticConv2d(16, 16, 1)
     conv.active_out = 9
     x = torch.randn(3, 12, 4, 4)  # 12 channels arrive: a prefix of the 16
-    calls: list[int] = []
-    real = elastic.pointwise_matmul
-    monkeypatch.setattr(elastic, "pointwise_matmul",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = counting(monkeypatch, "pointwise_matmul")
     conv.train()
     plain = conv(x)  # the default memory format: the convolution
     last = x.contiguous(memory_format=torch.channels_last)
@@ -196,14 +201,22 @@ def test_elastic_pointwise_uses_the_matmul_only_training_on_channels_last(monkey
         torch.testing.assert_close(fast, other, rtol=1e-5, atol=1e-5)
 
 
+def test_channels_last_maps_larger_than_the_kernel_keep_the_depthwise_convolution(monkeypatch):
+    conv = elastic.ElasticConv2d(8, 8, 5, depthwise=True).train()
+    calls = counting(monkeypatch, "depthwise_dense")
+    for side, dense in ((5, True), (6, False)):  # a 5x5 kernel
+        x = torch.randn(3, 8, side, side)
+        conv(x)  # the default format: the dense form up to twice the kernel
+        conv(x.contiguous(memory_format=torch.channels_last))
+        assert len(calls) == 1 + dense
+        calls.clear()
+
+
 def test_elastic_depthwise_uses_the_dense_path_only_when_training(monkeypatch):
     conv = elastic.ElasticConv2d(16, 16, 7, depthwise=True)
     conv.active_k = 5
     x = torch.randn(3, 12, 4, 4)  # 12 channels arrive: a prefix of the 16
-    calls: list[int] = []
-    real = elastic.depthwise_dense
-    monkeypatch.setattr(elastic, "depthwise_dense",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = counting(monkeypatch, "depthwise_dense")
     conv.train()
     fast = conv(x)
     with torch.no_grad():  # BN recalibration, evaluation, export: the convolution itself

@@ -24,7 +24,9 @@ GROUPS = ("stem", "s1", "s2", "s3", "head")
 MILD = ["--restrict", "sparsity=0.0",
         *[a for g in GROUPS for a in ("--restrict", f"{g}.bits=8,32")],
         *[a for g in GROUPS[1:] for a in ("--restrict", f"{g}.rank=1.0")]]
-HARSH = ["--restrict", "sparsity=0.9", *[a for g in GROUPS for a in ("--restrict", f"{g}.bits=2")]]
+#: the harshest options of every compression gene: every trial near chance, with a margin
+HARSH = ["--restrict", "sparsity=0.9", *[a for g in GROUPS for a in ("--restrict", f"{g}.bits=2")],
+         *[a for g in GROUPS[1:] for a in ("--restrict", f"{g}.rank=0.25")]]
 
 
 @pytest.fixture(scope="module")
