@@ -181,6 +181,9 @@ def _report(args, runs, speed, load) -> Path:  # noqa: ANN001
                         f"{speed['now']:.1f} archs/s",
                         f">= {THROUGHPUT_TARGET:.0f} archs/s: "
                         f"{verdict(speed['now'] >= THROUGHPUT_TARGET)}"])
+    targets_text = ("## Targets\n\n" + table(["target", "measured", "verdict"], targets) + "\n"
+                    if targets else "No target for these cases (the targets name digits, MNIST-1D "
+                    "and the evaluation throughput on MNIST-1D).\n")
     command = "nasopt bench first-trial " + shlex.join(sys.argv[3:]) \
         if sys.argv[1:3] == ["bench", "first-trial"] else "nasopt bench first-trial"
     speed_text = "" if speed is None else f"""
@@ -212,10 +215,7 @@ cached supernet): start-up, data loading, supernet training, the supernet check,
 and exit. The supernet check gives the largest and smallest subnet's validation accuracy
 (float, inherited weights).
 
-## Targets
-
-{table(["target", "measured", "verdict"], targets)}
-
+{targets_text}
 ## First trial
 
 {table(["data", "space", "recipe", "supernet length", "wall", "CPU", "supernet check: largest / smallest"], rows)}
