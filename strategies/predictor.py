@@ -28,8 +28,9 @@ Each new arch is the best of ``CANDIDATES`` distinct proposals never evaluated i
   the budget, a member of the front of the infeasible trials by first objective and excess,
   with every bit-width set to a random option between the second lowest and its own, and half
   of the time one architecture gene a step away: the accurate models the budget excludes at
-  their bit-widths are tried at fewer bits) are ranked by the predicted first objective, so the
-  front's member nearest the budget keeps being improved while the rest of the front is spread.
+  their bit-widths are tried at fewer bits; ``FOCUS_CANDIDATES`` of them, not ``CANDIDATES``)
+  are ranked by the predicted first objective, so the front's member nearest the budget keeps
+  being improved while the rest of the front is spread.
 - **predictor** (``strategies/surrogate.py``): extremely randomized trees, one forest per
   objective and one per constraint (its signed value, so the trees place the budget's boundary
   between the trials on either side of it), fitted to the completed trials; genes whose
@@ -53,7 +54,8 @@ budget design (``FOCUS`` asks from the start rather than after the architecture 
 share, ``staged``'s moves and the compound move, signed constraint forests) between a few
 variants at 300 evaluations under 2 KB and 4 KB on MNIST-1D, seeds 0-4 (the seeds ``nasopt
 bench budget`` reports: results/budget.md), so those figures are not a held-out test of it;
-``SQUEEZE`` between 0, 0.3 and 0.5 at 4 KB on seeds 0-9, then checked on seeds 10-19
+``SQUEEZE`` between 0, 0.3 and 0.5 at 4 KB on seeds 0-9, then checked on seeds 10-19;
+``FOCUS_CANDIDATES`` between 100 and 300 at 4 KB on seeds 0-19, then checked on seeds 20-29
 (results/budget_4kb_20seeds.md).
 """
 from __future__ import annotations
@@ -79,6 +81,7 @@ from nasopt.strategies.surrogate import Surrogate, margin, unordered
 
 INITIAL = 20
 CANDIDATES = 100
+FOCUS_CANDIDATES = 300
 PARENTS = 10
 RANDOM_SHARE = 0.1
 TOP_PART = 0.25
@@ -158,13 +161,15 @@ class PredictorSampler(GeneSampler):
 
     def __init__(self, space: SearchSpace | None = None, seed: int | None = None,
                  initial: int = INITIAL,
-                 candidates: int = CANDIDATES, parents: int = PARENTS,
+                 candidates: int = CANDIDATES, focus_candidates: int = FOCUS_CANDIDATES,
+                 parents: int = PARENTS,
                  sample_trees: int = SAMPLE_TREES, refit: int = REFIT, focus: float = FOCUS,
                  explore: float = EXPLORE):
         super().__init__(seed)
         self.seed = seed or 0
         self.initial = max(1, initial)
         self.candidates = max(1, candidates)
+        self.focus_candidates = max(1, focus_candidates)
         self.n_parents = max(1, parents)
         self.sample_trees = sample_trees
         self.refit = max(1, refit)
@@ -289,7 +294,7 @@ class PredictorSampler(GeneSampler):
     def _staged_proposals(self, done: list[FrozenTrial], parents: list[FrozenTrial],
                           choices: dict[str, list], seen: set, directions
                           ) -> list[dict[str, Any]]:
-        """Up to ``candidates`` distinct archs not in ``seen`` made by staged's
+        """Up to ``focus_candidates`` distinct archs not in ``seen`` made by staged's
         compression-phase moves (architecture moves at the parent's compression, bit-width
         shifts, compression steps) from ``parents``."""
         staged = self._staged
@@ -304,7 +309,7 @@ class PredictorSampler(GeneSampler):
 
         bits = [g for g in staged.compression if g.endswith(".bits") and len(choices.get(g, ())) > 1]
         architecture = [g for g in staged.architecture if g in choices]
-        for _ in range(3 * self.candidates):
+        for _ in range(3 * self.focus_candidates):
             if bits and architecture and self._rng.rand() < SHIFT_AND_GROW:
                 # a compound move: every bit-width a step lower, then one or two architecture
                 # genes changed, so the budget freed by the bits can buy a larger network (each
@@ -320,7 +325,7 @@ class PredictorSampler(GeneSampler):
                 continue
             keys.add(key)
             out.append(child)
-            if len(out) >= self.candidates:
+            if len(out) >= self.focus_candidates:
                 break
         squeezed = self._squeezed(done, bits, architecture, choices, seen | keys,
                                   int(SQUEEZE * len(out)))
