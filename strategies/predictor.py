@@ -56,7 +56,7 @@ variants at 300 evaluations under 2 KB and 4 KB on MNIST-1D, seeds 0-4 (the seed
 bench budget`` reports: results/budget.md), so those figures are not a held-out test of it;
 ``SQUEEZE`` between 0, 0.3 and 0.5 at 4 KB on seeds 0-9, then checked on seeds 10-19;
 ``FOCUS_CANDIDATES`` between 100 and 300 at 4 KB on seeds 0-19, then checked on seeds 20-29
-(results/budget_4kb_20seeds.md).
+(results/budget_4kb_30seeds.md).
 """
 from __future__ import annotations
 

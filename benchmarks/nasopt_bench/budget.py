@@ -191,8 +191,9 @@ budget as a constraint.
 
 `predictor`'s budget design (when its budget-aimed asks start, their share, their moves, the
 constraint forests) was chosen between a few variants measured with this supernet on seeds 0-4
-at 2 KB and 0-9 at 4 KB (the share of proposals squeezed to fewer bits: seeds 0-9 at 4 KB, then
-checked on seeds 10-19), so only seeds from 10 on are a held-out test of it.
+at 2 KB and 0-19 at 4 KB (the share of proposals squeezed to fewer bits: seeds 0-9 at 4 KB,
+checked on seeds 10-19; the number of proposals ranked: seeds 0-19, checked on seeds 20-29), so
+only seeds from 20 on are a held-out test of it.
 Validation accuracy is measured on 600 samples (one sample = 0.17 %), so per-seed differences
 of one or two samples are within the evaluation's resolution. Runs are seeded and repeat on
 this machine; the seconds are wall time on a machine shared with other jobs.
