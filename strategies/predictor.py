@@ -118,7 +118,8 @@ class _Elite:
     """The parents, merged incrementally from completed trials: the ``size`` best by the first
     objective (Deb's rule: feasible first, then least excess; ties by trial number), and, with
     several objectives, the front of the feasible trials (or the least infeasible ones while
-    none is feasible). A function of the set of merged trials, whatever order they came in."""
+    none is feasible); and the front of the infeasible trials by first objective and excess.
+    A function of the set of merged trials, whatever order they came in."""
 
     def __init__(self, directions, size: int, multi: bool):
         self.sign = 1.0 if directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
@@ -128,6 +129,7 @@ class _Elite:
         self.merged: set[int] = set()
         self.best: list[tuple] = []  # (infeasible, excess, minimized first objective, number, t)
         self.feasible_best: list[tuple] = []
+        self.over: list[tuple] = []  # (minimized first objective, excess, number, t)
         self.pareto = IncrementalFront(directions)  # with several objectives
 
     def merge(self, new: Sequence[FrozenTrial]) -> None:
@@ -142,6 +144,13 @@ class _Elite:
         self.best = sorted(self.best + rows, key=lambda r: r[:4])[:self.size]
         self.feasible_best = sorted(self.feasible_best + [r for r in rows if not r[0]],
                                     key=lambda r: r[:4])[:self.size]
+        over = sorted(self.over + [(r[2], r[1], r[3], r[4]) for r in rows if r[0]],
+                      key=lambda r: r[:3])
+        self.over, least = [], float("inf")
+        for row in over:  # best first: each kept one exceeds less than those before it
+            if row[1] < least:
+                self.over.append(row)
+                least = row[1]
         if self.multi:
             self.pareto.merge(new)
 
@@ -154,6 +163,11 @@ class _Elite:
     def feasible(self) -> list[FrozenTrial]:
         """The best feasible trials by the first objective (empty while none is feasible)."""
         return [r[4] for r in self.feasible_best]
+
+    def over_front(self) -> list[FrozenTrial]:
+        """The infeasible trials no other beats on both the first objective and the excess,
+        best first."""
+        return [r[3] for r in self.over]
 
 
 class PredictorSampler(GeneSampler):
@@ -327,27 +341,18 @@ class PredictorSampler(GeneSampler):
             out.append(child)
             if len(out) >= self.focus_candidates:
                 break
-        squeezed = self._squeezed(done, bits, architecture, choices, seen | keys,
+        squeezed = self._squeezed(bits, architecture, choices, seen | keys,
                                   int(SQUEEZE * len(out)))
         return out[:len(out) - len(squeezed)] + squeezed
 
-    def _squeezed(self, done: list[FrozenTrial], bits: list[str], architecture: list[str],
-                  choices: dict[str, list], seen: set, count: int) -> list[dict[str, Any]]:
+    def _squeezed(self, bits: list[str], architecture: list[str], choices: dict[str, list],
+                  seen: set, count: int) -> list[dict[str, Any]]:
         """Up to ``count`` distinct archs not in ``seen``: members of the front of the
         infeasible trials (most accurate for their excess) with every bit-width gene set to a
         random option from the second lowest up to the member's own, and half of the time one
         architecture gene a step away."""
         assert self._elite is not None
-        sign = self._elite.sign
-        over = sorted(((sign * t.values[0], constraint_excess(t), t.number, t) for t in done
-                       if constraint_excess(t) > 0 and all(t.params.get(g) in c
-                                                         for g, c in choices.items())),
-                      key=lambda r: r[:3])
-        near, least = [], float("inf")
-        for _, excess, _, t in over:  # best first: each kept one exceeds less than those before
-            if excess < least:
-                near.append(t)
-                least = excess
+        near = self._elite.over_front()
         if not near or not bits or count < 1:
             return []
         out, keys = [], set()

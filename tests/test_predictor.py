@@ -111,7 +111,7 @@ def test_accurate_archs_over_the_budget_are_tried_at_fewer_bits():
     bits = [g for g in choices if g.endswith(".bits")]
     architecture = [g for g in space.genes if g not in space.compression_genes()]
     seen = {tuple(sorted(t.params.items())) for t in done}
-    out = sampler._squeezed(done, bits, architecture, choices, seen, 20)
+    out = sampler._squeezed(bits, architecture, choices, seen, 20)
     assert out and len({tuple(sorted(c.items())) for c in out}) == len(out)
     over = [t for t in done if constraint_excess(t) > 0]
     front = [t for t in over if not any(
