@@ -201,10 +201,12 @@ def test_elastic_pointwise_uses_the_matmul_only_training_on_channels_last(monkey
         torch.testing.assert_close(fast, other, rtol=1e-5, atol=1e-5)
 
 
-def test_channels_last_maps_larger_than_the_kernel_keep_the_depthwise_convolution(monkeypatch):
-    conv = elastic.ElasticConv2d(8, 8, 5, depthwise=True).train()
+@pytest.mark.parametrize("k, dense_up_to", [(5, 5), (7, 8)])
+def test_channels_last_maps_beyond_the_measured_side_keep_the_depthwise_convolution(
+        monkeypatch, k, dense_up_to):
+    conv = elastic.ElasticConv2d(8, 8, k, depthwise=True).train()
     calls = counting(monkeypatch, "depthwise_dense")
-    for side, dense in ((5, True), (6, False)):  # a 5x5 kernel
+    for side, dense in ((dense_up_to, True), (dense_up_to + 1, False)):
         x = torch.randn(3, 8, side, side)
         conv(x)  # the default format: the dense form up to twice the kernel
         conv(x.contiguous(memory_format=torch.channels_last))
