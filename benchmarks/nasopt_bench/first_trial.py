@@ -238,13 +238,13 @@ and exit. The supernet check gives the largest and smallest subnet's validation 
   small maps is 2-4x faster; the dense depthwise form gives its gradients back in the layouts
   its forward pass used (a strided gradient made the batched product fall back to one small
   product per channel) and, channels-last, serves only 5x5 kernels on maps up to 5x5 and
-  7x7 kernels on maps up to 8x8 (where it measured faster than the convolution). A
+  7x7 kernels on maps up to 8x8 (where it measured faster than the convolution, or even). A
   sandwich step (1 thread, CPU time, the previous code in the same minutes): digits about
   205 -> 180 ms, Fashion-MNIST about 345 -> 265 ms.
 - The dense depthwise form's layout changes on channels-last maps copy one 2-D transpose
   instead of permuting a 4-D tensor (2.5-5x faster copies), and the supernet's Adam updates
   every parameter in one call (`foreach`): a digits sandwich step, both codes alternating in
-  one process, 1 thread about 164-178 -> 143-157 ms, 2 threads about 121-130 -> 114-121 ms.
+  one process, 1 thread about 164 -> 143 ms, 2 threads about 121-130 -> 114-121 ms.
 """
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

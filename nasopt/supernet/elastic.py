@@ -135,8 +135,9 @@ DENSE_MIN_KERNEL = 5
 DENSE_MAX_SIDE_PER_K = 2
 #: ... or, channels-last, this many: the dense form's layout changes there cost about as much
 #: as its products, and the convolution is fast in that format. Measured (forward and backward,
-#: batch 128, 32-192 channels, 1 thread): 5x5 is faster dense on maps up to 5x5 and as a
-#: convolution from 6x6; 7x7 is faster dense up to 8x8 (8x8 at stride 2: 1.1-1.4x)
+#: batch 128, 32-192 channels, 1 thread): 5x5 is faster dense on 4x4 maps, about even on 5x5
+#: and faster as a convolution from 6x6; 7x7 is faster dense up to 8x8 (8x8 at stride 2:
+#: 1.0-1.4x)
 DENSE_MAX_SIDE_PER_K_CHANNELS_LAST = 8 / 7
 #: False: always the convolution (benchmarks compare both paths)
 DENSE_DEPTHWISE = True

@@ -60,7 +60,7 @@ def fit(params: list[nn.Parameter], loss_fn: LossFn, x: Tensor, y: Tensor, cfg: 
     """
     if cfg.epochs <= 0:
         return
-    # foreach: one call per step for all parameters (on CPU the per-tensor loop costs more)
+    # foreach: one update call for all parameters instead of one per parameter
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
