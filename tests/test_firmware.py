@@ -1,7 +1,8 @@
 """The C export (nasopt.deploy.firmware): the integer reference tracks the float model, the host
 build of model.c equals the NumPy reference bit for bit, the Cortex-M4 build in QEMU prints the
 same classes, and bad input gets one clear line. Archs of both spaces with every compression:
-2/4/6/8-bit and float32 layers, sparsity (a mask per layer), low-rank pairs."""
+2/4/6/8-bit and float32 layers, sparsity (a mask per layer), low-rank pairs; mobilenet's
+max-pooled stem on large inputs."""
 from __future__ import annotations
 
 import copy
@@ -226,3 +227,87 @@ def test_the_published_mnist1d_cnn_goes_through_plan_and_host_c_bit_exactly(tmp_
     ref = reference.run(plan, raw)
     assert np.array_equal(host, ref)
     assert len(np.unique(ref.argmax(1))) > 1  # the logits depend on the input
+
+
+@pytest.fixture(scope="module")
+def pooled(datasets):
+    """A mobilenet on 16x16 images (digits upscaled 2x): its stem is max-pooled (stem.pool=2),
+    trained briefly as a plain model so its logits mean something."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from nasopt.compression.compress import Policy, compress
+    from nasopt.supernet.train import TrainConfig, train_model
+    digits = datasets["digits"]
+    up = lambda x: F.interpolate(x, scale_factor=2, mode="nearest")  # noqa: E731
+    data = dataclasses.replace(digits, x_train=up(digits.x_train[:512]),
+                               y_train=digits.y_train[:512], x_val=up(digits.x_val[:200]),
+                               y_val=digits.y_val[:200])
+    space = api.SPACES["mobilenet"](data.input_shape, 10)
+    assert space.genes["stem.pool"] == (2,)
+    torch.manual_seed(0)
+    arch = space.validate({**space.sample(random.Random(3)), "stem.width": 8})
+    model = train_model(space.build(arch), data.x_train, data.y_train,
+                        TrainConfig(epochs=8, batch_size=64, lr=1e-2, seed=0))
+    model, stored = compress(model.eval(), Policy(bits={"stem": 8, "s1": 6, "s2": 4, "s3": 8,
+                                                        "head": 8}), space.group_of)
+    return space, data, model, stored
+
+
+def test_a_max_pooled_stem_is_one_maxpool_op_bit_exact_in_c_and_on_the_m4(pooled, tmp_path):
+    """Large inputs pool after the stem: the plan gets a maxpool op (the stem's ReLU6 fused into
+    the conv before it, the pooled tensor sharing the stem output's quantization); the
+    reference tracks the float model, the host build of model.c equals it bit for bit, and so
+    does the Cortex-M4 build in QEMU."""
+    space, data, model, stored = pooled
+    plan = reference.build_plan(model, stored, space, data.preprocess, data.x_train[:256])
+    pools = [op for op in plan["ops"] if op["op"] == "maxpool"]
+    assert [(p["channels"], p["in_h"], p["out_h"], p["k"], p["stride"]) for p in pools] == [
+        (8, 16, 8, 2, 2)]
+    stem = plan["ops"][plan["ops"].index(pools[0]) - 1]
+    assert stem["op"] == "conv" and stem["stride"] == 1 and stem["act"] == "relu6"
+    t_in, t_out = plan["tensors"][pools[0]["in"]], plan["tensors"][pools[0]["out"]]
+    assert (t_in["scale"], t_in["zp"]) == (t_out["scale"], t_out["zp"])
+    x = data.x_val
+    with torch.no_grad():
+        want = model(x).numpy()
+    raw = _raw(data, x)
+    got = reference.float_logits(plan, reference.run(plan, raw))
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+    assert (want.argmax(1) == data.y_val.numpy()).mean() > 0.5  # trained: the logits mean something
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for name, text in c_export.generate(plan).items():
+        (folder / name).write_text(text)
+    assert np.array_equal(toolchain.host_logits(folder, raw, 10), reference.run(plan, raw))
+    if not toolchain.arm_available() and not REQUIRE:
+        pytest.skip("no arm-none-eabi-gcc / qemu-system-arm for the M4 half")
+    reference.save(plan, folder / c_export.PLAN)
+    result = toolchain.verify(folder, raw[:12], data.y_val[:12].numpy(), emulator=True)
+    assert result["m4_equals_host"] and result["m4_samples"] == 12
+    # the footprint predicted from the plan (the max-pool kernel's cost included) is the image's
+    from nasopt.deploy.firmware import footprint
+    from nasopt.hardware import profile as hardware
+    costs = footprint.load_costs(hardware.costs_path(hardware.load_profile("cortex-m4").source))
+    want, got = footprint.predict(plan, costs), toolchain.m4_sizes(folder)
+    assert "nq_maxpool" in want["functions"]
+    assert (want["flash_bytes"], want["static_ram_bytes"]) == (got["flash"], got["static_ram"])
+
+
+def test_max_pooling_the_reference_cannot_emit_is_one_clear_line():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = torch.nn.functional.max_pool2d(self.conv(x), (2, 3))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    from nasopt.compression.compress import Policy, compress
+    model, stored = compress(Odd().eval(), Policy(bits={"all": 8}), lambda name: "all")
+    spec = reference.PlanInput("odd", (1, 8, 8), 3)
+    with pytest.raises(NasoptError, match="cannot emit layer .*max pooling with an unequal"):
+        reference.build_plan(model, stored, spec, None, torch.randn(16, 1, 8, 8))

@@ -150,7 +150,8 @@ def generate(plan: Mapping[str, Any]) -> dict[str, str]:
     kinds = {kernel_of(op) for op in ops if op["op"] == "conv"}
     uses = sorted({FLAGS[k] for k in kinds}
                   | {"NQ_USE_ADD" for op in ops if op["op"] == "add"}
-                  | {"NQ_USE_MEAN" for op in ops if op["op"] == "mean"})
+                  | {"NQ_USE_MEAN" for op in ops if op["op"] == "mean"}
+                  | {"NQ_USE_MAXPOOL" for op in ops if op["op"] == "maxpool"})
     max_row = max((row_length(op) for op in ops if op["op"] == "conv"), default=1)
     kernels = resources.files("nasopt.deploy.firmware").joinpath("kernels.c").read_text()
     inp = plan["input"]
@@ -222,6 +223,12 @@ void nasopt_logits(const float *x, int32_t *out);
                                    f"{{{', '.join(map(str, fields))}}};\n\n")
             steps.append(("nq_add", f"&L{i}", offsets[op["a"]], offsets[op["b"]],
                           offsets[op["out"]]))
+        elif op["op"] == "maxpool":
+            fields = [op["channels"], op["in_h"], op["in_w"], op["out_h"], op["out_w"], op["k"],
+                      op["stride"], op["pad"], op["act_min"], op["act_max"]]
+            parts.append(comment + f"static const nq_maxpool_t L{i} = "
+                                   f"{{{', '.join(map(str, fields))}}};\n\n")
+            steps.append(("nq_maxpool", f"&L{i}", offsets[op["in"]], 0, offsets[op["out"]]))
         else:
             fields = [op["channels"], op["spatial"], tensors[op["in"]]["zp"],
                       tensors[op["out"]]["zp"], op["mult"], op["shift"]]

@@ -44,8 +44,11 @@ GLUE = ("nq_input", "nq_predict", "nasopt_logits", "nasopt_predict")
 #: linker drops nasopt_logits (``--gc-sections``), which adds ``code["nasopt_logits"]`` bytes
 #: (36 with the shipped table) when called too
 LINKED = ("nq_input", "nq_predict", "nasopt_predict")
-KERNELS = ("nq_conv1d", "nq_pointwise", "nq_conv2d", "nq_dwconv2d", "nq_add", "nq_mean")
-RECORDS = ("nq_conv_t", "nq_add_t", "nq_mean_t", "nq_input_t", "nq_step_t")
+KERNELS = ("nq_conv1d", "nq_pointwise", "nq_conv2d", "nq_dwconv2d", "nq_add", "nq_mean",
+           "nq_maxpool")
+RECORDS = ("nq_conv_t", "nq_add_t", "nq_mean_t", "nq_maxpool_t", "nq_input_t", "nq_step_t")
+#: the kernels that are not convolutions (no weight row): one per plan op of the same name
+OTHER_KERNELS = ("nq_add", "nq_mean", "nq_maxpool")
 CONV_KERNELS = KERNELS[:4]
 
 
@@ -53,7 +56,7 @@ def functions_of(plan: Mapping[str, Any]) -> list[str]:
     """The C functions of ``plan``'s model.c that an image calling ``nasopt_predict`` holds."""
     from nasopt.deploy.firmware.c_export import EMIT_KINDS, kernel_of
     used = {EMIT_KINDS[kernel_of(op)] for op in plan["ops"] if op["op"] == "conv"}
-    used |= {f"nq_{op['op']}" for op in plan["ops"] if op["op"] in ("add", "mean")}
+    used |= {f"nq_{op['op']}" for op in plan["ops"] if f"nq_{op['op']}" in OTHER_KERNELS}
     if used & set(CONV_KERNELS):
         used.add("nq_row")
     return sorted(used | set(LINKED))
@@ -91,7 +94,7 @@ def predict(plan: Mapping[str, Any], costs: Mapping[str, Any]) -> dict[str, Any]
     frames = costs["stack"]
     deepest = max([frames["nq_input"]]
                   + [frames[f] + frames["nq_row"] for f in funcs if f in CONV_KERNELS]
-                  + [frames[f] for f in funcs if f in ("nq_add", "nq_mean")])
+                  + [frames[f] for f in funcs if f in OTHER_KERNELS])
     stack = frames["nasopt_predict"] + frames["nq_predict"] + deepest
     flash = code + sum(data.values())
     return {"flash_bytes": flash, "code_bytes": code, "data_bytes": data,
@@ -130,7 +133,7 @@ def _probe_source() -> str:
     kernels = resources.files("nasopt.deploy.firmware").joinpath("kernels.c").read_text()
     flags = "".join(f"#define {f}\n" for f in ("NQ_USE_CONV1D", "NQ_USE_POINTWISE",
                                                 "NQ_USE_CONV2D", "NQ_USE_DW", "NQ_USE_ADD",
-                                                "NQ_USE_MEAN"))
+                                                "NQ_USE_MEAN", "NQ_USE_MAXPOOL"))
     probes = "".join(f"const {r} nq_probe_{r};\n" for r in RECORDS)
     return ("#include <stdint.h>\n#include <stddef.h>\n" + flags
             + "#define NQ_MAX_ROW 1\n#define NASOPT_ARENA_BYTES 1\n#define NASOPT_NUM_CLASSES 1\n"

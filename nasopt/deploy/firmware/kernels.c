@@ -286,6 +286,38 @@ NQ_OWN static void nq_mean(const int8_t *x, const int8_t *x2, void *out, const v
 }
 #endif
 
+#ifdef NQ_USE_MAXPOOL
+typedef struct {
+    uint16_t channels, in_h, in_w, out_h, out_w, k, stride, pad;
+    int8_t act_min, act_max;
+} nq_maxpool_t;
+
+/* 2-D max pooling: the largest value of each window's positions inside the map (padding never
+ * wins); the output keeps the input's scale and zero point */
+NQ_OWN static void nq_maxpool(const int8_t *x, const int8_t *x2, void *out, const void *layer)
+{
+    const nq_maxpool_t *p = (const nq_maxpool_t *)layer;
+    int8_t *y = (int8_t *)out;
+    (void)x2;
+    int c, oy, ox, iy, ix;
+    for (c = 0; c < p->channels; c++) {
+        const int8_t *xc = x + c * p->in_h * p->in_w;
+        for (oy = 0; oy < p->out_h; oy++) {
+            const int y0 = oy * p->stride - p->pad, y1 = y0 + p->k;
+            for (ox = 0; ox < p->out_w; ox++) {
+                const int x0 = ox * p->stride - p->pad, x1 = x0 + p->k;
+                int8_t m = -128;
+                for (iy = y0 < 0 ? 0 : y0; iy < y1 && iy < p->in_h; iy++)
+                    for (ix = x0 < 0 ? 0 : x0; ix < x1 && ix < p->in_w; ix++)
+                        if (xc[iy * p->in_w + ix] > m)
+                            m = xc[iy * p->in_w + ix];
+                *y++ = nq_clamp8(m, p->act_min, p->act_max);
+            }
+        }
+    }
+}
+#endif
+
 /* raw float32 samples -> int8: u = x * a; u = u + c (c holds the zero point + 256.5);
  * clamp to [0, 511] (NaN: 0); truncate; - 256 */
 NQ_OWN static void nq_input(const float *x, int8_t *y, const nq_input_t *p)

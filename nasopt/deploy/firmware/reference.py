@@ -66,7 +66,8 @@ _RELU = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 _RELU_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 _ADD = {operator.add, torch.add, operator.iadd}
 EMITS = ("Conv1d, Conv2d (dense or depthwise), Linear, ReLU/ReLU6 after them, residual add, "
-         "mean pooling over the spatial dims and reshapes")
+         "2-D max pooling (square windows, no dilation), mean pooling over the spatial dims and "
+         "reshapes")
 
 
 # ---- the packed file's integers -------------------------------------------------------------
@@ -245,6 +246,23 @@ def build_plan(model: nn.Module, stored: Sequence[StoredLayer],
             ops.append({"op": "add", "a": value[args[0]], "b": value[args[1]], "out": out,
                         "act": act, "name": node.name})
             continue
+        pool = _max_pool(gm, node)
+        if pool is not None:
+            src = node.all_input_nodes[0]
+            c, h, w = shape_of(src)
+            if len(shape_of(node)) != 3:
+                raise _unsupported(node, "a max pooling that is not 2-D")
+            end, act = follow(node)
+            out = new_tensor(end)
+            # the maximum commutes with the input's quantization: the output keeps its scale
+            # and zero point (no requantization)
+            tensors[out]["node"] = tensors[value[src]]["node"]
+            value[end] = out
+            _, oh, ow = shape_of(node)
+            ops.append({"op": "maxpool", "in": value[src], "out": out, "act": act,
+                        "name": node.name, "channels": c, "in_h": h, "in_w": w, "out_h": oh,
+                        "out_w": ow, **pool})
+            continue
         if _is_spatial_mean(node):
             src = node.args[0]
             end, act = follow(node)
@@ -284,6 +302,46 @@ def _alias_or_act(gm: fx.GraphModule, node: fx.Node) -> str | None:
         if node.target in ("relu", "relu_"):
             return "relu"
     return None
+
+
+def _max_pool(gm: fx.GraphModule, node: fx.Node) -> dict[str, int] | None:
+    """``{k, stride, pad}`` of a 2-D max pooling node (``F.max_pool2d`` or ``nn.MaxPool2d``);
+    None for another node. A window that is not square, dilation or returned indices is an
+    error that names the layer."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.MaxPool2d):
+        m = gm.get_submodule(str(node.target))
+        k, stride, pad, dil, indices = (m.kernel_size, m.stride, m.padding, m.dilation,
+                                        m.return_indices)
+    elif node.op == "call_function" and node.target is F.max_pool2d:
+        names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                 "return_indices")
+        args = {**dict(zip(names, node.args)), **node.kwargs}
+        k = args["kernel_size"]
+        stride, pad = args.get("stride") or k, args.get("padding", 0)
+        dil, indices = args.get("dilation", 1), args.get("return_indices", False)
+    else:
+        return None
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    k, stride, pad, dil = pair(k), pair(stride), pair(pad), pair(dil)
+    if k[0] != k[1] or stride[0] != stride[1] or pad[0] != pad[1] or dil != (1, 1) or indices:
+        raise _unsupported(node, "a max pooling with an unequal window, stride or padding, "
+                                 "dilation or indices")
+    return {"k": int(k[0]), "stride": int(stride[0]), "pad": int(pad[0])}
+
+
+def _max_pool_int(op: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
+    """The maxpool op on int8 values ``x`` (N, numel): the largest of each window's positions
+    inside the map (padding never wins), clamped by its fused activation."""
+    n = len(x)
+    src = x.reshape(n, op["channels"], op["in_h"], op["in_w"])
+    out = np.empty((n, op["channels"], op["out_h"], op["out_w"]), np.int64)
+    k, s, p = op["k"], op["stride"], op["pad"]
+    for oy in range(op["out_h"]):
+        y0, y1 = max(oy * s - p, 0), min(oy * s - p + k, op["in_h"])
+        for ox in range(op["out_w"]):
+            x0, x1 = max(ox * s - p, 0), min(ox * s - p + k, op["in_w"])
+            out[:, :, oy, ox] = src[:, :, y0:y1, x0:x1].max(axis=(2, 3))
+    return np.clip(out, op["act_min"], op["act_max"]).reshape(n, -1)
 
 
 def _is_spatial_mean(node: fx.Node) -> bool:
@@ -452,6 +510,8 @@ def _run(plan: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
             acc = ((vals[op["a"]] - ta["zp"]) * op["mult_a"] + (vals[op["b"]] - tb["zp"])
                    * op["mult_b"] + (1 << (s - 1))) >> s
             vals[op["out"]] = np.clip(acc + out["zp"], op["act_min"], op["act_max"])
+        elif op["op"] == "maxpool":
+            vals[op["out"]] = _max_pool_int(op, vals[op["in"]])
         else:  # mean
             n = len(x)
             src = vals[op["in"]].reshape(n, op["channels"], op["spatial"])
