@@ -41,7 +41,8 @@ from nasopt.core.errors import NasoptError
 from nasopt.core.metrics import shape_count_key
 from nasopt.core.space import Genes, SearchSpace
 from nasopt.supernet.elastic import (
-    ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, importance, permute_, permute_bn_,
+    ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, dense_depthwise_follows, importance,
+    permute_, permute_bn_,
 )
 from nasopt.supernet.network import ElasticNetwork
 
@@ -78,7 +79,12 @@ class InvertedResidual(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu6(self.bn1(self.expand(x)))
+        # a training step whose depthwise conv takes the dense form keeps the hidden maps
+        # channel-major, the layout of its per-channel product: no layout copies around it
+        if self.training and torch.is_grad_enabled() and dense_depthwise_follows(self.dw, x):
+            out = F.relu6(self.bn1(self.expand(x, channel_major_out=True)))
+        else:
+            out = F.relu6(self.bn1(self.expand(x)))
         out = F.relu6(self.bn2(self.dw(out)))
         out = self.bn3(self.project(out))
         return x + out if self.residual else out

@@ -234,20 +234,31 @@ def test_elastic_depthwise_uses_the_dense_path_only_when_training(monkeypatch):
 
 
 def test_supernet_step_gradients_equal_with_and_without_the_dense_path(datasets, monkeypatch):
+    """The dense depthwise form, with its hidden maps channel-major or copied to and from
+    channels-last, gives a sandwich step the convolution's gradients (float64: float32 rounding
+    differs between the paths' kernels and reduction orders)."""
     data = datasets["digits"]
     space = api.make_space("mobilenet", data)
     torch.manual_seed(0)
-    supernet = space.supernet().train()
-    x, y = data.x_train[:32], data.y_train[:32]
-    grads = []
-    for dense in (True, False):
+    supernet = space.supernet().train().double()
+    x, y = data.x_train[:32].double(), data.y_train[:32]
+    grads, layouts = [], []
+    real = elastic.depthwise_dense
+    for dense, channel_major in ((True, True), (True, False), (False, False)):
         monkeypatch.setattr(elastic, "DENSE_DEPTHWISE", dense)
+        monkeypatch.setattr(elastic, "CHANNEL_MAJOR", channel_major)
+        seen = []
+        monkeypatch.setattr(elastic, "depthwise_dense", lambda x, *a: (
+            seen.append(elastic._is_channel_major(x)), real(x, *a))[1])
         supernet.zero_grad()
         loss = elastic.sandwich_loss(supernet, random.Random(0), 2, 1.0)(x, y)
         loss.backward()
         grads.append([p.grad.clone() for p in supernet.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        layouts.append(set(seen))
+    assert layouts == [{True}, {False}, set()]  # each path taken where it should be
+    for path in grads[:2]:
+        for a, b in zip(path, grads[2]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------

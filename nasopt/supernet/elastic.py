@@ -78,7 +78,11 @@ class _ElasticConv:
     #: compressed form
     compression: Callable[[nn.Module, Tensor], Tensor] | None = None
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, channel_major_out: bool = False  # type: ignore[override]
+                ) -> Tensor:
+        """``channel_major_out``: a 1x1 conv computed as a matrix product in training writes a
+        channel-major map (:func:`pointwise_matmul`): what a dense depthwise layer after it
+        reads without a copy."""
         weight, bias = self.weight, self.bias
         cin = x.shape[1]
         depthwise = self.groups > 1
@@ -97,10 +101,11 @@ class _ElasticConv:
             bias = bias[:out]
         if x.dim() == 4 and self.training and torch.is_grad_enabled():
             if depthwise and use_dense_depthwise(x.shape[2], x.shape[3], k, self.stride,
-                                                 self.dilation, _is_channels_last(x)):
+                                                 self.dilation, _is_channels_last(x)
+                                                 or _is_channel_major(x)):
                 return depthwise_dense(x, weight, bias, self.stride[0], k // 2)
             if not depthwise and k == 1 and use_pointwise_matmul(x, self.stride):
-                return pointwise_matmul(x, weight, bias)
+                return pointwise_matmul(x, weight, bias, channel_major_out)
         return self._conv(x, weight, bias, self.stride, k // 2, self.dilation, groups)
 
 
@@ -112,18 +117,43 @@ POINTWISE_MATMUL = True
 
 def use_pointwise_matmul(x: Tensor, stride: Any) -> bool:
     """Whether a training step computes a 1x1 convolution of ``x`` as a matrix product
-    (:func:`pointwise_matmul`): on channels-last maps, where a 1x1 convolution is exactly a
-    linear layer over the channels of every position. Measured on the mobilenet supernet of
-    digits (8x8 and 4x4 maps, 1 thread): a sandwich step about 9 % faster than the convolution's
-    forward and backward; on Fashion-MNIST's larger maps no faster, no slower."""
+    (:func:`pointwise_matmul`): on channels-last (or channel-major) maps, where a 1x1
+    convolution is exactly a linear layer over the channels of every position. Measured on the
+    mobilenet supernet of digits (8x8 and 4x4 maps, 1 thread): a sandwich step about 9 % faster
+    than the convolution's forward and backward; on Fashion-MNIST's larger maps no faster, no
+    slower."""
     return (POINTWISE_MATMUL and tuple(stride) == (1, 1)
-            and x.is_contiguous(memory_format=torch.channels_last))
+            and (x.is_contiguous(memory_format=torch.channels_last) or _is_channel_major(x)))
 
 
-def pointwise_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` on a channels-last ``x``, as a linear
-    layer over the channels (equal up to float rounding; the output is channels-last)."""
-    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+#: False: dense depthwise layers read and write channels-last maps, with a layout copy each way
+#: (benchmarks compare both)
+CHANNEL_MAJOR = True
+
+
+def _is_channel_major(x: Tensor) -> bool:
+    """Whether the B x C x H x W map ``x`` lies in memory channel by channel, each channel's
+    B x H x W values contiguous (the layout of a per-channel batched product)."""
+    return (x.dim() == 4 and x.shape[0] > 1 and x.shape[1] > 1
+            and x.transpose(0, 1).is_contiguous() and not x.is_contiguous())
+
+
+def pointwise_matmul(x: Tensor, weight: Tensor, bias: Tensor | None,
+                     channel_major_out: bool = False) -> Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` on a channels-last or channel-major
+    ``x``, as one matrix product over the channels (equal up to float rounding). The output is
+    channels-last, or channel-major with ``channel_major_out`` (and :data:`CHANNEL_MAJOR`): the
+    product's operands are views of ``x`` either way, so no layout is copied."""
+    batch, cin, height, width = x.shape
+    w2 = weight.flatten(1)  # cout x cin
+    if _is_channel_major(x):
+        columns = x.transpose(0, 1).reshape(cin, -1)  # cin x (B*H*W), a view
+    else:
+        columns = x.permute(0, 2, 3, 1).reshape(-1, cin).t()  # a view of the channels-last map
+    if channel_major_out and CHANNEL_MAJOR:
+        y = torch.mm(w2, columns) if bias is None else torch.addmm(bias[:, None], w2, columns)
+        return y.view(-1, batch, height, width).transpose(0, 1)
+    return F.linear(columns.t(), w2, bias).view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +195,15 @@ def use_dense_depthwise(height: int, width: int, k: int, stride: Any, dilation: 
             and stride[0] == stride[1] and max(height, width) <= limit * k)
 
 
+def dense_depthwise_follows(dw: nn.Module, x: Tensor) -> bool:
+    """Whether the depthwise conv ``dw``, given the map a 1x1 conv makes of ``x`` (same size,
+    channels-last), takes the dense form in a training step: then that 1x1 conv may write its
+    output channel-major (:func:`pointwise_matmul`)."""
+    k = dw.active_k or dw.kernel_size[0]
+    return (CHANNEL_MAJOR and x.is_contiguous(memory_format=torch.channels_last)
+            and use_dense_depthwise(x.shape[2], x.shape[3], k, dw.stride, dw.dilation, True))
+
+
 def _dense_index(height: int, width: int, k: int, stride: int, padding: int,
                  device: torch.device) -> tuple[Tensor, int, int]:
     """For every (input position, output position) pair the flat kernel tap that joins them,
@@ -197,6 +236,10 @@ def depthwise_dense(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int,
     index, out_h, out_w = _dense_index(height, width, k, stride, padding, x.device)
     taps = torch.cat([weight.reshape(channels, k * k), weight.new_zeros(channels, 1)], 1)
     matrix = taps[:, index]  # C x inputs x outputs
+    if _is_channel_major(x):  # the product reads and writes views: no layout copy
+        out = torch.bmm(x.transpose(0, 1).reshape(channels, batch, height * width), matrix)
+        out = out.view(channels, batch, out_h, out_w).transpose(0, 1)
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
     channels_last = _is_channels_last(x)
     flat = _ChannelMajor.apply(x, channels_last)  # C x B x inputs
     out = _FromChannelMajor.apply(torch.bmm(flat, matrix), (batch, channels, out_h, out_w),
@@ -274,8 +317,15 @@ class _ElasticBatchNorm:
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         c = x.shape[1]
+        if _is_channel_major(x):  # normalised as the contiguous 1 x C x (B*H*W) view it is
+            flat = x.transpose(0, 1).reshape(1, c, -1)
+            return self._batch_norm(flat).view(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
         if c == self.num_features:
             return super().forward(x)  # type: ignore[misc]
+        return self._batch_norm(x)
+
+    def _batch_norm(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
         factor = 0.0
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
