@@ -127,3 +127,10 @@ def test_other_large_sizes_build_and_run(shape):
     space = _space(shape)
     out = space.build(space.largest())(torch.randn(2, *shape))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_nasopt_spaces_says_which_inputs_have_the_pool_gene(capsys):
+    from nasopt.cli.main import main
+    assert main(["spaces"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "stem.pool" in l)
+    assert "opt-in: 2" in line and "not on 8x8" in line

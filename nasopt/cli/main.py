@@ -335,10 +335,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(line if line.startswith(f"{name}:") else f"{name}: {line}".rstrip(": "))
             shape = (1, 40) if cls.input_rank == 2 else (1, 28, 28)
             space = cls(shape, 10)
+            small = (1, 8) if cls.input_rank == 2 else (1, 8, 8)  # genes may depend on the size
+            try:
+                on_small = set(cls(small, 10).full_genes())
+            except Exception:  # noqa: BLE001 - a space that cannot take small inputs
+                on_small = set(space.full_genes())
             opt_in = space.opt_in_genes()
             for gene, opts in space.full_genes().items():
                 note = (f"  (opt-in: {opt_in[gene]!r} unless --restrict {gene}=...)"
                         if gene in opt_in and len(opts) > 1 else "")
+                if gene not in on_small:
+                    note += f"  (inputs of {'x'.join(map(str, shape[1:]))}; not on " \
+                            f"{'x'.join(map(str, small[1:]))})"
                 print(f"  {gene:<12} {list(opts)}{note}")
         return _report_broken(broken)
     if args.command == "check-space":
