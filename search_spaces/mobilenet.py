@@ -81,7 +81,8 @@ class InvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # a training step whose depthwise conv takes the dense form keeps the hidden maps
         # channel-major, the layout of its per-channel product: no layout copies around it
-        if self.training and torch.is_grad_enabled() and dense_depthwise_follows(self.dw, x):
+        if (self.training and torch.is_grad_enabled() and isinstance(self.expand, ElasticConv2d)
+                and dense_depthwise_follows(self.dw, x)):  # not a factorized or plain layer
             out = F.relu6(self.bn1(self.expand(x, channel_major_out=True)))
         else:
             out = F.relu6(self.bn1(self.expand(x)))

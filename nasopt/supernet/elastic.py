@@ -199,6 +199,8 @@ def dense_depthwise_follows(dw: nn.Module, x: Tensor) -> bool:
     """Whether the depthwise conv ``dw``, given the map a 1x1 conv makes of ``x`` (same size,
     channels-last), takes the dense form in a training step: then that 1x1 conv may write its
     output channel-major (:func:`pointwise_matmul`)."""
+    if not isinstance(dw, _ElasticConv):  # a plain or wrapped layer keeps the convolution
+        return False
     k = dw.active_k or dw.kernel_size[0]
     return (CHANNEL_MAJOR and x.is_contiguous(memory_format=torch.channels_last)
             and use_dense_depthwise(x.shape[2], x.shape[3], k, dw.stride, dw.dilation, True))
