@@ -7,16 +7,16 @@ are residual. The head is global average pooling and a linear classifier.
 
 Large inputs (side >= ``STEM_STRIDE_FROM`` = 16, e.g. Fashion-MNIST's 28x28) are halved after the
 stem (28 -> 14 -> 7 -> 4 -> 4: about 4x fewer MACs in every later layer; a supernet training
-step about 6x faster on 28x28, 1 thread). How is the gene ``stem.pool``: 2 (the default) runs the
-stem at full resolution and takes the maximum of each 2x2 window, 1 runs the stem at stride 2.
+step about 6x faster on 28x28, 1 thread). The gene ``stem.pool`` says how: 2 (the default) runs
+the stem at full resolution and takes the maximum of each 2x2 window, 1 runs it at stride 2.
 Trained alone for 8 epochs on Fashion-MNIST, the max-pooled stem gave 0.8-0.9 points more
 validation accuracy (largest subnet 91.6 against 90.8 %; a 10K-parameter subnet 91.1 against
 90.2 %) for about 20 % more training time; a learned stride-2 depthwise conv in its place
 gave nothing (90.2 %). ``stem.pool=1`` is what models saved before the gene existed use
 (:meth:`MobileNetSpace.gene_defaults`). Smaller inputs (digits 8x8) keep their resolution
-and have no ``stem.pool`` gene. Every input runs channels-last after the stem: on CPU the depthwise
-convolutions' backward pass is 2-5x faster in that memory format, BatchNorm on small maps 2-4x,
-and training computes the 1x1 convolutions as matrix products over the channels
+and have no ``stem.pool`` gene. Every input runs channels-last after the stem: on CPU the
+depthwise convolutions' backward pass is 2-5x faster in that memory format, BatchNorm on small
+maps 2-4x, and training computes the 1x1 convolutions as matrix products over the channels
 (:func:`nasopt.supernet.elastic.pointwise_matmul`); same results, ONNX ignores the format.
 
 Genes: ``stem.width`` (and ``stem.pool`` for large inputs, an opt-in gene: one value unless
