@@ -77,6 +77,10 @@ class SupernetConfig:
     #: the probability that a random subnet of a step trains compressed (else float); None:
     #: the search space's own (``SearchSpace.compressed_share``)
     compressed_share: float | None = None
+    #: processes that share each sandwich step's subnets on a CPU (nasopt.supernet.split), one
+    #: intra-op thread each; None: one per thread torch has (at most n_random + 2), 1: one
+    #: process with all threads. The same recipe either way: not part of the checkpoint key
+    processes: int | None = None
 
     def __post_init__(self) -> None:
         _positive("supernet", batch_size=self.batch_size, lr=self.lr,
@@ -90,6 +94,9 @@ class SupernetConfig:
             raise NasoptError(f"supernet.compressed_share is the probability that a random "
                               f"subnet trains compressed: give a number from 0 to 1, got "
                               f"{self.compressed_share}")
+        if self.processes is not None and self.processes < 1:
+            raise NasoptError(f"supernet.processes must be a positive number of processes "
+                              f"(1: train in one process), got {self.processes}")
         if self.steps is not None and self.steps < 1:
             raise NasoptError(f"supernet.steps must be a positive number of optimizer steps, "
                               f"got {self.steps}")

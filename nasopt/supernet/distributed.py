@@ -98,15 +98,31 @@ def average_buffers_(module: nn.Module, group: Group | None) -> None:
 
 @contextmanager
 def averaged_gradients(params: list[nn.Parameter], group: Group | None) -> Iterator[None]:
-    """While active, each parameter's gradient is averaged over the ranks as soon as the
-    backward pass has accumulated it."""
+    """While active, the gradients of each backward pass are averaged over the ranks when the
+    pass ends: one ``all_reduce`` of all of them, flattened (one call per parameter costs a
+    round trip each: on gloo that made a small supernet's training twice as long as on one
+    process)."""
     if group is None:
         yield
         return
+    index = {id(p): i for i, p in enumerate(params)}
+    pending: list[Tensor] = []
+
+    def flush() -> None:
+        grads = [p.grad for p in sorted(pending, key=lambda p: index[id(p)])]
+        pending.clear()
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= group.world_size
+        at = 0
+        for g in grads:
+            g.copy_(flat[at:at + g.numel()].view_as(g))
+            at += g.numel()
 
     def hook(p: Tensor) -> None:
-        dist.all_reduce(p.grad)
-        p.grad /= group.world_size
+        if not pending:  # the pass's first gradient: average all of them when it ends
+            torch.autograd.Variable._execution_engine.queue_callback(flush)
+        pending.append(p)
 
     handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
     try:

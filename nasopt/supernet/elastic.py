@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from nasopt.core.config import SupernetConfig
     from nasopt.core.task import Task
     from nasopt.supernet.distributed import Group
+    from nasopt.supernet.split import Split
     from nasopt.core.data import Dataset
     from nasopt.core.space import SearchSpace
 
@@ -460,7 +461,8 @@ def recalibrate_bn(model: nn.Module, x: Tensor, batch_size: int = 1024) -> None:
 
 def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, temperature: float,
                   task: "Task | None" = None, compression: "Mapping[str, Sequence[Value]] | None" = None,
-                  group_of: "Callable[[str], str] | None" = None, compressed_share: float = 1.0):
+                  group_of: "Callable[[str], str] | None" = None, compressed_share: float = 1.0,
+                  split: "Split | None" = None):
     """Loss of one sandwich-rule step: the largest subnet learns from labels, the smallest and
     ``n_random`` random subnets from the largest one's outputs (in-place distillation: soft
     logits for classification, the outputs themselves for regression; ``task``).
@@ -469,7 +471,12 @@ def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, tempera
     with probability ``compressed_share``, also draws a value of every compression gene and
     computes under it (:func:`nasopt.supernet.compressed.compressed_forward`: fake quantization,
     pruning masks by the default criterion, factorized weights); the others, the largest and
-    the smallest stay float. Every draw comes from ``rng``."""
+    the smallest stay float. Every draw comes from ``rng``.
+
+    With ``split`` (subnet-parallel processes, :mod:`nasopt.supernet.split`) every process makes
+    the same draws and computes its share: rank 0 the teacher and its students, the others
+    their students against rank 0's teacher outputs; the ranks' losses and gradients add up to
+    the one-process step's (:meth:`~nasopt.supernet.split.Split.reduce`)."""
     from nasopt.compression.compress import Policy
     from nasopt.core.task import CLASSIFICATION
     from nasopt.supernet.compressed import compressed_forward
@@ -480,23 +487,43 @@ def sandwich_loss(supernet: Supernet, rng: random.Random, n_random: int, tempera
     if genes and group_of is None:
         raise TypeError("sandwich_loss needs group_of with compression genes")
 
-    def student(arch: Mapping[str, Value], x: Tensor, compressed: bool) -> Tensor:
+    def draws() -> list[tuple[Mapping[str, Value], "Policy | None"]]:
+        """The step's students: (arch, compression policy or None for float), smallest first."""
+        found: list[tuple[Mapping[str, Value], Policy | None]] = [(smallest, None)]
+        for _ in range(n_random):
+            arch = space.sample(rng)
+            compressed = bool(genes) and rng.random() < compressed_share
+            found.append((arch, Policy.from_arch({g: rng.choice(options)
+                                                  for g, options in genes.items()})
+                          if compressed else None))
+        return found
+
+    def student(arch: Mapping[str, Value], policy: "Policy | None", x: Tensor) -> Tensor:
         with supernet.activate(arch):
-            if not compressed:
+            if policy is None:
                 return supernet(x)
-            policy = Policy.from_arch({g: rng.choice(options) for g, options in genes.items()})
             with compressed_forward(supernet.net, policy, group_of, x):
                 return supernet(x)
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
+        students = draws()
+        if split is not None and not split.is_main:
+            outs = [student(arch, policy, x) for i, (arch, policy) in enumerate(students)
+                    if split.owns(i)]
+            teacher = split.teacher(None, outs[0])
+            total = torch.zeros((), device=x.device)
+            for out in outs:
+                total = total + task.distillation_loss(out, teacher, temperature)
+            return total
         with supernet.activate(largest):
             teacher = supernet(x)
+        if split is not None:
+            split.teacher(teacher, teacher)
         total = task.loss(teacher, y)
-        total = total + task.distillation_loss(student(smallest, x, False), teacher, temperature)
-        for _ in range(n_random):
-            arch = space.sample(rng)
-            out = student(arch, x, bool(genes) and rng.random() < compressed_share)
-            total = total + task.distillation_loss(out, teacher, temperature)
+        for i, (arch, policy) in enumerate(students):
+            if split is None or split.owns(i):
+                total = total + task.distillation_loss(student(arch, policy, x), teacher,
+                                                       temperature)
         return total
 
     return loss
@@ -525,6 +552,8 @@ def load_weights(supernet: "Supernet", state: Any, path: Path,
 #: keeps its key and a different recipe never finds it
 KEY_FIELDS = ("epochs", "warmup_epochs", "batch_size", "lr", "weight_decay", "n_random",
               "kd_temperature", "seed")
+#: settings of how a recipe runs, not of what it trains: never in the key
+RUN_FIELDS = ("processes",)
 
 
 def training_compression(space: "SearchSpace", cfg: Any) -> dict[str, tuple[Value, ...]]:
@@ -557,7 +586,7 @@ def supernet_key(space: "SearchSpace", data_fingerprint: str, cfg: Any,
     train = dataclasses.asdict(cfg)
     if hasattr(cfg, "resolve"):
         extra = {k: v for k, v in train.items()
-                 if k not in KEY_FIELDS and v is not None and v is not False}
+                 if k not in KEY_FIELDS + RUN_FIELDS and v is not None and v is not False}
         if not train.get("compression_aware"):  # the float recipe keys as it always did
             extra.pop("compressed_share", None)
         train = {**{k: train[k] for k in KEY_FIELDS}, **extra}
@@ -591,8 +620,12 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     on its shard with averaged gradients and batches of ``batch_size / world_size``; rank 0
     alone reads and writes the checkpoints (same key: a search reuses them) and sends what it
     read to the others, so they need not share its file system.
+
+    Without ``group``, on a CPU, the training runs in ``supernet.processes`` forked processes
+    (by default one per torch thread), each computing a share of every sandwich step's subnets
+    with one thread (:mod:`nasopt.supernet.split`): the same recipe and key as one process.
     """
-    from nasopt.supernet import distributed
+    from nasopt.supernet import distributed, split
     from nasopt.core.task import task_of
     from nasopt.supernet.train import TrainConfig, fit  # train imports nothing from here; keep the edge one-way
 
@@ -634,42 +667,51 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     rng = random.Random()
     largest = space.largest()
     task = task_of(data)
-    sandwich = sandwich_loss(supernet, rng, cfg.n_random, cfg.kd_temperature, task,
-                             training_compression(full_space, cfg), full_space.group_of,
-                             cfg.compressed_share)
-
-    def loss(x: Tensor, y: Tensor) -> Tensor:
-        if epoch_now[0] < cfg.warmup_epochs:
-            with supernet.activate(largest):
-                return task.loss(supernet(x), y)
-        return sandwich(x, y)
-
+    processes = 1 if group is not None else split.processes_for(
+        cfg.processes, cfg.n_random, torch.device(device), torch.get_num_threads())
+    if processes > 1 and main and start < cfg.epochs:
+        log(f"training on {processes} processes of one thread, each computing a share of every "
+            f"sandwich step's subnets (supernet.processes=1: one process)")
     epoch_now = [start]
-
-    def on_start(epoch: int) -> None:
-        epoch_now[0] = epoch
-        rng.seed(cfg.seed * 1_000_003 + epoch)  # subnet draws depend on (seed, epoch) only
-
-    def on_end(epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        distributed.average_buffers_(supernet.net, group)
-        if epoch + 1 == cfg.warmup_epochs:
-            supernet.sort_channels(optimizer)
-        if main:
-            checkpoint.save({"epoch": epoch, "net": supernet.net.state_dict(),
-                             "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict()}, partial)
-        distributed.barrier(group)
-
     supernet.train()
     distributed.broadcast_(supernet.net, group)
     x, y = distributed.shard(data.x_train, data.y_train, group)
     batch = cfg.batch_size if group is None else max(1, cfg.batch_size // group.world_size)
     train_cfg = TrainConfig(cfg.epochs, batch, cfg.lr, cfg.weight_decay, cfg.seed)
     params = list(supernet.parameters())
-    with distributed.averaged_gradients(params, group):
-        fit(params, loss, x, y, train_cfg, start_epoch=start, resume_state=resume,
-            on_epoch_start=on_start, on_epoch_end=on_end, desc=f"supernet {space.name}",
-            show_progress=show_progress and main)
+    with split.forked(processes if start < cfg.epochs else 1, cfg.n_random) as share:
+        writes = main and (share is None or share.is_main)  # the one process that saves
+        sandwich = sandwich_loss(supernet, rng, cfg.n_random, cfg.kd_temperature, task,
+                                 training_compression(full_space, cfg), full_space.group_of,
+                                 cfg.compressed_share, share)
+
+        def loss(x: Tensor, y: Tensor) -> Tensor:
+            if epoch_now[0] < cfg.warmup_epochs:
+                if share is not None and not share.is_main:  # rank 0 trains the largest alone
+                    return torch.zeros((), device=x.device, requires_grad=True)
+                with supernet.activate(largest):
+                    return task.loss(supernet(x), y)
+            return sandwich(x, y)
+
+        def on_start(epoch: int) -> None:
+            epoch_now[0] = epoch
+            rng.seed(cfg.seed * 1_000_003 + epoch)  # subnet draws depend on (seed, epoch) only
+
+        def on_end(epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+            distributed.average_buffers_(supernet.net, group)
+            if epoch + 1 == cfg.warmup_epochs:
+                supernet.sort_channels(optimizer)
+            if writes:
+                checkpoint.save({"epoch": epoch, "net": supernet.net.state_dict(),
+                                 "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict()}, partial)
+            distributed.barrier(group)
+
+        with distributed.averaged_gradients(params, group):
+            fit(params, loss, x, y, train_cfg, start_epoch=start, resume_state=resume,
+                on_epoch_start=on_start, on_epoch_end=on_end,
+                after_backward=None if share is None else lambda l: share.reduce(l, params),
+                desc=f"supernet {space.name}", show_progress=show_progress and writes)
     if cfg.warmup_epochs >= cfg.epochs:  # never reached the sandwich phase: still sort
         supernet.sort_channels()
     if main:

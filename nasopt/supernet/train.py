@@ -51,12 +51,15 @@ def fit(params: list[nn.Parameter], loss_fn: LossFn, x: Tensor, y: Tensor, cfg: 
         start_epoch: int = 0, resume_state: dict[str, Any] | None = None,
         on_epoch_start: Callable[[int], None] | None = None,
         on_epoch_end: Callable[[int, torch.optim.Optimizer, Any], None] | None = None,
+        after_backward: Callable[[Tensor], Tensor] | None = None,
         desc: str = "train", show_progress: bool = True) -> None:
     """Minimise ``loss_fn`` over ``cfg.epochs`` epochs of (x, y).
 
     ``on_epoch_end(epoch, optimizer, scheduler)`` lets a caller checkpoint; passing their state
     dicts back as ``resume_state`` (keys "optimizer", "scheduler") with ``start_epoch`` continues
-    exactly where it stopped.
+    exactly where it stopped. ``after_backward(loss)``, called between each backward pass and
+    its optimizer step, may change the gradients and returns the loss to report (processes
+    that share a step sum theirs there: :meth:`nasopt.supernet.split.Split.reduce`).
     """
     if cfg.epochs <= 0:
         return
@@ -85,6 +88,8 @@ def fit(params: list[nn.Parameter], loss_fn: LossFn, x: Tensor, y: Tensor, cfg: 
                            f"standardized)" if scale > INPUT_SCALE_WARN else
                            f"lower the learning rate (currently {cfg.lr})"))
                 loss.backward()
+                if after_backward is not None:
+                    loss = after_backward(loss)
                 opt.step()
                 sched.step()
                 total += loss.item() * len(xb)
