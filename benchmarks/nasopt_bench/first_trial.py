@@ -31,6 +31,7 @@ CASES = {"digits": "mobilenet", "mnist1d": "conv1d", "fashion-mnist": "mobilenet
 FIRST_TRIAL_TARGET_S = 120.0  # digits and MNIST-1D
 THROUGHPUT_TARGET = 50.0  # archs/s, conv1d on MNIST-1D
 OLD_RECIPE = ["supernet.epochs=100"]  # the default before the recipe was sized by the data
+ONE_PROCESS = ["supernet.processes=1"]  # all threads in one process, as before subnet-parallel
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -39,6 +40,10 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--old-recipe", default="",
                    help="comma-separated cases also run with the former default recipe (100 "
                    "epochs; the default recipe is that one on digits and MNIST-1D)")
+    q.add_argument("--one-process", default="",
+                   help="comma-separated cases also run with the default recipe in one process "
+                   "(supernet.processes=1: torch's threads in one process instead of one process "
+                   "per thread sharing each step's subnets)")
     q.add_argument("--set", action="append", default=[], metavar="DATASET:SECTION.KEY=VALUE",
                    help="an override for one case's default-recipe run, e.g. "
                    "fashion-mnist:supernet.steps=400 (the report says so)")
@@ -118,7 +123,8 @@ def _throughput(folder: Path, archs_n: int, threads: int, sets: list[str]) -> di
 def run(args: argparse.Namespace) -> Path:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     old = {c.strip() for c in args.old_recipe.split(",") if c.strip()}
-    unknown = sorted((set(cases) | old) - set(CASES))
+    single = {c.strip() for c in args.one_process.split(",") if c.strip()}
+    unknown = sorted((set(cases) | old | single) - set(CASES))
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose among {', '.join(CASES)}")
     extra: dict[str, list[str]] = {c: [] for c in CASES}
@@ -133,16 +139,19 @@ def run(args: argparse.Namespace) -> Path:
     runs: list[tuple[str, str, dict]] = []
     for case in cases:
         recipes = [("default (sized by the data)", extra[case])]
+        if case in single:
+            recipes.append(("default, one process", [*extra[case], *ONE_PROCESS]))
         if case in old:
             recipes.append(("old default (100 epochs)", OLD_RECIPE))
         for label, sets in recipes:
-            tag = "old" if sets is OLD_RECIPE else "new"
+            tag = ("old" if sets is OLD_RECIPE else
+                   "one" if label == "default, one process" else "new")
             print(f"{case}, {label} ...", file=sys.stderr, flush=True)
             result = _search(case, sets, root / f"{case}-{tag}", args.threads)
             print(f"  {result['wall']:.1f} s wall, {result['cpu']:.1f} s CPU "
                   f"({result['length']})", file=sys.stderr, flush=True)
-            runs.append((case, label + (f" with {' '.join(sets)}" if extra[case] and sets is
-                                        not OLD_RECIPE else ""), result))
+            shown = [x for x in sets if x not in ONE_PROCESS] if sets is not OLD_RECIPE else []
+            runs.append((case, label + (f" with {' '.join(shown)}" if shown else ""), result))
     speed = None
     if "mnist1d" in cases:
         print("evaluation throughput ...", file=sys.stderr, flush=True)
@@ -169,7 +178,8 @@ def _report(args, runs, speed, load) -> Path:  # noqa: ANN001
             for case, label, r in runs]
     targets = []
     for case in ("digits", "mnist1d"):
-        found = [r for c, label, r in runs if c == case and label.startswith("default")]
+        found = [r for c, label, r in runs
+                 if c == case and label.startswith("default") and "one process" not in label]
         if found:
             r = found[0]
             targets.append([f"first trial on {case} ({CASES[case]}), default recipe",
@@ -213,7 +223,10 @@ while the wall time includes waiting for the cores other jobs held.
 Each row runs `nasopt search --space SPACE --dataset DATA --trials 1` in a fresh run folder (no
 cached supernet): start-up, data loading, supernet training, the supernet check, the first trial
 and exit. The supernet check gives the largest and smallest subnet's validation accuracy
-(float, inherited weights).
+(float, inherited weights). The supernet trains in {args.threads} process(es) of one thread
+(`supernet.processes`: one per thread, each computing a share of every sandwich step's
+subnets); "one process" rows run the same recipe with `supernet.processes=1`, all
+{args.threads} thread(s) in one process, one after the other in the same run.
 
 {targets_text}
 ## First trial

@@ -92,18 +92,24 @@ class _Compressor:
         #: the probe pass collects (layer, its stored tensors) here
         self.probe: list[tuple[int, list[Tensor]]] | None = None
         self.masks: dict[int, list[Tensor]] = {}
+        #: a layer's stored tensors as the probe pass took them (the weights do not change
+        #: before the forward pass that follows): each SVD is taken once
+        self.taken: dict[int, tuple[torch.Size, list[Tensor]]] = {}
 
     def __call__(self, module: nn.Module, weight: Tensor) -> Tensor:
         group = self.group_of(self.names[id(module)])
-        tensors = stored_tensors(module, weight, self.policy.rank_of(group))
+        shape, tensors = self.taken.get(id(module), (None, None))
+        if tensors is None or shape != weight.shape:
+            tensors = [t.detach() for t in
+                       stored_tensors(module, weight, self.policy.rank_of(group))]
         if self.probe is not None:
-            self.probe.append((id(module), [t.detach() for t in tensors]))
+            self.probe.append((id(module), tensors))
+            self.taken[id(module)] = (weight.shape, tensors)
             return weight
         masks = self.masks.get(id(module))
         bits, codebook = self.policy.bits_of(group), self.policy.codebook_of(group)
         with torch.no_grad():
-            kept = [t.detach() for t in tensors] if masks is None else [
-                t.detach() * m for t, m in zip(tensors, masks)]
+            kept = tensors if masks is None else [t * m for t, m in zip(tensors, masks)]
             stored = [quantized(t, bits, codebook, None if masks is None else m)
                       for t, m in zip(kept, masks or [None] * len(kept))]
             dense = stored[0] if len(stored) == 1 else (stored[1] @ stored[0]).reshape(weight.shape)
