@@ -696,6 +696,8 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
         def on_start(epoch: int) -> None:
             epoch_now[0] = epoch
             rng.seed(cfg.seed * 1_000_003 + epoch)  # subnet draws depend on (seed, epoch) only
+            if share is not None and share.is_main:  # the others wait in the warmup: their cores
+                torch.set_num_threads(share.threads if epoch < cfg.warmup_epochs else 1)
 
         def on_end(epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
             distributed.average_buffers_(supernet.net, group)

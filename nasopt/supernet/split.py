@@ -77,6 +77,8 @@ class Split:
     world_size: int
     group: torch.distributed.ProcessGroup
     owner: Sequence[int]  # of each student (:func:`owners`)
+    #: torch's threads before the fork: rank 0 may use them while the others wait (warmup)
+    threads: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -169,7 +171,7 @@ def forked(world_size: int, n_random: int) -> Iterator[Split | None]:
         try:
             group = torch.distributed.ProcessGroupGloo(
                 torch.distributed.FileStore(store, world_size), rank, world_size, TIMEOUT)
-            yield Split(rank, world_size, group, owner)
+            yield Split(rank, world_size, group, owner, threads)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
             code = 1
             os.write(report, _error_line(exc).encode()[:4000])
@@ -179,7 +181,7 @@ def forked(world_size: int, n_random: int) -> Iterator[Split | None]:
         group = torch.distributed.ProcessGroupGloo(
             torch.distributed.FileStore(store, world_size), 0, world_size, TIMEOUT)
         try:
-            yield Split(0, world_size, group, owner)
+            yield Split(0, world_size, group, owner, threads)
         except BaseException as exc:
             failure = _end(children, kill=True)
             if failure and not isinstance(exc, KeyboardInterrupt):
