@@ -167,3 +167,12 @@ def test_two_processes_train_a_supernet_under_the_same_key(datasets, tmp_path):
         # equal steps (the test above), but not equal weights: rounding differences of a
         # short training grow (Adam's first steps, ties among sorted channels)
         assert min(acc["one"], acc["two"]) > acc["untrained"] + 0.3, acc
+
+
+@linux
+def test_ctrl_c_in_a_child_is_an_interrupt_in_the_parent():
+    with pytest.raises(KeyboardInterrupt):
+        with split.forked(2, 1) as share:
+            if share.rank == 1:
+                raise KeyboardInterrupt
+            share.group.allreduce([torch.zeros(3)]).wait()

@@ -42,6 +42,8 @@ from nasopt.core.errors import NasoptError
 TEACHER_COST, SMALLEST_COST = 2.0, 0.5
 #: a collective waits this long for the other ranks (a step far longer than this is a hang)
 TIMEOUT = datetime.timedelta(minutes=10)
+#: what a child reports when Ctrl-C interrupted it: the parent raises KeyboardInterrupt
+INTERRUPTED = "interrupted"
 
 
 def owners(n_random: int, world_size: int) -> list[int]:
@@ -174,7 +176,8 @@ def forked(world_size: int, n_random: int) -> Iterator[Split | None]:
             yield Split(rank, world_size, group, owner, threads)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
             code = 1
-            os.write(report, _error_line(exc).encode()[:4000])
+            line = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else _error_line(exc)
+            os.write(report, line.encode()[:4000])
         finally:
             os._exit(code)
     try:
@@ -184,12 +187,16 @@ def forked(world_size: int, n_random: int) -> Iterator[Split | None]:
             yield Split(0, world_size, group, owner, threads)
         except BaseException as exc:
             failure = _end(children, kill=True)
+            if failure == INTERRUPTED and not isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt from None  # Ctrl-C reached a child first
             if failure and not isinstance(exc, KeyboardInterrupt):
-                raise NasoptError(failure) from None
+                raise NasoptError(f"a supernet training process failed: {failure}") from None
             raise
         failure = _end(children, kill=False)
+        if failure == INTERRUPTED:
+            raise KeyboardInterrupt
         if failure:
-            raise NasoptError(failure)
+            raise NasoptError(f"a supernet training process failed: {failure}")
     finally:
         _end(children, kill=True)
         torch.set_num_threads(threads)
@@ -202,7 +209,7 @@ def forked(world_size: int, n_random: int) -> Iterator[Split | None]:
 
 def _end(children: dict[int, int], kill: bool) -> str | None:
     """Wait for the children (killing them first with ``kill``) and forget them; the first
-    failure as one line, or None when all ended well."""
+    failure a child reported (one line, or :data:`INTERRUPTED`), or None when all ended well."""
     failure = None
     for pid, read in list(children.items()):
         if kill:
@@ -216,6 +223,5 @@ def _end(children: dict[int, int], kill: bool) -> str | None:
         del children[pid]
         code = os.waitstatus_to_exitcode(status)
         if failure is None and (message or (code != 0 and not kill)):
-            failure = (f"a supernet training process failed: {message}" if message else
-                       f"a supernet training process ended with code {code}")
+            failure = message or f"it ended with code {code}"
     return failure
