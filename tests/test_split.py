@@ -4,6 +4,7 @@ error in the parent."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -96,15 +97,21 @@ def test_a_failing_child_is_one_error_in_the_parent():
 
 
 @linux
-def test_a_failing_parent_ends_its_children():
+def test_a_failing_parent_ends_its_children(tmp_path):
     with pytest.raises(KeyError):
         with split.forked(3, 2) as share:
-            if share.is_main:
-                raise KeyError("stop")
-            share.group.allreduce([torch.zeros(3)]).wait()  # never answered: killed
-    with pytest.raises(ChildProcessError):  # no child left behind, not even a zombie
-        import os
-        os.waitpid(-1, os.WNOHANG)
+            if not share.is_main:
+                (tmp_path / f"{share.rank}.pid").write_text(str(os.getpid()))
+                share.group.allreduce([torch.zeros(3)]).wait()  # never answered: killed
+            deadline = time.monotonic() + 30
+            while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise KeyError("stop")
+    pids = [int(f.read_text()) for f in tmp_path.glob("*.pid")]
+    assert len(pids) == 2
+    for pid in pids:  # killed and reaped: not even a zombie is left
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def _small(datasets, n):

@@ -30,7 +30,7 @@ import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -81,6 +81,7 @@ class Split:
     owner: Sequence[int]  # of each student (:func:`owners`)
     #: torch's threads before the fork: rank 0 may use them while the others wait (warmup)
     threads: int = 1
+    _sending: list = field(default_factory=list)  # rank 0's broadcasts under way
 
     @property
     def is_main(self) -> bool:
@@ -92,14 +93,21 @@ class Split:
 
     def teacher(self, outputs: Tensor | None, like: Tensor) -> Tensor:
         """Rank 0's teacher ``outputs`` (detached) on every rank; ``like`` gives the shape and
-        type on the others (one of their students' outputs)."""
-        box = outputs.detach().contiguous() if self.is_main else torch.empty_like(like.detach())
+        type on the others (one of their students' outputs). Rank 0 does not wait for the
+        others to receive them (they still compute their students): :meth:`reduce` does."""
+        if self.is_main:
+            box = outputs.detach().clone()
+            self._sending.append(self.group.broadcast(box, 0))
+            return box
+        box = torch.empty_like(like.detach())
         self.group.broadcast(box, 0).wait()
         return box
 
     def reduce(self, loss: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
         """After each rank's backward pass: every parameter's gradient becomes the sum of all
         ranks' (None where no rank computed one), and the sum of the losses is returned."""
+        while self._sending:
+            self._sending.pop().wait()
         dtype = params[0].dtype if params else loss.dtype
         have = [p.grad is not None for p in params]
         parts = [loss.detach().reshape(1).to(dtype), torch.tensor(have, dtype=dtype)]
