@@ -9,8 +9,9 @@ subnet (the teacher: label loss) and sends its outputs to the others, each rank 
 distillation losses of its students (:func:`owners`), and one ``all_reduce`` per step sums the
 gradients and the losses of all ranks before every rank takes the same optimizer step. The
 step's arithmetic is that of one process (the same batches, the same BatchNorm batches, the
-same subnets); only the order in which the subnets' gradients are summed differs, so the
-weights equal one process's up to float rounding. BatchNorm running statistics are rank 0's
+same subnets); only the order in which the subnets' gradients are summed differs, so a step
+equals one process's up to float rounding (which, as after any change of summation order, grows
+over a training: the weights of a long run are not one process's). BatchNorm running statistics are rank 0's
 (those of its own subnets): evaluation recalibrates them per arch anyway.
 
 Unlike data-parallel training under torchrun (:mod:`nasopt.supernet.distributed`), no batch is
@@ -116,9 +117,9 @@ class Split:
         flat = torch.cat(parts)
         self.group.allreduce([flat]).wait()
         at = 1 + len(params)
-        for i, p in enumerate(params):
+        for p, anyone in zip(params, flat[1:at].tolist()):
             n = p.numel()
-            if flat[1 + i] > 0:
+            if anyone > 0:
                 grad = flat[at:at + n].view_as(p).to(p.dtype)
                 if p.grad is None:
                     p.grad = grad.clone()
