@@ -279,9 +279,10 @@ subnets); "one process" rows run the same recipe with `supernet.processes=1`, al
 - Supernet training on a CPU in one process per torch thread, each with one thread and a share
   of every sandwich step's subnets (`supernet.processes`, `nasopt.supernet.split`), where one
   process used all threads on each tensor operation before; the step and the recipe are the
-  same. A sandwich step of 128 digits, measured alone: one process of two threads 116-158 ms,
-  two processes 103-105 ms; Fashion-MNIST's larger maps: 222-255 ms against 217-223 ms (the
-  threads pay there). Rows "one process" run the previous arrangement in the same run.
+  same. A sandwich step of 128 images in a standalone step script (the same split of the
+  subnets), nothing else running: digits, one process of two threads 116-158 ms, two processes
+  103-105 ms; Fashion-MNIST's larger maps 222-255 ms against 217-223 ms (the threads pay
+  there). Rows "one process" run the previous arrangement in the same run.
 """
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -667,9 +667,9 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     rng = random.Random()
     largest = space.largest()
     task = task_of(data)
-    processes = 1 if group is not None else split.processes_for(
+    processes = 1 if group is not None or start >= cfg.epochs else split.processes_for(
         cfg.processes, cfg.n_random, torch.device(device), torch.get_num_threads())
-    if processes > 1 and main and start < cfg.epochs:
+    if processes > 1:
         log(f"training on {processes} processes of one thread, each computing a share of every "
             f"sandwich step's subnets (supernet.processes=1: one process)")
     epoch_now = [start]
@@ -679,7 +679,7 @@ def train_supernet(space: "SearchSpace", data: "Dataset", cfg: "SupernetConfig",
     batch = cfg.batch_size if group is None else max(1, cfg.batch_size // group.world_size)
     train_cfg = TrainConfig(cfg.epochs, batch, cfg.lr, cfg.weight_decay, cfg.seed)
     params = list(supernet.parameters())
-    with split.forked(processes if start < cfg.epochs else 1, cfg.n_random) as share:
+    with split.forked(processes, cfg.n_random) as share:
         writes = main and (share is None or share.is_main)  # the one process that saves
         sandwich = sandwich_loss(supernet, rng, cfg.n_random, cfg.kd_temperature, task,
                                  training_compression(full_space, cfg), full_space.group_of,
