@@ -484,6 +484,11 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     if cfg.threads < 0:
         raise NasoptError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     plan = meta_plan(cfg, force) if cfg.meta.enabled else None  # checked before any training
+    if cfg.distill.augment or cfg.finetune.augment:  # tabular inputs refused before any training
+        from nasopt.core.augment import Augment
+        shape = api.load_data(cfg.base()).input_shape
+        for key in ("distill", "finetune"):
+            Augment.parse(getattr(cfg, key).augment).check(shape, f"{key}.augment")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     outcome = api.search(cfg.base(), show_progress=show_progress, log=log)

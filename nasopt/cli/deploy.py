@@ -144,6 +144,14 @@ def _add_training(p: argparse.ArgumentParser, epochs: int, lr: float, patience: 
     p.add_argument("--patience", type=int, default=patience,
                    help=f"early stopping on validation accuracy ({patience})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", default="", metavar="LIST",
+                   help="augment the training inputs: flip (mirror the last axis; not for digits "
+                   "or text), shift=N (translate by up to N positions), e.g. flip,shift=2")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``"a, b"`` -> ("a", "b")."""
+    return tuple(g.strip() for g in text.split(",") if g.strip())
 
 
 #: the config keys of `nasopt run` outside any section, for its help without importing the
@@ -282,6 +290,7 @@ def _distill(args: argparse.Namespace) -> int:
                       adaptive_temperature=args.adaptive_temperature,
                       hint_weight=args.hint_weight, hint_layer=args.hint_layer,
                       patience=args.patience, seed=args.seed, init=args.init,
+                      augment=_names(args.augment),
                       teachers=tuple(args.teacher or ["largest"]), teacher_weights=tuple(weights))
     study, evaluator, data = _study_evaluator(args.study, args.storage, args.run_dir)
     if args.trial is not None:
@@ -327,8 +336,8 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     from nasopt.core.task import task_of
     from nasopt.supernet.train import quality
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         patience=args.patience, seed=args.seed,
-                         freeze=tuple(g.strip() for g in args.freeze.split(",") if g.strip()))
+                         patience=args.patience, seed=args.seed, augment=_names(args.augment),
+                         freeze=_names(args.freeze))
     meta_cfg = _meta_config(args)  # checked before any model or data is read
     data = None
     deployed = False

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nasopt.core.augment import Augment
 from nasopt.core.task import task_of
 from nasopt.core.data import Dataset
 from nasopt.supernet.early_stopping import History, train_early_stopping
@@ -242,8 +243,11 @@ class DistillConfig:
     hint_layer: str = ""  # default: the last stage
     patience: int = 10  # early stopping: epochs without a better validation accuracy
     seed: int = 0
+    #: training-time augmentation of the inputs, e.g. ("flip", "shift=2") (:mod:`nasopt.core.augment`)
+    augment: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        Augment.parse(self.augment, "distill.augment")
         if not 0.0 <= self.alpha <= 1.0:
             raise NasoptError(f"distill.alpha must lie in [0, 1], got {self.alpha}")
         if self.temperature <= 0 or not math.isfinite(self.temperature):
@@ -267,6 +271,9 @@ def train_student(model: nn.Module, data: Dataset, teachers: Teachers | None, cf
     mean output), or with the task's loss alone when ``teachers`` is None (the from-scratch
     baseline). Early stopping on the validation split; the best epoch's weights are kept."""
     task = task_of(data)
+    augment = Augment.parse(cfg.augment, "distill.augment")
+    augment.check(data.x_train.shape[1:], "distill.augment")
+    draws = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model.train()
     params = list(model.parameters())
@@ -282,6 +289,7 @@ def train_student(model: nn.Module, data: Dataset, teachers: Teachers | None, cf
             temperature[0] = annealed_temperature(cfg.temperature, epoch, cfg.epochs)
 
     def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        x = augment(x, draws)  # the teachers see the same inputs as the student
         logits = model(x)
         if teachers is None:
             return task.loss(logits, y)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from nasopt.core.augment import Augment
 from nasopt.core.task import task_of
 from nasopt.compression.compress import (
     FLOAT_BITS, GroupOf, Policy, StoredLayer, codebook_quantize, compressed_structure, decode,
@@ -155,8 +156,11 @@ class FinetuneConfig:
     patience: int = 5  # early stopping on validation accuracy
     freeze: tuple[str, ...] = ()  # gene groups kept fixed, e.g. ("s1", "s2")
     seed: int = 0
+    #: training-time augmentation of the inputs, e.g. ("flip", "shift=2") (:mod:`nasopt.core.augment`)
+    augment: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        Augment.parse(self.augment, "finetune.augment")
         if self.epochs < 1:  # no training: no validation accuracy, nothing to report
             raise NasoptError(f"finetune epochs must be >= 1, got {self.epochs}; give --epochs "
                               f"1 or more (finetune.epochs in a run config)")
@@ -196,8 +200,11 @@ def finetune(qat_model: nn.Module, policy: Policy, group_of: GroupOf, data: Data
     params = freeze_groups(qat_model, cfg.freeze, group_of, model_groups(qat_model, group_of))
     train_cfg = TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed)
     task = task_of(data)  # cross-entropy, or mean squared error for regression
+    augment = Augment.parse(cfg.augment, "finetune.augment")
+    augment.check(data.x_train.shape[1:], "finetune.augment")
+    draws = torch.Generator().manual_seed(cfg.seed)
     history = train_early_stopping(
-        qat_model, params, lambda x, y: task.loss(qat_model(x), y), data, train_cfg,
+        qat_model, params, lambda x, y: task.loss(qat_model(augment(x, draws)), y), data, train_cfg,
         cfg.patience, desc=desc, show_progress=show_progress)
     model, stored = finalize(qat_model, policy, group_of)
     return model, stored, history
