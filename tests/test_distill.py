@@ -1,6 +1,7 @@
 """Distillation, quantization-aware fine-tuning, transfer learning and `nasopt run` (tiny)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -391,3 +392,40 @@ def test_a_rerank_fine_tunes_the_leading_trials_and_picks_the_best_of_them(pipel
     from nasopt.pipeline import PickConfig
     with pytest.raises(NasoptError, match="pick.rerank"):
         PickConfig(rerank=-1)
+
+
+def test_recorded_teacher_outputs_equal_the_live_ones_and_the_same_student_trains(datasets):
+    """Without augmentation or a hint, the teachers' outputs on the training split are computed
+    once; the student trains as with the teachers run at every step (up to rounding)."""
+    from nasopt.supernet.early_stopping import train_early_stopping
+    data = _small(datasets["digits"], 256)
+    space = api.make_space("mobilenet", data)
+    torch.manual_seed(0)
+    a, b = space.build(space.largest()).eval(), space.build(space.smallest()).eval()
+    teachers = Teachers([a, b], [0.7, 0.3], ["a", "b"])
+    idx = torch.tensor([5, 0, 17, 3])
+    rows = teachers.recorded(data.x_train)[:, idx]
+    assert torch.allclose(teachers.probs(data.x_train[idx], 2.0),
+                          teachers.probs(data.x_train[idx], 2.0, rows), atol=1e-6)
+    assert torch.allclose(teachers.outputs(data.x_train[idx]),
+                          teachers.outputs(data.x_train[idx], rows), atol=1e-5)
+
+    calls = []
+    a.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    cfg = DistillConfig(epochs=2, patience=2, batch_size=64, alpha=0.5, temperature=3.0)
+    torch.manual_seed(1)
+    student = space.build(space.smallest())
+    reference = copy.deepcopy(student)
+    history = train_student(student, data, teachers, cfg)
+    assert sum(calls) == len(data.x_train)  # one pass over the training split, not one per step
+
+    torch.manual_seed(cfg.seed)  # the same training with the teachers run at every step
+    reference.train()
+    live = train_early_stopping(
+        reference, list(reference.parameters()),
+        lambda x, y: kd_loss(reference(x), teachers.probs(x, 3.0), y, 0.5, 3.0),
+        data, cfg.train_config(), cfg.patience)
+    assert history.val_accuracy == pytest.approx(live.val_accuracy, abs=2 / len(data.y_val))
+    for (name, p), q in zip(student.state_dict().items(), reference.state_dict().values()):
+        if p.is_floating_point():
+            assert torch.allclose(p, q, atol=1e-4), name

@@ -33,7 +33,7 @@ teachers: their softmax outputs are averaged with selectable weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,7 @@ from nasopt.core.data import Dataset
 from nasopt.supernet.early_stopping import History, train_early_stopping
 from nasopt.supernet.network import last_stage
 from nasopt.core.errors import NasoptError
-from nasopt.supernet.train import TrainConfig
+from nasopt.supernet.train import TrainConfig, outputs
 
 
 def kd_loss(student_logits: Tensor, teacher_probs: Tensor, y: Tensor, alpha: float,
@@ -99,18 +99,33 @@ class Teachers:
                 p.requires_grad_(False)
 
     @torch.no_grad()
-    def outputs(self, x: Tensor) -> Tensor:
-        """Weighted average of the teachers' outputs (regression: their predictions)."""
-        total = sum(self.weights)
-        return sum(w / total * model(x) for model, w in zip(self.models, self.weights))
+    def recorded(self, x: Tensor, batch_size: int = 1024) -> Tensor:
+        """Every teacher's outputs on ``x``, shaped (teachers, samples, outputs), batch by
+        batch: what :meth:`outputs` and :meth:`probs` take as ``recorded`` rows."""
+        return torch.stack([outputs(model, x, batch_size) for model in self.models])
 
-    def probs(self, x: Tensor, temperature: float) -> Tensor:
-        """Weighted average of the teachers' softmax(logits / T)."""
+    @torch.no_grad()
+    def outputs(self, x: Tensor, recorded: Tensor | None = None) -> Tensor:
+        """Weighted average of the teachers' outputs (regression: their predictions) on ``x``,
+        or of their ``recorded`` outputs (one row per teacher) on the same samples."""
+        raw = self._raw(x, recorded)
+        return sum(w * out for out, w in zip(raw, self.weights))
+
+    def probs(self, x: Tensor, temperature: float, recorded: Tensor | None = None) -> Tensor:
+        """Weighted average of the teachers' softmax(logits / T) on ``x`` (or ``recorded``)."""
         out = None
-        for model, w in zip(self.models, self.weights):
-            p = w * F.softmax(model(x) / temperature, dim=1)
+        for logits, w in zip(self._raw(x, recorded), self.weights):
+            p = w * F.softmax(logits / temperature, dim=1)
             out = p if out is None else out + p
         return out
+
+    def _raw(self, x: Tensor, recorded: Tensor | None) -> Iterator[Tensor]:
+        if recorded is not None:
+            yield from recorded
+            return
+        with torch.no_grad():
+            for model in self.models:
+                yield model(x)
 
 
 def load_teacher(spec: str, largest: Callable[[], nn.Module] | None, spaces) -> nn.Module:  # noqa: ANN001
@@ -283,31 +298,41 @@ def train_student(model: nn.Module, data: Dataset, teachers: Teachers | None, cf
         hint = Hint(model, teachers.models[0], layer, data.x_val)
         params += list(hint.adapter.parameters())
     temperature = [cfg.temperature]
+    recorded = None
+    if teachers is not None and hint is None and not augment:
+        # teachers run in eval mode: without augmentation or a hint their outputs on a sample are
+        # the same every epoch, so they are computed once (teachers x samples x outputs numbers)
+        recorded = teachers.recorded(data.x_train)
 
     def on_epoch_start(epoch: int) -> None:
         if cfg.adaptive_temperature:
             temperature[0] = annealed_temperature(cfg.temperature, epoch, cfg.epochs)
 
-    def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+    def loss_fn(x: Tensor, target: Tensor) -> Tensor:
+        if recorded is None:
+            y, taught = target, None
+        else:  # fit draws sample numbers (below): their labels and recorded teacher outputs
+            y, taught = data.y_train[target], recorded[:, target]
         x = augment(x, draws)  # the teachers see the same inputs as the student
         logits = model(x)
         if teachers is None:
             return task.loss(logits, y)
         if task.regression:  # alpha on the targets, the rest on the teachers' mean output
-            with torch.no_grad():
-                taught = teachers.outputs(x)
-            loss = cfg.alpha * task.loss(logits, y) + (1.0 - cfg.alpha) * task.loss(logits, taught)
+            mean = teachers.outputs(x, taught)
+            loss = cfg.alpha * task.loss(logits, y) + (1.0 - cfg.alpha) * task.loss(logits, mean)
         else:
-            loss = kd_loss(logits, teachers.probs(x, temperature[0]), y, cfg.alpha,
+            loss = kd_loss(logits, teachers.probs(x, temperature[0], taught), y, cfg.alpha,
                            temperature[0])
         if hint is not None:
             loss = loss + cfg.hint_weight * hint.loss()
         return loss
 
     try:
-        return train_early_stopping(model, params, loss_fn, data, cfg.train_config(),
-                                    cfg.patience, on_epoch_start=on_epoch_start, desc=desc,
-                                    show_progress=show_progress)
+        return train_early_stopping(
+            model, params, loss_fn, data, cfg.train_config(), cfg.patience,
+            on_epoch_start=on_epoch_start, desc=desc, show_progress=show_progress,
+            train_targets=None if recorded is None else
+            torch.arange(len(data.x_train), device=data.y_train.device))
     finally:
         if hint is not None:
             hint.remove()

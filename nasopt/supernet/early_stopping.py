@@ -11,7 +11,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from nasopt.core.data import Dataset
 from nasopt.core.task import task_of
@@ -40,9 +40,11 @@ class _Stop(Exception):
 def train_early_stopping(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn,
                          data: Dataset, cfg: TrainConfig, patience: int, *,
                          on_epoch_start: Callable[[int], None] | None = None,
-                         desc: str = "train", show_progress: bool = False) -> History:
+                         desc: str = "train", show_progress: bool = False,
+                         train_targets: Tensor | None = None) -> History:
     """Minimise ``loss_fn`` with :func:`fit`; keep the weights of the best validation epoch
-    (by the task's metric: accuracy, or MAE for regression)."""
+    (by the task's metric: accuracy, or MAE for regression). ``loss_fn`` gets minibatches of
+    the training inputs and of ``train_targets`` (one row per sample; default the labels)."""
     task = task_of(data)
     sign = -1.0 if task.regression else 1.0  # the comparison below takes higher as better
 
@@ -64,7 +66,8 @@ def train_early_stopping(model: nn.Module, params: list[nn.Parameter], loss_fn: 
 
     model.train()
     try:
-        fit(params, loss_fn, data.x_train, data.y_train, cfg, on_epoch_start=on_epoch_start,
+        targets = data.y_train if train_targets is None else train_targets
+        fit(params, loss_fn, data.x_train, targets, cfg, on_epoch_start=on_epoch_start,
             on_epoch_end=on_epoch_end, desc=desc, show_progress=show_progress)
     except _Stop:
         pass
