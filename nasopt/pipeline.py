@@ -109,6 +109,13 @@ class DistillStep(DistillConfig):
 
 
 @dataclass(frozen=True)
+class FinetuneStep(FinetuneConfig):
+    #: true: the QAT loss is the KD loss from [distill]'s teachers (its alpha and temperature)
+    #: instead of the labels alone
+    distill: bool = False
+
+
+@dataclass(frozen=True)
 class ExportStep:
     out: str = "results/model"
     formats: tuple[str, ...] = DEFAULT_EXPORT_FORMATS
@@ -227,7 +234,7 @@ class RunConfig(Config):
     threads: int = 0
     pick: PickConfig = field(default_factory=PickConfig)
     distill: DistillStep = field(default_factory=DistillStep)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: FinetuneStep = field(default_factory=FinetuneStep)
     export: ExportStep = field(default_factory=ExportStep)
     meta: MetaStep = field(default_factory=MetaStep)
 
@@ -483,6 +490,9 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     out = check_out(cfg.export.out, force or _unfinished_by(cfg, cfg.export.out), "export.out")
     if cfg.threads < 0:
         raise NasoptError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
+    if cfg.finetune.distill and not cfg.distill.enabled:
+        raise NasoptError("finetune.distill = true takes the teachers of [distill]: set "
+                          "distill.enabled = true, or finetune.distill = false")
     plan = meta_plan(cfg, force) if cfg.meta.enabled else None  # checked before any training
     if cfg.distill.augment or cfg.finetune.augment:  # tabular inputs refused before any training
         from nasopt.core.augment import Augment
@@ -532,8 +542,10 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
     lap("distill")
     student.eval()
     qat = prepare_qat(student, policy, space.group_of)
-    model, stored, ft_history = finetune(qat, policy, space.group_of, data, cfg.finetune,
-                                         show_progress=show_progress)
+    model, stored, ft_history = finetune(
+        qat, policy, space.group_of, data, cfg.finetune,
+        teachers=teachers if cfg.finetune.distill else None, alpha=d.alpha,
+        temperature=d.temperature, show_progress=show_progress)
     log(f"fine-tuned with the compression policy (QAT): val {metric} "
         f"{ft_history.best_val_accuracy:.4f}")
     lap("fine-tune")

@@ -88,6 +88,13 @@ def make_files(root: Path) -> None:
     # configs
     (root / "section_number.toml").write_text("search = 5\n")
     (root / "no_teachers.toml").write_text("[distill]\nteachers = []\n")
+    (root / "qat_kd_alone.toml").write_text("[distill]\nenabled = false\n[finetune]\n"
+                                            "distill = true\n")
+    (root / "rotate.toml").write_text("[distill]\naugment = [\"rotate=90\"]\n")
+    np.savez(root / "signals.npz", x=rng.normal(size=(100, 40)).astype("float32"),
+             y=np.arange(100) % 10)
+    (root / "big_shift.toml").write_text("[data]\ndataset = \"signals.npz\"\n"
+                                         "[finetune]\naugment = [\"shift=20\"]\n")
     (root / "empty_out.toml").write_text("[export]\nout = \"\"\n")
     (root / "weights.toml").write_text("[distill]\nteachers = [\"largest\"]\n"
                                        "teacher_weights = [0.5, 0.5]\n")
@@ -235,6 +242,12 @@ CASES = [
     ("missing config file", ["search", "--config", "nope.toml", *QUICK], "does not exist"),
     ("run config without teachers", ["run", "no_teachers.toml", "--quiet"],
      "distill.teachers is empty"),
+    ("QAT distillation without distillation", ["run", "qat_kd_alone.toml", "--quiet"],
+     "finetune.distill = true takes the teachers of [distill]: set distill.enabled = true"),
+    ("unknown augmentation", ["run", "rotate.toml", "--quiet"],
+     "distill.augment: unknown augmentation 'rotate=90'"),
+    ("a shift as long as the signal", ["run", "big_shift.toml", "--quiet"],
+     "finetune.augment: shift=20 is too large for inputs (1, 40); give a shift below 20"),
     ("run config writing into the working folder", ["run", "empty_out.toml", "--quiet"],
      "export.out is empty"),
     ("teacher weights that do not match", ["run", "weights.toml", "--quiet"],

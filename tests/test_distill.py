@@ -429,3 +429,28 @@ def test_recorded_teacher_outputs_equal_the_live_ones_and_the_same_student_train
     for (name, p), q in zip(student.state_dict().items(), reference.state_dict().values()):
         if p.is_floating_point():
             assert torch.allclose(p, q, atol=1e-4), name
+
+
+def test_qat_with_a_teacher_trains_on_its_soft_targets(trained):
+    """finetune(teachers=...) (run config finetune.distill): alpha = 1 is the labels' loss, so
+    the same weights as without a teacher; alpha = 0 learns from the teacher alone."""
+    space, supernet, data = trained
+    arch = _policy_arch(space, random.Random(11))
+    policy = Policy.from_arch(arch)
+    small = _small(data)
+    teacher = _float_model(supernet, space.largest(), data)
+    cfg = FinetuneConfig(epochs=1, lr=3e-3, patience=5, batch_size=64)
+
+    def tuned(teachers, alpha):
+        qat = prepare_qat(_float_model(supernet, arch, data), policy, space.group_of)
+        model, _, _ = finetune(qat, policy, space.group_of, small, cfg, teachers=teachers,
+                               alpha=alpha, temperature=2.0)
+        return model.state_dict()
+
+    plain = tuned(None, 0.5)
+    teachers = Teachers([teacher], [1.0], ["largest"])
+    labels_only = tuned(teachers, 1.0)
+    assert all(torch.allclose(plain[k], labels_only[k], atol=1e-6) for k in plain)
+    taught = tuned(teachers, 0.0)
+    assert any(not torch.allclose(plain[k], taught[k], atol=1e-4) for k in plain
+               if plain[k].is_floating_point())

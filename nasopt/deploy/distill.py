@@ -279,16 +279,58 @@ class DistillConfig:
         return TrainConfig(self.epochs, self.batch_size, self.lr, self.weight_decay, self.seed)
 
 
+class StudentLoss:
+    """The training loss of a student (a :data:`nasopt.supernet.train.LossFn` for
+    ``train_early_stopping(..., train_targets=loss.targets)``): the task's loss alone without
+    ``teachers``, else the KD loss (regression: ``alpha`` x MSE to the targets + the rest x MSE
+    to the teachers' mean output), plus the ``hint`` loss; the training inputs ``augment``-ed
+    (draws seeded by ``seed``), the teachers shown the same inputs.
+
+    Teachers run in eval mode: without augmentation or a hint their outputs on a sample are the
+    same every epoch, so they are computed once on the training split (teachers x samples x
+    outputs numbers) and ``targets`` are sample numbers that look them up."""
+
+    def __init__(self, model: nn.Module, data: Dataset, teachers: Teachers | None, alpha: float,
+                 temperature: float, augment: Augment, seed: int, hint: Hint | None = None,
+                 hint_weight: float = 0.0, where: str = "augment"):
+        augment.check(data.x_train.shape[1:], where)
+        self.model, self.data, self.teachers, self.task = model, data, teachers, task_of(data)
+        self.alpha, self.temperature, self.hint, self.hint_weight = alpha, temperature, hint, \
+            hint_weight
+        self.augment, self.draws = augment, torch.Generator().manual_seed(seed)
+        self.recorded = None
+        self.targets: Tensor | None = None  # None: the labels
+        if teachers is not None and hint is None and not augment:
+            self.recorded = teachers.recorded(data.x_train)
+            self.targets = torch.arange(len(data.x_train), device=data.y_train.device)
+
+    def __call__(self, x: Tensor, target: Tensor) -> Tensor:
+        if self.recorded is None:
+            y, taught = target, None
+        else:  # sample numbers: their labels and recorded teacher outputs
+            y, taught = self.data.y_train[target], self.recorded[:, target]
+        x = self.augment(x, self.draws)
+        logits = self.model(x)
+        task, teachers = self.task, self.teachers
+        if teachers is None:
+            return task.loss(logits, y)
+        if task.regression:  # alpha on the targets, the rest on the teachers' mean output
+            mean = teachers.outputs(x, taught)
+            loss = self.alpha * task.loss(logits, y) + (1.0 - self.alpha) * task.loss(logits, mean)
+        else:
+            loss = kd_loss(logits, teachers.probs(x, self.temperature, taught), y, self.alpha,
+                           self.temperature)
+        if self.hint is not None:
+            loss = loss + self.hint_weight * self.hint.loss()
+        return loss
+
+
 def train_student(model: nn.Module, data: Dataset, teachers: Teachers | None, cfg: DistillConfig,
                   *, show_progress: bool = False, desc: str = "distill") -> History:
     """Train ``model`` in place on ``data``'s training split: with the KD loss from
     ``teachers`` (regression: ``alpha`` x MSE to the targets + the rest x MSE to the teachers'
     mean output), or with the task's loss alone when ``teachers`` is None (the from-scratch
     baseline). Early stopping on the validation split; the best epoch's weights are kept."""
-    task = task_of(data)
-    augment = Augment.parse(cfg.augment, "distill.augment")
-    augment.check(data.x_train.shape[1:], "distill.augment")
-    draws = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model.train()
     params = list(model.parameters())
@@ -297,42 +339,19 @@ def train_student(model: nn.Module, data: Dataset, teachers: Teachers | None, cf
         layer = cfg.hint_layer or default_hint_layer(model)
         hint = Hint(model, teachers.models[0], layer, data.x_val)
         params += list(hint.adapter.parameters())
-    temperature = [cfg.temperature]
-    recorded = None
-    if teachers is not None and hint is None and not augment:
-        # teachers run in eval mode: without augmentation or a hint their outputs on a sample are
-        # the same every epoch, so they are computed once (teachers x samples x outputs numbers)
-        recorded = teachers.recorded(data.x_train)
+    loss = StudentLoss(model, data, teachers, cfg.alpha, cfg.temperature,
+                       Augment.parse(cfg.augment, "distill.augment"), cfg.seed, hint,
+                       cfg.hint_weight, "distill.augment")
 
     def on_epoch_start(epoch: int) -> None:
         if cfg.adaptive_temperature:
-            temperature[0] = annealed_temperature(cfg.temperature, epoch, cfg.epochs)
-
-    def loss_fn(x: Tensor, target: Tensor) -> Tensor:
-        if recorded is None:
-            y, taught = target, None
-        else:  # fit draws sample numbers (below): their labels and recorded teacher outputs
-            y, taught = data.y_train[target], recorded[:, target]
-        x = augment(x, draws)  # the teachers see the same inputs as the student
-        logits = model(x)
-        if teachers is None:
-            return task.loss(logits, y)
-        if task.regression:  # alpha on the targets, the rest on the teachers' mean output
-            mean = teachers.outputs(x, taught)
-            loss = cfg.alpha * task.loss(logits, y) + (1.0 - cfg.alpha) * task.loss(logits, mean)
-        else:
-            loss = kd_loss(logits, teachers.probs(x, temperature[0], taught), y, cfg.alpha,
-                           temperature[0])
-        if hint is not None:
-            loss = loss + cfg.hint_weight * hint.loss()
-        return loss
+            loss.temperature = annealed_temperature(cfg.temperature, epoch, cfg.epochs)
 
     try:
         return train_early_stopping(
-            model, params, loss_fn, data, cfg.train_config(), cfg.patience,
+            model, params, loss, data, cfg.train_config(), cfg.patience,
             on_epoch_start=on_epoch_start, desc=desc, show_progress=show_progress,
-            train_targets=None if recorded is None else
-            torch.arange(len(data.x_train), device=data.y_train.device))
+            train_targets=loss.targets)
     finally:
         if hint is not None:
             hint.remove()

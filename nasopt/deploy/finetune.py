@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from nasopt.core.augment import Augment
-from nasopt.core.task import task_of
+from nasopt.deploy.distill import StudentLoss, Teachers
 from nasopt.compression.compress import (
     FLOAT_BITS, GroupOf, Policy, StoredLayer, codebook_quantize, compressed_structure, decode,
     deployed_float, dequantize, quantize, store_layers, weight_layers,
@@ -192,20 +192,22 @@ def model_groups(model: nn.Module, group_of: GroupOf) -> list[str]:
 
 
 def finetune(qat_model: nn.Module, policy: Policy, group_of: GroupOf, data: Dataset,
-             cfg: FinetuneConfig, *, show_progress: bool = False, desc: str = "finetune"
+             cfg: FinetuneConfig, *, teachers: Teachers | None = None, alpha: float = 0.5,
+             temperature: float = 4.0, show_progress: bool = False, desc: str = "finetune"
              ) -> tuple[nn.Module, list[StoredLayer], History]:
     """Quantization-aware training of a :func:`prepare_qat` model on ``data`` (in place), then
-    :func:`finalize`: (deployed model, stored layers, history)."""
+    :func:`finalize`: (deployed model, stored layers, history). The loss is the task's
+    (cross-entropy, or MSE for regression), or with ``teachers`` the KD loss of
+    :class:`nasopt.deploy.distill.StudentLoss` (``alpha`` on the labels, ``temperature``)."""
     torch.manual_seed(cfg.seed)
     params = freeze_groups(qat_model, cfg.freeze, group_of, model_groups(qat_model, group_of))
     train_cfg = TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.seed)
-    task = task_of(data)  # cross-entropy, or mean squared error for regression
-    augment = Augment.parse(cfg.augment, "finetune.augment")
-    augment.check(data.x_train.shape[1:], "finetune.augment")
-    draws = torch.Generator().manual_seed(cfg.seed)
-    history = train_early_stopping(
-        qat_model, params, lambda x, y: task.loss(qat_model(augment(x, draws)), y), data, train_cfg,
-        cfg.patience, desc=desc, show_progress=show_progress)
+    loss = StudentLoss(qat_model, data, teachers, alpha, temperature,
+                       Augment.parse(cfg.augment, "finetune.augment"), cfg.seed,
+                       where="finetune.augment")
+    history = train_early_stopping(qat_model, params, loss, data, train_cfg, cfg.patience,
+                                   desc=desc, show_progress=show_progress,
+                                   train_targets=loss.targets)
     model, stored = finalize(qat_model, policy, group_of)
     return model, stored, history
 
