@@ -494,7 +494,7 @@ def run(cfg: RunConfig, command: str, *, show_progress: bool = True,
         raise NasoptError("finetune.distill = true takes the teachers of [distill]: set "
                           "distill.enabled = true, or finetune.distill = false")
     plan = meta_plan(cfg, force) if cfg.meta.enabled else None  # checked before any training
-    if cfg.distill.augment or cfg.finetune.augment:  # tabular inputs refused before any training
+    if cfg.distill.augment or cfg.finetune.augment:  # inputs it cannot move: refused before training
         from nasopt.core.augment import Augment
         shape = api.load_data(cfg.base()).input_shape
         for key in ("distill", "finetune"):
