@@ -339,15 +339,15 @@ def train_student(model: nn.Module, data: Dataset, teachers: Teachers | None, cf
         layer = cfg.hint_layer or default_hint_layer(model)
         hint = Hint(model, teachers.models[0], layer, data.x_val)
         params += list(hint.adapter.parameters())
-    loss = StudentLoss(model, data, teachers, cfg.alpha, cfg.temperature,
-                       Augment.parse(cfg.augment, "distill.augment"), cfg.seed, hint,
-                       cfg.hint_weight, "distill.augment")
+    try:  # the hint's hooks are removed whatever happens
+        loss = StudentLoss(model, data, teachers, cfg.alpha, cfg.temperature,
+                           Augment.parse(cfg.augment, "distill.augment"), cfg.seed, hint,
+                           cfg.hint_weight, "distill.augment")
 
-    def on_epoch_start(epoch: int) -> None:
-        if cfg.adaptive_temperature:
-            loss.temperature = annealed_temperature(cfg.temperature, epoch, cfg.epochs)
+        def on_epoch_start(epoch: int) -> None:
+            if cfg.adaptive_temperature:
+                loss.temperature = annealed_temperature(cfg.temperature, epoch, cfg.epochs)
 
-    try:
         return train_early_stopping(
             model, params, loss, data, cfg.train_config(), cfg.patience,
             on_epoch_start=on_epoch_start, desc=desc, show_progress=show_progress,
