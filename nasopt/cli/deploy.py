@@ -154,6 +154,14 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(g.strip() for g in text.split(",") if g.strip())
 
 
+def _augment(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--augment``'s names, checked here so that an error names the flag."""
+    from nasopt.core.augment import Augment
+    names = _names(args.augment)
+    Augment.parse(names, "--augment")
+    return names
+
+
 #: the config keys of `nasopt run` outside any section, for its help without importing the
 #: pipeline (and torch); tests/test_cli_start.py checks them against RunConfig's fields
 RUN_TOP_LEVEL = ("run_dir", "device", "threads")
@@ -290,7 +298,7 @@ def _distill(args: argparse.Namespace) -> int:
                       adaptive_temperature=args.adaptive_temperature,
                       hint_weight=args.hint_weight, hint_layer=args.hint_layer,
                       patience=args.patience, seed=args.seed, init=args.init,
-                      augment=_names(args.augment),
+                      augment=_augment(args),
                       teachers=tuple(args.teacher or ["largest"]), teacher_weights=tuple(weights))
     study, evaluator, data = _study_evaluator(args.study, args.storage, args.run_dir)
     if args.trial is not None:
@@ -336,7 +344,7 @@ def _finetune(args: argparse.Namespace, command: str) -> int:
     from nasopt.core.task import task_of
     from nasopt.supernet.train import quality
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         patience=args.patience, seed=args.seed, augment=_names(args.augment),
+                         patience=args.patience, seed=args.seed, augment=_augment(args),
                          freeze=_names(args.freeze))
     meta_cfg = _meta_config(args)  # checked before any model or data is read
     data = None
